@@ -1,0 +1,1 @@
+"""kvserve engine: scheduling, KV-block bookkeeping, model execution and sampling."""

@@ -1,0 +1,50 @@
+"""Per-step attention metadata for a flat, unpadded batch of sequences."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Describes one forward step over B sequences whose new tokens are concatenated.
+
+    Sequence i contributes `query_lens[i]` new tokens (rows `cu_seqlens_q[i]:cu_seqlens_q[i+1]`
+    of q) and attends to `seq_lens[i]` keys in total: the ones already in its cache blocks plus
+    the new ones (stored by `store_kv` before attention runs). With `causal`, new token j of
+    sequence i sits at position `seq_lens[i] - query_lens[i] + j` and sees keys up to it.
+    Without `causal` (encoders, cross-attention) every query sees all `seq_lens[i]` keys.
+    """
+
+    cu_seqlens_q: torch.Tensor  # (B+1,) int32, prefix sums of query_lens
+    seq_lens: torch.Tensor  # (B,) int32, keys per sequence after this step
+    slot_mapping: torch.Tensor | None  # (T,) int64, cache slot of each new token; None: write nothing
+    block_tables: torch.Tensor | None  # (B, max_blocks) int32, padded with 0 past each table's end
+    max_seqlen_q: int
+    max_seqlen_k: int
+    query_lens: tuple[int, ...]  # host copies: the reference backend loops over sequences
+    seq_lens_host: tuple[int, ...]
+    causal: bool = True
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.max_seqlen_q == 1
+
+
+@dataclass(frozen=True)
+class RelativePositionBias:
+    """T5-style learned bias added to attention scores, a function of (key pos - query pos).
+
+    `weight` is the (num_buckets, num_heads) embedding; positions come from the metadata, so
+    backends compute buckets themselves instead of materialising a (q, k) bias per sequence.
+    """
+
+    weight: torch.Tensor
+    bidirectional: bool
+    num_buckets: int
+    max_distance: int

@@ -1,0 +1,1 @@
+"""kvserve models: one file per family, HF attribute names, weight loading."""

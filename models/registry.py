@@ -1,0 +1,60 @@
+"""Maps config.json `architectures` to model classes and the task each serves.
+
+Imports are lazy (module path strings) so loading one family never imports the others.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from enum import Enum
+
+from torch import nn
+
+
+class Task(str, Enum):
+    GENERATE = "generate"  # decoder-only: /v1/completions, /v1/chat/completions
+    EMBED = "embed"  # encoder-only: /v1/embeddings
+    TRANSLATE = "translate"  # encoder-decoder: /v1/translations
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    module: str
+    class_name: str
+    task: Task
+
+
+_ENTRIES: dict[str, ModelEntry] = {
+    "LlamaForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "MistralForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "Qwen2ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "GPT2LMHeadModel": ModelEntry("models.gpt2", "GPT2LMHeadModel", Task.GENERATE),
+    "BertModel": ModelEntry("models.bert", "BertModel", Task.EMBED),
+    "BertForMaskedLM": ModelEntry("models.bert", "BertModel", Task.EMBED),
+    "RobertaModel": ModelEntry("models.bert", "RobertaModel", Task.EMBED),
+    "XLMRobertaModel": ModelEntry("models.bert", "RobertaModel", Task.EMBED),
+    "MarianMTModel": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),
+    "T5ForConditionalGeneration": ModelEntry("models.t5", "T5ForConditionalGeneration", Task.TRANSLATE),
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The folder names an architecture kvserve has no implementation of."""
+
+
+def lookup(architectures: list[str]) -> tuple[ModelEntry, str]:
+    """The first supported architecture of a config's list, and its name."""
+    for arch in architectures:
+        if arch in _ENTRIES:
+            return _ENTRIES[arch], arch
+    raise UnsupportedModelError(
+        f"unsupported architecture(s) {architectures}; supported: {sorted(_ENTRIES)}"
+    )
+
+
+def model_class(entry: ModelEntry) -> type[nn.Module]:
+    return getattr(importlib.import_module(entry.module), entry.class_name)
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ENTRIES)

@@ -1,0 +1,36 @@
+"""What the engine needs to know about a loaded model, independent of its family."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.registry import Task
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Shape of one layer's paged K/V cache; the runner allocates `num_layers` of them."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Family-independent facts the engine and server read (limits, special tokens, defaults)."""
+
+    name: str  # served model name (alias or folder name)
+    path: str  # folder the weights were read from
+    architecture: str
+    task: Task
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None  # encoder-decoder only
+    chat_template: str | None = None
+    # generation_config.json / sentence-transformers settings, as read (defaults for requests)
+    generation_defaults: dict = field(default_factory=dict)
+    pooling: str | None = None  # embeddings: "mean" | "cls" | "lasttoken"
+    normalize: bool = False

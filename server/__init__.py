@@ -1,0 +1,1 @@
+"""kvserve HTTP server: OpenAI-compatible routes, schemas and Prometheus metrics."""
