@@ -1,0 +1,44 @@
+"""Frozen engine configuration; validation only, no I/O."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from kv_cache_memory_gib (or GPU memory utilization)
+    kv_cache_memory_gib: float = 1.0  # CPU default budget for the KV cache
+    gpu_memory_utilization: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise InvalidRequestError(f"num_blocks must be positive, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_num_seqs: int = 64  # sequences running at once
+    max_model_len: int = 2048  # prompt + output limit (capped by the model's own)
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise InvalidRequestError("max_num_batched_tokens and max_num_seqs must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # path, GGUF file or alias ("smollm2", "minilm")
+    dtype: str = "float32"
+    device: str = "cpu"
+    attention_backend: str | None = None  # None: triton on CUDA, torch elsewhere
+    max_model_len: int | None = None  # None: the model's own limit
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    seed: int = 0
+    served_name: str | None = None

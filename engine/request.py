@@ -1,0 +1,25 @@
+"""What the server hands an engine: one request, already tokenized."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics; counters are totals since start."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+    num_preemptions: int
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    num_blocks_total: int = 0
