@@ -1,0 +1,143 @@
+"""Continuous batching under one token budget, vLLM v1 style: no prefill or decode "phase".
+
+Each step every running sequence asks for the tokens it has not computed yet (a decode asks
+for 1, a prompt for as many as the budget allows: chunked prefill), then waiting sequences
+are admitted while budget, blocks and `max_num_seqs` last. When blocks run out, the newest
+running sequence is preempted by recompute and goes back to the front of the queue.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes: `num_new_tokens[i]` tokens of `seqs[i]`, starting at its
+    `num_computed_tokens`. A sequence samples when the chunk reaches its last token."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+
+class Scheduler:
+    """Owns the waiting and running queues; the block manager owns the blocks."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        eos_token_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.allocate_slots(seq, n):
+                victim = self.running.pop()  # the newest: it loses the least work
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                out.seqs.append(seq)
+                out.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+                continue
+            break  # `seq` preempted itself: nothing older is left to make room for
+        # A step that had to preempt admits nothing new: the pool is already too full.
+        while not out.preempted and self.waiting and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.allocate_slots(seq, n):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.seqs.append(seq)
+            out.num_new_tokens.append(n)
+            budget -= n
+        out.block_copies = self.block_manager.take_pending_copies()
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)  # popped newest-first, so the oldest ends up in front
+
+    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
+        """Advance computed counts, append sampled tokens (None: did not sample), and finish
+        sequences that hit a stop token or their length; returns the finished ones."""
+        finished: list[Sequence] = []
+        for seq, n, token in zip(out.seqs, out.num_new_tokens, sampled):
+            seq.num_computed_tokens += n
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                seq.finish_reason, seq.stop_reason = reason
+                self.finish(seq)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
+        params = seq.params
+        if token in params.stop_token_ids:
+            return "stop", token
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "stop", None
+        if seq.num_output_tokens >= seq.max_tokens:
+            return "length", None
+        return None
+
+    def finish(self, seq: Sequence, reason: str | None = None) -> None:
+        """Finish (or abort) a sequence wherever it is and free its blocks at once."""
+        if reason is not None:
+            seq.finish_reason = reason
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq)

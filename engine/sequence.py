@@ -1,0 +1,62 @@
+"""One sequence being generated: its tokens, how many have been computed, and its blocks.
+
+No torch here: the scheduler and block manager reason about sequences with ints only.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A prompt plus what has been sampled after it.
+
+    Invariant: `num_computed_tokens <= num_tokens`; KV for tokens [0, num_computed_tokens) lives in
+    `block_table`. The scheduler lets `num_computed_tokens` catch up with `num_tokens` in chunks;
+    when it reaches `num_tokens` the step samples one more token. Preemption (by recompute) drops
+    the blocks and resets `num_computed_tokens` to 0; sampled tokens are kept and recomputed.
+    """
+
+    seq_id: int
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    max_tokens: int  # resolved limit on output tokens (params.max_tokens capped by the context)
+    sample_index: int = 0  # which of the request's n samples this is
+    arrival_time: float = 0.0
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

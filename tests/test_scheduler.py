@@ -1,0 +1,118 @@
+"""Scheduler: token budget, chunked prefill, admission limits and preemption order (no torch)."""
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+
+EOS = 99
+
+
+def make_seq(seq_id: int, num_tokens: int, max_tokens: int = 8) -> Sequence:
+    return Sequence(seq_id, f"r{seq_id}", list(range(num_tokens)), num_tokens, SamplingParams(), max_tokens)
+
+
+def make_scheduler(num_blocks: int = 16, block_size: int = 4, budget: int = 16, max_seqs: int = 8):
+    bm = BlockManager(num_blocks, block_size)
+    cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=64)
+    return Scheduler(cfg, bm, frozenset({EOS})), bm
+
+
+def step(sched: Scheduler, token: int = 7):
+    out = sched.schedule()
+    sampled = [token if out.samples(i) else None for i in range(len(out.seqs))]
+    return out, sched.update(out, sampled)
+
+
+def test_chunked_prefill_then_decode_shares_budget():
+    sched, bm = make_scheduler(budget=10)
+    a, b = make_seq(0, 14), make_seq(1, 3)
+    sched.add(a)
+    sched.add(b)
+    out, _ = step(sched)
+    assert [s.seq_id for s in out.seqs] == [0] and out.num_new_tokens == [10]
+    assert not out.samples(0) and a.num_computed_tokens == 10 and a.num_tokens == 14
+    out, _ = step(sched)
+    # a finishes its prompt (4) and samples; b gets the rest of the budget (3) and samples
+    assert [s.seq_id for s in out.seqs] == [0, 1] and out.num_new_tokens == [4, 3]
+    assert a.num_tokens == 15 and b.num_tokens == 4
+    out, _ = step(sched)
+    assert out.num_new_tokens == [1, 1]
+    assert a.block_table == [0, 1, 2, 3] and b.block_table == [4]
+
+
+def test_max_num_seqs_limits_admission():
+    sched, _ = make_scheduler(budget=100, max_seqs=2)
+    seqs = [make_seq(i, 2) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    out, _ = step(sched)
+    assert [s.seq_id for s in out.seqs] == [0, 1]
+    assert seqs[2].status is SequenceStatus.WAITING
+
+
+def test_preempts_newest_and_resumes_it_first():
+    # 4 blocks of 2 tokens: two sequences of 3 tokens take 2 blocks each; growing needs more
+    sched, bm = make_scheduler(num_blocks=4, block_size=2, budget=16)
+    a, b = make_seq(0, 3), make_seq(1, 3)
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # both prefilled: a=[0,1], b=[2,3], each sampled (4 tokens)
+    assert a.block_table == [0, 1] and b.block_table == [2, 3] and bm.num_free_blocks == 0
+    out, _ = step(sched)  # each decode fits in its second block
+    assert out.num_new_tokens == [1, 1] and not out.preempted
+    out, _ = step(sched)  # a needs a third block: b (newest) is preempted
+    assert out.preempted == [b] and [s.seq_id for s in out.seqs] == [0]
+    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
+    assert a.block_table == [0, 1, 3] and sched.waiting[0] is b and sched.num_preemptions == 1
+    assert b.num_tokens == 5  # its sampled tokens are kept and will be recomputed
+
+
+def test_finishes_on_eos_and_length_and_frees_blocks():
+    sched, bm = make_scheduler()
+    a, b = make_seq(0, 3, max_tokens=2), make_seq(1, 3, max_tokens=5)
+    sched.add(a)
+    sched.add(b)
+    _, finished = step(sched, token=7)
+    assert finished == []
+    out = sched.schedule()
+    finished = sched.update(out, [7, EOS])
+    assert {s.seq_id for s in finished} == {0, 1}
+    assert a.finish_reason == "length" and b.finish_reason == "stop"
+    assert bm.num_free_blocks == 16 and not sched.has_unfinished()
+
+
+def test_ignore_eos_and_stop_token_ids():
+    sched, _ = make_scheduler()
+    a = Sequence(0, "r0", [1, 2], 2, SamplingParams(ignore_eos=True, stop_token_ids=(5,)), 8)
+    sched.add(a)
+    out = sched.schedule()
+    assert sched.update(out, [EOS]) == []
+    out = sched.schedule()
+    assert sched.update(out, [5]) == [a] and a.stop_reason == 5
+
+
+def test_abort_waiting_and_running_frees_everything():
+    sched, bm = make_scheduler(budget=4)
+    a, b = make_seq(0, 4), make_seq(1, 4)
+    sched.add(a)
+    sched.add(b)
+    step(sched)
+    sched.finish(a, "abort")
+    sched.finish(b, "abort")
+    assert bm.num_free_blocks == 16 and not sched.has_unfinished()
+    bm.check_integrity()
+
+
+def test_never_deadlocks_under_pressure():
+    # a pool that holds one 16-token sequence; 6 sequences must all finish
+    sched, bm = make_scheduler(num_blocks=4, block_size=4, budget=8)
+    seqs = [make_seq(i, 3 + i, max_tokens=16 - 3 - i) for i in range(6)]
+    for s in seqs:
+        sched.add(s)
+    for _ in range(500):
+        if not sched.has_unfinished():
+            break
+        step(sched)
+    assert all(s.finish_reason == "length" for s in seqs)
+    assert bm.num_free_blocks == 4 and sched.num_preemptions > 0
