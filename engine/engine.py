@@ -1,0 +1,249 @@
+"""The generation engine: admission, the three-line step, and per-request outputs."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import get_backend
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, SchedulerConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.model_runner import ModelRunner, allocate_kv_caches, kv_block_bytes
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from engine.request import EngineStats, GenerationRequest
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import Sequence
+from models.loader import LoadedModel, load_model
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    logprobs: list[list[TokenLogprob]] | None
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    sent_tokens: list[int] = field(default_factory=list)  # per sample, tokens already reported
+
+
+def resolve_num_blocks(loaded: LoadedModel, config: EngineConfig, dtype: torch.dtype) -> int:
+    """Blocks from the explicit count, else from the memory budget (GPU: free memory share)."""
+    if config.cache.num_blocks is not None:
+        return config.cache.num_blocks
+    per_block = kv_block_bytes(loaded.model.kv_cache_spec, config.cache.block_size, dtype)
+    if config.device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info()
+        budget = free - total * (1.0 - config.cache.gpu_memory_utilization)
+    else:
+        budget = config.cache.kv_cache_memory_gib * 2**30
+    return max(1, int(budget // per_block))
+
+
+class LLMEngine:
+    """Decoder-only generation over a paged KV cache with continuous batching.
+
+    `step()` is schedule -> run -> update; everything else is bookkeeping around it. Implements
+    the StepEngine protocol of engine.async_engine, so the server drives it from its worker.
+    """
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.config = config
+        self.info = loaded.info
+        self.tokenizer = loaded.tokenizer
+        dtype = getattr(torch, config.dtype)
+        block_size = config.cache.block_size
+        num_blocks = resolve_num_blocks(loaded, config, dtype)
+        # A sequence must always fit in the pool on its own, or preemption could never end.
+        self.max_model_len = min(
+            loaded.info.max_model_len, config.max_model_len or 10**9, num_blocks * block_size
+        )
+        self.block_manager = BlockManager(num_blocks, block_size)
+        sched_cfg = SchedulerConfig(
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
+        self.scheduler = Scheduler(sched_cfg, self.block_manager, frozenset(self.info.eos_token_ids))
+        spec = loaded.model.kv_cache_spec
+        caches = allocate_kv_caches(spec, num_blocks, block_size, dtype, config.device)
+        backend = get_backend(config.device, config.attention_backend)
+        self.runner = ModelRunner(loaded.model, caches, block_size, backend, config.device, config.seed)
+        self._requests: dict[str, _RequestState] = {}
+        self._pending_outputs: list[RequestOutput] = []  # aborts, reported at the next step
+        self._seq_ids = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        loaded = load_model(config.model, getattr(torch, config.dtype), config.device, config.max_model_len)
+        return cls(loaded, config)
+
+    # ---- admission ------------------------------------------------------------------
+    def validate(self, payload: GenerationRequest) -> None:
+        num_prompt = len(payload.prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = self.info.vocab_size
+        if min(payload.prompt_token_ids) < 0 or max(payload.prompt_token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        limit = self.max_model_len
+        max_tokens = payload.params.max_tokens
+        if num_prompt >= limit:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{num_prompt} tokens, which leaves no room for output tokens.",
+                param="prompt",
+            )
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+            )
+
+    def add_request(self, request_id: str, payload: GenerationRequest) -> None:
+        self.validate(payload)
+        if request_id in self._requests:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}")
+        params = payload.params
+        prompt = list(payload.prompt_token_ids)
+        room = self.max_model_len - len(prompt)
+        max_tokens = min(params.max_tokens or room, room)
+        now = time.monotonic()
+        seqs = [
+            Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request_id,
+                token_ids=list(prompt),
+                num_prompt_tokens=len(prompt),
+                params=params,
+                max_tokens=max_tokens,
+                sample_index=i,
+                arrival_time=now,
+            )
+            for i in range(params.n)
+        ]
+        state = _RequestState(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            seqs=seqs,
+            detokenizers=[
+                IncrementalDetokenizer(params.stop, params.include_stop_str_in_output) for _ in seqs
+            ],
+            logprobs=[[] for _ in seqs] if params.logprobs is not None else None,
+            arrival_time=now,
+            sent_tokens=[0] * len(seqs),
+        )
+        self._requests[request_id] = state
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.num_prompt_tokens += len(prompt) * len(seqs)
+
+    def abort_request(self, request_id: str) -> None:
+        """Free the request's blocks now; its final output (finish_reason "abort") comes next step."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return
+        for seq in state.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            self.runner.release(seq)
+        self._pending_outputs.append(self._output(state, finished=True))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending_outputs)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        sampled, logprobs = self.runner.execute(sched) if not sched.is_empty else ([], [])
+        finished = self.scheduler.update(sched, sampled)
+        return self._process(sched, sampled, logprobs, finished)
+
+    def _process(
+        self,
+        sched: SchedulerOutput,
+        sampled: list[int | None],
+        logprobs: list[TokenLogprob | None],
+        finished: list[Sequence],
+    ) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        now = time.monotonic()
+        touched: dict[str, _RequestState] = {}
+        for seq, token, lp in zip(sched.seqs, sampled, logprobs):
+            state = self._requests.get(seq.request_id)
+            if state is None:
+                continue
+            if state.first_scheduled_time is None:
+                state.first_scheduled_time = now
+            if token is None:
+                continue
+            self.num_generation_tokens += 1
+            if state.first_token_time is None:
+                state.first_token_time = now
+            if state.logprobs is not None and lp is not None:
+                state.logprobs[seq.sample_index].append(lp)
+            stop = state.detokenizers[seq.sample_index].add(self.tokenizer, token)
+            if stop is not None and not seq.is_finished:
+                seq.stop_reason = stop
+                self.scheduler.finish(seq, "stop")
+            touched[seq.request_id] = state
+        for state in touched.values():
+            done = all(s.is_finished for s in state.seqs)
+            outputs.append(self._output(state, finished=done))
+            if done:
+                del self._requests[state.request_id]
+                for seq in state.seqs:
+                    self.runner.release(seq)
+        return outputs
+
+    def _output(self, state: _RequestState, finished: bool) -> RequestOutput:
+        samples = []
+        for i, (seq, detok) in enumerate(zip(state.seqs, state.detokenizers)):
+            token_ids = seq.output_token_ids
+            samples.append(
+                CompletionOutput(
+                    index=i,
+                    text=detok.text,
+                    token_ids=token_ids,
+                    logprobs=list(state.logprobs[i]) if state.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    new_text=detok.delta(seq.is_finished),
+                    num_new_tokens=len(token_ids) - state.sent_tokens[i],
+                )
+            )
+            state.sent_tokens[i] = len(token_ids)
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=samples,
+            finished=finished,
+            arrival_time=state.arrival_time,
+            first_scheduled_time=state.first_scheduled_time,
+            first_token_time=state.first_token_time,
+            finished_time=time.monotonic() if finished else None,
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.block_manager.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            num_blocks_total=self.block_manager.num_blocks,
+        )

@@ -1,0 +1,62 @@
+"""Pure, vectorised construction of one step's flat inputs from (start, length, blocks) triples."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # (S,) int64: flat rows whose hidden state is sampled from
+
+
+def prepare_inputs(
+    token_chunks: list[list[int]],
+    starts: list[int],
+    block_tables: list[list[int]],
+    samples: list[bool],
+    block_size: int,
+    device: torch.device | str = "cpu",
+    causal: bool = True,
+) -> StepInputs:
+    """Sequence i computes `token_chunks[i]` at positions `starts[i]...`; its KV goes to
+    `block_tables[i]`. Positions and slots come from tensor ops, not a per-token loop."""
+    lens = torch.tensor([len(c) for c in token_chunks], dtype=torch.int64)
+    start = torch.tensor(starts, dtype=torch.int64)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
+    cu[1:] = lens.cumsum(0)
+    num_tokens = int(cu[-1])
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    positions = start[seq_of_token] + torch.arange(num_tokens) - cu[:-1][seq_of_token]
+    max_blocks = max(len(t) for t in block_tables)
+    tables = torch.zeros((len(block_tables), max_blocks), dtype=torch.int32)
+    for i, table in enumerate(block_tables):  # one row copy per sequence, not per token
+        tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    block_ids = tables[seq_of_token, positions // block_size].long()
+    slot_mapping = block_ids * block_size + positions % block_size
+    seq_lens = start + lens
+    flat_ids = [t for chunk in token_chunks for t in chunk]
+    meta = AttentionMetadata(
+        cu_seqlens_q=cu.to(torch.int32).to(device),
+        seq_lens=seq_lens.to(torch.int32).to(device),
+        slot_mapping=slot_mapping.to(device),
+        block_tables=tables.to(device),
+        max_seqlen_q=int(lens.max()),
+        max_seqlen_k=int(seq_lens.max()),
+        query_lens=tuple(lens.tolist()),
+        seq_lens_host=tuple(seq_lens.tolist()),
+        causal=causal,
+    )
+    sample_rows = (cu[1:] - 1)[torch.tensor(samples, dtype=torch.bool)]
+    return StepInputs(
+        input_ids=torch.tensor(flat_ids, dtype=torch.int64, device=device),
+        positions=positions.to(device),
+        meta=meta,
+        sample_rows=sample_rows.to(device),
+    )

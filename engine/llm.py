@@ -1,0 +1,76 @@
+"""Offline Python API: `LLM(model).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.request import GenerationRequest
+from engine.sampling_params import SamplingParams
+
+
+class LLM:
+    """Runs prompts to completion through the same engine the server uses."""
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "float32",
+        device: str = "cpu",
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_gib: float = 1.0,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        attention_backend: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            device=device,
+            attention_backend=attention_backend,
+            max_model_len=max_model_len,
+            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory_gib=kv_cache_memory_gib),
+            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+            seed=seed,
+        )
+        self.engine = LLMEngine.from_config(config)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | Seq[str] | Seq[list[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs in prompt order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        token_lists = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(token_lists)
+        order = []
+        for ids, p in zip(token_lists, params):
+            request_id = f"offline-{next(self._ids)}"
+            self.engine.add_request(request_id, GenerationRequest(ids, p))
+            order.append(request_id)
+        return self._run(order)
+
+    def chat(
+        self, conversations: list[list[dict]], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        # the template already holds the BOS token where the model wants one
+        return self.generate([self.tokenizer.encode(p, add_special_tokens=False) for p in prompts], params)
+
+    def _run(self, order: list[str]) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[r] for r in order]

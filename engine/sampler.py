@@ -1,0 +1,114 @@
+"""Turns the logits of sampling rows into token ids: penalties, greedy or filtered sampling.
+
+Per-request seeds use a generator per sequence that only advances when that sequence samples,
+so a seeded request gives the same tokens whatever else shares its batch (or preempts it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.outputs import TokenLogprob
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """One sampling row: its settings, its tokens so far, and its generator (None: shared)."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over output tokens; HF's repetition penalty over all."""
+    num_rows, vocab = logits.shape
+    counts = torch.zeros((num_rows, vocab), dtype=logits.dtype, device=logits.device)
+    seen = torch.zeros((num_rows, vocab), dtype=torch.bool, device=logits.device)
+    for i, row in enumerate(rows):  # one scatter per row, not per token
+        if row.output_ids:
+            out = torch.tensor(row.output_ids, device=logits.device)
+            counts[i].index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
+            seen[i, out] = True
+        if row.prompt_ids:
+            seen[i, torch.tensor(row.prompt_ids, device=logits.device)] = True
+    dev = logits.device
+    presence = torch.tensor([r.params.presence_penalty for r in rows], device=dev)[:, None]
+    frequency = torch.tensor([r.params.frequency_penalty for r in rows], device=dev)[:, None]
+    repetition = torch.tensor([r.params.repetition_penalty for r in rows], device=dev)[:, None]
+    logits = logits - presence * (counts > 0) - frequency * counts
+    penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+    return torch.where(seen & (repetition != 1.0), penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p; filtered-out tokens get -inf."""
+    dev = logits.device
+    vocab = logits.shape[1]
+    temperature = torch.tensor([r.params.temperature for r in rows], device=dev)[:, None]
+    logits = logits / temperature
+    top_k = torch.tensor(
+        [r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=dev
+    ).clamp(max=vocab)
+    top_p = torch.tensor([r.params.top_p for r in rows], device=dev)[:, None]
+    min_p = torch.tensor([r.params.min_p for r in rows], device=dev)[:, None]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=dev)[None, :]
+    drop = rank >= top_k[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    drop |= (probs.cumsum(-1) - probs) >= top_p
+    drop |= probs < min_p * probs[:, :1]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from each row by the exponential race: argmax(p / E), E ~ Exp(1)."""
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+class Sampler:
+    """Samples one token per row; greedy rows (temperature 0) take the argmax."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator  # for rows without a seed of their own
+
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        logits = logits.float()
+        want_logprobs = [r.params.logprobs is not None for r in rows]
+        raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
+        if any(r.params.needs_penalties for r in rows):
+            logits = apply_penalties(logits, rows)
+        tokens = logits.argmax(-1)
+        sampling = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+        if sampling:
+            idx = torch.tensor(sampling, device=logits.device)
+            probs = filter_logits(logits[idx], [rows[i] for i in sampling]).softmax(-1)
+            shared = [j for j, i in enumerate(sampling) if rows[i].generator is None]
+            if shared:
+                tokens[idx[shared]] = _race(probs[shared], self.generator)
+            for j, i in enumerate(sampling):
+                if rows[i].generator is not None:
+                    tokens[i] = _race(probs[j : j + 1], rows[i].generator)[0]
+        token_list = tokens.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            for i, row in enumerate(rows):
+                if not want_logprobs[i]:
+                    continue
+                n = row.params.logprobs or 0
+                top = raw_logprobs[i].topk(n) if n else None
+                logprobs[i] = TokenLogprob(
+                    token_id=token_list[i],
+                    logprob=float(raw_logprobs[i, token_list[i]]),
+                    top=dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {},
+                )
+        return token_list, logprobs
