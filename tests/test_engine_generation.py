@@ -1,0 +1,154 @@
+"""Generation engine against transformers' generate(): greedy tokens identical, alone or batched.
+
+Each test builds a tiny random checkpoint from an HF config; the continuous-batching test uses
+a KV pool so small that sequences are preempted and prompts are prefilled in chunks.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.llm import LLM
+from engine.request import GenerationRequest
+from engine.sampling_params import SamplingParams
+from tests.tiny_models import save_tiny
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def hf_greedy(folder, prompt: list[int], max_new_tokens: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = _hf_cache.get(folder)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        _hf_cache[folder] = model
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        do_sample=False, pad_token_id=0, eos_token_id=None,
+    )
+    return out[0, len(prompt):].tolist()
+
+
+_hf_cache: dict = {}
+
+
+def random_prompts(n: int, lo: int, hi: int, seed: int, vocab: int = 320) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module", params=["llama", "llama_tied", "qwen2", "gpt2"])
+def tiny(request, tmp_path_factory):
+    return save_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_greedy_tokens_equal_transformers_generate(tiny):
+    llm = LLM(str(tiny), num_kv_blocks=64, block_size=4)
+    prompts = random_prompts(4, 3, 30, seed=1)
+    outs = llm.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(tiny, prompt, 12)
+        assert out.outputs[0].finish_reason == "length"
+    assert llm.engine.block_manager.num_free_blocks == 64
+
+
+def test_continuous_batching_with_preemption_and_chunked_prefill(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    prompts = random_prompts(18, 2, 60, seed=7)
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + i % 9, ignore_eos=True) for i in range(18)]
+    # reference: each prompt alone, with room to spare
+    alone = LLM(str(folder), num_kv_blocks=256, block_size=4)
+    expected = [alone.generate([p], sp)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+    assert expected[0] == hf_greedy(folder, prompts[0], params[0].max_tokens)
+    # tight: 40 blocks of 4 tokens for 18 sequences, a 24-token step budget
+    llm = LLM(str(folder), num_kv_blocks=40, block_size=4, max_num_batched_tokens=24, max_num_seqs=8)
+    engine = llm.engine
+    results: dict[str, list[int]] = {}
+    pending = list(range(len(prompts)))
+    steps = 0
+    while pending or engine.has_unfinished_requests():
+        for _ in range(2 if steps % 3 == 0 else 0):  # arrivals while others run
+            if pending:
+                i = pending.pop(0)
+                engine.add_request(f"r{i}", GenerationRequest(prompts[i], params[i]))
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.outputs[0].token_ids
+        engine.block_manager.check_integrity()
+        steps += 1
+        assert steps < 5000
+    assert [results[f"r{i}"] for i in range(len(prompts))] == expected
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.block_manager.num_free_blocks == 40
+
+
+def test_seeded_sampling_is_reproducible_and_n_samples_differ(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    llm = LLM(str(folder), num_kv_blocks=128, block_size=4)
+    prompt = random_prompts(1, 5, 5, seed=3)[0]
+    sp = SamplingParams(temperature=1.0, max_tokens=10, seed=42, n=3, ignore_eos=True)
+    a = llm.generate([prompt], sp)[0]
+    # the same seeded request inside a batch of other (unseeded) requests
+    others = random_prompts(5, 3, 20, seed=4)
+    batch = llm.generate(others + [prompt], [SamplingParams(temperature=1.0, max_tokens=10)] * 5 + [sp])
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in batch[-1].outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1
+
+
+def test_stop_token_ids_and_max_tokens(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    llm = LLM(str(folder), num_kv_blocks=64, block_size=4)
+    prompt = random_prompts(1, 6, 6, seed=5)[0]
+    full = llm.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    stop_at = full[4]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(stop_at,)))[0]
+    first = full.index(stop_at)
+    assert out.outputs[0].token_ids == full[: first + 1]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop_at
+
+
+def test_abort_frees_blocks_at_once(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    llm = LLM(str(folder), num_kv_blocks=64, block_size=4)
+    engine = llm.engine
+    engine.add_request("a", GenerationRequest(random_prompts(1, 20, 20, 1)[0], SamplingParams(max_tokens=50)))
+    engine.add_request("b", GenerationRequest(random_prompts(1, 3, 3, 2)[0], SamplingParams(max_tokens=50)))
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_free_blocks < 64
+    engine.abort_request("a")
+    engine.abort_request("b")
+    assert engine.block_manager.num_free_blocks == 64
+    outs = engine.step()
+    assert {o.request_id for o in outs} == {"a", "b"} and all(o.finished for o in outs)
+    assert all(o.outputs[0].finish_reason == "abort" for o in outs)
+    assert not engine.has_unfinished_requests()
+
+
+def test_bad_requests_raise_clear_errors_and_leave_nothing_allocated(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    llm = LLM(str(folder), num_kv_blocks=64, block_size=4, max_model_len=100)
+    engine = llm.engine
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request("e", GenerationRequest([], SamplingParams()))
+    with pytest.raises(PromptTooLongError, match="maximum context length is 100"):
+        engine.add_request("l", GenerationRequest([1] * 100, SamplingParams()))
+    with pytest.raises(PromptTooLongError, match="90 in the prompt, 20"):
+        engine.add_request("m", GenerationRequest([1] * 90, SamplingParams(max_tokens=20)))
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        engine.add_request("v", GenerationRequest([10_000], SamplingParams()))
+    assert not engine.has_unfinished_requests() and engine.block_manager.num_free_blocks == 64
+    # max_tokens=None fills the rest of the context and stops with "length"
+    out = llm.generate([[1] * 95], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 5 and out.outputs[0].finish_reason == "length"
+
+
+def test_unknown_model_path_raises(tmp_path):
+    from models.weights import ModelLoadError
+
+    with pytest.raises(ModelLoadError):
+        LLM(str(tmp_path / "nope"))

@@ -1,0 +1,55 @@
+"""Tiny random HF checkpoints built from configs, saved to a folder our loader reads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+
+def byte_level_tokenizer_json(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer over the first 256 ids (others decode as added tokens)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<extra_{i}>"] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """kind: llama (GQA, untied), llama_tied, qwen2 (q/k/v bias), gpt2."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=320, max_position_embeddings=256)
+    if kind in ("llama", "llama_tied"):
+        cfg = LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=kind == "llama_tied", rope_theta=10000.0,
+            **common,
+        )
+    elif kind == "qwen2":
+        cfg = Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, tie_word_embeddings=False, **common,
+        )
+    elif kind == "gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=320)
+    else:
+        raise ValueError(kind)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    # random init is near-uniform: scale up so greedy choices are decisive and input-dependent
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    byte_level_tokenizer_json(folder, cfg.vocab_size)
+    return folder
