@@ -38,6 +38,15 @@ class ForwardContext:
             self.backend.store_kv(k, v, k_cache, v_cache, self.meta.slot_mapping)
         return self.backend.paged_attention(q, k_cache, v_cache, self.meta, scale, bias)
 
+    def attend_cross(self, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Cross-attention: new decoder queries over encoder K/V already in this layer's cache.
+
+        Writes nothing (cross K/V are stored once per request); `meta.seq_lens` are encoder lengths.
+        """
+        assert self.kv_caches is not None and not self.meta.causal
+        k_cache, v_cache = self.kv_caches[layer_idx]
+        return self.backend.paged_attention(q, k_cache, v_cache, self.meta, scale)
+
 
 def metadata_for_sequences(
     seq_lens: list[int], causal: bool = True, device: torch.device | str = "cpu"

@@ -1,0 +1,302 @@
+"""MarianMT (Helsinki-NLP opus-mt) encoder-decoder, with HF attribute names so checkpoint keys load unchanged.
+
+Encoder-decoder interface (shared with models/t5.py; the engine drives it, flat batches, no batch dim):
+  encode(input_ids (T,), positions (T,), ctx) -> encoder hidden (T, d_model)
+      bidirectional self-attention, `ctx.meta.causal == False`, `ctx.kv_caches is None`.
+  cross_kv(encoder_hidden (T, d_model)) -> [(k (T, H, D), v (T, H, D))] per decoder layer
+      computed once per request; the engine writes them into the request's cross-attention blocks.
+  decode(input_ids (T,), positions (T,), self_ctx, cross_ctx) -> hidden (T, d_model)
+      self-attention through `self_ctx.attend` (causal; paged self-attention cache in the engine);
+      cross-attention through `cross_ctx.attend_cross`, which reads the cross K/V already in
+      `cross_ctx.kv_caches[layer]` and writes nothing (`cross_ctx.meta`: same query_lens as
+      self_ctx, seq_lens = encoder lengths, causal=False).
+  compute_logits(hidden (N, d_model)) -> (N, vocab) float32.
+`positions` are 0-based within each sequence (decoder: the token's index in the target prefix).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.forward_context import ForwardContext
+from models.encdec_tokenizer import MarianTokenizer, generation_defaults
+from models.spec import KVCacheSpec
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+@dataclass(frozen=True)
+class MarianConfig:
+    vocab_size: int
+    decoder_vocab_size: int
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    encoder_attention_heads: int
+    decoder_attention_heads: int
+    encoder_ffn_dim: int
+    decoder_ffn_dim: int
+    max_position_embeddings: int
+    activation_function: str
+    scale_embedding: bool
+    share_encoder_decoder_embeddings: bool
+    tie_word_embeddings: bool
+    pad_token_id: int
+    decoder_start_token_id: int
+    eos_token_id: int
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> MarianConfig:
+        if cfg.get("activation_function", "gelu") not in ACTIVATIONS:
+            raise ValueError(f"unsupported Marian activation_function {cfg['activation_function']!r}")
+        pad = cfg.get("pad_token_id", 58100)
+        eos = cfg.get("eos_token_id", 0)
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            decoder_vocab_size=cfg.get("decoder_vocab_size") or cfg["vocab_size"],
+            d_model=cfg["d_model"],
+            encoder_layers=cfg["encoder_layers"],
+            decoder_layers=cfg["decoder_layers"],
+            encoder_attention_heads=cfg["encoder_attention_heads"],
+            decoder_attention_heads=cfg["decoder_attention_heads"],
+            encoder_ffn_dim=cfg["encoder_ffn_dim"],
+            decoder_ffn_dim=cfg["decoder_ffn_dim"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 1024),
+            activation_function=cfg.get("activation_function", "gelu"),
+            scale_embedding=cfg.get("scale_embedding", False),
+            share_encoder_decoder_embeddings=cfg.get("share_encoder_decoder_embeddings", True),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+            pad_token_id=pad,
+            decoder_start_token_id=cfg.get("decoder_start_token_id", pad),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+    @property
+    def target_vocab_size(self) -> int:
+        return self.vocab_size if self.share_encoder_decoder_embeddings else self.decoder_vocab_size
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.d_model) if self.scale_embedding else 1.0
+
+
+def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """HF MarianSinusoidalPositionalEmbedding rows for `positions`: sin features first, cos second.
+
+    Computed on the fly in float64 (HF builds its table in numpy float64), so there is no buffer
+    to load, and any position works.
+    """
+    j = torch.arange(dim, device=positions.device, dtype=torch.float64)
+    angles = positions.to(torch.float64)[:, None] / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+    return torch.cat([angles[:, 0::2].sin(), angles[:, 1::2].cos()], dim=-1)
+
+
+class MarianAttention(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], self.num_heads, self.head_dim)  # (T, H, D)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
+        k, v = self.project_kv(x)
+        out = ctx.attend(layer_idx, self._heads(self.q_proj(x)), k, v, self.scaling)
+        return self.out_proj(out.flatten(1))
+
+    def cross(self, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
+        out = ctx.attend_cross(layer_idx, self._heads(self.q_proj(x)), self.scaling)
+        return self.out_proj(out.flatten(1))
+
+
+class MarianEncoderLayer(nn.Module):
+    """Post-LN block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
+
+    def __init__(self, config: MarianConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.self_attn = MarianAttention(d, config.encoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, config.encoder_ffn_dim)
+        self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.act = ACTIVATIONS[config.activation_function]
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
+        x = self.self_attn_layer_norm(x + self.self_attn(x, ctx, layer_idx))
+        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+
+
+class MarianDecoderLayer(nn.Module):
+    def __init__(self, config: MarianConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.self_attn = MarianAttention(d, config.decoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn = MarianAttention(d, config.decoder_attention_heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
+        self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.act = ACTIVATIONS[config.activation_function]
+
+    def forward(
+        self, x: torch.Tensor, self_ctx: ForwardContext, cross_ctx: ForwardContext, layer_idx: int
+    ) -> torch.Tensor:
+        x = self.self_attn_layer_norm(x + self.self_attn(x, self_ctx, layer_idx))
+        x = self.encoder_attn_layer_norm(x + self.encoder_attn.cross(x, cross_ctx, layer_idx))
+        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+
+
+class MarianEncoder(nn.Module):
+    def __init__(self, config: MarianConfig) -> None:
+        super().__init__()
+        if not config.share_encoder_decoder_embeddings:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(MarianEncoderLayer(config) for _ in range(config.encoder_layers))
+
+
+class MarianDecoder(nn.Module):
+    def __init__(self, config: MarianConfig) -> None:
+        super().__init__()
+        if not config.share_encoder_decoder_embeddings:
+            self.embed_tokens = nn.Embedding(config.decoder_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(MarianDecoderLayer(config) for _ in range(config.decoder_layers))
+
+
+class MarianModel(nn.Module):
+    def __init__(self, config: MarianConfig) -> None:
+        super().__init__()
+        if config.share_encoder_decoder_embeddings:
+            self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = MarianEncoder(config)
+        self.decoder = MarianDecoder(config)
+
+
+class MarianMTModel(nn.Module):
+    """Marian translation model: post-LN transformer, sinusoidal positions, `final_logits_bias`.
+
+    Embeddings are registered once: `model.shared` when encoder and decoder share them, else
+    `model.{encoder,decoder}.embed_tokens`; the tied LM head reuses the decoder embedding
+    (checkpoint aliases are mapped by `rename_weight`). See the module docstring for the API.
+    """
+
+    config_class = MarianConfig
+
+    def __init__(self, config: MarianConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = MarianModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.d_model, config.target_vocab_size, bias=False)
+        self.register_buffer("final_logits_bias", torch.zeros(1, config.target_vocab_size))
+
+    # ---- embeddings ----
+    @property
+    def encoder_embed(self) -> nn.Embedding:
+        m = self.model
+        return m.shared if self.config.share_encoder_decoder_embeddings else m.encoder.embed_tokens
+
+    @property
+    def decoder_embed(self) -> nn.Embedding:
+        m = self.model
+        return m.shared if self.config.share_encoder_decoder_embeddings else m.decoder.embed_tokens
+
+    def _embed(self, embed: nn.Embedding, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = embed(input_ids) * self.config.embed_scale
+        return x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)
+
+    # ---- encoder-decoder API ----
+    def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self._embed(self.encoder_embed, input_ids, positions)
+        for i, layer in enumerate(self.model.encoder.layers):
+            x = layer(x, ctx, i)
+        return x
+
+    def cross_kv(self, encoder_hidden: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [layer.encoder_attn.project_kv(encoder_hidden) for layer in self.model.decoder.layers]
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        self_ctx: ForwardContext,
+        cross_ctx: ForwardContext,
+    ) -> torch.Tensor:
+        x = self._embed(self.decoder_embed, input_ids, positions)
+        for i, layer in enumerate(self.model.decoder.layers):
+            x = layer(x, self_ctx, cross_ctx, i)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.decoder_embed.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return (F.linear(hidden, weight) + self.final_logits_bias).float()
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return self.config.decoder_layers
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        heads = self.config.decoder_attention_heads
+        return KVCacheSpec(self.config.decoder_layers, heads, self.config.d_model // heads)
+
+    # ---- loader hooks ----
+    def rename_weight(self, name: str) -> str | None:
+        """Checkpoint key -> module key; None for keys we know and do not load."""
+        if name.endswith("embed_positions.weight"):
+            return None  # old checkpoints store the sinusoid table; we compute it
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return None  # tied to the decoder embedding
+        if self.config.share_encoder_decoder_embeddings and name in (
+            "model.encoder.embed_tokens.weight",
+            "model.decoder.embed_tokens.weight",
+        ):
+            return "model.shared.weight"  # aliases of the shared table in older checkpoints
+        return name
+
+    def optional_weight(self, name: str) -> bool:
+        return name == "final_logits_bias"  # HF treats a missing bias as zeros
+
+    # ---- folder metadata ----
+    @classmethod
+    def load_tokenizer(cls, folder: str | Path) -> MarianTokenizer:
+        return MarianTokenizer.from_folder(folder)
+
+    @classmethod
+    def extra_info(cls, folder: str | Path, config: dict | MarianConfig) -> dict:
+        """ModelInfo fields read from config.json (raw dict or parsed) and generation_config.json."""
+        cfg = config if isinstance(config, MarianConfig) else MarianConfig.from_hf(config)
+        raw = config if isinstance(config, dict) else json.loads((Path(folder) / "config.json").read_text())
+        defaults = generation_defaults(Path(folder), raw)
+        eos = defaults.get("eos_token_id", cfg.eos_token_id)
+        return {
+            "decoder_start_token_id": defaults.get("decoder_start_token_id", cfg.decoder_start_token_id),
+            "eos_token_ids": tuple(eos) if isinstance(eos, list) else (eos,),
+            "pad_token_id": cfg.pad_token_id,
+            "bos_token_id": None,
+            "max_model_len": cfg.max_position_embeddings,
+            "generation_defaults": defaults,
+        }

@@ -1,0 +1,213 @@
+"""Tiny Marian / T5 folders with real SentencePiece tokenizers, and reference (unpaged) decode loops.
+
+Shared by the model tests and later engine tests. Everything is built in a tmp dir in seconds:
+SentencePiece models trained on a synthetic corpus, random HF models saved with save_pretrained.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import sentencepiece
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+from engine.attention.ref import TorchAttentionBackend
+from engine.forward_context import ForwardContext, metadata_for_sequences
+from models.weights import iter_safetensors, load_strict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SYLLABLES = "ka to mi ra ne su lo pe di ba gu fe zo hi ja wu".split()
+WORDS = "the cat dog sat on a mat red blue green house tree big small quick brown fox river city night".split()
+
+
+def corpus(num_lines: int = 1500, seed: int = 0) -> list[str]:
+    """Synthetic sentences: English words plus made-up syllable words, some punctuation."""
+    rng = random.Random(seed)
+    words = WORDS + ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(250)]
+    return [
+        " ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + rng.choice([".", "!", "?", ",", ""])
+        for _ in range(num_lines)
+    ]
+
+
+def train_spm(prefix: Path, lines: list[str], vocab_size: int, **kwargs) -> Path:
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size,
+        model_type="unigram", hard_vocab_limit=False, minloglevel=2, **kwargs,
+    )
+    return prefix.with_suffix(".model")
+
+
+TEST_TEXTS = [
+    "the quick brown fox",
+    "  the  cat\tsat on   a mat  ",
+    "Zebra über naïve café!",
+    "the <unk> dog</s> mat<pad>",
+    "a , b . c ? d n't it's",
+    "",
+    "x",
+    ">>fr<< the red house",
+    "kamira tosune lope di",
+]
+
+
+# ---------------------------------------------------------------- Marian
+def make_marian_folder(
+    folder: Path, share_embeddings: bool = True, tie: bool = True, seed: int = 0, d_model: int = 32
+) -> Path:
+    """opus-mt-like folder: source.spm, target.spm, vocab.json (</s>=0, <unk>=1, <pad>=last)."""
+    from transformers import MarianConfig, MarianMTModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = corpus(seed=seed)
+    for name, text in (("source", lines), ("target", [" ".join(l.split()[::-1]) for l in lines])):
+        train_spm(folder / name, text, 120).rename(folder / f"{name}.spm")
+    pieces: list[str] = []
+    for name in ("source", "target"):
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / f"{name}.spm"))
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if not (sp.is_control(i) or sp.is_unknown(i)) and piece not in pieces:
+                pieces.append(piece)
+    vocab = {"</s>": 0, "<unk>": 1} | {p: i + 2 for i, p in enumerate(pieces)}
+    pad = len(vocab)
+    vocab["<pad>"] = pad
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MarianTokenizer"}))
+    torch.manual_seed(seed)
+    config = MarianConfig(
+        vocab_size=len(vocab), decoder_vocab_size=len(vocab), d_model=d_model, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=128, activation_function="swish", scale_embedding=True,
+        share_encoder_decoder_embeddings=share_embeddings, tie_word_embeddings=tie,
+        pad_token_id=pad, decoder_start_token_id=pad, eos_token_id=0, forced_eos_token_id=0,
+        init_std=0.2,  # larger than default so random models give input-dependent outputs
+    )
+    model = MarianMTModel(config).eval()
+    with torch.no_grad():
+        model.final_logits_bias.normal_(0, 0.5)  # nonzero, so a lost bias is caught
+    model.save_pretrained(folder)
+    # like opus-mt checkpoints: beams, a length cap, and pad forbidden as an output
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bad_words_ids": [[pad]], "decoder_start_token_id": pad, "eos_token_id": 0, "forced_eos_token_id": 0,
+        "max_length": 64, "num_beams": 4, "pad_token_id": pad,
+    }))
+    return folder
+
+
+# ---------------------------------------------------------------- T5
+def make_t5_folder(folder: Path, gated: bool = False, tie: bool = True, seed: int = 0) -> Path:
+    """T5 folder with spiece.model (pad=0, eos=1, unk=2) and 100 sentinels after the pieces."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm = train_spm(folder / "spiece", corpus(seed=seed), 160, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    size = sentencepiece.SentencePieceProcessor(model_file=str(spm)).get_piece_size()
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=size + 100 + 4,  # like t5-small, a few spare rows past the sentinels
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20,
+        feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=tie,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    T5ForConditionalGeneration(config).eval().save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- loading and running our models
+def load_folder(cls: type, folder: Path) -> torch.nn.Module:
+    """Until models/loader.py lands: config -> model -> strict load through the model's hooks."""
+    raw = json.loads((folder / "config.json").read_text())
+    model = cls(cls.config_class.from_hf(raw))
+    load_strict(model, iter_safetensors(folder), rename=model.rename_weight, optional=model.optional_weight)
+    return model.eval()
+
+
+def flat(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token lists -> flat ids (T,) and per-sequence positions (T,)."""
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])
+    return ids, positions
+
+
+def cross_context(
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]], encoder_lens: list[int], query_lens: list[int]
+) -> ForwardContext:
+    """Cross-attention context over flat encoder K/V without a paged cache.
+
+    The flat (T_enc, H, D) K/V are viewed as a cache of blocks of size 1 (zero copy), and each
+    sequence's block table lists its encoder rows, so `attend_cross` runs the same code path as
+    the engine's paged cross-attention.
+    """
+    enc = torch.tensor(encoder_lens)
+    starts = torch.cumsum(enc, 0) - enc
+    max_k = max(encoder_lens)
+    tables = (starts[:, None] + torch.arange(max_k)[None, :]).clamp(max=int(enc.sum()) - 1)
+    q = metadata_for_sequences(query_lens, causal=False)
+    meta = AttentionMetadata(
+        cu_seqlens_q=q.cu_seqlens_q, seq_lens=enc.to(torch.int32), slot_mapping=None,
+        block_tables=tables.to(torch.int32), max_seqlen_q=max(query_lens), max_seqlen_k=max_k,
+        query_lens=tuple(query_lens), seq_lens_host=tuple(encoder_lens), causal=False,
+    )
+    caches = [(k[:, None], v[:, None]) for k, v in cross_kv]  # (T_enc, block_size=1, H, D)
+    return ForwardContext(meta, TorchAttentionBackend(), caches)
+
+
+@torch.no_grad()
+def encode_batch(model: torch.nn.Module, src: list[list[int]]) -> torch.Tensor:
+    ids, pos = flat(src)
+    ctx = ForwardContext(metadata_for_sequences([len(s) for s in src], causal=False), TorchAttentionBackend())
+    return model.encode(ids, pos, ctx)
+
+
+@torch.no_grad()
+def decoder_logits(model: torch.nn.Module, src: list[list[int]], tgt: list[list[int]]) -> torch.Tensor:
+    """Teacher forcing: logits (sum(len(tgt)), V) for every decoder position, all sequences in one batch."""
+    cross_kv = model.cross_kv(encode_batch(model, src))
+    ids, pos = flat(tgt)
+    self_ctx = ForwardContext(metadata_for_sequences([len(t) for t in tgt]), TorchAttentionBackend())
+    cross_ctx = cross_context(cross_kv, [len(s) for s in src], [len(t) for t in tgt])
+    return model.compute_logits(model.decode(ids, pos, self_ctx, cross_ctx))
+
+
+def _last_rows(lens: list[int]) -> torch.Tensor:
+    return torch.tensor(lens).cumsum(0) - 1
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: torch.nn.Module, src: list[list[int]], start_id: int, eos_id: int, max_new_tokens: int,
+    bad_ids: tuple[int, ...] = (),
+) -> list[list[int]]:
+    """Reference greedy loop without paging: every step re-runs the decoder over the whole prefix.
+
+    Returns the generated ids per source (eos included when produced), like HF generate minus the
+    start token. Finished sequences leave the batch.
+    """
+    cross_kv = model.cross_kv(encode_batch(model, src))
+    enc_lens = [len(s) for s in src]
+    starts = torch.tensor(enc_lens).cumsum(0) - torch.tensor(enc_lens)
+    out: list[list[int]] = [[] for _ in src]
+    active = list(range(len(src)))
+    for _ in range(max_new_tokens):
+        tgt = [[start_id] + out[i] for i in active]
+        rows = torch.cat([torch.arange(starts[i], starts[i] + enc_lens[i]) for i in active])
+        kv = [(k[rows], v[rows]) for k, v in cross_kv]
+        ids, pos = flat(tgt)
+        self_ctx = ForwardContext(metadata_for_sequences([len(t) for t in tgt]), TorchAttentionBackend())
+        cross_ctx = cross_context(kv, [enc_lens[i] for i in active], [len(t) for t in tgt])
+        hidden = model.decode(ids, pos, self_ctx, cross_ctx)[_last_rows([len(t) for t in tgt])]
+        logits = model.compute_logits(hidden)
+        if bad_ids:
+            logits[:, list(bad_ids)] = float("-inf")
+        for i, token in zip(active, logits.argmax(-1).tolist()):
+            out[i].append(token)
+        active = [i for i in active if out[i][-1] != eos_id]
+        if not active:
+            break
+    return out
