@@ -211,3 +211,119 @@ def greedy_decode(
         if not active:
             break
     return out
+
+
+@torch.no_grad()
+def _last_logits(
+    model: torch.nn.Module, cross_kv: list[tuple[torch.Tensor, torch.Tensor]], enc_len: int, prefixes: list[list[int]]
+) -> torch.Tensor:
+    """Next-token logits (len(prefixes), V) for prefixes decoded against one source's cross K/V."""
+    n = len(prefixes)
+    kv = [(k.repeat(n, 1, 1), v.repeat(n, 1, 1)) for k, v in cross_kv]
+    ids, pos = flat(prefixes)
+    lens = [len(p) for p in prefixes]
+    self_ctx = ForwardContext(metadata_for_sequences(lens), TorchAttentionBackend())
+    hidden = model.decode(ids, pos, self_ctx, cross_context(kv, [enc_len] * n, lens))
+    return model.compute_logits(hidden[_last_rows(lens)])
+
+
+@torch.no_grad()
+def beam_search(
+    model: torch.nn.Module, src: list[int], start_id: int, eos_id: int, num_beams: int, max_new_tokens: int,
+    length_penalty: float = 1.0, bad_ids: tuple[int, ...] = (),
+) -> list[int]:
+    """Reference beam search for one source, HF generate's semantics (early_stopping=False).
+
+    Each step keeps the 2*num_beams best continuations by summed log-prob; those among the top
+    num_beams that end in eos (or reach the length cap) become finished hypotheses scored
+    sum_logprob / generated_len**length_penalty; the best num_beams unfinished ones run on.
+    Search stops once num_beams hypotheses are finished and the best running beam, normalised by
+    the current length, cannot beat the worst of them. Returns the best hypothesis, start dropped.
+    """
+    cross_kv = model.cross_kv(encode_batch(model, [src]))
+    running = [[start_id] for _ in range(num_beams)]
+    running_scores = torch.full((num_beams,), -1e9)
+    running_scores[0] = 0.0  # all beams start identical: only the first may expand
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(max_new_tokens):
+        logp = torch.log_softmax(_last_logits(model, cross_kv, len(src), running), dim=-1)
+        if bad_ids:
+            logp[:, list(bad_ids)] = float("-inf")
+        vocab = logp.shape[-1]
+        scores, flat_idx = torch.topk((logp + running_scores[:, None]).flatten(), 2 * num_beams)
+        beams, tokens = (flat_idx // vocab).tolist(), (flat_idx % vocab).tolist()
+        gen_len = step + 1
+        hits = [t == eos_id or gen_len >= max_new_tokens for t in tokens]
+        for j in range(num_beams):
+            if hits[j]:
+                finished.append((scores[j].item() / gen_len**length_penalty, running[beams[j]][1:] + [tokens[j]]))
+        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
+        keep = [j for j in range(2 * num_beams) if not hits[j]][:num_beams]
+        if all(hits) or not keep:
+            break
+        running = [running[beams[j]] + [tokens[j]] for j in keep]
+        running_scores = scores[keep]
+        if len(finished) == num_beams and running_scores[0].item() / gen_len**length_penalty <= finished[-1][0]:
+            break  # no running beam can improve on the finished ones (HF's default heuristic)
+    return finished[0][1]
+
+
+@torch.no_grad()
+def paged_incremental_logits(
+    model: torch.nn.Module, src: list[list[int]], tgt: list[list[int]], chunk: int, block_size: int = 4
+) -> torch.Tensor:
+    """Decoder logits for every target token, computed the engine's way with paged caches.
+
+    Cross K/V are written once into cross blocks; the decoder consumes each target first as a
+    `chunk`-token prefill, then one token per step, all sequences batched together, its
+    self-attention K/V written to self blocks by `attend`. Rows ordered like `decoder_logits`.
+    """
+    spec = model.kv_cache_spec
+    backend = TorchAttentionBackend()
+    num_seqs = len(src)
+    enc_lens, tgt_lens = [len(s) for s in src], [len(t) for t in tgt]
+
+    def blocks_for(lens: list[int]) -> torch.Tensor:  # (B, max_blocks) disjoint block ids, from 1
+        per_seq = max(-(-n // block_size) for n in lens)
+        return 1 + torch.arange(num_seqs * per_seq, dtype=torch.int32).view(num_seqs, per_seq)
+
+    def new_caches(tables: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (int(tables.max()) + 1, block_size, spec.num_kv_heads, spec.head_dim)
+        return [(torch.randn(shape), torch.randn(shape)) for _ in range(spec.num_layers)]  # garbage must be unread
+
+    def slots(tables: torch.Tensor, seq: int, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        return tables[seq, pos // block_size].long() * block_size + pos % block_size
+
+    cross_tables, self_tables = blocks_for(enc_lens), blocks_for(tgt_lens)
+    cross_caches, self_caches = new_caches(cross_tables), new_caches(self_tables)
+    enc_slots = torch.cat([slots(cross_tables, i, 0, n) for i, n in enumerate(enc_lens)])
+    for (k, v), (k_cache, v_cache) in zip(model.cross_kv(encode_batch(model, src)), cross_caches):
+        backend.store_kv(k, v, k_cache, v_cache, enc_slots)
+
+    done = [0] * num_seqs
+    rows: list[list[torch.Tensor]] = [[] for _ in range(num_seqs)]
+    while any(d < n for d, n in zip(done, tgt_lens)):
+        active = [i for i in range(num_seqs) if done[i] < tgt_lens[i]]
+        q_lens = [min(chunk if done[i] == 0 else 1, tgt_lens[i] - done[i]) for i in active]
+        ids = torch.tensor([t for i, q in zip(active, q_lens) for t in tgt[i][done[i] : done[i] + q]])
+        pos = torch.cat([torch.arange(done[i], done[i] + q) for i, q in zip(active, q_lens)])
+        cu = torch.zeros(len(active) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(q_lens).cumsum(0)
+        k_lens = [done[i] + q for i, q in zip(active, q_lens)]
+
+        def meta(seq_lens: list[int], tables: torch.Tensor, slot_mapping: torch.Tensor | None, causal: bool):
+            return AttentionMetadata(
+                cu_seqlens_q=cu, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), slot_mapping=slot_mapping,
+                block_tables=tables[active], max_seqlen_q=max(q_lens), max_seqlen_k=max(seq_lens),
+                query_lens=tuple(q_lens), seq_lens_host=tuple(seq_lens), causal=causal,
+            )
+
+        new_slots = torch.cat([slots(self_tables, i, done[i], done[i] + q) for i, q in zip(active, q_lens)])
+        self_ctx = ForwardContext(meta(k_lens, self_tables, new_slots, True), backend, self_caches)
+        cross_ctx = ForwardContext(meta([enc_lens[i] for i in active], cross_tables, None, False), backend, cross_caches)
+        logits = model.compute_logits(model.decode(ids, pos, self_ctx, cross_ctx))
+        for i, part in zip(active, logits.split(q_lens)):
+            rows[i].append(part)
+            done[i] += part.shape[0]
+    return torch.cat([torch.cat(r) for r in rows])

@@ -130,3 +130,32 @@ def test_greedy_matches_hf_generate(marian):
         row = row[: row.index(0) + 1] if 0 in row else row
         assert ours_ids == row
     assert len({tuple(g) for g in got}) > 1, "random model gave input-independent output"
+
+
+def test_paged_incremental_decode_matches_teacher_forcing(marian):
+    from tests.encdec_fixtures import paged_incremental_logits
+
+    _, ours, _ = marian
+    vocab = ours.config.vocab_size
+    src = _random_seqs([6, 13, 2], vocab, seed=4)
+    tgt = [[ours.config.decoder_start_token_id] + s[:-1] for s in _random_seqs([7, 2, 10], vocab, seed=5)]
+    expected = decoder_logits(ours, src, tgt)
+    got = paged_incremental_logits(ours, src, tgt, chunk=3, block_size=4)
+    assert (got - expected).abs().max() <= ATOL
+
+
+def test_beam_search_matches_hf_generate(marian):
+    from tests.encdec_fixtures import beam_search
+
+    folder, ours, hf = marian
+    tok = MarianMTModel.load_tokenizer(folder)
+    pad = ours.config.pad_token_id
+    for text in ["the quick brown fox", "kamira tosune lope di ba", "city"]:
+        src = tok.encode(text)
+        got = beam_search(ours, src, start_id=pad, eos_id=0, num_beams=4, max_new_tokens=10, bad_ids=(pad,))
+        with torch.no_grad():
+            row = hf.generate(
+                input_ids=torch.tensor([src]), num_beams=4, do_sample=False, max_new_tokens=10,
+                bad_words_ids=[[pad]], forced_eos_token_id=None, length_penalty=1.0, early_stopping=False,
+            )[0].tolist()[1:]
+        assert got == (row[: row.index(0) + 1] if 0 in row else row), text

@@ -144,3 +144,31 @@ def test_greedy_matches_hf_generate(t5):
         row = row[: row.index(1) + 1] if 1 in row else row
         assert ours_ids == row
     assert len({tuple(g) for g in got}) > 1, "random model gave input-independent output"
+
+
+def test_paged_incremental_decode_matches_teacher_forcing(t5):
+    from tests.encdec_fixtures import paged_incremental_logits
+
+    _, ours, _ = t5
+    vocab = ours.config.vocab_size
+    src = _random_seqs([6, 13, 2], vocab, seed=4)
+    tgt = [[0] + s[:-1] for s in _random_seqs([7, 2, 24], vocab, seed=5)]  # 24 > max_distance 20
+    expected = decoder_logits(ours, src, tgt)
+    got = paged_incremental_logits(ours, src, tgt, chunk=3, block_size=4)
+    assert (got - expected).abs().max() <= ATOL
+
+
+def test_beam_search_matches_hf_generate(t5):
+    from tests.encdec_fixtures import beam_search
+
+    folder, ours, hf = t5
+    tok = T5ForConditionalGeneration.load_tokenizer(folder)
+    for text in ["the quick brown fox", "kamira tosune lope di ba", "city"]:
+        src = tok.encode(text)
+        got = beam_search(ours, src, start_id=0, eos_id=1, num_beams=4, max_new_tokens=10)
+        with torch.no_grad():
+            row = hf.generate(
+                input_ids=torch.tensor([src]), num_beams=4, do_sample=False, max_new_tokens=10,
+                length_penalty=1.0, early_stopping=False, use_cache=False,
+            )[0].tolist()[1:]
+        assert got == (row[: row.index(1) + 1] if 1 in row else row), text
