@@ -1,0 +1,177 @@
+"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, SmolLM2): GQA, RMSNorm, SwiGLU, rotary positions.
+
+Module names equal HF's (`model.layers.N.self_attn.q_proj`, `lm_head`) so checkpoints load unchanged.
+Forward runs over a flat batch of sequences; attention and the KV cache live behind `ctx.attend`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.forward_context import ForwardContext
+from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, apply_rotary
+from models.spec import KVCacheSpec
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    hidden_act: str = "silu"
+    qkv_bias: bool = False  # Qwen2 always; LLaMA with attention_bias
+    o_bias: bool = False  # LLaMA attention_bias covers o_proj too, Qwen2's does not
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # not implemented: the usable context is capped to it
+
+    @classmethod
+    def from_hf(cls, config: dict) -> LlamaConfig:
+        heads = config["num_attention_heads"]
+        is_qwen2 = config.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in config.get("architectures", [])
+        attention_bias = bool(config.get("attention_bias", False))
+        sliding = config.get("sliding_window")
+        if is_qwen2 and not config.get("use_sliding_window", False):
+            sliding = None  # Qwen2 configs carry a window they do not use
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope=RopeConfig.from_hf(config),
+            hidden_act=config.get("hidden_act", "silu"),
+            qkv_bias=is_qwen2 or attention_bias,
+            o_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            sliding_window=sliding,
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d = config.head_dim
+        self.scale = d**-0.5
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = ctx.attend(self.layer_idx, q, k, v, self.scale)  # (T, Hq, D)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (T, H)
+        rope = self.rotary_emb(positions)
+        for layer in self.layers:
+            x = layer(x, rope, ctx)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only LM over a flat batch: `forward(input_ids (T,), positions (T,), ctx) -> (T, hidden)`.
+
+    With tied embeddings there is no `lm_head` parameter: logits use `embed_tokens.weight`, and a
+    checkpoint's redundant `lm_head.weight` is skipped by `rename_weight`.
+    """
+
+    config_class = LlamaConfig
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False
+        )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        c = self.config
+        return KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+
+    def rename_weight(self, name: str) -> str | None:
+        if name.endswith("rotary_emb.inv_freq"):  # older checkpoints saved this buffer
+            return None
+        if name == "lm_head.weight" and self.lm_head is None:
+            return None
+        return name
+
+    @classmethod
+    def extra_info(cls, folder: Path, config: dict) -> dict:
+        window = LlamaConfig.from_hf(config).sliding_window
+        if window is None:
+            return {}
+        # Sliding-window attention is not implemented; within the window it equals full attention.
+        return {"max_model_len": min(window, config.get("max_position_embeddings", window))}

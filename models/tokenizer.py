@@ -1,0 +1,169 @@
+"""Text <-> ids and chat rendering, behaving as HF's fast tokenizer loaded from the same folder.
+
+Wraps a `tokenizers.Tokenizer` (tokenizer.json) plus what tokenizer_config.json adds on top:
+named special tokens, `add_bos_token`/`add_eos_token`, and the jinja chat template, rendered in
+a sandbox with the same globals and filters transformers gives it.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import processors
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _token_content(value: str | dict | None) -> str | None:
+    # tokenizer_config.json stores a special token as a string or as a serialized AddedToken.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _chat_template(folder: Path, config: dict) -> str | None:
+    """transformers v5 saves the template to chat_template.jinja; older folders keep it in the config."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.exists():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template") or _read_json(folder / "chat_template.json").get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t["name"]: t["template"] for t in template}
+        return named.get("default", next(iter(named.values()), None))
+    return template
+
+
+def _clean_up_tokenization(text: str) -> str:
+    # transformers' clean_up_tokenization, applied only where it is enabled (WordPiece-style vocabularies).
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: object, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain json.dumps.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class Tokenizer:
+    """A fast tokenizer with HF's special-token and chat-template behaviour.
+
+    `encode` adds what the post-processor adds (BOS for LLaMA-2 style vocabularies, CLS/SEP for
+    BERT); `decode(skip_special_tokens=True)` drops every added token marked special.
+    """
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        special_tokens: dict[str, str | None] | None = None,
+        chat_template: str | None = None,
+        clean_up_tokenization_spaces: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.special_tokens = {name: (special_tokens or {}).get(name) for name in SPECIAL_TOKEN_NAMES}
+        self.chat_template = chat_template
+        # transformers skips the clean-up for BPE models: it would eat real spaces before punctuation.
+        self._clean_up = clean_up_tokenization_spaces and type(backend.model).__name__ != "BPE"
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no tokenizer.json in {folder}")
+        backend = BackendTokenizer.from_file(str(path))
+        config = _read_json(folder / "tokenizer_config.json")
+        fallback = _read_json(folder / "special_tokens_map.json")
+        special = {n: _token_content(config.get(n, fallback.get(n))) for n in SPECIAL_TOKEN_NAMES}
+        if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
+            _set_bos_eos_processor(backend, special, config.get("add_bos_token", False),
+                                   config.get("add_eos_token", False))
+        return cls(backend, special, _chat_template(folder, config),
+                   bool(config.get("clean_up_tokenization_spaces", False)))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_tokenization(text) if self._clean_up else text
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: object) -> str:
+        if self._template is None:
+            raise ValueError("this tokenizer has no chat template")
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            **{n: t for n, t in self.special_tokens.items() if t is not None}, **kwargs,
+        )
+
+    @cached_property
+    def _template(self) -> jinja2.Template | None:
+        return None if self.chat_template is None else _compile_template(self.chat_template)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def _special_id(self, name: str) -> int | None:
+        token = self.special_tokens.get(name)
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = self._special_id("eos_token")
+        return () if eos is None else (eos,)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can produce, added tokens included (may be below the model's vocab_size)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
+    def all_special_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special))
+
+
+def _set_bos_eos_processor(backend: BackendTokenizer, special: dict[str, str | None],
+                           add_bos: bool, add_eos: bool) -> None:
+    """The post-processor transformers builds from add_bos_token/add_eos_token (update_post_processor)."""
+    bos, eos = special.get("bos_token"), special.get("eos_token")
+    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+    single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
+    pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
+    tokens = [(bos, backend.token_to_id(bos))] if add_bos else []
+    tokens += [(eos, backend.token_to_id(eos))] if add_eos else []
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=tokens)

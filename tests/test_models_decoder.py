@@ -1,0 +1,158 @@
+"""Decoder-only models vs transformers: tiny random checkpoints saved by HF, loaded by load_model.
+
+A flat batch of three sequences of different lengths must give HF's logits per sequence, both
+whole (no cache) and in two chunks through a real paged KV cache (prefix, then the rest).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+from engine.attention.ref import TorchAttentionBackend
+from engine.forward_context import ForwardContext, metadata_for_sequences
+from models.loader import load_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+LENS = [5, 11, 3]
+SPLITS = [2, 7, 2]  # tokens computed in the first (cached) step; the rest follow in a second step
+VOCAB = 97
+
+
+def hf_config(kind: str):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    llama = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "llama_gqa":
+        return LlamaConfig(**llama, rope_theta=500.0)
+    if kind == "llama_tied":
+        return LlamaConfig(**llama, tie_word_embeddings=True)
+    if kind == "llama_bias_mha":
+        return LlamaConfig(**{**llama, "num_key_value_heads": 4}, attention_bias=True, mlp_bias=True)
+    if kind == "llama3_rope":
+        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 16}
+        return LlamaConfig(**llama, rope_scaling=scaling, rope_theta=10000.0)
+    if kind == "llama_linear_rope":
+        return LlamaConfig(**llama, rope_scaling={"rope_type": "linear", "factor": 3.0})
+    if kind == "mistral":
+        return MistralConfig(**{**llama, "num_key_value_heads": 1}, sliding_window=None)
+    if kind == "qwen2":
+        return Qwen2Config(**llama, tie_word_embeddings=False)
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    raise ValueError(kind)
+
+
+KINDS = ["llama_gqa", "llama_tied", "llama_bias_mha", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "gpt2"]
+
+
+def save_hf(kind: str, folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(KINDS.index(kind))
+    model = AutoModelForCausalLM.from_config(hf_config(kind), torch_dtype=torch.float32).eval()
+    with torch.no_grad():  # HF zero-inits biases and ones-inits norms: randomise so they are exercised
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = save_hf(request.param, folder)
+    return hf, load_model(str(folder))
+
+
+def hf_logits(hf, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [hf(s[None]).logits[0].float() for s in seqs]
+
+
+def random_seqs(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g) for n in LENS]
+
+
+def test_config_architecture_and_spec(pair):
+    hf, ours = pair
+    spec = ours.model.kv_cache_spec
+    cfg = hf.config
+    assert spec.num_layers == cfg.num_hidden_layers
+    assert spec.num_kv_heads == getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    assert spec.head_dim == cfg.hidden_size // cfg.num_attention_heads
+    assert ours.info.vocab_size == VOCAB and ours.info.max_model_len == 128
+
+
+def test_flat_batch_matches_hf(pair):
+    hf, ours = pair
+    seqs = random_seqs(1)
+    ctx = ForwardContext(meta=metadata_for_sequences(LENS), backend=TorchAttentionBackend())
+    positions = torch.cat([torch.arange(n) for n in LENS])
+    with torch.no_grad():
+        hidden = ours.model(torch.cat(seqs), positions, ctx)
+        logits = ours.model.compute_logits(hidden)
+    assert hidden.shape == (sum(LENS), hf.config.hidden_size) and logits.dtype == torch.float32
+    for got, ref in zip(logits.split(LENS), hf_logits(hf, seqs)):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def paged_meta(chunks: list[tuple[int, int]], tables: list[list[int]], block_size: int) -> AttentionMetadata:
+    """Metadata for sequence i computing tokens [lo, hi) with its KV in blocks tables[i]."""
+    q_lens = [hi - lo for lo, hi in chunks]
+    k_lens = [hi for _, hi in chunks]
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    pos = torch.cat([torch.arange(lo, hi) for lo, hi in chunks])
+    seq = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(q_lens))
+    table = torch.zeros(len(tables), max(map(len, tables)), dtype=torch.int32)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    slots = table[seq, pos // block_size].long() * block_size + pos % block_size
+    return AttentionMetadata(
+        cu_seqlens_q=cu, seq_lens=torch.tensor(k_lens, dtype=torch.int32), slot_mapping=slots,
+        block_tables=table, max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens),
+        query_lens=tuple(q_lens), seq_lens_host=tuple(k_lens),
+    )
+
+
+def test_paged_prefix_then_rest_matches_hf(pair):
+    hf, ours = pair
+    seqs = random_seqs(2)
+    spec = ours.model.kv_cache_spec
+    block_size, num_blocks = 4, 16
+    caches = [
+        (torch.randn(num_blocks, block_size, spec.num_kv_heads, spec.head_dim),  # garbage must not leak in
+         torch.randn(num_blocks, block_size, spec.num_kv_heads, spec.head_dim))
+        for _ in range(spec.num_layers)
+    ]
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(3)).tolist()
+    tables, used = [], 0
+    for n in LENS:
+        tables.append(perm[used : used + -(-n // block_size)])
+        used += len(tables[-1])
+    refs = hf_logits(hf, seqs)
+    for phase in (0, 1):
+        chunks = [(0, s) if phase == 0 else (s, n) for n, s in zip(LENS, SPLITS)]
+        meta = paged_meta(chunks, tables, block_size)
+        ctx = ForwardContext(meta=meta, backend=TorchAttentionBackend(), kv_caches=caches)
+        ids = torch.cat([s[lo:hi] for s, (lo, hi) in zip(seqs, chunks)])
+        positions = torch.cat([torch.arange(lo, hi) for lo, hi in chunks])
+        with torch.no_grad():
+            logits = ours.model.compute_logits(ours.model(ids, positions, ctx))
+        for got, ref, (lo, hi) in zip(logits.split(meta.query_lens), refs, chunks):
+            torch.testing.assert_close(got, ref[lo:hi], atol=1e-4, rtol=0)
+
+
+def test_unsupported_rope_type_is_refused():
+    from models.layers import RopeConfig
+
+    with pytest.raises(ValueError, match="dynamic"):
+        RopeConfig.from_hf({"rope_scaling": {"type": "dynamic", "factor": 2.0}})
