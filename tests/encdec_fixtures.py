@@ -119,6 +119,35 @@ def make_t5_folder(folder: Path, gated: bool = False, tie: bool = True, seed: in
     return folder
 
 
+# ---------------------------------------------------------------- a little training
+TRAIN_TOKENS = (3, 40)  # token-id range of the reversal task
+
+
+def train_reversal(folder: Path, steps: int = 250, seed: int = 0) -> Path:
+    """Train the folder's HF model for a few seconds to reverse token sequences, then save it back.
+
+    Random encoder-decoders repeat one token and never stop; after this they emit input-dependent
+    tokens and eos, which exercises eos handling and beam finishing in the decode loops.
+    """
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder).train()
+    pad, eos = model.config.pad_token_id, model.config.eos_token_id
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        src = [torch.randint(*TRAIN_TOKENS, (int(n),), generator=g).tolist() for n in torch.randint(2, 8, (32,), generator=g)]
+        width = max(map(len, src)) + 1
+        ids = torch.tensor([s + [eos] + [pad] * (width - len(s) - 1) for s in src])
+        labels = torch.tensor([s[::-1] + [eos] + [-100] * (width - len(s) - 1) for s in src])
+        loss = model(input_ids=ids, attention_mask=(ids != pad).long(), labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(folder)
+    return folder
+
+
 # ---------------------------------------------------------------- loading and running our models
 def load_folder(cls: type, folder: Path) -> torch.nn.Module:
     """Until models/loader.py lands: config -> model -> strict load through the model's hooks."""

@@ -10,19 +10,25 @@ import torch
 from models.encdec_tokenizer import MarianTokenizer
 from models.marian import MarianMTModel, sinusoidal_positions
 from tests.encdec_fixtures import (
-    TEST_TEXTS, decoder_logits, encode_batch, greedy_decode, load_folder, make_marian_folder,
+    TEST_TEXTS, TRAIN_TOKENS, decoder_logits, encode_batch, greedy_decode, load_folder, make_marian_folder, train_reversal,
 )
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=[(True, True), (False, True), (False, False)], ids=["shared", "separate", "untied"])
+@pytest.fixture(
+    scope="module",
+    params=[(True, True, False), (False, True, False), (False, False, False), (True, True, True)],
+    ids=["shared", "separate", "untied", "shared-trained"],
+)
 def marian(request, tmp_path_factory):
     from transformers import MarianMTModel as HFMarian
 
-    share, tie = request.param
+    share, tie, trained = request.param
     folder = make_marian_folder(tmp_path_factory.mktemp("marian"), share_embeddings=share, tie=tie)
+    if trained:
+        train_reversal(folder)
     return folder, load_folder(MarianMTModel, folder), HFMarian.from_pretrained(folder).eval()
 
 
@@ -36,6 +42,12 @@ def _padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor
 def _random_seqs(lens: list[int], vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, vocab - 1, (n,), generator=g).tolist() + [0] for n in lens]
+
+
+def _task_inputs(seed: int) -> list[list[int]]:
+    """Sources of the reversal task the trained fixture learnt (eos = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(*TRAIN_TOKENS, (n,), generator=g).tolist() + [0] for n in (3, 6, 5)]
 
 
 def test_sinusoid_matches_hf_table():
@@ -111,11 +123,11 @@ def test_extra_info_reads_generation_config(marian):
     assert ours.kv_cache_spec.num_layers == 2 and ours.kv_cache_spec.head_dim == 8
 
 
-def test_greedy_matches_hf_generate(marian):
+def test_greedy_matches_hf_generate(marian, request):
     folder, ours, hf = marian
     tok = MarianMTModel.load_tokenizer(folder)
     texts = ["the quick brown fox", "kamira tosune lope di ba", "a red house on the river!", "city"]
-    src = [tok.encode(t) for t in texts]
+    src = [tok.encode(t) for t in texts] + _task_inputs(seed=7)
     pad = ours.config.pad_token_id
     max_new = 12
     got = greedy_decode(ours, src, start_id=pad, eos_id=0, max_new_tokens=max_new, bad_ids=(pad,))
@@ -130,6 +142,8 @@ def test_greedy_matches_hf_generate(marian):
         row = row[: row.index(0) + 1] if 0 in row else row
         assert ours_ids == row
     assert len({tuple(g) for g in got}) > 1, "random model gave input-independent output"
+    if request.node.callspec.id.endswith("trained"):
+        assert sum(g[-1] == 0 for g in got) >= 3, "trained model should stop with eos"
 
 
 def test_paged_incremental_decode_matches_teacher_forcing(marian):
@@ -150,8 +164,8 @@ def test_beam_search_matches_hf_generate(marian):
     folder, ours, hf = marian
     tok = MarianMTModel.load_tokenizer(folder)
     pad = ours.config.pad_token_id
-    for text in ["the quick brown fox", "kamira tosune lope di ba", "city"]:
-        src = tok.encode(text)
+    for src in [tok.encode(t) for t in ["the quick brown fox", "city"]] + _task_inputs(seed=8):
+        text = src
         got = beam_search(ours, src, start_id=pad, eos_id=0, num_beams=4, max_new_tokens=10, bad_ids=(pad,))
         with torch.no_grad():
             row = hf.generate(

@@ -10,7 +10,7 @@ import torch
 from models.encdec_tokenizer import JsonTokenizer, T5Tokenizer
 from models.t5 import T5ForConditionalGeneration
 from tests.encdec_fixtures import (
-    TEST_TEXTS, decoder_logits, encode_batch, greedy_decode, load_folder, make_t5_folder,
+    TEST_TEXTS, TRAIN_TOKENS, decoder_logits, encode_batch, greedy_decode, load_folder, make_t5_folder, train_reversal,
 )
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -20,14 +20,18 @@ T5_TEXTS = TEST_TEXTS + ["the <extra_id_0> dog <extra_id_99>mat", "<extra_id_3><
 
 @pytest.fixture(
     scope="module",
-    params=[(False, True), (True, False), (True, True), (False, False)],
+    # training T5 through HF is ~10x slower per step than Marian here; the trained decode-loop
+    # coverage (eos, beam finishing) comes from test_marian's trained fixture instead
+    params=[(False, True, False), (True, False, False), (True, True, False), (False, False, False)],
     ids=["v1.0-relu-tied", "v1.1-gated-untied", "gated-tied", "relu-untied"],
 )
 def t5(request, tmp_path_factory):
     from transformers import T5ForConditionalGeneration as HFT5
 
-    gated, tie = request.param
+    gated, tie, trained = request.param
     folder = make_t5_folder(tmp_path_factory.mktemp("t5"), gated=gated, tie=tie)
+    if trained:
+        train_reversal(folder)
     return folder, load_folder(T5ForConditionalGeneration, folder), HFT5.from_pretrained(folder).eval()
 
 
@@ -41,6 +45,12 @@ def _padded(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Te
 def _random_seqs(lens: list[int], vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() + [1] for n in lens]
+
+
+def _task_inputs(seed: int) -> list[list[int]]:
+    """Sources of the reversal task the trained fixture learnt (eos = 1)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(*TRAIN_TOKENS, (n,), generator=g).tolist() + [1] for n in (3, 6, 5)]
 
 
 def test_encoder_matches_hf(t5):
@@ -128,10 +138,11 @@ def test_tokenizer_matches_hf(t5, tmp_path):
     assert isinstance(T5ForConditionalGeneration.load_tokenizer(tmp_path), JsonTokenizer)
 
 
-def test_greedy_matches_hf_generate(t5):
+def test_greedy_matches_hf_generate(t5, request):
     folder, ours, hf = t5
     tok = T5ForConditionalGeneration.load_tokenizer(folder)
     src = [tok.encode(t) for t in ["the quick brown fox", "kamira tosune lope di ba", "a red house!", "city"]]
+    src += _task_inputs(seed=7)
     got = greedy_decode(ours, src, start_id=0, eos_id=1, max_new_tokens=12)
     ids, mask = _padded(src)
     with torch.no_grad():
@@ -144,6 +155,8 @@ def test_greedy_matches_hf_generate(t5):
         row = row[: row.index(1) + 1] if 1 in row else row
         assert ours_ids == row
     assert len({tuple(g) for g in got}) > 1, "random model gave input-independent output"
+    if request.node.callspec.id.endswith("trained"):
+        assert sum(g[-1] == 1 for g in got) >= 3, "trained model should stop with eos"
 
 
 def test_paged_incremental_decode_matches_teacher_forcing(t5):
@@ -163,8 +176,8 @@ def test_beam_search_matches_hf_generate(t5):
 
     folder, ours, hf = t5
     tok = T5ForConditionalGeneration.load_tokenizer(folder)
-    for text in ["the quick brown fox", "kamira tosune lope di ba", "city"]:
-        src = tok.encode(text)
+    for src in [tok.encode(t) for t in ["the quick brown fox", "city"]] + _task_inputs(seed=8):
+        text = src
         got = beam_search(ours, src, start_id=0, eos_id=1, num_beams=4, max_new_tokens=10)
         with torch.no_grad():
             row = hf.generate(
