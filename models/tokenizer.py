@@ -1,8 +1,10 @@
 """Text <-> ids and chat rendering, behaving as HF's fast tokenizer loaded from the same folder.
 
 Wraps a `tokenizers.Tokenizer` (tokenizer.json) plus what tokenizer_config.json adds on top:
-named special tokens, `add_bos_token`/`add_eos_token`, and the jinja chat template, rendered in
-a sandbox with the same globals and filters transformers gives it.
+named special tokens and the jinja chat template, rendered in a sandbox with the same globals and
+filters transformers gives it. Like transformers 5, BOS/EOS insertion is whatever tokenizer.json's
+post-processor says; `add_bos_token`/`add_eos_token` in tokenizer_config.json do not override it
+(the GGUF converter bakes those flags into the post-processor it writes).
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import processors
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -99,9 +100,6 @@ class Tokenizer:
         config = _read_json(folder / "tokenizer_config.json")
         fallback = _read_json(folder / "special_tokens_map.json")
         special = {n: _token_content(config.get(n, fallback.get(n))) for n in SPECIAL_TOKEN_NAMES}
-        if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
-            _set_bos_eos_processor(backend, special, config.get("add_bos_token", False),
-                                   config.get("add_eos_token", False))
         return cls(backend, special, _chat_template(folder, config),
                    bool(config.get("clean_up_tokenization_spaces", False)))
 
@@ -156,14 +154,3 @@ class Tokenizer:
     def all_special_ids(self) -> tuple[int, ...]:
         return tuple(sorted(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special))
 
-
-def _set_bos_eos_processor(backend: BackendTokenizer, special: dict[str, str | None],
-                           add_bos: bool, add_eos: bool) -> None:
-    """The post-processor transformers builds from add_bos_token/add_eos_token (update_post_processor)."""
-    bos, eos = special.get("bos_token"), special.get("eos_token")
-    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-    single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
-    pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
-    tokens = [(bos, backend.token_to_id(bos))] if add_bos else []
-    tokens += [(eos, backend.token_to_id(eos))] if add_eos else []
-    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=tokens)
