@@ -7,6 +7,7 @@ SDPA among themselves, so a long prefill never pads the decode rows.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,21 +62,6 @@ def _sdpa(
     return out.transpose(1, 2)  # (B, Q, Hq, D)
 
 
-def _pad_rows(x: torch.Tensor, cu: torch.Tensor, lens: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Flat (T, ...) rows of B sequences -> (B, max_len, ...) zero-padded."""
-    b = lens.shape[0]
-    out = x.new_zeros((b, max_len) + tuple(x.shape[1:]))
-    idx = torch.arange(max_len, device=x.device)
-    valid = idx[None, :] < lens[:, None]
-    out[valid] = x[(cu[:-1, None] + idx[None, :])[valid]]
-    return out
-
-
-def _unpad_rows(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    idx = torch.arange(x.shape[1], device=x.device)
-    return x[idx[None, :] < lens[:, None]]
-
-
 def _visibility(q_lens: torch.Tensor, k_lens: torch.Tensor, max_q: int, max_k: int, causal: bool):
     """Bool (B, max_q, max_k) mask and the query/key positions it was built from."""
     dev = q_lens.device
@@ -90,10 +76,47 @@ def _visibility(q_lens: torch.Tensor, k_lens: torch.Tensor, max_q: int, max_k: i
     return visible, q_pos, k_pos
 
 
+@dataclass(frozen=True)
+class _Group:
+    """Index work for one group of sequences, shared by every layer of a step."""
+
+    flat_idx: torch.Tensor  # (n,) rows of q (and of the output) belonging to the group, in order
+    valid: torch.Tensor  # (b, max_q) bool: which padded query slots hold a real row
+    tables: torch.Tensor | None  # (b, num_blocks) block ids (paged) or None (varlen)
+    k_len: int
+    visible: torch.Tensor  # (b, max_q, max_k) bool
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+
+
+def _group(
+    rows: torch.Tensor, q_lens: torch.Tensor, k_lens: torch.Tensor, cu: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor, tuple]:
+    rq = q_lens[rows]
+    max_q, max_k = int(rq.max()), int(k_lens[rows].max())
+    sub_cu = torch.cat([rq.new_zeros(1), rq.cumsum(0)])
+    # flat row of every query of these sequences, in order, without a Python loop
+    flat_idx = torch.repeat_interleave(cu[rows] - sub_cu[:-1], rq) + torch.arange(int(sub_cu[-1]), device=cu.device)
+    valid = torch.arange(max_q, device=cu.device)[None, :] < rq[:, None]
+    return flat_idx, valid, max_q, max_k, rq, _visibility(rq, k_lens[rows], max_q, max_k, causal)
+
+
+def _pad(x: torch.Tensor, group: _Group) -> torch.Tensor:
+    """Group rows of flat x -> (b, max_q, ...) zero-padded."""
+    out = x.new_zeros(tuple(group.valid.shape) + tuple(x.shape[1:]))
+    out[group.valid] = x[group.flat_idx]
+    return out
+
+
 class TorchAttentionBackend:
     """Reference backend. Same signatures as the Triton backend (see engine.attention.base)."""
 
     name = "torch"
+
+    def __init__(self) -> None:
+        # Index work depends only on the step's metadata: build it once, reuse it in every layer.
+        # Keyed by metadata identity (kept alive by the entry); a step has one or two (cross-attn).
+        self._plans: dict[tuple[int, int], tuple[AttentionMetadata, list[_Group]]] = {}
 
     def store_kv(
         self,
@@ -107,6 +130,37 @@ class TorchAttentionBackend:
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
+    def _plan_groups(
+        self, meta: AttentionMetadata, device: torch.device, block_size: int | None
+    ) -> list[_Group]:
+        key = (id(meta), block_size or 0)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is meta:
+            return hit[1]
+        paged = block_size is not None
+        q_lens = torch.tensor(meta.query_lens, device=device)
+        k_lens = torch.tensor(meta.seq_lens_host if paged else meta.query_lens, device=device)
+        cu = meta.cu_seqlens_q.to(device).long()
+        if paged:  # decode rows alone, so one long prefill never pads them
+            is_decode = q_lens == 1
+            splits = [is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten()]
+        else:
+            splits = [torch.arange(len(q_lens), device=device)]
+        groups = []
+        for rows in splits:
+            if rows.numel() == 0:
+                continue
+            flat_idx, valid, _, max_k, _, (visible, q_pos, k_pos) = _group(rows, q_lens, k_lens, cu, meta.causal)
+            tables = None
+            if paged:
+                assert meta.block_tables is not None
+                tables = meta.block_tables[rows, : (max_k + block_size - 1) // block_size].long()
+            groups.append(_Group(flat_idx, valid, tables, max_k, visible, q_pos, k_pos))
+        if len(self._plans) >= 4:  # an older step's plans: drop them
+            self._plans.clear()
+        self._plans[key] = (meta, groups)
+        return groups
+
     def paged_attention(
         self,
         query: torch.Tensor,
@@ -116,32 +170,13 @@ class TorchAttentionBackend:
         scale: float,
         bias: RelativePositionBias | None = None,
     ) -> torch.Tensor:
-        assert meta.block_tables is not None
         out = torch.empty_like(query)
-        q_lens = torch.tensor(meta.query_lens, device=query.device)
-        k_lens = torch.tensor(meta.seq_lens_host, device=query.device)
-        cu = meta.cu_seqlens_q.to(query.device).long()
-        block_size = k_cache.shape[1]
-        is_decode = q_lens == 1
-        for rows in (is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten()):
-            if rows.numel() == 0:
-                continue
-            max_q = int(q_lens[rows].max())
-            max_k = int(k_lens[rows].max())
-            num_blocks = (max_k + block_size - 1) // block_size
-            tables = meta.block_tables[rows, :num_blocks].long()
-            k = k_cache[tables].flatten(1, 2)[:, :max_k]  # (b, K, Hk, D)
-            v = v_cache[tables].flatten(1, 2)[:, :max_k]
-            rq = q_lens[rows]
-            sub_cu = torch.cat([rq.new_zeros(1), rq.cumsum(0)])
-            # flat row of every query of these sequences, in order, without a Python loop
-            starts = torch.repeat_interleave(cu[rows] - sub_cu[:-1], rq)
-            flat_idx = starts + torch.arange(int(sub_cu[-1]), device=query.device)
-            q = _pad_rows(query[flat_idx], sub_cu, q_lens[rows], max_q)
-            visible, q_pos, k_pos = _visibility(q_lens[rows], k_lens[rows], max_q, max_k, meta.causal)
-            b = _bias_values(bias, q_pos, k_pos) if bias is not None else None
-            o = _sdpa(q, k, v, visible, scale, b)
-            out[flat_idx] = _unpad_rows(o, q_lens[rows])
+        for g in self._plan_groups(meta, query.device, block_size=k_cache.shape[1]):
+            k = k_cache[g.tables].flatten(1, 2)[:, : g.k_len]  # (b, K, Hk, D)
+            v = v_cache[g.tables].flatten(1, 2)[:, : g.k_len]
+            b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
+            o = _sdpa(_pad(query, g), k, v, g.visible, scale, b)
+            out[g.flat_idx] = o[g.valid]
         return out
 
     def varlen_attention(
@@ -153,10 +188,9 @@ class TorchAttentionBackend:
         scale: float,
         bias: RelativePositionBias | None = None,
     ) -> torch.Tensor:
-        lens = torch.tensor(meta.query_lens, device=query.device)
-        cu = meta.cu_seqlens_q.to(query.device).long()
-        m = meta.max_seqlen_q
-        q, k, v = (_pad_rows(x, cu, lens, m) for x in (query, key, value))
-        visible, q_pos, k_pos = _visibility(lens, lens, m, m, meta.causal)
-        b = _bias_values(bias, q_pos, k_pos) if bias is not None else None
-        return _unpad_rows(_sdpa(q, k, v, visible, scale, b), lens)
+        (g,) = self._plan_groups(meta, query.device, block_size=None)
+        b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
+        o = _sdpa(_pad(query, g), _pad(key, g), _pad(value, g), g.visible, scale, b)
+        out = torch.empty_like(query)
+        out[g.flat_idx] = o[g.valid]
+        return out
