@@ -1,0 +1,142 @@
+"""OpenAI-shaped error responses: `{"error": {"message", "type", "param", "code"}}`.
+
+Every client mistake maps to a 4xx here; a 500 means a bug in kvserve, never bad input.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine.errors import KVServeError, QueueFullError
+
+log = logging.getLogger("kvserve.server")
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    503: "server_overloaded",
+}
+
+
+def error_body(message: str, err_type: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int, message: str, err_type: str | None = None, param: str | None = None,
+    code: str | int | None = None, headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    err_type = err_type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse(error_body(message, err_type, param, code), status_code=status, headers=headers)
+
+
+def kvserve_error_response(exc: KVServeError, retry_after_s: int = 1) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)} if isinstance(exc, QueueFullError) else None
+    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.status_code, headers)
+
+
+def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One readable message for pydantic's error list, and the first offending field."""
+    parts, param = [], None
+    for err in errors[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        if err.get("type") == "json_invalid":
+            return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+        if param is None and where:
+            param = where
+        parts.append(f"{where or 'body'}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request", param
+
+
+def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+    @app.exception_handler(KVServeError)
+    async def _kvserve(_: Request, exc: KVServeError) -> JSONResponse:
+        return kvserve_error_response(exc, retry_after_s)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # OpenAI (and vLLM) answer bad parameters with 400, not FastAPI's default 422.
+        message, param = _describe_validation(list(exc.errors()))
+        return error_response(400, message, param=param, code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error", code=500)
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for bodies over `max_bytes`, by Content-Length and by bytes actually read.
+
+    The body is buffered (it is at most `max_bytes`) and replayed to the app, so a client that
+    lies about or omits Content-Length is still cut off before JSON parsing starts.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send: Send, message: str) -> None:
+        resp = error_response(413, message, param=None, code=413)
+        await resp({"type": "http"}, _no_receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit_msg = f"request body exceeds the limit of {self.max_bytes} bytes"
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await self._reject_bad(send)
+                    return
+                if declared > self.max_bytes:
+                    await self._reject(send, limit_msg)
+                    return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._reject(send, limit_msg)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as Starlette expects
+
+        await self.app(scope, replay, send)
+
+    async def _reject_bad(self, send: Send) -> None:
+        resp = error_response(400, "invalid Content-Length header", code=400)
+        await resp({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}

@@ -1,0 +1,215 @@
+"""Route-independent generation plumbing: request -> SamplingParams, prompts -> token ids,
+running several prompts at once, and OpenAI's logprob shapes.
+
+Kept apart from the routes so /v1/completions, /v1/chat/completions (and a future translation
+route) share one implementation of the fiddly parts.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from engine.async_engine import AsyncEngine
+from engine.errors import InvalidRequestError
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.request import GenerationRequest
+from engine.sampling_params import SamplingParams
+from server.schemas import ChatMessage, _SamplingFields
+
+T = TypeVar("T")
+
+
+def sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """OpenAI fields -> SamplingParams; unset (None) fields keep SamplingParams' defaults."""
+    fields: dict[str, Any] = {
+        "n": req.n,
+        "max_tokens": max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "seed": req.seed,
+        "logprobs": logprobs,
+        "ignore_eos": req.ignore_eos,
+        "include_stop_str_in_output": req.include_stop_str_in_output,
+    }
+    if req.stop is not None:
+        fields["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    if req.stop_token_ids is not None:
+        fields["stop_token_ids"] = tuple(req.stop_token_ids)
+    kwargs = {k: v for k, v in fields.items() if v is not None or k in ("max_tokens", "logprobs", "seed")}
+    return SamplingParams(**kwargs)  # validates ranges, raising InvalidRequestError -> 400
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    if not ids:
+        raise InvalidRequestError(f"{param} must not be empty", param)
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(
+            f"{param} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}", param
+        )
+
+
+def completion_prompts(prompt: str | list, tokenizer: Any, vocab_size: int, max_prompts: int) -> list[list[int]]:
+    """OpenAI's four prompt forms (str, [str], [int], [[int]]) -> a list of token-id prompts."""
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif not prompt:
+        raise InvalidRequestError("prompt must not be empty", "prompt")
+    elif isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if len(prompts) > max_prompts:
+        raise InvalidRequestError(f"at most {max_prompts} prompts per request, got {len(prompts)}", "prompt")
+    out = []
+    for p in prompts:
+        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        check_token_ids(ids, vocab_size, "prompt")
+        out.append(ids)
+    return out
+
+
+def chat_prompt(messages: list[ChatMessage], tokenizer: Any, add_generation_prompt: bool) -> list[int]:
+    """Render the model's chat template, then tokenize (the template already adds BOS)."""
+    convo = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # no template, or the template itself raised (e.g. role order)
+        raise InvalidRequestError(f"cannot apply the model's chat template: {exc}", "messages") from exc
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise InvalidRequestError("messages render to an empty prompt", "messages")
+    return ids
+
+
+# ---- running -------------------------------------------------------------------------------
+async def cancel_on_disconnect(request: Request, work: Awaitable[T], poll_s: float = 0.5) -> T:
+    """Await `work`, cancelling it (which aborts its engine requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def run_all(async_engine: AsyncEngine, name: str, request_id: str,
+                  payloads: list[GenerationRequest]) -> list[RequestOutput]:
+    """Final outputs of several prompts run concurrently; one failure cancels the rest."""
+    tasks = [asyncio.ensure_future(async_engine.run(name, f"{request_id}-{i}", p)) for i, p in enumerate(payloads)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+
+
+async def open_streams(async_engine: AsyncEngine, name: str, request_id: str,
+                       payloads: list[GenerationRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Start every prompt's stream and wait for each one's first output BEFORE returning, so
+    admission errors (prompt too long, queue full) become HTTP statuses, not mid-stream events.
+    Yields (prompt index, output) in arrival order; closing it aborts every unfinished request."""
+    streams = [async_engine.stream(name, f"{request_id}-{i}", p) for i, p in enumerate(payloads)]
+    firsts = [asyncio.ensure_future(s.__anext__()) for s in streams]
+    try:
+        first_outputs = await asyncio.gather(*firsts)
+    except BaseException:
+        for t in firsts:
+            t.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+        raise
+    return _merge(streams, first_outputs)
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]],
+                 first_outputs: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    for i, out in enumerate(first_outputs):
+        yield i, out
+    live = {i for i, out in enumerate(first_outputs) if not out.finished}
+    pending: dict[asyncio.Future, int] = {asyncio.ensure_future(streams[i].__anext__()): i for i in live}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                try:
+                    out = fut.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, out
+                if not out.finished:
+                    pending[asyncio.ensure_future(streams[i].__anext__())] = i
+    finally:
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for s in streams:
+            await s.aclose()  # runs AsyncEngine.stream's finally: aborts what is unfinished
+
+
+# ---- logprobs --------------------------------------------------------------------------
+class TokenText:
+    """Token id -> its text, memoised per request (logprob tables repeat the same ids)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self.cache[token_id] = text
+        return text
+
+
+def completion_logprobs(entries: list[TokenLogprob], text_of: TokenText, start_offset: int) -> dict:
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    offset = start_offset
+    for e in entries:
+        tok = text_of(e.token_id)
+        tokens.append(tok)
+        token_logprobs.append(e.logprob)
+        tops.append({text_of(t): lp for t, lp in sorted(e.top.items(), key=lambda kv: -kv[1])} or None)
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[TokenLogprob], text_of: TokenText, num_top: int) -> dict:
+    content = []
+    for e in entries:
+        tok = text_of(e.token_id)
+        top = sorted(e.top.items(), key=lambda kv: -kv[1])[:num_top]
+        content.append({
+            "token": tok,
+            "logprob": e.logprob,
+            "bytes": list(tok.encode("utf-8")),
+            "top_logprobs": [
+                {"token": text_of(t), "logprob": lp, "bytes": list(text_of(t).encode("utf-8"))} for t, lp in top
+            ],
+        })
+    return {"content": content}
+
+
+def usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,0 +1,79 @@
+"""GET /v1/models, /health, /metrics and POST /tokenize, /detokenize (vLLM shapes)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine.errors import InvalidRequestError, ModelNotFoundError
+from server import generation as gen
+from server.errors import error_response
+from server.schemas import DetokenizeRequest, TokenizeRequest
+from server.state import get_state, task_of
+
+router = APIRouter()
+_STARTED = int(time.time())
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Any:
+    state = get_state(request)
+    data = [{"id": name, "object": "model", "created": _STARTED, "owned_by": "kvserve",
+             "root": engine.info.path, "max_model_len": engine.info.max_model_len, "task": task_of(engine)}
+            for name, engine in state.served.items()]
+    return {"object": "list", "data": data}
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    state = get_state(request)
+    if not state.served:
+        return error_response(503, "no model is loaded", "server_error")
+    if not state.async_engine.is_running:
+        return error_response(503, "the engine worker is not running", "server_error")
+    return Response(status_code=200)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(get_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _engine_for(request: Request, model: str | None) -> tuple[str, Any]:
+    """Any served model has a tokenizer; with none named, the first generation model (or any)."""
+    state = get_state(request)
+    if model is None:
+        try:
+            return state.resolve(None, "generate")
+        except ModelNotFoundError:
+            return next(iter(state.served.items()))
+    if model not in state.served:
+        raise ModelNotFoundError(f"The model `{model}` does not exist. Served: {sorted(state.served)}", "model")
+    return model, state.served[model]
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> Any:
+    _, engine = _engine_for(request, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequestError("give exactly one of `prompt` or `messages`", "prompt")
+    if body.messages is not None:
+        if not body.messages:
+            raise InvalidRequestError("messages must not be empty", "messages")
+        ids = gen.chat_prompt(body.messages, engine.tokenizer, body.add_generation_prompt)
+    else:
+        add_special = True if body.add_special_tokens is None else body.add_special_tokens
+        ids = engine.tokenizer.encode(body.prompt, add_special_tokens=add_special)
+    return {"count": len(ids), "max_model_len": engine.info.max_model_len, "tokens": ids}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
+    _, engine = _engine_for(request, body.model)
+    bad = [t for t in body.tokens if not 0 <= t < engine.info.vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token ids outside the vocabulary: {bad[:5]}", "tokens")
+    return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)})

@@ -1,0 +1,199 @@
+"""POST /v1/completions and /v1/chat/completions (OpenAI shapes, SSE streaming)."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from engine.errors import InvalidRequestError, KVServeError
+from engine.outputs import RequestOutput
+from engine.request import GenerationRequest
+from server import generation as gen
+from server.errors import error_body
+from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.state import ServerState, get_state, new_request_id
+
+router = APIRouter()
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _sse_guard(events: AsyncIterator[str], state: ServerState, request_id: str) -> AsyncIterator[str]:
+    """End every stream with [DONE]; an engine failure mid-stream becomes an error event."""
+    try:
+        async for event in events:
+            yield event
+    except KVServeError as exc:
+        yield _sse(error_body(exc.message, exc.error_type, exc.param, exc.status_code))
+    except Exception as exc:  # a bug: tell the client in-band, the status line is already sent
+        yield _sse(error_body(f"internal error: {type(exc).__name__}", "server_error", None, 500))
+    finally:
+        state.metrics.forget(request_id)
+    yield "data: [DONE]\n\n"
+
+
+# ---- /v1/completions ---------------------------------------------------------------------
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    name, engine = state.resolve(body.model, "generate")
+    params = gen.sampling_params(body, body.max_tokens, body.logprobs)
+    prompts = gen.completion_prompts(
+        body.prompt, engine.tokenizer, engine.info.vocab_size, state.settings.max_prompts_per_request
+    )
+    payloads = [GenerationRequest(p, params) for p in prompts]
+    request_id = new_request_id("cmpl")
+    text_of = gen.TokenText(engine.tokenizer)
+    echo = [engine.tokenizer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
+    n = params.n
+
+    if body.stream:
+        merged = await gen.open_streams(state.async_engine, name, request_id, payloads)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _completion_events(merged, request_id, name, n, body.logprobs, text_of, echo, include_usage)
+        return StreamingResponse(_sse_guard(events, state, request_id), media_type="text/event-stream",
+                                 headers=_SSE_HEADERS)
+
+    try:
+        finals = await gen.cancel_on_disconnect(request, gen.run_all(state.async_engine, name, request_id, payloads))
+    finally:
+        state.metrics.forget(request_id)
+    choices = []
+    for p, out in enumerate(finals):
+        for c in out.outputs:
+            logprobs = None
+            if body.logprobs is not None and c.logprobs is not None:
+                logprobs = gen.completion_logprobs(c.logprobs, text_of, len(echo[p]))
+            choices.append({"index": p * n + c.index, "text": echo[p] + c.text, "logprobs": logprobs,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    return JSONResponse({"id": request_id, "object": "text_completion", "created": int(time.time()),
+                         "model": name, "choices": choices, "usage": gen.usage(finals)})
+
+
+async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str,
+                             n: int, logprobs: int | None, text_of: gen.TokenText, echo: list[str],
+                             include_usage: bool) -> AsyncIterator[str]:
+    created = int(time.time())
+    sent_lp: dict[int, int] = {}  # choice index -> logprob entries already sent
+    offsets: dict[int, int] = {}  # choice index -> text length already sent (for text_offset)
+    done: set[int] = set()
+    finals: dict[int, RequestOutput] = {}
+
+    def chunk(choices: list[dict]) -> str:
+        return _sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                     "choices": choices})
+
+    async for p, out in merged:
+        finals[p] = out
+        choices = []
+        for c in out.outputs:
+            idx = p * n + c.index
+            if idx in done:
+                continue
+            text = c.new_text
+            if idx not in offsets:
+                text = echo[p] + text
+                offsets[idx] = 0
+            lp = None
+            if logprobs is not None and c.logprobs is not None:
+                fresh = c.logprobs[sent_lp.get(idx, 0):]
+                sent_lp[idx] = len(c.logprobs)
+                lp = gen.completion_logprobs(fresh, text_of, offsets[idx])
+            if not text and c.finish_reason is None and not (lp and lp["tokens"]):
+                continue
+            offsets[idx] += len(text)
+            if c.finish_reason is not None:
+                done.add(idx)
+            choices.append({"index": idx, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason})
+        if choices:
+            yield chunk(choices)
+    if include_usage:
+        yield _sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [], "usage": gen.usage(list(finals.values()))})
+
+
+# ---- /v1/chat/completions ----------------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    name, engine = state.resolve(body.model, "generate")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+    num_top = body.top_logprobs or 0
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = gen.sampling_params(body, max_tokens, num_top if body.logprobs else None)
+    prompt = gen.chat_prompt(body.messages, engine.tokenizer, body.add_generation_prompt)
+    payloads = [GenerationRequest(prompt, params)]
+    request_id = new_request_id("chatcmpl")
+    text_of = gen.TokenText(engine.tokenizer)
+
+    if body.stream:
+        merged = await gen.open_streams(state.async_engine, name, request_id, payloads)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _chat_events(merged, request_id, name, body.logprobs, num_top, text_of, include_usage)
+        return StreamingResponse(_sse_guard(events, state, request_id), media_type="text/event-stream",
+                                 headers=_SSE_HEADERS)
+
+    try:
+        finals = await gen.cancel_on_disconnect(request, gen.run_all(state.async_engine, name, request_id, payloads))
+    finally:
+        state.metrics.forget(request_id)
+    out = finals[0]
+    choices = []
+    for c in out.outputs:
+        logprobs = gen.chat_logprobs(c.logprobs, text_of, num_top) if body.logprobs and c.logprobs is not None else None
+        choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    return JSONResponse({"id": request_id, "object": "chat.completion", "created": int(time.time()),
+                         "model": name, "choices": choices, "usage": gen.usage(finals)})
+
+
+async def _chat_events(merged: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str,
+                       logprobs: bool, num_top: int, text_of: gen.TokenText,
+                       include_usage: bool) -> AsyncIterator[str]:
+    created = int(time.time())
+    sent_lp: dict[int, int] = {}
+    started: set[int] = set()
+    done: set[int] = set()
+    final: RequestOutput | None = None
+
+    def chunk(choices: list[dict]) -> str:
+        return _sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": choices})
+
+    async for _, out in merged:
+        final = out
+        choices = []
+        for c in out.outputs:
+            if c.index in done:
+                continue
+            if c.index not in started:  # OpenAI opens each choice with the role
+                started.add(c.index)
+                yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+            lp = None
+            if logprobs and c.logprobs is not None:
+                fresh = c.logprobs[sent_lp.get(c.index, 0):]
+                sent_lp[c.index] = len(c.logprobs)
+                lp = gen.chat_logprobs(fresh, text_of, num_top) if fresh else None
+            if not c.new_text and c.finish_reason is None and lp is None:
+                continue
+            if c.finish_reason is not None:
+                done.add(c.index)
+            delta = {"content": c.new_text} if c.new_text else {}
+            choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason})
+        if choices:
+            yield chunk(choices)
+    if include_usage and final is not None:
+        yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [], "usage": gen.usage([final])})

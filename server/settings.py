@@ -1,0 +1,26 @@
+"""Frozen settings of the HTTP layer (the engines have their own EngineConfig)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the HTTP front needs: where to listen, request limits, and how to shut down."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024  # bigger bodies get 413 before any JSON parsing
+    max_waiting: int = 256  # per model; beyond it requests get 503 + Retry-After
+    retry_after_s: int = 1
+    shutdown_timeout_s: float = 10.0  # in-flight requests get this long on SIGTERM, then are aborted
+    max_prompts_per_request: int = 64  # /v1/completions accepts a list of prompts
+    max_embedding_inputs: int = 2048  # OpenAI's limit on inputs per /v1/embeddings call
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be positive, got {self.max_waiting}")

@@ -1,0 +1,53 @@
+"""What every route reads from `app.state.kv`: the async engine, served models, settings, metrics."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from engine.async_engine import AsyncEngine
+from engine.errors import InvalidRequestError, ModelNotFoundError
+from server.metrics import ServerMetrics
+from server.settings import ServerSettings
+
+
+def task_of(engine: Any) -> str:
+    """"generate" | "embed" | "translate" (the engine's ModelInfo.task, a str enum)."""
+    task = engine.info.task
+    return getattr(task, "value", task)
+
+
+@dataclass
+class ServerState:
+    async_engine: AsyncEngine
+    served: dict[str, Any]  # served name -> engine (with .info and .tokenizer)
+    settings: ServerSettings
+    metrics: ServerMetrics
+
+    def resolve(self, model: str | None, task: str) -> tuple[str, Any]:
+        """The (name, engine) a request addresses; `None` picks the first model of the task."""
+        if model is None:
+            for name, engine in self.served.items():
+                if task_of(engine) == task:
+                    return name, engine
+            raise ModelNotFoundError(f"no model serving {task!r} is loaded; see GET /v1/models", "model")
+        engine = self.served.get(model)
+        if engine is None:
+            raise ModelNotFoundError(
+                f"The model `{model}` does not exist. Served: {sorted(self.served)}", "model"
+            )
+        if task_of(engine) != task:
+            raise InvalidRequestError(
+                f"model {model!r} serves {task_of(engine)!r} requests, not {task!r}", "model"
+            )
+        return model, engine
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.kv
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
