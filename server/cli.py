@@ -1,0 +1,135 @@
+"""`kvserve serve`: load models, wrap them in an AsyncEngine, serve the OpenAI API with uvicorn.
+
+Every flag can also come from an environment variable `KVSERVE_<FLAG>` (e.g. KVSERVE_PORT=9000,
+KVSERVE_MODEL=smollm2,minilm); a flag on the command line wins. Each model is served by the task
+its architecture implies (generation, embeddings, translation), all from one process.
+SIGTERM: uvicorn stops accepting, in-flight requests get --shutdown-timeout seconds, the rest
+are aborted by AsyncEngine.shutdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+DEFAULT_MODELS = ("smollm2", "minilm")
+
+log = logging.getLogger("kvserve")
+
+
+def _env(flag: str, default: Any) -> Any:
+    return os.environ.get("KVSERVE_" + flag.upper().replace("-", "_"), default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvserve", description="kvserve inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+
+    def opt(flag: str, typ: type, default: Any, help_: str) -> None:
+        serve.add_argument(f"--{flag}", type=typ, default=_env(flag, default), help=f"{help_} (env KVSERVE_"
+                           f"{flag.upper().replace('-', '_')})")
+
+    env_models = _env("model", None)
+    serve.add_argument("--model", action="append", default=None,
+                       help="path (HF folder or .gguf) or alias; repeat to serve several "
+                            f"(env KVSERVE_MODEL, comma-separated; default {', '.join(DEFAULT_MODELS)})")
+    serve.set_defaults(env_models=env_models.split(",") if env_models else None)
+    opt("host", str, "127.0.0.1", "address to bind")
+    opt("port", int, 8000, "port to bind")
+    opt("dtype", str, "float32", "model dtype: float32, bfloat16, float16")
+    opt("device", str, "cpu", "cpu or cuda[:N]")
+    opt("num-kv-blocks", int, None, "KV-cache blocks per model (default: from the memory budget)")
+    opt("kv-cache-memory-gib", float, 1.0, "CPU KV-cache budget per model")
+    opt("gpu-memory-utilization", float, 0.9, "share of GPU memory for weights + KV cache")
+    opt("max-num-batched-tokens", int, 2048, "token budget of one engine step")
+    opt("max-num-seqs", int, 64, "sequences running at once")
+    opt("max-model-len", int, None, "context limit (default: the model's own)")
+    opt("max-waiting", int, 256, "waiting requests per model before 503")
+    opt("max-body-bytes", int, 4 * 1024 * 1024, "largest request body (413 beyond)")
+    opt("shutdown-timeout", float, 10.0, "seconds in-flight requests get on SIGTERM")
+    opt("log-level", str, "info", "uvicorn log level")
+    return parser
+
+
+def engine_config(model: str, args: argparse.Namespace) -> Any:
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        cache=CacheConfig(num_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
+                          gpu_memory_utilization=args.gpu_memory_utilization),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs),
+    )
+
+
+def model_task(model: str) -> str:
+    """The task a model's architecture implies, read from its config.json (GGUFs are converted first)."""
+    from models.loader import resolve
+    from models.registry import lookup
+
+    _, folder = resolve(model)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    entry, _ = lookup(config.get("architectures") or [])
+    return entry.task.value
+
+
+def build_engine(model: str, args: argparse.Namespace) -> Any:
+    config = engine_config(model, args)
+    task = model_task(model)
+    if task == "generate":
+        from engine.engine import LLMEngine
+
+        return LLMEngine.from_config(config)
+    if task == "embed":
+        from engine.embedding_engine import EmbeddingEngine
+
+        return EmbeddingEngine.from_config(config)
+    from engine.translation_engine import TranslationEngine  # type: ignore[import-not-found]
+
+    return TranslationEngine.from_config(config)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from engine.async_engine import AsyncEngine
+    from server.app import create_app
+    from server.metrics import ServerMetrics
+    from server.settings import ServerSettings
+
+    models = args.model or args.env_models or list(DEFAULT_MODELS)
+    served: dict[str, Any] = {}
+    for model in models:
+        engine = build_engine(model, args)
+        name = engine.info.name
+        if name in served:
+            raise SystemExit(f"two models would be served as {name!r}; serve one of them")
+        served[name] = engine
+        log.info("loaded %s (%s) from %s", name, engine.info.task, engine.info.path)
+    settings = ServerSettings(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+                              max_waiting=args.max_waiting, shutdown_timeout_s=args.shutdown_timeout)
+    metrics = ServerMetrics(CollectorRegistry())
+    async_engine = AsyncEngine(served, max_waiting=settings.max_waiting, on_step=metrics.on_step)
+    app = create_app(async_engine, served, settings, metrics)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
