@@ -1,0 +1,174 @@
+"""Serving latency and throughput: kvserve vs transformers generate() per request, same API shape.
+
+Both servers run as subprocesses on 127.0.0.1 with the same model (SmolLM2-135M-Instruct, fp32).
+At each concurrency level, that many clients send streaming `/v1/completions` back to back
+(token-id prompts of 32-256 tokens, a fixed number of output tokens, EOS ignored) until the
+level's request count is done. Per request: TTFT (send -> first chunk), inter-token latencies
+(gaps between chunks, each chunk divided over the tokens it carries); per level: output tokens/s.
+
+    python benchmarks/bench_serving.py [--concurrency 1,8,32] [--requests-per-level 64] [--max-tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, table  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(args: list[str], port: int, timeout: float = 600) -> Iterator[str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server {args} exited:\n{proc.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server {args} not healthy after {timeout}s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str | None, prompt: list[int],
+                      max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if model:
+        body["model"] = model
+    start = time.perf_counter()
+    first = last = None
+    gaps: list[float] = []
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if not chunk["choices"]:
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            elif last is not None:
+                gaps.append(now - last)
+            last = now
+    return {"ttft": (first or time.perf_counter()) - start, "gaps": gaps, "tokens": tokens,
+            "e2e": time.perf_counter() - start}
+
+
+async def run_level(url: str, model: str | None, prompts: list[list[int]], concurrency: int,
+                    max_tokens: int) -> dict:
+    queue = list(prompts)
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800), limits=limits) as client:
+        async def worker() -> None:
+            while queue:
+                results.append(await one_request(client, url, model, queue.pop(), max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    ttft = sorted(r["ttft"] for r in results)
+    itl = sorted(g for r in results for g in r["gaps"])
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed,
+            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def workload(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, 49152) for _ in range(rng.randint(32, 256))] for _ in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--requests-per-level", type=int, default=64,
+                    help="requests at each level (at least the concurrency; level 1 uses a quarter)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--servers", default="kvserve,hf")
+    args = ap.parse_args()
+    from models.loader import load_model
+
+    folder = load_model("smollm2").info.path  # the converted GGUF: both servers load the same weights
+    levels = [int(c) for c in args.concurrency.split(",")]
+    commands = {
+        "kvserve": lambda port: ["-m", "server.cli", "serve", "--model", folder, "--port", str(port),
+                                 "--max-num-seqs", "64", "--max-num-batched-tokens", "1024",
+                                 "--kv-cache-memory-gib", "2", "--log-level", "warning"],
+        "hf": lambda port: ["benchmarks/hf_baseline_server.py", "--folder", folder, "--port", str(port)],
+    }
+    labels = {"kvserve": "kvserve", "hf": "transformers generate() per request"}
+    rows, by_level = [], {}
+    for name in args.servers.split(","):
+        port = free_port()
+        with server(commands[name](port), port) as url:
+            model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"] if name == "kvserve" else None
+            asyncio.run(run_level(url, model, workload(2), 1, 4))  # warm-up
+            for c in levels:
+                n = max(c, args.requests_per_level // 4 if c == 1 else args.requests_per_level)
+                r = asyncio.run(run_level(url, model, workload(n, seed=c), c, args.max_tokens))
+                by_level[(name, c)] = r
+                print(f"{name} c={c}: {r}", file=sys.stderr)
+                rows.append([labels[name], c, r["requests"], r["tok_s"], r["ttft_p50"] * 1e3, r["ttft_p99"] * 1e3,
+                             r["itl_p50"] * 1e3, r["itl_p99"] * 1e3])
+    print(f"Machine: {machine()}\n")
+    print(f"Workload: streaming /v1/completions, prompts 32-256 tokens, {args.max_tokens} output tokens "
+          "(EOS ignored), SmolLM2-135M fp32, greedy\n")
+    print(table(["server", "concurrency", "requests", "output tok/s", "TTFT p50 ms", "TTFT p99 ms",
+                 "ITL p50 ms", "ITL p99 ms"], rows))
+    for c in levels:
+        if ("kvserve", c) in by_level and ("hf", c) in by_level:
+            a, b = by_level[("kvserve", c)], by_level[("hf", c)]
+            print(f"\nconcurrency {c}: kvserve / baseline = {a['tok_s'] / b['tok_s']:.2f}x output tokens/s, "
+                  f"TTFT p99 {a['ttft_p99'] * 1e3:.0f} ms vs {b['ttft_p99'] * 1e3:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
