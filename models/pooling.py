@@ -1,0 +1,125 @@
+"""Sentence embeddings from token hidden states: pooling and L2 normalisation, as the folder declares.
+
+A sentence-transformers folder lists its modules in `modules.json`: a `Pooling` module (its
+`config.json` names the mode, in the new `pooling_mode` or the legacy `pooling_mode_*_tokens`
+format) and optionally `Normalize`. Folders without `modules.json` (a bare HF encoder) get the
+usual default, mean pooling + L2 normalisation. Pooling runs on the flat, unpadded batch the
+model returns, with segment sums (`index_add_`) instead of padding back to (B, L, H).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# sentence-transformers' legacy boolean keys, in the order it concatenates several active modes
+_LEGACY_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+class PoolingConfigError(ValueError):
+    """The folder's pooling configuration names something kvserve does not implement."""
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    """Pooling modes (several are concatenated, in order, as sentence-transformers does) and normalisation."""
+
+    modes: tuple[str, ...] = ("mean",)
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modes if m not in POOLING_MODES]
+        if not self.modes or bad:
+            raise PoolingConfigError(f"pooling modes {bad or '()'} not supported; supported: {POOLING_MODES}")
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.modes)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> PoolingConfig:
+        folder = Path(folder)
+        modules_file = folder / "modules.json"
+        if not modules_file.exists():
+            return cls()  # a bare encoder: mean + normalize, what embedding servers default to
+        modes: tuple[str, ...] = ("mean",)
+        normalize = False  # a sentence-transformers folder normalises only if it lists Normalize
+        for module in json.loads(modules_file.read_text(encoding="utf-8")):
+            kind = module.get("type", "")
+            if kind.endswith("Normalize"):
+                normalize = True
+            elif kind.endswith("Pooling"):
+                modes = read_pooling_modes(folder / module.get("path", "") / "config.json")
+        return cls(modes=modes, normalize=normalize)
+
+
+def read_pooling_modes(path: Path) -> tuple[str, ...]:
+    """Modes of a sentence-transformers Pooling config.json (new or legacy keys); mean if absent."""
+    if not path.exists():
+        return ("mean",)
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("include_prompt") is False:
+        raise PoolingConfigError(f"{path}: include_prompt=false (instruction models) is not supported")
+    mode = cfg.get("pooling_mode")
+    if mode is None:
+        modes = tuple(m for key, m in _LEGACY_KEYS.items() if cfg.get(key))
+        return modes or ("mean",)
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    return tuple("lasttoken" if m == "last_token" else m for m in modes)
+
+
+def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
+    """(T, H) hidden states of B concatenated sequences -> (B, len(modes) * H) float32.
+
+    Accumulates in float32 whatever the model dtype (sentence-transformers does the same for
+    half precision); `cu_seqlens` (B+1,) are the prefix sums of the sequence lengths.
+    """
+    x = hidden.float()
+    cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+    lens = cu[1:] - cu[:-1]  # (B,)
+    num_seqs = lens.shape[0]
+    seg = torch.repeat_interleave(torch.arange(num_seqs, device=x.device), lens)  # (T,) sequence of each row
+    out = []
+    for mode in modes:
+        if mode == "cls":
+            out.append(x[cu[:-1]])
+        elif mode == "lasttoken":
+            out.append(x[cu[1:] - 1])
+        elif mode == "max":
+            idx = seg[:, None].expand_as(x)
+            out.append(x.new_full((num_seqs, x.shape[1]), float("-inf")).scatter_reduce(0, idx, x, "amax"))
+        elif mode == "weightedmean":
+            w = (torch.arange(x.shape[0], device=x.device) - cu[:-1][seg] + 1).float()  # 1..L in each sequence
+            sums = x.new_zeros(num_seqs, x.shape[1]).index_add_(0, seg, x * w[:, None])
+            out.append(sums / (lens * (lens + 1) / 2).float()[:, None])
+        else:  # mean, mean_sqrt_len_tokens
+            sums = x.new_zeros(num_seqs, x.shape[1]).index_add_(0, seg, x)
+            denom = lens.float() if mode == "mean" else lens.float().sqrt()
+            out.append(sums / denom[:, None])
+    return torch.cat(out, dim=-1)
+
+
+def sentence_embeddings(hidden: torch.Tensor, cu_seqlens: torch.Tensor, config: PoolingConfig) -> torch.Tensor:
+    """Pool, then L2-normalise when the folder says so: (B, D) float32."""
+    emb = pool(hidden, cu_seqlens, config.modes)
+    return F.normalize(emb, p=2, dim=-1) if config.normalize else emb
+
+
+def truncate_dimensions(emb: torch.Tensor, dimensions: int | None, renormalize: bool) -> torch.Tensor:
+    """Matryoshka-style `dimensions`: keep the first d values and, for unit-norm models, renormalise
+    (a truncated unit vector is no longer unit; cosine users expect unit vectors back)."""
+    if dimensions is None or dimensions >= emb.shape[-1]:
+        return emb
+    emb = emb[..., :dimensions]
+    return F.normalize(emb, p=2, dim=-1) if renormalize else emb
