@@ -11,8 +11,6 @@ is the backend's job (engine/attention/triton_backend.py).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -61,15 +59,29 @@ def _kv_offsets(
 
 
 @triton.jit
+def _bias_tile(bias_ptr, head, q_pos, n, mask, stride_bias_h, bias_radius):
+    """T5 bias of each (row, key) pair, pre-multiplied by log2(e) for the exp2 softmax.
+
+    The table row of a head holds the bias of every relative position -radius..radius, built on
+    the host with the reference bucket function, so buckets match transformers exactly.
+    """
+    rel = n[None, :] - q_pos[:, None] + bias_radius
+    rel = tl.minimum(tl.maximum(rel, 0), 2 * bias_radius)  # masked lanes stay in bounds
+    b = tl.load(bias_ptr + head[:, None] * stride_bias_h + rel, mask=mask, other=0.0)
+    return b * 1.4426950408889634
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
-    cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, seq_ids_ptr,
+    cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, seq_ids_ptr, bias_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    stride_bt, block_size, head_dim,
+    stride_bt, block_size, head_dim, stride_bias_h, bias_radius,
     GROUP: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -79,6 +91,7 @@ def _prefill_kernel(
     GROUP query heads of KV head program_id(2), flattened token-major: row r is token r // GROUP,
     head r % GROUP. PAGED reads keys 0..seq_len through the block table (context from earlier
     steps plus this chunk, already stored); otherwise keys are the new tokens themselves.
+    HAS_BIAS adds bias_ptr[head, key_pos - query_pos + bias_radius] (a T5 table, see `bias_table`).
     """
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -124,10 +137,12 @@ def _prefill_kernel(
         k_off = _kv_offsets(n, n_mask, seq, q_start, block_tables_ptr, stride_bt, block_size,
                             stride_kb, stride_ks, PAGED)
         k = tl.load(k_ptr + k_off[:, None] + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (M, N)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2  # (M, N)
         visible = n_mask[None, :]
         if CAUSAL:
             visible = visible & (n[None, :] <= q_pos[:, None])
+        if HAS_BIAS:
+            s += _bias_tile(bias_ptr, head, q_pos, n, visible & row_mask[:, None], stride_bias_h, bias_radius)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -136,7 +151,7 @@ def _prefill_kernel(
         v_off = _kv_offsets(n, n_mask, seq, q_start, block_tables_ptr, stride_bt, block_size,
                             stride_vb, stride_vs, PAGED)
         v = tl.load(v_ptr + v_off[:, None] + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         m_i = m_new
 
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (an empty encoder output) gives zeros
@@ -149,13 +164,14 @@ def _prefill_kernel(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, seq_ids_ptr,
+    cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, seq_ids_ptr, bias_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt, block_size, head_dim, partition_size, num_q_heads, num_partitions,
-    GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
+    stride_bias_h, bias_radius,
+    GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -174,6 +190,8 @@ def _decode_kernel(
     else:
         seq = pid_s
     q_row = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+    if tl.load(cu_seqlens_ptr + seq + 1) == q_row:  # no new token: its row belongs to the next sequence
+        return
     seq_len = tl.load(seq_lens_ptr + seq)
     if SPLIT:
         kv_start = part * partition_size
@@ -191,6 +209,7 @@ def _decode_kernel(
     d_mask = d < head_dim
     q_mask = g_mask[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + q_row * stride_qt + head[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
+    q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + seq_len - 1  # the new token is the last key
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -205,7 +224,9 @@ def _decode_kernel(
         slot = (n % block_size).to(tl.int64)
         k = tl.load(k_cache_ptr + (blk * stride_kb + slot * stride_ks)[:, None] + kvh * stride_kh + d[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (G, N)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2  # (G, N)
+        if HAS_BIAS:
+            s += _bias_tile(bias_ptr, head, q_pos, n, g_mask[:, None] & n_mask[None, :], stride_bias_h, bias_radius)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -213,7 +234,7 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + (blk * stride_vb + slot * stride_vs)[:, None] + kvh * stride_vh + d[None, :],
                     mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         m_i = m_new
 
     if SPLIT:
@@ -223,6 +244,7 @@ def _decode_kernel(
         tl.store(part_ml_ptr + part_row * 2, m_i, mask=g_mask)
         tl.store(part_ml_ptr + part_row * 2 + 1, l_i, mask=g_mask)
     else:
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (an empty encoder output) gives zeros
         o = acc / l_i[:, None]
         tl.store(out_ptr + q_row * stride_ot + head[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -242,6 +264,8 @@ def _decode_reduce_kernel(
     else:
         seq = pid_s
     q_row = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+    if tl.load(cu_seqlens_ptr + seq + 1) == q_row:
+        return
     seq_len = tl.load(seq_lens_ptr + seq)
     num_parts = tl.cdiv(seq_len, partition_size)  # partitions past this were never written
     base = (pid_s.to(tl.int64) * num_q_heads + h) * num_partitions
@@ -265,7 +289,8 @@ def _decode_reduce_kernel(
         a = tl.load(part_acc_ptr + (base + p)[:, None] * head_dim + d[None, :],
                     mask=p_mask[:, None] & d_mask[None, :], other=0.0)
         acc += tl.sum(a * w[:, None], 0)
-    o = acc / tl.sum(l_sum, 0)
+    total = tl.sum(l_sum, 0)
+    o = acc / tl.where(total > 0.0, total, 1.0)  # seq_len == 0: no partition, zeros
     tl.store(out_ptr + q_row * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
@@ -274,6 +299,7 @@ def _decode_reduce_kernel(
 
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs would silently run as tf32 on tensor cores (~1e-3 error); keep them exact.
+    # (16-bit inputs ignore the setting.)
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -284,6 +310,30 @@ def _block_d(head_dim: int) -> int:
 def _check_last_dim(*tensors: torch.Tensor) -> None:
     for t in tensors:
         assert t.stride(-1) == 1, "attention kernels need a contiguous head_dim"
+
+
+def _bias_args(bias: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(pointer, head stride, radius) of a `bias_table`, or dummies when there is no bias."""
+    if bias is None:
+        return like, 0, 0
+    assert bias.dtype == torch.float32 and bias.stride(1) == 1 and bias.shape[1] % 2 == 1
+    return bias, bias.stride(0), bias.shape[1] // 2
+
+
+def bias_table(
+    weight: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int, radius: int
+) -> torch.Tensor:
+    """(Hq, 2 * radius + 1) float32: T5 bias of each head at relative position -radius..radius.
+
+    Built with the reference bucket function, so the kernels' buckets equal transformers'
+    exactly (a float log inside the kernel could land one bucket off at a boundary). `radius`
+    must cover every |key_pos - query_pos| of the batch: max(max_seqlen_q, max_seqlen_k).
+    """
+    from engine.attention.ref import t5_relative_buckets
+
+    rel = torch.arange(-radius, radius + 1, device=weight.device)
+    buckets = t5_relative_buckets(rel, bidirectional, num_buckets, max_distance)
+    return weight[buckets].t().float().contiguous()
 
 
 def store_kv(
@@ -317,23 +367,25 @@ def prefill_attention(
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor | None,
     block_tables: torch.Tensor | None,
-    seq_ids: torch.Tensor | None,
     num_seqs: int,
     max_seqlen_q: int,
     scale: float,
     causal: bool,
+    bias: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
     block_m: int = 64,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> None:
-    """FlashAttention for sequences with any number of new tokens.
+    """FlashAttention for sequences with any number of new tokens, written into `out`.
 
     With `block_tables` (paged): `key`/`value` are the caches and sequence i attends to its
     `seq_lens[i]` cached keys, its new tokens being the last `query_lens[i]` of them (chunked
     prefill over earlier context, or cross-attention with causal=False). Without: `key`/`value`
     are flat (T, Hk, D) like `query` and each sequence attends within its own new tokens.
-    `seq_ids` (int32, num_seqs) picks which sequences of the metadata to run; None means all.
+    `bias`: a `bias_table`. `seq_ids` (int32, num_seqs) picks which sequences of the metadata
+    to run; None means all.
     """
     if num_seqs == 0 or max_seqlen_q == 0:
         return
@@ -343,21 +395,25 @@ def prefill_attention(
     num_kv_heads = key.shape[2] if paged else key.shape[1]
     group = num_q_heads // num_kv_heads
     if paged:
+        assert seq_lens is not None
         kv_strides = (key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2))
         block_size, stride_bt = key.shape[1], block_tables.stride(0)
     else:
         kv_strides = (0, key.stride(0), key.stride(1), 0, value.stride(0), value.stride(1))
         block_size, stride_bt = 1, 0
+    bias_arg, stride_bias_h, radius = _bias_args(bias, query)
     grid = (num_seqs, triton.cdiv(max_seqlen_q * group, block_m), num_kv_heads)
     _prefill_kernel[grid](
         query, key, value, out,
-        cu_seqlens_q, seq_lens if seq_lens is not None else cu_seqlens_q,
+        cu_seqlens_q, seq_lens if paged else cu_seqlens_q,
         block_tables if paged else cu_seqlens_q, seq_ids if seq_ids is not None else cu_seqlens_q,
+        bias_arg,
         scale * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *kv_strides,
-        stride_bt, block_size, head_dim,
+        stride_bt, block_size, head_dim, stride_bias_h, radius,
         GROUP=group, PAGED=paged, CAUSAL=causal, HAS_SEQ_IDS=seq_ids is not None,
+        HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
         PRECISION=_precision(query.dtype), num_warps=num_warps, num_stages=num_stages,
     )
@@ -371,20 +427,24 @@ def decode_attention(
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
-    seq_ids: torch.Tensor | None,
     num_seqs: int,
     max_seqlen_k: int,
     scale: float,
+    bias: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    split: bool = True,
     partition_size: int = 512,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> None:
-    """Paged attention for sequences with exactly one new token (row cu_seqlens_q[i]).
+    """Paged attention for sequences with one new token each (row cu_seqlens_q[i]), into `out`.
 
-    Contexts longer than `partition_size` take the split-K path: the context is cut into
-    partitions processed by separate programs, then reduced. `partition_size` should be a
-    multiple of `block_n` (any value is correct; a multiple wastes no masked lanes).
+    With `split` and contexts longer than `partition_size`, the split-K (flash-decoding) path
+    cuts the context into partitions processed by separate programs, then reduces them.
+    `partition_size` should be a multiple of `block_n` (any value is correct; a multiple wastes
+    no masked lanes). Keys are visible up to seq_lens[i] whether the step is causal or not: the
+    new token is the last key (self-attention) or queries see all keys (cross-attention).
     """
     if num_seqs == 0:
         return
@@ -392,7 +452,7 @@ def decode_attention(
     num_q_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_q_heads // num_kv_heads
-    num_partitions = triton.cdiv(max_seqlen_k, partition_size)
+    num_partitions = triton.cdiv(max_seqlen_k, partition_size) if split else 1
     split = num_partitions > 1
     if split:
         part_acc = torch.empty((num_seqs, num_q_heads, num_partitions, head_dim), dtype=torch.float32, device=query.device)
@@ -400,16 +460,18 @@ def decode_attention(
     else:
         part_acc = part_ml = out  # unused: SPLIT is a constexpr
     ids = seq_ids if seq_ids is not None else cu_seqlens_q
+    bias_arg, stride_bias_h, radius = _bias_args(bias, query)
     block_d = _block_d(head_dim)
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         query, k_cache, v_cache, out, part_acc, part_ml,
-        cu_seqlens_q, seq_lens, block_tables, ids,
+        cu_seqlens_q, seq_lens, block_tables, ids, bias_arg,
         scale * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), block_size, head_dim, partition_size, num_q_heads, num_partitions,
-        GROUP=group, SPLIT=split, HAS_SEQ_IDS=seq_ids is not None,
+        stride_bias_h, radius,
+        GROUP=group, SPLIT=split, HAS_SEQ_IDS=seq_ids is not None, HAS_BIAS=bias is not None,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         PRECISION=_precision(query.dtype), num_warps=num_warps, num_stages=num_stages,
     )
@@ -422,4 +484,4 @@ def decode_attention(
         )
 
 
-__all__ = ["decode_attention", "prefill_attention", "store_kv", "math"]
+__all__ = ["bias_table", "decode_attention", "prefill_attention", "store_kv"]

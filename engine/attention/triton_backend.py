@@ -1,0 +1,127 @@
+"""Fused Triton attention backend: same signatures as the torch reference (engine.attention.ref).
+
+Routing: a decode-only step (one new token per sequence) runs the paged decode kernel, split-K
+when the context is long and the grid alone would not fill the GPU; every other step (prompts,
+prefill chunks mixed with decodes, encoders, cross-attention prefills) runs the FlashAttention
+prefill kernel, which also reads earlier context through the block tables.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.attention import triton_kernels as kernels
+from engine.attention.metadata import AttentionMetadata, RelativePositionBias
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class TritonAttentionBackend:
+    """Attention through engine.attention.triton_kernels. See engine.attention.base for shapes.
+
+    On CPU tensors it runs only under TRITON_INTERPRET=1 (the tests). `split_k`: None picks the split-K decode path by a heuristic, True always
+    splits contexts longer than `partition_size`, False never does.
+    """
+
+    name = "triton"
+
+    def __init__(
+        self,
+        split_k: bool | None = None,
+        partition_size: int = 512,
+        block_m: int = 64,
+        block_n: int = 64,
+    ) -> None:
+        self.split_k = split_k
+        self.partition_size = partition_size
+        self.block_m = block_m
+        self.block_n = block_n
+        self._num_sms: int | None = None
+        # T5 bias tables, keyed by the weight's identity (kept alive by the entry) and radius;
+        # a table serves every layer and step until the context outgrows it.
+        self._bias_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def store_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        kernels.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def paged_attention(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        bias: RelativePositionBias | None = None,
+    ) -> torch.Tensor:
+        assert meta.block_tables is not None
+        out = torch.empty_like(query)
+        table = self._bias_table(bias, meta)
+        if meta.is_pure_decode:
+            kernels.decode_attention(
+                query, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
+                meta.num_seqs, meta.max_seqlen_k, scale, bias=table,
+                split=self._use_split(meta, k_cache.shape[2], query.device),
+                partition_size=self.partition_size, block_n=self.block_n,
+            )
+        else:
+            kernels.prefill_attention(
+                query, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
+                meta.num_seqs, meta.max_seqlen_q, scale, meta.causal, bias=table,
+                block_m=self.block_m, block_n=self.block_n,
+            )
+        return out
+
+    def varlen_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        bias: RelativePositionBias | None = None,
+    ) -> torch.Tensor:
+        out = torch.empty_like(query)
+        kernels.prefill_attention(
+            query, key, value, out, meta.cu_seqlens_q, None, None,
+            meta.num_seqs, meta.max_seqlen_q, scale, meta.causal, bias=self._bias_table(bias, meta),
+            block_m=self.block_m, block_n=self.block_n,
+        )
+        return out
+
+    def _use_split(self, meta: AttentionMetadata, num_kv_heads: int, device: torch.device) -> bool:
+        if meta.max_seqlen_k <= self.partition_size or self.split_k is False:
+            return False
+        if self.split_k:
+            return True
+        # Without splitting the grid is (sequences x KV heads); split when that leaves SMs idle,
+        # or when contexts are so long that one program per head would serialise too much.
+        return meta.num_seqs * num_kv_heads < 2 * self._sm_count(device) or meta.max_seqlen_k > 8192
+
+    def _sm_count(self, device: torch.device) -> int:
+        if self._num_sms is None:
+            is_cuda = device.type == "cuda"
+            self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if is_cuda else 128
+        return self._num_sms
+
+    def _bias_table(self, bias: RelativePositionBias | None, meta: AttentionMetadata) -> torch.Tensor | None:
+        if bias is None:
+            return None
+        # A power of two, so a growing context rebuilds the table only log-many times.
+        radius = _next_power_of_2(max(meta.max_seqlen_q, meta.max_seqlen_k, 1))
+        key = (id(bias.weight), radius)
+        hit = self._bias_tables.get(key)
+        if hit is not None and hit[0] is bias.weight:
+            return hit[1]
+        table = kernels.bias_table(bias.weight, bias.bidirectional, bias.num_buckets, bias.max_distance, radius)
+        if len(self._bias_tables) >= 8:
+            self._bias_tables.clear()
+        self._bias_tables[key] = (bias.weight, table)
+        return table
