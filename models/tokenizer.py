@@ -97,6 +97,10 @@ class Tokenizer:
         if not path.exists():
             raise FileNotFoundError(f"no tokenizer.json in {folder}")
         backend = BackendTokenizer.from_file(str(path))
+        # transformers sets padding/truncation per call; settings saved in tokenizer.json
+        # (all-MiniLM pads and cuts to 128) must not leak into encode().
+        backend.no_padding()
+        backend.no_truncation()
         config = _read_json(folder / "tokenizer_config.json")
         fallback = _read_json(folder / "special_tokens_map.json")
         special = {n: _token_content(config.get(n, fallback.get(n))) for n in SPECIAL_TOKEN_NAMES}
