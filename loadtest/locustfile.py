@@ -1,0 +1,159 @@
+"""Locust users for kvserve, one class per endpoint; each targets the first served model of its task.
+
+Run through loadtest/run.py, which asks GET /v1/models what is served and names only the matching
+classes on the locust command line (or name them yourself: `locust -f loadtest/locustfile.py
+ChatStreamUser CompletionUser --host URL`, or pick them in the web UI with --class-picker).
+
+Request names in the stats:
+  chat_stream        POST /v1/chat/completions, stream=True, time until the last SSE event
+  chat_stream TTFT   time to the first content token of the same requests (a custom event)
+  completions        POST /v1/completions (not streamed)
+  embeddings         POST /v1/embeddings
+  translations       POST /v1/translations
+  /v1/models         each user's one lookup of its model at start
+
+Env: KVSERVE_LOAD_MAX_TOKENS (tokens generated per request, default 32).
+Locust monkey-patches with gevent: keep it out of the server's process (it fights torch).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from typing import Any
+
+from locust import HttpUser, between, task
+from locust.exception import StopUser
+
+WORDS = ("river mountain city light quiet music garden winter paper window story ocean bridge "
+         "morning forest engine market yellow simple travel").split()
+MAX_TOKENS = int(os.environ.get("KVSERVE_LOAD_MAX_TOKENS", "32"))
+
+
+def sentence(rng: random.Random, low: int = 4, high: int = 16) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+class KvserveUser(HttpUser):
+    """Base: finds its model once in /v1/models; `served_task` is the ModelCard.task it needs."""
+
+    abstract = True
+    served_task = ""
+    wait_time = between(0.05, 0.3)
+
+    def on_start(self) -> None:
+        self.rng = random.Random()
+        with self.client.get("/v1/models", name="/v1/models", catch_response=True) as r:
+            models = [m["id"] for m in r.json().get("data", []) if m.get("task") == self.served_task] \
+                if r.ok else []
+            if not models:
+                r.failure(f"no served model with task {self.served_task!r}")
+                raise StopUser()
+        self.model = models[0]
+
+    def post_json(self, path: str, name: str, body: dict[str, Any], check) -> None:
+        """POST, then `check(parsed_json)` returns an error string (failure) or None (success)."""
+        with self.client.post(path, json=body, name=name, catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                return
+            try:
+                problem = check(r.json())
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                problem = f"bad response body: {e!r}"
+            if problem:
+                r.failure(problem)
+
+
+class ChatStreamUser(KvserveUser):
+    served_task = "generate"
+
+    @task
+    def chat_stream(self) -> None:
+        body = {"model": self.model, "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0.8,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": sentence(self.rng)}]}
+        start = time.perf_counter()
+        first_token_s: float | None = None
+        with self.client.post("/v1/chat/completions", json=body, name="chat_stream", stream=True,
+                              catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                return
+            done, finish_reason, usage = False, None, None
+            try:
+                for line in r.iter_lines(decode_unicode=True):
+                    if not line or not line.startswith("data: "):
+                        continue
+                    data = line[len("data: "):]
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise ValueError(f"error event: {chunk['error']}")
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices", []):
+                        # the first chunk carries only the role; time the first generated text
+                        if first_token_s is None and choice.get("delta", {}).get("content"):
+                            first_token_s = time.perf_counter() - start
+                        finish_reason = choice.get("finish_reason") or finish_reason
+            except (ValueError, OSError) as e:
+                r.failure(f"broken stream: {e!r}")
+                return
+            # locust timed only the response headers of a streamed request: report the whole stream
+            r.request_meta["response_time"] = (time.perf_counter() - start) * 1000
+            if not done or finish_reason is None or not usage:
+                r.failure(f"stream ended early (done={done}, finish_reason={finish_reason}, usage={usage})")
+            elif first_token_s is None and usage.get("completion_tokens", 0) > 0:
+                r.failure("tokens were generated but no content delta arrived")
+        if first_token_s is not None:
+            self.environment.events.request.fire(
+                request_type="TTFT", name="chat_stream TTFT", response_time=first_token_s * 1000,
+                response_length=0, exception=None, context={})
+
+
+class CompletionUser(KvserveUser):
+    served_task = "generate"
+
+    @task
+    def completion(self) -> None:
+        body = {"model": self.model, "prompt": sentence(self.rng), "max_tokens": MAX_TOKENS, "temperature": 0.8}
+
+        def check(reply: dict) -> str | None:
+            choice = reply["choices"][0]
+            if not isinstance(choice["text"], str) or choice["finish_reason"] not in ("stop", "length"):
+                return f"bad choice {choice}"
+            return None if reply["usage"]["completion_tokens"] > 0 else "no tokens generated"
+
+        self.post_json("/v1/completions", "completions", body, check)
+
+
+class EmbeddingUser(KvserveUser):
+    served_task = "embed"
+
+    @task
+    def embeddings(self) -> None:
+        inputs = [sentence(self.rng) for _ in range(self.rng.randint(1, 4))]
+
+        def check(reply: dict) -> str | None:
+            data = reply["data"]
+            if [d["index"] for d in data] != list(range(len(inputs))):
+                return f"expected {len(inputs)} embeddings, got indices {[d['index'] for d in data]}"
+            return None if all(len(d["embedding"]) > 0 for d in data) else "empty embedding"
+
+        self.post_json("/v1/embeddings", "embeddings", {"model": self.model, "input": inputs}, check)
+
+
+class TranslationUser(KvserveUser):
+    served_task = "translate"
+
+    @task
+    def translations(self) -> None:
+        body = {"model": self.model, "input": sentence(self.rng, 3, 10), "max_tokens": MAX_TOKENS}
+
+        def check(reply: dict) -> str | None:
+            return None if isinstance(reply["choices"][0]["text"], str) else f"bad reply {reply}"
+
+        self.post_json("/v1/translations", "translations", body, check)
