@@ -1,0 +1,139 @@
+"""The load test against a real `kvserve serve` (tiny random Llama): no failures, sane summary, and
+every KV block back in the pool afterwards, including those of requests cut off when locust stops."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from loadtest.run import CLASSES_BY_TASK, LOCUSTFILE, percentile, summarise  # noqa: E402
+from tests.server_helpers import free_port, metric_value  # noqa: E402
+from tests.tiny_models import save_tiny  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# 20 users x (prompt ~20-40 tokens + 16 generated) need ~250 blocks of 4 at peak: 160 forces the
+# scheduler to preempt under load, which the run must survive without failures or leaked blocks.
+NUM_BLOCKS = 160
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = save_tiny("llama", tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    port = free_port()
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVSERVE_NUM_KV_BLOCKS": str(NUM_BLOCKS)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(folder),
+                                 "--port", str(port), "--log-level", "warning"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _get(f"{url}/health")
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_load_run_has_no_failures_and_frees_kv(server, tmp_path):
+    prefix = tmp_path / "out" / "kv"
+    run = subprocess.run([sys.executable, "loadtest/run.py", "--host", server, "--users", "20",
+                          "--spawn-rate", "20", "--run-time", "20s", "--max-tokens", "16",
+                          "--csv-prefix", str(prefix)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "TTFT" in run.stdout and "all requests" in run.stdout
+
+    summary = json.loads(Path(f"{prefix}_summary.json").read_text())
+    assert summary["classes"] == ["ChatStreamUser", "CompletionUser"]  # chosen from /v1/models
+    assert summary["failures"] == 0
+    assert summary["requests"] > 20 and summary["requests_per_s"] > 0
+    assert set(summary["endpoints"]) == {"/v1/models", "chat_stream", "completions"}
+    assert all(summary["endpoints"][n]["requests"] > 0 for n in ("chat_stream", "completions"))
+    assert 0 < summary["ttft_requests"] <= summary["endpoints"]["chat_stream"]["requests"]
+    assert 0 < summary["latency_p50_ms"] <= summary["latency_p95_ms"] <= summary["latency_p99_ms"]
+    assert 0 < summary["ttft_p50_ms"] <= summary["ttft_p99_ms"]
+    # a stream's first token comes before its last
+    assert summary["ttft_p50_ms"] <= summary["endpoints"]["chat_stream"]["p50_ms"]
+    stats_csv = Path(f"{prefix}_stats.csv").read_text()
+    assert "chat_stream TTFT" in stats_csv and "completions" in stats_csv
+
+    # locust cuts its in-flight requests when time is up: the server must abort them and free their blocks
+    deadline = time.monotonic() + 15
+    while True:
+        metrics = _get(f"{server}/metrics")
+        values = [metric_value(metrics, f"kvserve:{m}", model_name="tiny-llama")
+                  for m in ("kv_cache_usage_perc", "num_requests_running", "num_requests_waiting")]
+        if values == [0.0, 0.0, 0.0] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert values == [0.0, 0.0, 0.0], f"kv usage, running, waiting after the run: {values}"
+    assert metric_value(metrics, "kvserve:generation_tokens_total", model_name="tiny-llama") > 0
+
+
+def test_runner_classes_exist_in_locustfile_with_their_task():
+    # parsed, not imported: importing locust monkey-patches this process with gevent
+    tree = ast.parse(LOCUSTFILE.read_text())
+    served = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and getattr(stmt.targets[0], "id", None) == "served_task":
+                    served[node.name] = ast.literal_eval(stmt.value)
+    expected = {cls: task for task, classes in CLASSES_BY_TASK.items() for cls in classes}
+    assert {k: v for k, v in served.items() if v} == expected
+
+
+def test_percentile_follows_locust_rule():
+    hist = {10: 50, 20: 45, 500: 5}
+    assert percentile(hist, 0.5) == 10
+    assert percentile(hist, 0.95) == 20
+    assert percentile(hist, 0.99) == 500
+    assert percentile({}, 0.5) is None
+
+
+def test_summarise_merges_requests_and_keeps_ttft_and_lookups_apart():
+    def entry(name, method, times, failures=0):
+        return {"name": name, "method": method, "num_requests": sum(times.values()), "num_failures": failures,
+                "start_time": 100.0, "last_request_timestamp": 110.0,
+                "response_times": {str(k): v for k, v in times.items()}}
+
+    s = summarise([entry("/v1/models", "GET", {5: 3}),
+                   entry("chat_stream", "POST", {100: 8, 900: 2}),
+                   entry("completions", "POST", {200: 10}, failures=1),
+                   entry("chat_stream TTFT", "TTFT", {30: 9, 70: 1})])
+    assert s["requests"] == 20 and s["failures"] == 1
+    assert s["requests_per_s"] == pytest.approx(2.0)
+    assert (s["latency_p50_ms"], s["latency_p95_ms"]) == (200, 900)  # /v1/models and TTFT not mixed in
+    assert (s["ttft_requests"], s["ttft_p50_ms"], s["ttft_p99_ms"]) == (10, 30, 70)
+    assert s["endpoints"]["chat_stream"]["p99_ms"] == 900
