@@ -1,0 +1,190 @@
+"""Triton attention kernels against the GPU's own limits (GPU only).
+
+Measures the device first (HBM bandwidth from a large copy, bf16 matmul TFLOP/s), then:
+- decode: paged attention, one new token per sequence, at several batch x context sizes;
+  achieved GB/s of K/V read vs the measured copy bandwidth (decode is memory-bound);
+- prefill: causal varlen FlashAttention and a chunked prefill over paged context; achieved
+  TFLOP/s vs the matmul rate, with torch SDPA (cuDNN/flash) on the same shapes for scale.
+Prints markdown tables headed by the GPU name.
+
+    python benchmarks/bench_kernels.py            # Llama-3-8B-like heads: 32 q / 8 kv, head_dim 128
+    python benchmarks/bench_kernels.py --sweep    # also try tile configs, report the best of each row
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine, table  # noqa: E402
+
+DECODE_SHAPES = [(1, 4096), (1, 32768), (8, 4096), (8, 32768), (32, 2048), (32, 8192), (64, 4096), (128, 1024), (128, 4096)]
+PREFILL_SHAPES = [(1, 1024), (1, 4096), (1, 16384), (8, 2048), (16, 1024)]  # (sequences, tokens each)
+CHUNK_SHAPES = [(1, 2048, 8192), (4, 512, 4096)]  # (sequences, new tokens, total keys)
+
+
+def bench(fn) -> float:
+    """Median milliseconds of fn, caches flushed between runs."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def hbm_gbps() -> float:
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB, far past L2
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / ms / 1e6  # read + write
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = bench(lambda: a @ b)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def paged_cache(num_seqs: int, total: int, num_kv_heads: int, head_dim: int, block_size: int):
+    """Caches holding num_seqs contexts of `total` keys in shuffled blocks, and their tables."""
+    blocks_per_seq = -(-total // block_size)
+    num_blocks = num_seqs * blocks_per_seq
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    kc = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    vc = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    tables = torch.randperm(num_blocks, device="cuda").view(num_seqs, blocks_per_seq).int()
+    return kc, vc, tables
+
+
+def meta_for(query_lens: list[int], seq_lens: list[int], tables: torch.Tensor | None, causal: bool):
+    from engine.attention.metadata import AttentionMetadata
+
+    cu = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(query_lens).cumsum(0)
+    return AttentionMetadata(
+        cu_seqlens_q=cu.cuda(), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device="cuda"),
+        slot_mapping=None, block_tables=tables, max_seqlen_q=max(query_lens), max_seqlen_k=max(seq_lens),
+        query_lens=tuple(query_lens), seq_lens_host=tuple(seq_lens), causal=causal,
+    )
+
+
+def decode_rows(args, bandwidth: float) -> list[list]:
+    from engine.attention import triton_kernels as K
+    from engine.attention.triton_backend import TritonAttentionBackend
+
+    rows = []
+    hq, hk, d = args.num_heads, args.num_kv_heads, args.head_dim
+    for num_seqs, ctx in DECODE_SHAPES:
+        kc, vc, tables = paged_cache(num_seqs, ctx, hk, d, args.block_size)
+        meta = meta_for([1] * num_seqs, [ctx] * num_seqs, tables, causal=True)
+        q = torch.randn(num_seqs, hq, d, dtype=torch.bfloat16, device="cuda")
+        kv_bytes = 2 * num_seqs * ctx * hk * d * kc.element_size()
+        times = {}
+        for split in (False, True):
+            backend = TritonAttentionBackend(split_k=split)
+            times[split] = bench(lambda: backend.paged_attention(q, kc, vc, meta, d**-0.5))
+        auto = TritonAttentionBackend()
+        auto_split = auto._use_split(meta, hk, q.device)
+        best_cfg = "default"
+        if args.sweep:
+            out = torch.empty_like(q)
+            for block_n in (32, 64, 128):
+                for part in (256, 512, 1024, 2048):
+                    for warps in (4, 8):
+                        ms = bench(lambda: K.decode_attention(
+                            q, kc, vc, out, meta.cu_seqlens_q, meta.seq_lens, tables, num_seqs, ctx, d**-0.5,
+                            split=True, partition_size=part, block_n=block_n, num_warps=warps))
+                        if ms < min(times.values()):
+                            times["sweep"], best_cfg = ms, f"n{block_n} p{part} w{warps}"
+        best = min(times.values())
+        rows.append([
+            num_seqs, ctx, f"{kv_bytes / 2**20:.0f}", f"{times[False] * 1e3:.1f}", f"{times[True] * 1e3:.1f}",
+            "split" if auto_split else "single", f"{kv_bytes / best / 1e6:.0f}", f"{100 * kv_bytes / best / 1e6 / bandwidth:.0f}%",
+            best_cfg,
+        ])
+        del kc, vc
+    return rows
+
+
+def prefill_rows(args, peak: float) -> list[list]:
+    import torch.nn.functional as F
+
+    from engine.attention import triton_kernels as K
+
+    rows = []
+    hq, hk, d = args.num_heads, args.num_kv_heads, args.head_dim
+    configs = [(64, 64, 4, 2)] + ([(128, 64, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)] if args.sweep else [])
+
+    def run_best(call) -> tuple[float, str]:
+        results = [(bench(lambda: call(*cfg)), cfg) for cfg in configs]
+        ms, cfg = min(results)
+        return ms, "m{} n{} w{} s{}".format(*cfg)
+
+    for num_seqs, length in PREFILL_SHAPES:
+        n = num_seqs * length
+        q = torch.randn(n, hq, d, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(n, hk, d, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn(n, hk, d, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty_like(q)
+        meta = meta_for([length] * num_seqs, [length] * num_seqs, None, causal=True)
+        flops = 4 * num_seqs * hq * d * length * (length + 1) / 2  # QK^T and PV over the causal half
+        ms, cfg = run_best(lambda bm, bn, w, s: K.prefill_attention(
+            q, k, v, out, meta.cu_seqlens_q, None, None, num_seqs, length, d**-0.5, True,
+            block_m=bm, block_n=bn, num_warps=w, num_stages=s))
+        qb, kb, vb = (x.view(num_seqs, length, -1, d).transpose(1, 2) for x in (q, k, v))
+        sdpa_ms = bench(lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True))
+        tflops = flops / ms / 1e9
+        rows.append([f"varlen causal {num_seqs}x{length}", f"{ms:.3f}", f"{tflops:.0f}", f"{100 * tflops / peak:.0f}%",
+                     f"{flops / sdpa_ms / 1e9:.0f}", cfg])
+    for num_seqs, new, total in CHUNK_SHAPES:
+        kc, vc, tables = paged_cache(num_seqs, total, hk, d, args.block_size)
+        q = torch.randn(num_seqs * new, hq, d, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty_like(q)
+        meta = meta_for([new] * num_seqs, [total] * num_seqs, tables, causal=True)
+        # each new token j sees total - new + j + 1 keys
+        keys_seen = num_seqs * (new * (total - new) + new * (new + 1) / 2)
+        flops = 4 * hq * d * keys_seen
+        ms, cfg = run_best(lambda bm, bn, w, s: K.prefill_attention(
+            q, kc, vc, out, meta.cu_seqlens_q, meta.seq_lens, tables, num_seqs, new, d**-0.5, True,
+            block_m=bm, block_n=bn, num_warps=w, num_stages=s))
+        tflops = flops / ms / 1e9
+        rows.append([f"paged chunk {num_seqs}x{new} over {total}", f"{ms:.3f}", f"{tflops:.0f}",
+                     f"{100 * tflops / peak:.0f}%", "-", cfg])
+        del kc, vc
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-heads", type=int, default=32)
+    parser.add_argument("--num-kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--sweep", action="store_true", help="try several tile configs per row")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_kernels.py measures the Triton kernels on a GPU; no CUDA device here. "
+              "(On CPU the kernels only run under TRITON_INTERPRET=1, far too slow to time: "
+              "see tests/test_triton_kernels.py.)", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name()
+    bandwidth, peak = hbm_gbps(), matmul_tflops()
+    print(f"## Attention kernels on {name}\n\n{machine()}\n")
+    print(f"Measured: copy bandwidth {bandwidth:.0f} GB/s, bf16 matmul {peak:.0f} TFLOP/s (8192^3). "
+          f"Heads {args.num_heads} q / {args.num_kv_heads} kv, head_dim {args.head_dim}, block {args.block_size}, bf16.\n")
+    print("### Decode (one token per sequence, paged)\n")
+    print(table(
+        ["seqs", "context", "K/V MiB", "single us", "split-K us", "auto picks", "best GB/s", "of copy BW", "sweep best"],
+        decode_rows(args, bandwidth),
+    ))
+    print("\n### Prefill (causal)\n")
+    print(table(["shape", "ms", "TFLOP/s", "of matmul", "torch SDPA TFLOP/s", "tiles"], prefill_rows(args, peak)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
