@@ -1,0 +1,97 @@
+"""Executes one translation step: encoders (flat, unpadded), cross K/V into their blocks, then one
+decoder forward over every scheduled beam with paged self- and cross-attention.
+
+Owns the KV cache tensors. Self- and cross-attention blocks share one pool of tensors (one
+(k, v) pair per decoder layer); which blocks hold what is the scheduler's business.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.attention.base import AttentionBackend
+from engine.attention.metadata import AttentionMetadata
+from engine.forward_context import ForwardContext, metadata_for_sequences
+from engine.input_prep import prepare_inputs
+from engine.translation_scheduler import TranslationBatch
+
+
+class EncDecRunner:
+    """Runs an encoder-decoder model (models/marian.py API) over a TranslationBatch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        backend: AttentionBackend,
+        device: str,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.backend = backend
+        self.device = device
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write decisions of the block manager, applied before anything is written."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
+
+    @torch.inference_mode()
+    def execute(self, batch: TranslationBatch) -> list[torch.Tensor]:
+        """Next-token logits per group, (len(group.beams), V) float32, in `batch.groups` order."""
+        self.copy_blocks(batch.block_copies)
+        encoding = [g for g in batch.groups if g.needs_encoder]
+        if encoding:
+            self._encode([g.cross.token_ids for g in encoding], [g.cross.block_table for g in encoding])
+        beams = [b for g in batch.groups for b in g.beams]
+        inputs = prepare_inputs(
+            token_chunks=[b.token_ids[b.num_computed_tokens :] for b in beams],
+            starts=[b.num_computed_tokens for b in beams],
+            block_tables=[b.block_table for b in beams],
+            samples=[True] * len(beams),  # every beam computes up to its last token
+            block_size=self.block_size,
+            device=self.device,
+        )
+        enc_lens = [g.source_len for g in batch.groups for _ in g.beams]
+        cross_tables = [g.cross.block_table for g in batch.groups for _ in g.beams]
+        self_ctx = ForwardContext(inputs.meta, self.backend, self.kv_caches)
+        cross_ctx = ForwardContext(self._cross_meta(inputs.meta, enc_lens, cross_tables), self.backend, self.kv_caches)
+        hidden = self.model.decode(inputs.input_ids, inputs.positions, self_ctx, cross_ctx)
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        return list(logits.split([len(g.beams) for g in batch.groups]))
+
+    def _encode(self, sources: list[list[int]], tables: list[list[int]]) -> None:
+        """Run the encoders of newly admitted groups as one flat batch; store their cross K/V."""
+        placed = prepare_inputs(sources, [0] * len(sources), tables, [False] * len(sources),
+                                self.block_size, self.device, causal=False)
+        ctx = ForwardContext(metadata_for_sequences([len(s) for s in sources], causal=False, device=self.device),
+                             self.backend)
+        hidden = self.model.encode(placed.input_ids, placed.positions, ctx)
+        for (k, v), (k_cache, v_cache) in zip(self.model.cross_kv(hidden), self.kv_caches):
+            self.backend.store_kv(k, v, k_cache, v_cache, placed.meta.slot_mapping)
+
+    def _cross_meta(self, self_meta: AttentionMetadata, enc_lens: list[int],
+                    tables: list[list[int]]) -> AttentionMetadata:
+        """Same queries as self-attention; keys are each beam's whole source, read-only."""
+        width = max(len(t) for t in tables)
+        block_tables = torch.zeros((len(tables), width), dtype=torch.int32)
+        for i, table in enumerate(tables):  # one row copy per beam, not per token
+            block_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        return AttentionMetadata(
+            cu_seqlens_q=self_meta.cu_seqlens_q,
+            seq_lens=torch.tensor(enc_lens, dtype=torch.int32, device=self.device),
+            slot_mapping=None,
+            block_tables=block_tables.to(self.device),
+            max_seqlen_q=self_meta.max_seqlen_q,
+            max_seqlen_k=max(enc_lens),
+            query_lens=self_meta.query_lens,
+            seq_lens_host=tuple(enc_lens),
+            causal=False,
+        )
