@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", "-u", type=int, default=20)
     p.add_argument("--spawn-rate", "-r", type=float, default=10.0)
     p.add_argument("--run-time", "-t", default="30s", help="locust duration, e.g. 30s, 2m")
-    p.add_argument("--csv-prefix", default="loadtest/out/kvserve", help="where the CSV/JSON files go")
+    p.add_argument("--csv-prefix", default="loadtest/results/kvserve", help="where the CSV/JSON files go")
     p.add_argument("--classes", nargs="*", help="user classes to run (default: from the served tasks)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
     p.add_argument("--timeout", type=float, default=None,
