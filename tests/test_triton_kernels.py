@@ -246,3 +246,23 @@ def test_gpu_tiny_llama_greedy_equals_cpu_reference(tmp_path):
     gpu_outs = LLM(str(folder), device="cuda", **kwargs).generate(prompts, params)
     cpu_outs = LLM(str(folder), device="cpu", **kwargs).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in gpu_outs] == [o.outputs[0].token_ids for o in cpu_outs]
+
+
+@interpreted
+def test_engine_greedy_with_interpreted_kernels_equals_reference(tmp_path):
+    """The whole engine on CPU with the Triton backend: chunked prefills mixed with decodes."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny("llama", tmp_path / "llama")
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (3, 21, 9)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    kwargs = dict(num_kv_blocks=32, block_size=4, max_num_batched_tokens=12)
+    llm = LLM(str(folder), attention_backend="triton", **kwargs)
+    assert isinstance(llm.engine.runner.backend, TritonAttentionBackend)
+    triton_outs = llm.generate(prompts, params)
+    torch_outs = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in triton_outs] == [o.outputs[0].token_ids for o in torch_outs]
