@@ -217,3 +217,26 @@ class DetokenizeRequest(_Request):
 
 class DetokenizeResponse(_Response):
     prompt: str
+
+
+# ---- /v1/translations (kvserve extension) -----------------------------------------------
+class TranslationRequest(_Request):
+    """Translate one text or several; unset fields take the model's generation_config.json defaults
+    (Marian: 4 beams). T5 gets the prefix `translate {source_lang} to {target_lang}: `; a
+    multilingual Marian gets the `>>{target_lang}<<` token."""
+
+    model: str | None = None
+    input: str | list[str]
+    source_lang: str | None = None
+    target_lang: str | None = None
+    max_tokens: int | None = None
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | None = None
+    no_repeat_ngram_size: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stream: bool = False
+    user: str | None = None
