@@ -1,0 +1,145 @@
+"""Offline translation throughput: kvserve TranslationEngine vs transformers generate() vs CTranslate2.
+
+Same machine, same run, same Marian folder (fp32), same sentences, greedy and 4-beam. Baselines
+get what a user would give them: sentences sorted by length and batched (padding only within a
+batch). Each engine runs in its own process, so the reported peak RSS is its own.
+
+    python benchmarks/bench_translation.py [--model FOLDER] [--num-sentences 500] [--engines kvserve,hf,ct2]
+
+Without --model a small random Marian (with a SentencePiece tokenizer trained in seconds) is
+built in a temp dir; a random model rarely emits eos, so it translates up to --max-tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import machine, peak_rss_mib, run_child, table  # noqa: E402
+
+BEAMS = (1, 4)
+
+
+def sentences(num: int) -> list[str]:
+    from tests.encdec_fixtures import corpus
+
+    return corpus(num_lines=num, seed=1)
+
+
+def build_default_model() -> str:
+    from tests.encdec_fixtures import make_marian_folder
+
+    folder = Path(tempfile.mkdtemp(prefix="kvserve-marian-")) / "random-marian"
+    return str(make_marian_folder(folder, d_model=256))
+
+
+def run_kvserve(folder: str, texts: list[str], max_tokens: int) -> dict:
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from engine.translation_engine import TranslationEngine
+
+    engine = TranslationEngine.from_config(EngineConfig(
+        model=folder, cache=CacheConfig(block_size=16, kv_cache_memory_gib=0.5),
+        scheduler=SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=256),
+    ))
+    sources = [engine.tokenizer.encode(t) for t in texts]
+    out = {}
+    for beams in BEAMS:
+        params = engine.default_params(num_beams=beams, max_tokens=max_tokens)
+        engine.translate(sources[:4], params)  # warm-up
+        start = time.perf_counter()
+        results = engine.translate(sources, params)
+        out[beams] = {"seconds": time.perf_counter() - start,
+                      "tokens": sum(len(r.outputs[0].token_ids) for r in results)}
+    return out
+
+
+def run_hf(folder: str, texts: list[str], max_tokens: int, batch_size: int = 32) -> dict:
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from models.loader import load_model
+
+    tok = load_model(folder).tokenizer  # same ids as kvserve (HF's MarianTokenizer wants sacremoses)
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    pad = model.config.pad_token_id
+    sources = sorted((tok.encode(t) for t in texts), key=len)  # similar lengths together: less padding
+
+    def generate(batch: list[list[int]], beams: int) -> int:
+        width = max(map(len, batch))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch])
+        mask = (ids != pad).long()
+        with torch.inference_mode():
+            res = model.generate(input_ids=ids, attention_mask=mask, num_beams=beams, do_sample=False,
+                                 max_new_tokens=max_tokens)
+        return int((res[:, 1:] != pad).sum())
+
+    out = {}
+    for beams in BEAMS:
+        generate(sources[:4], beams)
+        start = time.perf_counter()
+        tokens = sum(generate(sources[i : i + batch_size], beams) for i in range(0, len(sources), batch_size))
+        out[beams] = {"seconds": time.perf_counter() - start, "tokens": tokens}
+    return out
+
+
+def run_ct2(folder: str, texts: list[str], max_tokens: int, batch_size: int = 32) -> dict:
+    import ctranslate2
+
+    from models.loader import load_model
+
+    out_dir = Path(tempfile.mkdtemp(prefix="kvserve-ct2-"))
+    ctranslate2.converters.TransformersConverter(folder).convert(str(out_dir), quantization="float32", force=True)
+    translator = ctranslate2.Translator(str(out_dir), device="cpu", compute_type="float32", intra_threads=0)
+    tok = load_model(folder).tokenizer
+    sources = [[tok.id_to_token(i) for i in tok.encode(t)] for t in texts]
+    out = {}
+    for beams in BEAMS:
+        kwargs = dict(beam_size=beams, max_decoding_length=max_tokens, max_batch_size=batch_size,
+                      batch_type="examples")
+        translator.translate_batch(sources[:4], **kwargs)
+        start = time.perf_counter()
+        res = translator.translate_batch(sources, **kwargs)
+        out[beams] = {"seconds": time.perf_counter() - start, "tokens": sum(len(r.hypotheses[0]) for r in res)}
+    return out
+
+
+RUNNERS = {"kvserve": run_kvserve, "hf": run_hf, "ct2": run_ct2}
+LABELS = {"kvserve": "kvserve TranslationEngine (continuous batching)", "hf": "transformers generate(), batch 32",
+          "ct2": "CTranslate2 Translator, batch 32"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="Marian HF folder (default: a small random one built in a temp dir)")
+    ap.add_argument("--num-sentences", type=int, default=500)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--engines", default="kvserve,hf,ct2")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        result = RUNNERS[args.child](args.model, sentences(args.num_sentences), args.max_tokens)
+        print(json.dumps({"beams": result, "peak_rss_mib": peak_rss_mib()}))
+        return
+    folder = args.model or build_default_model()
+    rows = []
+    for name in args.engines.split(","):
+        line = run_child([sys.executable, __file__, "--child", name, "--model", folder, "--num-sentences",
+                          str(args.num_sentences), "--max-tokens", str(args.max_tokens)], timeout=7200)
+        r = json.loads(line)
+        print(f"{name}: {r}", file=sys.stderr)
+        for beams, res in r["beams"].items():
+            rows.append([LABELS[name], beams, args.num_sentences, res["tokens"], res["seconds"],
+                         args.num_sentences / res["seconds"], r["peak_rss_mib"]])
+    print(f"Machine: {machine()}\n")
+    print(f"Workload: {args.num_sentences} synthetic sentences (3-10 words), max {args.max_tokens} output tokens, "
+          f"model {folder}, fp32\n")
+    print(table(["engine", "beams", "sentences", "output tokens", "seconds", "sentences/s", "peak RSS MiB"], rows))
+
+
+if __name__ == "__main__":
+    main()
