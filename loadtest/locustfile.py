@@ -151,9 +151,14 @@ class TranslationUser(KvserveUser):
 
     @task
     def translations(self) -> None:
-        body = {"model": self.model, "input": sentence(self.rng, 3, 10), "max_tokens": MAX_TOKENS}
+        inputs = [sentence(self.rng, 3, 10) for _ in range(self.rng.randint(1, 2))]
+        body = {"model": self.model, "input": inputs, "max_tokens": MAX_TOKENS}
 
         def check(reply: dict) -> str | None:
-            return None if isinstance(reply["choices"][0]["text"], str) else f"bad reply {reply}"
+            data = reply["data"]
+            if [d["index"] for d in data] != list(range(len(inputs))):
+                return f"expected {len(inputs)} translations, got indices {[d['index'] for d in data]}"
+            bad = [d for d in data if not isinstance(d["translation"], str) or d["finish_reason"] is None]
+            return f"bad translations {bad}" if bad else None
 
         self.post_json("/v1/translations", "translations", body, check)

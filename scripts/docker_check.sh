@@ -8,7 +8,8 @@
 #   4. runs the image on a free port, waits for /health and the Docker HEALTHCHECK, sends a chat
 #      completion and checks the answer, then stops the container and the daemon.
 # Needs root. Slow (several minutes): not part of scripts/test.sh.
-# Env: KVSERVE_CHECK_MODELS (default smollm2; comma-separated, passed as KVSERVE_MODEL),
+# Env: KVSERVE_CHECK_MODELS (default smollm2; comma-separated, passed as KVSERVE_MODEL; with minilm
+#      an embeddings request is checked too),
 #      KVSERVE_CHECK_BASE_CACHE (default ~/.cache/kvserve/docker-base-bookworm.tar: the base rootfs is
 #      reused across runs; delete it to rebuild).
 set -euo pipefail
@@ -199,6 +200,14 @@ print("chat:", repr(text), reply["usage"])
 assert reply["choices"][0]["message"]["role"] == "assistant"
 assert 0 < reply["usage"]["completion_tokens"] <= 24, reply["usage"]
 assert "Paris" in text, f"expected the greedy answer to name Paris, got {text!r}"
+if "minilm" in models:
+    req = urllib.request.Request(base + "/v1/embeddings", json.dumps(
+        {"model": "minilm", "input": ["a cat sat on the mat", "stock markets fell today"]}).encode(),
+        {"content-type": "application/json"})
+    data = json.load(urllib.request.urlopen(req, timeout=60))["data"]
+    dims = [len(d["embedding"]) for d in data]
+    assert dims == [384, 384], dims  # all-MiniLM-L6-v2
+    print("embeddings:", dims)
 uid = subprocess.run(["docker", "exec", container, "id", "-u"], capture_output=True, text=True).stdout.strip()
 assert uid not in ("", "0"), f"container runs as uid {uid!r}"
 print("container uid:", uid)

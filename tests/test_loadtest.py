@@ -16,6 +16,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from loadtest.run import CLASSES_BY_TASK, LOCUSTFILE, percentile, summarise  # noqa: E402
+from tests.encdec_fixtures import make_marian_folder  # noqa: E402
 from tests.server_helpers import free_port, metric_value  # noqa: E402
 from tests.tiny_models import save_tiny  # noqa: E402
 
@@ -24,9 +25,10 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-# 20 users x (prompt ~20-40 tokens + 16 generated) need ~250 blocks of 4 at peak: 160 forces the
-# scheduler to preempt under load, which the run must survive without failures or leaked blocks.
-NUM_BLOCKS = 160
+# 20 users x (prompt ~20-40 tokens + 16 generated) want ~60 blocks of 16 at peak: 40 per model forces
+# the scheduler to preempt under load, which the run must survive without failures or leaked blocks.
+NUM_BLOCKS = 40
+MODELS = ("tiny-llama", "tiny-marian")
 
 
 def _get(url: str) -> str:
@@ -38,11 +40,12 @@ def _get(url: str) -> str:
 def server(tmp_path_factory):
     folder = save_tiny("llama", tmp_path_factory.mktemp("tiny") / "tiny-llama")
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    marian = make_marian_folder(tmp_path_factory.mktemp("marian") / "tiny-marian")
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVSERVE_NUM_KV_BLOCKS": str(NUM_BLOCKS)}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(folder),
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--model", str(marian),
                                  "--port", str(port), "--log-level", "warning"],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -75,11 +78,13 @@ def test_load_run_has_no_failures_and_frees_kv(server, tmp_path):
     assert "TTFT" in run.stdout and "all requests" in run.stdout
 
     summary = json.loads(Path(f"{prefix}_summary.json").read_text())
-    assert summary["classes"] == ["ChatStreamUser", "CompletionUser"]  # chosen from /v1/models
+    # chosen from the tasks in /v1/models
+    assert summary["classes"] == ["ChatStreamUser", "CompletionUser", "TranslationUser"]
     assert summary["failures"] == 0
     assert summary["requests"] > 20 and summary["requests_per_s"] > 0
-    assert set(summary["endpoints"]) == {"/v1/models", "chat_stream", "completions"}
-    assert all(summary["endpoints"][n]["requests"] > 0 for n in ("chat_stream", "completions"))
+    endpoints = ("chat_stream", "completions", "translations")
+    assert set(summary["endpoints"]) == {"/v1/models", *endpoints}
+    assert all(summary["endpoints"][n]["requests"] > 0 for n in endpoints)
     assert 0 < summary["ttft_requests"] <= summary["endpoints"]["chat_stream"]["requests"]
     assert 0 < summary["latency_p50_ms"] <= summary["latency_p95_ms"] <= summary["latency_p99_ms"]
     assert 0 < summary["ttft_p50_ms"] <= summary["ttft_p99_ms"]
@@ -89,16 +94,19 @@ def test_load_run_has_no_failures_and_frees_kv(server, tmp_path):
     assert "chat_stream TTFT" in stats_csv and "completions" in stats_csv
 
     # locust cuts its in-flight requests when time is up: the server must abort them and free their blocks
+    names = ("kv_cache_usage_perc", "num_requests_running", "num_requests_waiting")
     deadline = time.monotonic() + 15
     while True:
         metrics = _get(f"{server}/metrics")
-        values = [metric_value(metrics, f"kvserve:{m}", model_name="tiny-llama")
-                  for m in ("kv_cache_usage_perc", "num_requests_running", "num_requests_waiting")]
-        if values == [0.0, 0.0, 0.0] or time.monotonic() > deadline:
+        values = {(model, m): metric_value(metrics, f"kvserve:{m}", model_name=model) for model in MODELS
+                  for m in names}
+        if set(values.values()) == {0.0} or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert values == [0.0, 0.0, 0.0], f"kv usage, running, waiting after the run: {values}"
-    assert metric_value(metrics, "kvserve:generation_tokens_total", model_name="tiny-llama") > 0
+    assert set(values.values()) == {0.0}, f"kv usage, running, waiting after the run: {values}"
+    for model in MODELS:
+        assert metric_value(metrics, "kvserve:generation_tokens_total", model_name=model) > 0
+    assert metric_value(metrics, "kvserve:num_preemptions_total", model_name="tiny-llama") > 0
 
 
 def test_runner_classes_exist_in_locustfile_with_their_task():
