@@ -116,7 +116,7 @@ def prefill_rows(args, peak: float) -> list[list]:
 
     rows = []
     hq, hk, d = args.num_heads, args.num_kv_heads, args.head_dim
-    configs = [(64, 64, 4, 2)] + ([(128, 64, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)] if args.sweep else [])
+    configs = [(64, 64, 8, 2)] + ([(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2)] if args.sweep else [])
 
     def run_best(call) -> tuple[float, str]:
         results = [(bench(lambda: call(*cfg)), cfg) for cfg in configs]

@@ -8,6 +8,7 @@ a subprocess that sets the variable first, and the GPU checks run here at real s
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # "0" from outside: the compile check below
 
 import triton.language.standard  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -188,6 +189,65 @@ def test_interpreted_kernels_in_a_subprocess():
     run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "skipped" not in run.stdout.splitlines()[-1]  # the interpreted checks really ran
+
+
+def compile_for_hopper() -> dict[str, dict[str, int]]:
+    """Compile the kernels' main variants for sm_90 with triton's bundled ptxas (no GPU needed).
+
+    Returns SASS op counts per variant: HGMMA (Hopper tensor cores), LDL/STL (register spills).
+    Needs this module imported with TRITON_INTERPRET=0 so the kernels are JIT functions.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
+    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "key_ptr": "*bf16",
+                "value_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "bias_ptr": "*fp32",
+                "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "slot_ptr": "*i64"}
+    prefill = dict(GROUP=4, HAS_SEQ_IDS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
+    decode = dict(GROUP=4, SPLIT=True, HAS_SEQ_IDS=False, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
+    variants = {
+        "store_kv": (triton_kernels._store_kv_kernel, dict(BLOCK_H=8, BLOCK_D=128)),
+        "prefill_paged_causal": (triton_kernels._prefill_kernel, dict(prefill, PAGED=True, CAUSAL=True, HAS_BIAS=False)),
+        "prefill_varlen_bias": (triton_kernels._prefill_kernel, dict(prefill, PAGED=False, CAUSAL=False, HAS_BIAS=True)),
+        "decode_split_bias": (triton_kernels._decode_kernel, dict(decode, HAS_BIAS=True)),
+        "decode_reduce": (triton_kernels._decode_reduce_kernel, dict(HAS_SEQ_IDS=False, BLOCK_P=64, CHUNK_P=16, BLOCK_D=128)),
+    }
+    report = {}
+    for name, (fn, consts) in variants.items():
+        # the rest: int32 metadata pointers, int32 sizes and strides, the float scale
+        types = dict(pointers, scale_log2="fp32")
+        signature = {
+            arg: "constexpr" if arg in consts else types.get(arg, "*i32" if arg.endswith("_ptr") else "i32")
+            for arg in fn.arg_names
+        }
+        num_warps = 4 if name in ("store_kv", "decode_reduce") else 8  # the launch wrappers' defaults
+        kernel = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=num_warps, num_stages=2))
+        with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"kvserve_{name}_{os.getpid()}.cubin", "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        os.unlink(f.name)
+        report[name] = {op: sass.count(op) for op in ("HGMMA", "LDL", "STL")}
+    return report
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
+def test_kernels_compile_for_hopper_without_register_spills():
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
+        pytest.skip("triton ships no ptxas here")
+    env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="", TRITON_DEFAULT_FP_FUSION="1")
+    code = "import json, tests.test_triton_kernels as t; print(json.dumps(t.compile_for_hopper()))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.splitlines()[-1])
+    assert report["prefill_paged_causal"]["HGMMA"] > 0  # wgmma, not the pre-Hopper mma path
+    for name, ops in report.items():
+        assert ops["LDL"] + ops["STL"] <= 16, f"{name} spills registers: {ops}"
 
 
 # ----------------------------------------------------------------------------- GPU, real sizes
