@@ -87,7 +87,7 @@ def decode_rows(args, bandwidth: float) -> list[list]:
             backend = TritonAttentionBackend(split_k=split)
             times[split] = bench(lambda: backend.paged_attention(q, kc, vc, meta, d**-0.5))
         auto = TritonAttentionBackend()
-        auto_split = auto._use_split(meta, hk, q.device)
+        auto_split = auto._use_split(num_seqs, ctx, hk, q.device)
         best_cfg = "default"
         if args.sweep:
             out = torch.empty_like(q)

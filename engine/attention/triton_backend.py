@@ -1,11 +1,14 @@
 """Fused Triton attention backend: same signatures as the torch reference (engine.attention.ref).
 
-Routing: a decode-only step (one new token per sequence) runs the paged decode kernel, split-K
-when the context is long and the grid alone would not fill the GPU; every other step (prompts,
-prefill chunks mixed with decodes, encoders, cross-attention prefills) runs the FlashAttention
-prefill kernel, which also reads earlier context through the block tables.
+Routing: sequences with one new token (decodes) run the paged decode kernel, split-K when the
+context is long and the grid alone would not fill the GPU; sequences with several (prompts,
+prefill chunks, encoders, cross-attention prefills) run the FlashAttention prefill kernel, which
+also reads earlier context through the block tables. A step mixing both launches each kernel on
+its own sequences (by index lists), so decodes next to a long chunk still get split-K.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +18,26 @@ from engine.attention.metadata import AttentionMetadata, RelativePositionBias
 
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One kernel's share of a step: which sequences, how many, and the longest of them."""
+
+    seq_ids: torch.Tensor | None  # int32 indices into the metadata; None: all sequences
+    num_seqs: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def _rows(meta: AttentionMetadata, picked: list[int], device: torch.device) -> _Rows:
+    everyone = len(picked) == meta.num_seqs
+    ids = None if everyone else torch.tensor(picked, dtype=torch.int32).to(device, non_blocking=True)
+    return _Rows(
+        ids, len(picked),
+        max((meta.query_lens[i] for i in picked), default=0),
+        max((meta.seq_lens_host[i] for i in picked), default=0),
+    )
 
 
 class TritonAttentionBackend:
@@ -38,6 +61,9 @@ class TritonAttentionBackend:
         self.block_m = block_m
         self.block_n = block_n
         self._num_sms: int | None = None
+        # Decode/prefill split of a step's sequences, keyed by metadata identity like the
+        # reference's plans: built once per step, reused by every layer.
+        self._plans: dict[int, tuple[AttentionMetadata, _Rows, _Rows]] = {}
         # T5 bias tables, keyed by the weight's identity (kept alive by the entry) and radius;
         # a table serves every layer and step until the context outgrows it.
         self._bias_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -64,18 +90,19 @@ class TritonAttentionBackend:
         assert meta.block_tables is not None
         out = torch.empty_like(query)
         table = self._bias_table(bias, meta)
-        if meta.is_pure_decode:
+        decode, prefill = self._plan(meta, query.device)
+        if decode.num_seqs:
+            split = self._use_split(decode.num_seqs, decode.max_seqlen_k, k_cache.shape[2], query.device)
             kernels.decode_attention(
                 query, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
-                meta.num_seqs, meta.max_seqlen_k, scale, bias=table,
-                split=self._use_split(meta, k_cache.shape[2], query.device),
-                partition_size=self.partition_size, block_n=self.block_n,
+                decode.num_seqs, decode.max_seqlen_k, scale, bias=table, seq_ids=decode.seq_ids,
+                split=split, partition_size=self.partition_size, block_n=self.block_n,
             )
-        else:
+        if prefill.num_seqs:
             kernels.prefill_attention(
                 query, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
-                meta.num_seqs, meta.max_seqlen_q, scale, meta.causal, bias=table,
-                block_m=self.block_m, block_n=self.block_n,
+                prefill.num_seqs, prefill.max_seqlen_q, scale, meta.causal, bias=table,
+                seq_ids=prefill.seq_ids, block_m=self.block_m, block_n=self.block_n,
             )
         return out
 
@@ -96,14 +123,27 @@ class TritonAttentionBackend:
         )
         return out
 
-    def _use_split(self, meta: AttentionMetadata, num_kv_heads: int, device: torch.device) -> bool:
-        if meta.max_seqlen_k <= self.partition_size or self.split_k is False:
+    def _plan(self, meta: AttentionMetadata, device: torch.device) -> tuple[_Rows, _Rows]:
+        hit = self._plans.get(id(meta))
+        if hit is not None and hit[0] is meta:
+            return hit[1], hit[2]
+        # A loop over sequences (not tokens) on the host tuples; sequences with no new token
+        # (none in practice) go nowhere and their (empty) rows stay untouched.
+        decode = _rows(meta, [i for i, n in enumerate(meta.query_lens) if n == 1], device)
+        prefill = _rows(meta, [i for i, n in enumerate(meta.query_lens) if n > 1], device)
+        if len(self._plans) >= 4:  # an older step's plans: drop them
+            self._plans.clear()
+        self._plans[id(meta)] = (meta, decode, prefill)
+        return decode, prefill
+
+    def _use_split(self, num_seqs: int, max_seqlen_k: int, num_kv_heads: int, device: torch.device) -> bool:
+        if max_seqlen_k <= self.partition_size or self.split_k is False:
             return False
         if self.split_k:
             return True
         # Without splitting the grid is (sequences x KV heads); split when that leaves SMs idle,
         # or when contexts are so long that one program per head would serialise too much.
-        return meta.num_seqs * num_kv_heads < 2 * self._sm_count(device) or meta.max_seqlen_k > 8192
+        return num_seqs * num_kv_heads < 2 * self._sm_count(device) or max_seqlen_k > 8192
 
     def _sm_count(self, device: torch.device) -> int:
         if self._num_sms is None:
