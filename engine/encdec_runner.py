@@ -44,8 +44,8 @@ class EncDecRunner:
             v_cache[dst] = v_cache[src]
 
     @torch.inference_mode()
-    def execute(self, batch: TranslationBatch) -> list[torch.Tensor]:
-        """Next-token logits per group, (len(group.beams), V) float32, in `batch.groups` order."""
+    def execute(self, batch: TranslationBatch) -> torch.Tensor:
+        """Next-token logits (num beams, V) float32: each group's beams in turn, in `batch.groups` order."""
         self.copy_blocks(batch.block_copies)
         encoding = [g for g in batch.groups if g.needs_encoder]
         if encoding:
@@ -64,8 +64,7 @@ class EncDecRunner:
         self_ctx = ForwardContext(inputs.meta, self.backend, self.kv_caches)
         cross_ctx = ForwardContext(self._cross_meta(inputs.meta, enc_lens, cross_tables), self.backend, self.kv_caches)
         hidden = self.model.decode(inputs.input_ids, inputs.positions, self_ctx, cross_ctx)
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        return list(logits.split([len(g.beams) for g in batch.groups]))
+        return self.model.compute_logits(hidden[inputs.sample_rows])
 
     def _encode(self, sources: list[list[int]], tables: list[list[int]]) -> None:
         """Run the encoders of newly admitted groups as one flat batch; store their cross K/V."""

@@ -230,6 +230,7 @@ class TranslationEngine:
         return len(self.scheduler.waiting)
 
     # ---- the step ---------------------------------------------------------------------
+    @torch.inference_mode()  # logits are inference tensors; the constraints edit them in place
     def step(self) -> list[TranslationOutput]:
         batch = self.scheduler.schedule()
         outputs, self._pending_outputs = self._pending_outputs, []
@@ -247,12 +248,26 @@ class TranslationEngine:
                 state.first_scheduled_time = now
             if state.first_token_time is None:
                 state.first_token_time = now
-        sampled = [(s, row) for s, row in zip(states, logits) if s.beam is None]
-        if sampled:
-            self._sample([s for s, _ in sampled], torch.cat([row for _, row in sampled]))
-        for state, row in zip(states, logits):
-            if state.beam is not None:
-                self._beam_step(state, row)
+        # rows of each group in `logits`; one batched call per kind of decoding, not per request
+        sizes = [len(s.group.beams) for s in states]
+        starts = list(itertools.accumulate(sizes, initial=0))
+        is_beam = [s.beam is not None for s in states]
+        if not any(is_beam):
+            self._sample(states, logits)
+        elif not all(is_beam):
+            rows = [r for i, s in enumerate(states) if not is_beam[i] for r in range(starts[i], starts[i + 1])]
+            self._sample([s for i, s in enumerate(states) if not is_beam[i]], logits[rows])
+        beam_idx = [i for i in range(len(states)) if is_beam[i]]
+        if beam_idx:
+            rows = [r for i in beam_idx for r in range(starts[i], starts[i + 1])]
+            beam_states = [states[i] for i in beam_idx]
+            logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+            logprobs = self._constrain(logprobs, [b for s in beam_states for b in s.group.beams])
+            offset = 0
+            for state in beam_states:
+                n = len(state.group.beams)
+                self._beam_step(state, logprobs[offset : offset + n])
+                offset += n
         for state in states:
             if state.beam is None or state.finish_reason is not None:
                 outputs.append(self._output(state))
@@ -295,13 +310,16 @@ class TranslationEngine:
             if state.finish_reason is not None:
                 self.scheduler.finish(state.group)
 
-    def _beam_step(self, state: _RequestState, logits: torch.Tensor) -> None:
-        """Advance the search; fork the chosen parents so continuations share their blocks."""
+    def _beam_step(self, state: _RequestState, logprobs: torch.Tensor) -> None:
+        """Advance the search with the group's constrained log-probs (one row per running beam);
+        fork the chosen parents so continuations share their blocks."""
         assert state.beam is not None
         group = state.group
-        beams = group.beams if len(group.beams) == group.num_beams else group.beams * group.num_beams
-        logprobs = torch.log_softmax(logits.float(), dim=-1).expand(len(beams), -1).clone()
-        logprobs = self._constrain(logprobs, beams)
+        if len(group.beams) != group.num_beams:  # first step: one beam, the search sees num_beams copies
+            beams = group.beams * group.num_beams
+            logprobs = logprobs.expand(len(beams), -1)
+        else:
+            beams = group.beams
         step = state.beam.step(logprobs, [b.output_token_ids for b in beams])
         self.num_generation_tokens += len(group.beams)
         if step.done:

@@ -57,9 +57,13 @@ TEST_TEXTS = [
 
 # ---------------------------------------------------------------- Marian
 def make_marian_folder(
-    folder: Path, share_embeddings: bool = True, tie: bool = True, seed: int = 0, d_model: int = 32
+    folder: Path, share_embeddings: bool = True, tie: bool = True, seed: int = 0, d_model: int = 32,
+    extra_vocab: int = 0, **config_overrides: int,
 ) -> Path:
-    """opus-mt-like folder: source.spm, target.spm, vocab.json (</s>=0, <unk>=1, <pad>=last)."""
+    """opus-mt-like folder: source.spm, target.spm, vocab.json (</s>=0, <unk>=1, <pad>=last).
+
+    `extra_vocab` unused pieces and `config_overrides` (layers, ffn dims, heads) let benchmarks build a
+    random model of a real checkpoint's shape (opus-mt-en-de: d_model 512, 6+6 layers, vocab 58101)."""
     from transformers import MarianConfig, MarianMTModel
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,19 +77,21 @@ def make_marian_folder(
             piece = sp.id_to_piece(i)
             if not (sp.is_control(i) or sp.is_unknown(i)) and piece not in pieces:
                 pieces.append(piece)
+    pieces += [f"<extra_{i}>" for i in range(extra_vocab)]
     vocab = {"</s>": 0, "<unk>": 1} | {p: i + 2 for i, p in enumerate(pieces)}
     pad = len(vocab)
     vocab["<pad>"] = pad
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MarianTokenizer"}))
     torch.manual_seed(seed)
+    shape = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128) | config_overrides
     config = MarianConfig(
-        vocab_size=len(vocab), decoder_vocab_size=len(vocab), d_model=d_model, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_position_embeddings=128, activation_function="swish", scale_embedding=True,
-        share_encoder_decoder_embeddings=share_embeddings, tie_word_embeddings=tie,
+        vocab_size=len(vocab), decoder_vocab_size=len(vocab), d_model=d_model, activation_function="swish",
+        scale_embedding=True, share_encoder_decoder_embeddings=share_embeddings, tie_word_embeddings=tie,
         pad_token_id=pad, decoder_start_token_id=pad, eos_token_id=0, forced_eos_token_id=0,
         init_std=0.2,  # larger than default so random models give input-dependent outputs
+        **shape,
     )
     model = MarianMTModel(config).eval()
     with torch.no_grad():
