@@ -51,14 +51,17 @@ class BeamSearch:
         self.heuristic_unsatisfied = True
         self.num_generated = 0
 
-    def step(self, logprobs: torch.Tensor, running_ids: list[list[int]]) -> BeamStep:
-        """`logprobs` (num_beams, V): processed log-softmax of each running beam's next token;
-        `running_ids[j]`: beam j's generated tokens so far."""
-        nb, vocab = logprobs.shape
-        assert nb == self.num_beams
+    def step(self, logprobs: torch.Tensor, token_ids: torch.Tensor, running_ids: list[list[int]]) -> BeamStep:
+        """`logprobs` (num_beams, k >= num_candidates): each running beam's best processed next-token
+        log-probs, descending, and `token_ids` (num_beams, k) their tokens; `running_ids[j]`: beam
+        j's generated tokens so far. The best `num_candidates` continuations overall are among
+        each row's best `num_candidates`, so the caller's one batched top-k over the vocabulary
+        (every request's rows at once) leaves this step only k candidates per beam."""
+        nb, k = logprobs.shape
+        assert nb == self.num_beams and k >= self.num_candidates
         flat = (logprobs.float() + self.running_scores[:, None]).reshape(-1)
         top_scores, top_idx = torch.topk(flat, self.num_candidates)
-        parents, tokens = top_idx // vocab, top_idx % vocab
+        parents, tokens = top_idx // k, token_ids.reshape(-1)[top_idx]
         gen_len = self.num_generated + 1
         hits = torch.isin(tokens, self.eos) | (gen_len >= self.max_tokens)
 

@@ -263,10 +263,12 @@ class TranslationEngine:
             beam_states = [states[i] for i in beam_idx]
             logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
             logprobs = self._constrain(logprobs, [b for s in beam_states for b in s.group.beams])
+            k = max(s.beam.num_candidates for s in beam_states)  # type: ignore[union-attr]
+            top_lp, top_ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
             offset = 0
             for state in beam_states:
                 n = len(state.group.beams)
-                self._beam_step(state, logprobs[offset : offset + n])
+                self._beam_step(state, top_lp[offset : offset + n], top_ids[offset : offset + n])
                 offset += n
         for state in states:
             if state.beam is None or state.finish_reason is not None:
@@ -310,17 +312,18 @@ class TranslationEngine:
             if state.finish_reason is not None:
                 self.scheduler.finish(state.group)
 
-    def _beam_step(self, state: _RequestState, logprobs: torch.Tensor) -> None:
-        """Advance the search with the group's constrained log-probs (one row per running beam);
-        fork the chosen parents so continuations share their blocks."""
+    def _beam_step(self, state: _RequestState, top_lp: torch.Tensor, top_ids: torch.Tensor) -> None:
+        """Advance the search with each running beam's best constrained log-probs and their
+        tokens; fork the chosen parents so continuations share their blocks."""
         assert state.beam is not None
         group = state.group
         if len(group.beams) != group.num_beams:  # first step: one beam, the search sees num_beams copies
             beams = group.beams * group.num_beams
-            logprobs = logprobs.expand(len(beams), -1)
+            top_lp, top_ids = top_lp.expand(len(beams), -1), top_ids.expand(len(beams), -1)
         else:
             beams = group.beams
-        step = state.beam.step(logprobs, [b.output_token_ids for b in beams])
+        k = state.beam.num_candidates
+        step = state.beam.step(top_lp[:, :k], top_ids[:, :k], [b.output_token_ids for b in beams])
         self.num_generation_tokens += len(group.beams)
         if step.done:
             state.token_ids = state.beam.best()
