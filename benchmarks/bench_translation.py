@@ -6,8 +6,8 @@ batch). Each engine runs in its own process, so the reported peak RSS is its own
 
     python benchmarks/bench_translation.py [--model FOLDER] [--num-sentences 500] [--engines kvserve,hf,ct2]
 
-Without --model a small random Marian (with a SentencePiece tokenizer trained in seconds) is
-built in a temp dir; a random model rarely emits eos, so it translates up to --max-tokens.
+Without --model a random Marian of opus-mt-en-de's shape (with a SentencePiece tokenizer trained in
+seconds) is built in a temp dir; a random model rarely emits eos, so it translates up to --max-tokens.
 """
 from __future__ import annotations
 
@@ -32,10 +32,15 @@ def sentences(num: int) -> list[str]:
 
 
 def build_default_model() -> str:
+    """A random Marian of opus-mt-en-de's shape (d_model 512, 6+6 layers, 8 heads, FFN 2048, vocab
+    58101): the cost per token of the real checkpoint, without a download."""
     from tests.encdec_fixtures import make_marian_folder
 
-    folder = Path(tempfile.mkdtemp(prefix="kvserve-marian-")) / "random-marian"
-    return str(make_marian_folder(folder, d_model=256))
+    folder = Path(tempfile.mkdtemp(prefix="kvserve-marian-")) / "random-marian-opus-shape"
+    return str(make_marian_folder(
+        folder, d_model=512, extra_vocab=57_800, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+        decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=512,
+    ))
 
 
 def run_kvserve(folder: str, texts: list[str], max_tokens: int) -> dict:

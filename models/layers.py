@@ -115,12 +115,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T,) positions -> cos, sin of shape (T, 1, D), broadcast over heads; once per forward."""
+        """(T,) positions -> cos, sin of shape (T, 1, D/2) (HF repeats each half; the halves are
+        equal, so one is enough), broadcast over heads; once per forward."""
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # (T, D/2) each
-        return torch.cat([cos, cos], dim=-1)[:, None, :], torch.cat([sin, sin], dim=-1)[:, None, :]
+        return cos[:, None, :], sin[:, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D) rotated as HF's `x * cos + rotate_half(x) * sin`."""
+    """x (T, H, D) rotated as HF's `x * cos + rotate_half(x) * sin`, on half-width cos/sin (T, 1, D/2).
+
+    Per half that is `x1*cos - x2*sin` and `x2*cos + x1*sin`: HF's products and sums (equal up to
+    fused multiply-add rounding), without building rotate_half(x) or full-width tables."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    out = torch.empty_like(x)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+    return out

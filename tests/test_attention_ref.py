@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from engine.attention import TorchAttentionBackend
 from engine.attention.metadata import RelativePositionBias
-from engine.attention.ref import t5_relative_buckets
+from engine.attention.ref import _length_buckets, t5_relative_buckets
 from engine.forward_context import metadata_for_sequences
 from engine.input_prep import prepare_inputs
 
@@ -56,6 +56,37 @@ def test_paged_chunks_equal_dense_attention(causal):
             ref = naive(qs[i][lo:hi], ks[i][:hi], vs[i][:hi], 0.3, causal, offset=lo)
             assert torch.allclose(out[row : row + hi - lo], ref, atol=1e-5)
             row += hi - lo
+
+
+def test_length_buckets_bound_padding_and_keep_every_row():
+    lengths = (700, 3, 60, 61, 5, 690, 4, 62, 6, 7, 8, 9, 10, 11, 12, 13, 600, 650, 66, 70)
+    buckets = _length_buckets(list(range(len(lengths))), lengths, slack=1.25, min_size=3)
+    assert sorted(r for b in buckets for r in b) == list(range(len(lengths)))
+    # a bucket opens when a row is over 1.25x the bucket's shortest, but only once it has 3 rows
+    assert [[lengths[r] for r in b] for b in buckets] == [
+        [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 60], [61, 62, 66, 70], [600, 650, 690, 700]]
+
+
+def test_decodes_of_very_different_lengths_equal_dense_attention():
+    """Twenty decodes from 2 to 300 keys: split into several length buckets, each exact."""
+    torch.manual_seed(1)
+    hq, hk, d, bs = 4, 2, 8, 16
+    totals = [2, 300, 40, 41, 7, 280, 9, 45, 3, 250, 5, 6, 8, 290, 44, 10, 11, 12, 260, 4]
+    nblocks = sum(-(-n // bs) for n in totals) + 4
+    backend = TorchAttentionBackend()
+    kc, vc = torch.randn(nblocks, bs, hk, d), torch.randn(nblocks, bs, hk, d)
+    perm, tables, used = torch.randperm(nblocks).tolist(), [], 0
+    for n in totals:
+        tables.append(perm[used : used + -(-n // bs)])
+        used += len(tables[-1])
+    inp = prepare_inputs([[0]] * len(totals), [n - 1 for n in totals], tables, [True] * len(totals), bs)
+    q = torch.randn(len(totals), hq, d)
+    out = backend.paged_attention(q, kc, vc, inp.meta, 0.5)
+    assert len(backend._plan_groups(inp.meta, q.device, bs)) > 1  # the batch really was split
+    for i, (n, table) in enumerate(zip(totals, tables)):
+        k = kc[table].flatten(0, 1)[:n]
+        v = vc[table].flatten(0, 1)[:n]
+        assert torch.allclose(out[i : i + 1], naive(q[i : i + 1], k, v, 0.5, causal=True, offset=n - 1), atol=1e-5)
 
 
 def test_varlen_with_relative_bias_equals_dense():

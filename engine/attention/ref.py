@@ -101,6 +101,21 @@ def _group(
     return flat_idx, valid, max_q, max_k, rq, _visibility(rq, k_lens[rows], max_q, max_k, causal)
 
 
+def _length_buckets(rows: list[int], lengths: tuple[int, ...], slack: float = 1.25,
+                    min_size: int = 8) -> list[list[int]]:
+    """Rows sorted by key length and cut where a bucket's longest would exceed `slack` times its
+    shortest: decodes of a 60-token and a 700-token sequence then do not both gather and attend
+    over 700 keys (padding was a third of a large decode batch's attention time). Buckets keep
+    at least `min_size` rows, so a ragged batch does not become one attention call per row."""
+    buckets: list[list[int]] = []
+    for r in sorted(rows, key=lengths.__getitem__):
+        if buckets and (len(buckets[-1]) < min_size or lengths[r] <= slack * lengths[buckets[-1][0]]):
+            buckets[-1].append(r)
+        else:
+            buckets.append([r])
+    return buckets
+
+
 def _pad(x: torch.Tensor, group: _Group) -> torch.Tensor:
     """Group rows of flat x -> (b, max_q, ...) zero-padded."""
     out = x.new_zeros(tuple(group.valid.shape) + tuple(x.shape[1:]))
@@ -141,9 +156,11 @@ class TorchAttentionBackend:
         q_lens = torch.tensor(meta.query_lens, device=device)
         k_lens = torch.tensor(meta.seq_lens_host if paged else meta.query_lens, device=device)
         cu = meta.cu_seqlens_q.to(device).long()
-        if paged:  # decode rows alone, so one long prefill never pads them
-            is_decode = q_lens == 1
-            splits = [is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten()]
+        if paged:  # decode rows apart, so one long prefill never pads them; and by length
+            decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
+            chunks = [i for i, n in enumerate(meta.query_lens) if n != 1]
+            splits = [torch.tensor(rows, dtype=torch.long, device=device)
+                      for rows in (*_length_buckets(decode, meta.seq_lens_host), chunks)]
         else:
             splits = [torch.arange(len(q_lens), device=device)]
         groups = []
