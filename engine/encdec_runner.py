@@ -13,6 +13,7 @@ from engine.attention.base import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
 from engine.forward_context import ForwardContext, metadata_for_sequences
 from engine.input_prep import prepare_inputs
+from engine.model_runner import copy_blocks
 from engine.translation_scheduler import TranslationBatch
 
 
@@ -33,20 +34,10 @@ class EncDecRunner:
         self.backend = backend
         self.device = device
 
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write decisions of the block manager, applied before anything is written."""
-        if not copies:
-            return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
-        for k_cache, v_cache in self.kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
-
     @torch.inference_mode()
     def execute(self, batch: TranslationBatch) -> torch.Tensor:
         """Next-token logits (num beams, V) float32: each group's beams in turn, in `batch.groups` order."""
-        self.copy_blocks(batch.block_copies)
+        copy_blocks(self.kv_caches, batch.block_copies, self.device)
         encoding = [g for g in batch.groups if g.needs_encoder]
         if encoding:
             self._encode([g.cross.token_ids for g in encoding], [g.cross.block_table for g in encoding])

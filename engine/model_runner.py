@@ -34,6 +34,19 @@ def allocate_kv_caches(
     ]
 
 
+def copy_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]],
+                device: str) -> None:
+    """Apply the block manager's copy-on-write (src, dst) decisions to every layer's cache,
+    before the step writes anything."""
+    if not copies:
+        return
+    src = torch.tensor([s for s, _ in copies], device=device)
+    dst = torch.tensor([d for _, d in copies], device=device)
+    for k_cache, v_cache in kv_caches:
+        k_cache[dst] = k_cache[src]
+        v_cache[dst] = v_cache[src]
+
+
 class ModelRunner:
     """Runs a decoder-only model over a SchedulerOutput and returns one token per sampling row."""
 
@@ -55,14 +68,7 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Apply copy-on-write decisions of the block manager to every layer's cache."""
-        if not copies:
-            return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
-        for k_cache, v_cache in self.kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
+        copy_blocks(self.kv_caches, copies, self.device)
 
     def generator_for(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.is_greedy:
