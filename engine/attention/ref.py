@@ -82,6 +82,10 @@ class _Group:
 
     flat_idx: torch.Tensor  # (n,) rows of q (and of the output) belonging to the group, in order
     valid: torch.Tensor  # (b, max_q) bool: which padded query slots hold a real row
+    # (n,) where each of those rows sits in the flattened (b * max_q) padded layout: integer
+    # index_copy/index_select run multi-threaded, boolean-mask indexing does not
+    pad_idx: torch.Tensor
+    whole: bool  # flat_idx is 0..T-1: the group is every row, in order (an encoder batch)
     tables: torch.Tensor | None  # (b, num_blocks) block ids (paged) or None (varlen)
     k_len: int
     visible: torch.Tensor  # (b, max_q, max_k) bool
@@ -118,9 +122,18 @@ def _length_buckets(rows: list[int], lengths: tuple[int, ...], slack: float = 1.
 
 def _pad(x: torch.Tensor, group: _Group) -> torch.Tensor:
     """Group rows of flat x -> (b, max_q, ...) zero-padded."""
-    out = x.new_zeros(tuple(group.valid.shape) + tuple(x.shape[1:]))
-    out[group.valid] = x[group.flat_idx]
-    return out
+    b, max_q = group.valid.shape
+    out = x.new_zeros((b * max_q,) + tuple(x.shape[1:]))
+    out.index_copy_(0, group.pad_idx, x if group.whole else x.index_select(0, group.flat_idx))
+    return out.view((b, max_q) + tuple(x.shape[1:]))
+
+
+def _unpad(o: torch.Tensor, group: _Group, out: torch.Tensor | None) -> torch.Tensor:
+    """(b, max_q, ...) attention output -> the group's rows, written into flat `out`."""
+    rows = o.reshape((-1,) + tuple(o.shape[2:])).index_select(0, group.pad_idx)
+    if out is None:
+        return rows
+    return out.index_copy_(0, group.flat_idx, rows)
 
 
 class TorchAttentionBackend:
@@ -172,7 +185,10 @@ class TorchAttentionBackend:
             if paged:
                 assert meta.block_tables is not None
                 tables = meta.block_tables[rows, : (max_k + block_size - 1) // block_size].long()
-            groups.append(_Group(flat_idx, valid, tables, max_k, visible, q_pos, k_pos))
+            pad_idx = valid.flatten().nonzero().flatten()
+            whole = flat_idx.numel() == int(cu[-1]) and bool(
+                torch.equal(flat_idx, torch.arange(flat_idx.numel(), device=device)))
+            groups.append(_Group(flat_idx, valid, pad_idx, whole, tables, max_k, visible, q_pos, k_pos))
         if len(self._plans) >= 4:  # an older step's plans: drop them
             self._plans.clear()
         self._plans[key] = (meta, groups)
@@ -193,7 +209,7 @@ class TorchAttentionBackend:
             v = v_cache[g.tables].flatten(1, 2)[:, : g.k_len]
             b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
             o = _sdpa(_pad(query, g), k, v, g.visible, scale, b)
-            out[g.flat_idx] = o[g.valid]
+            _unpad(o, g, out)
         return out
 
     def varlen_attention(
@@ -208,6 +224,5 @@ class TorchAttentionBackend:
         (g,) = self._plan_groups(meta, query.device, block_size=None)
         b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
         o = _sdpa(_pad(query, g), _pad(key, g), _pad(value, g), g.visible, scale, b)
-        out = torch.empty_like(query)
-        out[g.flat_idx] = o[g.valid]
+        out = _unpad(o, g, None if g.whole else torch.empty_like(query))
         return out
