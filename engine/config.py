@@ -42,3 +42,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     seed: int = 0
     served_name: str | None = None
+    # Decode steps through engine.cuda_graphs. None: on for CUDA with the fused backend. True
+    # elsewhere runs the same padded static-buffer path without capture (the CPU tests of it).
+    decode_graphs: bool | None = None
+    max_graph_batch: int = 256  # larger decode batches run eagerly

@@ -10,6 +10,7 @@ import torch
 from engine.attention import get_backend
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SchedulerConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.model_runner import ModelRunner, allocate_kv_caches, kv_block_bytes
@@ -72,9 +73,22 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(sched_cfg, self.block_manager, frozenset(self.info.eos_token_ids))
         spec = loaded.model.kv_cache_spec
-        caches = allocate_kv_caches(spec, num_blocks, block_size, dtype, config.device)
         backend = get_backend(config.device, config.attention_backend)
-        self.runner = ModelRunner(loaded.model, caches, block_size, backend, config.device, config.seed)
+        on_cuda = config.device.startswith("cuda")
+        use_graphs = config.decode_graphs
+        if use_graphs is None:
+            use_graphs = on_cuda and backend.name == "triton"
+        # Graphs pad batches with rows whose K/V land in one extra block nobody else owns.
+        caches = allocate_kv_caches(spec, num_blocks + int(use_graphs), block_size, dtype, config.device)
+        graphs = None
+        if use_graphs:
+            graphs = DecodeGraphs(
+                loaded.model, caches, backend, block_size,
+                max_batch=min(config.scheduler.max_num_seqs, config.max_graph_batch),
+                max_model_len=self.max_model_len, scratch_block=num_blocks, device=config.device,
+                capture=on_cuda,
+            )
+        self.runner = ModelRunner(loaded.model, caches, block_size, backend, config.device, config.seed, graphs)
         self._requests: dict[str, _RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborts, reported at the next step
         self._seq_ids = itertools.count()

@@ -27,6 +27,8 @@ class LLM:
         max_model_len: int | None = None,
         attention_backend: str | None = None,
         seed: int = 0,
+        decode_graphs: bool | None = None,
+        max_graph_batch: int = 256,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -37,6 +39,8 @@ class LLM:
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory_gib=kv_cache_memory_gib),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
             seed=seed,
+            decode_graphs=decode_graphs,
+            max_graph_batch=max_graph_batch,
         )
         self.engine = LLMEngine.from_config(config)
         self.tokenizer = self.engine.tokenizer

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engine.attention.base import AttentionBackend
+from engine.cuda_graphs import DecodeGraphs
 from engine.forward_context import ForwardContext
 from engine.input_prep import prepare_inputs
 from engine.outputs import TokenLogprob
@@ -58,8 +59,10 @@ class ModelRunner:
         backend: AttentionBackend,
         device: str,
         seed: int = 0,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
+        self.graphs = graphs  # decode steps of at most graphs.max_batch sequences replay these
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.backend = backend
@@ -89,6 +92,16 @@ class ModelRunner:
         self.copy_blocks(out.block_copies)
         seqs = out.seqs
         samples = [out.samples(i) for i in range(len(seqs))]
+        graphable = self.graphs is not None and len(seqs) <= self.graphs.max_batch
+        if graphable and all(n == 1 for n in out.num_new_tokens):
+            hidden = self.graphs.run(
+                [s.token_ids[s.num_computed_tokens] for s in seqs],
+                [s.num_computed_tokens for s in seqs],
+                [s.block_table for s in seqs],
+            )
+            if not all(samples):  # a one-token prefill chunk that does not end its prompt
+                hidden = hidden[torch.tensor(samples, device=self.device)]
+            return self._sample(hidden, seqs, samples)
         inputs = prepare_inputs(
             token_chunks=[
                 s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]
@@ -102,11 +115,17 @@ class ModelRunner:
         )
         ctx = ForwardContext(meta=inputs.meta, backend=self.backend, kv_caches=self.kv_caches)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+        return self._sample(hidden[inputs.sample_rows], seqs, samples)
+
+    def _sample(
+        self, hidden: torch.Tensor, seqs: list[Sequence], samples: list[bool]
+    ) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """Logits of the sampling rows' hidden states (in sequence order), then one token each."""
         sampled: list[int | None] = [None] * len(seqs)
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
-        if inputs.sample_rows.numel() == 0:
+        if hidden.shape[0] == 0:
             return sampled, logprobs
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        logits = self.model.compute_logits(hidden)
         sampling_seqs = [i for i, s in enumerate(samples) if s]
         rows = [
             SamplingRow(

@@ -348,3 +348,32 @@ def test_engine_greedy_with_interpreted_kernels_equals_reference(tmp_path):
     triton_outs = llm.generate(prompts, params)
     torch_outs = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in triton_outs] == [o.outputs[0].token_ids for o in torch_outs]
+
+
+@interpreted
+def test_decode_graph_buffers_with_interpreted_kernels_equal_reference(tmp_path):
+    """The CUDA-graph decode path without capture: padded batches (3 -> 4, 5 -> 8), a scratch
+    block for padding rows, static buffers refilled every step, and eager fallback above the
+    largest size, all under the interpreted kernels, give the reference's greedy tokens."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny("llama", tmp_path / "llama")
+    gen = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (3, 21, 9, 6, 14, 30)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (2, 9, 4, 7, 3, 5)]
+    kwargs = dict(num_kv_blocks=40, block_size=4, max_num_batched_tokens=64)
+    llm = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=5, **kwargs)
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 5]
+    assert llm.engine.block_manager.num_blocks == 40 and graphs.scratch_slot == 40 * 4
+    replays = []
+    run = graphs.run
+    graphs.run = lambda *a: replays.append(len(a[0])) or run(*a)
+    graph_outs = llm.generate(prompts, params)
+    assert set(replays) >= {1, 3, 5}  # batches 6 ran eagerly; others padded or exact
+    assert llm.engine.block_manager.num_free_blocks == 40
+    torch_outs = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in graph_outs] == [o.outputs[0].token_ids for o in torch_outs]

@@ -1,0 +1,170 @@
+"""GPU end to end: kvserve (Triton kernels, CUDA graphs, bf16) vs transformers generate().
+
+One process, one GPU, one run:
+1. the device's limits: copy bandwidth (bytes read + written) and bf16 matmul rate;
+2. offline throughput on a mixed workload (default 1,000 prompts of 32-1,024 tokens, 32-512
+   output tokens, EOS ignored) for kvserve and for transformers generate() with requests
+   grouped by output length and batched (padding only across prompt lengths);
+3. batch-1 decode tokens/s: kvserve with CUDA graphs, kvserve eager, transformers, against the
+   limit of reading every weight once per token (weight bytes / copy bandwidth).
+
+    python benchmarks/bench_gpu.py [--num-prompts 1000] [--hf-batch 64] [--model smollm2]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_kernels import hbm_gbps, matmul_tflops  # noqa: E402
+from benchmarks.common import machine, table  # noqa: E402
+
+OUTPUT_LENGTHS = (32, 64, 128, 256, 512)
+
+
+def workload(num_prompts: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [
+        ([rng.randrange(1000, vocab) for _ in range(rng.randint(32, 1024))], rng.choice(OUTPUT_LENGTHS))
+        for _ in range(num_prompts)
+    ]
+
+
+def decode_rate(generate, prompt: list[int], n: int = 256) -> float:
+    """Tokens/s of decode alone: time(n + 1 tokens) - time(1 token) covers n decode steps."""
+    generate(prompt, 8)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    generate(prompt, 1)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    generate(prompt, n + 1)
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return n / ((t2 - t1) - (t1 - t0))
+
+
+def run_kvserve(model: str, work, prompt: list[int], graphs: bool, throughput: bool) -> dict:
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model, device="cuda", dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192,
+              max_model_len=2048, decode_graphs=graphs)
+    startup = time.perf_counter() - t0
+
+    def gen(p: list[int], n: int) -> None:
+        llm.generate([p], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+
+    result = {"startup_s": startup, "decode_tok_s": decode_rate(gen, prompt)}
+    if throughput:
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        outs = llm.generate([p for p, _ in work], params)
+        result["seconds"] = time.perf_counter() - start
+        result["tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
+        result["preemptions"] = llm.engine.scheduler.num_preemptions
+    result["weight_bytes"] = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    result["num_blocks"] = llm.engine.block_manager.num_blocks
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_hf(folder: str, work, prompt: list[int], batch_size: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+
+    def generate(prompts: list[list[int]], n: int) -> int:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+        return (out.shape[1] - width) * len(prompts)
+
+    result = {"decode_tok_s": decode_rate(lambda p, n: generate([p], n), prompt)}
+    groups: dict[int, list[list[int]]] = {}
+    for p, n in work:
+        groups.setdefault(n, []).append(p)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    tokens = 0
+    for n, prompts in sorted(groups.items()):
+        prompts.sort(key=len)  # similar lengths together: less padding
+        for i in range(0, len(prompts), batch_size):
+            tokens += generate(prompts[i : i + batch_size], n)
+    torch.cuda.synchronize()
+    result.update(seconds=time.perf_counter() - start, tokens=tokens)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--hf-batch", type=int, default=64)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", help="also write the raw numbers here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_gpu.py needs a CUDA device", file=sys.stderr)
+        return 2
+    from models.loader import resolve
+
+    _, folder = resolve(args.model)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    work = workload(args.num_prompts, vocab)
+    prompt = workload(1, vocab, seed=99)[0][0][:128]
+    bandwidth, peak = hbm_gbps(), matmul_tflops()
+    res = {"bandwidth_gbps": bandwidth, "matmul_tflops": peak}
+    res["kvserve"] = run_kvserve(str(folder), work, prompt, graphs=True, throughput=True)
+    print("kvserve:", res["kvserve"], file=sys.stderr, flush=True)
+    res["kvserve_eager"] = run_kvserve(str(folder), work, prompt, graphs=False, throughput=False)
+    print("kvserve eager:", res["kvserve_eager"], file=sys.stderr, flush=True)
+    if not args.skip_hf:
+        res["hf"] = run_hf(str(folder), work, prompt, args.hf_batch)
+        print("hf:", res["hf"], file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+    kv = res["kvserve"]
+    limit = bandwidth * 1e9 / kv["weight_bytes"]  # tokens/s if each token only read the weights once
+    print(f"## GPU end to end on {torch.cuda.get_device_name()}\n\n{machine()}\n")
+    print(f"Measured: copy bandwidth {bandwidth:.0f} GB/s, bf16 matmul {peak:.0f} TFLOP/s. Model {folder.name}, "
+          f"bf16, {kv['weight_bytes'] / 1e6:.0f} MB of weights, KV cache {kv['num_blocks']} blocks of 16.\n")
+    print(f"Workload: {args.num_prompts} prompts of 32-1024 tokens, {OUTPUT_LENGTHS} output tokens, greedy, EOS ignored.\n")
+    rows = [["kvserve (continuous batching, CUDA graphs)", kv["tokens"], kv["seconds"], kv["tokens"] / kv["seconds"]]]
+    if "hf" in res:
+        hf = res["hf"]
+        rows.append([f"transformers generate(), batch {args.hf_batch}", hf["tokens"], hf["seconds"], hf["tokens"] / hf["seconds"]])
+    print(table(["engine", "output tokens", "seconds", "output tok/s"], rows))
+    if "hf" in res:
+        ratio = (kv["tokens"] / kv["seconds"]) / (res["hf"]["tokens"] / res["hf"]["seconds"])
+        print(f"\nkvserve / transformers: {ratio:.1f}x output tokens/s (target 10x)\n")
+    rows = [["kvserve, CUDA graphs", kv["decode_tok_s"], 100 * kv["decode_tok_s"] / limit],
+            ["kvserve, eager", res["kvserve_eager"]["decode_tok_s"], 100 * res["kvserve_eager"]["decode_tok_s"] / limit]]
+    if "hf" in res:
+        rows.append(["transformers generate()", res["hf"]["decode_tok_s"], 100 * res["hf"]["decode_tok_s"] / limit])
+    print(f"Batch-1 decode (128-token prompt, 256 tokens); weights-read limit {limit:.0f} tokens/s:\n")
+    print(table(["engine", "tokens/s", "% of limit"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""CUDA graphs for decode steps: one graph per padded batch size, replayed with fresh inputs.
+
+A decode step of a small model is launch-bound on a GPU: hundreds of kernels of a few
+microseconds each, and the Python that launches them takes longer than the GPU does. Replaying
+a captured graph launches them all at once. A graph binds memory addresses, so every input
+lives in static buffers that each step overwrites, and a batch is padded up to the next
+captured size. Padding rows compute on token 0 at position 0, write their K/V into a scratch
+block the block manager never hands out, and attend to nothing (sequence length 0), so they
+touch no real sequence.
+
+Only the fused (Triton) backend can be captured: the torch reference plans its work from host
+copies of the lengths, which a graph would freeze. With `capture=False` the same static-buffer
+path runs eagerly, which is how CPU tests check the padding under the interpreted kernels.
+"""
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence as Seq
+
+import torch
+from torch import nn
+
+from engine.attention.base import AttentionBackend
+from engine.attention.metadata import AttentionMetadata
+from engine.forward_context import ForwardContext
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """Captured sizes: 1, 2, 4, 8, then every multiple of 16 (vLLM's ladder), up to max_batch.
+
+    Padding is then at most 15 rows, and capture stays a few dozen graphs."""
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_batch]
+    sizes += list(range(16, max_batch + 1, 16))
+    if not sizes or sizes[-1] < max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+def padded_size(sizes: Seq[int], batch: int) -> int | None:
+    """The smallest captured size that holds `batch` rows; None when none does."""
+    i = bisect.bisect_left(sizes, batch)
+    return sizes[i] if i < len(sizes) else None
+
+
+class DecodeGraphs:
+    """Static inputs and one captured forward per batch size, for steps of one token per sequence.
+
+    `run(tokens, positions, block_tables)` fills the buffers (two host-to-device copies) and
+    replays the graph of the padded size; it returns the hidden states of the real rows.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        backend: AttentionBackend,
+        block_size: int,
+        max_batch: int,
+        max_model_len: int,
+        scratch_block: int,
+        device: str,
+        capture: bool = True,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.scratch_slot = scratch_block * block_size
+        self.device = device
+        self.sizes = graph_batch_sizes(max_batch)
+        n = self.sizes[-1]
+        self.max_blocks = -(-max_model_len // block_size)
+        # rows: token ids, positions, slots, sequence lengths; int32 keeps one copy per step
+        self.vec = torch.zeros((4, n), dtype=torch.int32, device=device)
+        self.tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
+        pin = device.startswith("cuda")
+        self._host_vec = torch.zeros((4, n), dtype=torch.int32, pin_memory=pin)
+        self._host_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, pin_memory=pin)
+        self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self._ctx = {b: self._context(b) for b in self.sizes}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if capture:
+            self._capture()
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def _context(self, b: int) -> ForwardContext:
+        # The host lengths are the graph's bound, not a step's: the decode kernel sizes its
+        # split-K grid from max_seqlen_k, and programs past a sequence's end return at once.
+        meta = AttentionMetadata(
+            cu_seqlens_q=self.cu_seqlens[: b + 1],
+            seq_lens=self.vec[3, :b],
+            slot_mapping=self.vec[2, :b],
+            block_tables=self.tables[:b],
+            max_seqlen_q=1,
+            max_seqlen_k=self.max_model_len,
+            query_lens=(1,) * b,
+            seq_lens_host=(self.max_model_len,) * b,
+            causal=True,
+        )
+        return ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
+
+    def _forward(self, b: int) -> torch.Tensor:
+        return self.model(self.vec[0, :b], self.vec[1, :b], self._ctx[b])
+
+    def _pad_all(self) -> None:
+        self.vec[0].zero_()
+        self.vec[1].zero_()
+        self.vec[2].fill_(self.scratch_slot)
+        self.vec[3].zero_()
+        self.tables.zero_()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        self._pad_all()  # warm-up and capture write only the scratch block
+        pool = None
+        for b in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compiles kernels and settles allocations off-graph
+                for _ in range(2):
+                    self._forward(b)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self._forward(b)
+            pool = graph.pool()
+            self._graphs[b] = (graph, hidden)
+        torch.cuda.synchronize()
+
+    def run(self, tokens: Seq[int], positions: Seq[int], block_tables: Seq[Seq[int]]) -> torch.Tensor:
+        """Hidden states (len(tokens), hidden) of one decode step; the caller checks the size fits."""
+        b = len(tokens)
+        size = padded_size(self.sizes, b)
+        assert size is not None, f"batch {b} over the largest captured size {self.max_batch}"
+        bs = self.block_size
+        host = self._host_vec
+        host[:, b:size] = 0
+        host[2, b:size] = self.scratch_slot
+        host[0, :b] = torch.tensor(tokens, dtype=torch.int32)
+        pos = torch.tensor(positions, dtype=torch.int32)
+        host[1, :b] = pos
+        tables = self._host_tables
+        tables[:size].zero_()
+        for i, table in enumerate(block_tables):  # a row copy per sequence, not per token
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        rows = torch.arange(b)
+        host[2, :b] = tables[rows, (pos // bs).long()] * bs + pos % bs
+        host[3, :b] = pos + 1
+        self.vec[:, :size].copy_(host[:, :size], non_blocking=True)
+        self.tables[:size].copy_(tables[:size], non_blocking=True)
+        if self._graphs:
+            graph, hidden = self._graphs[size]
+            graph.replay()
+        else:
+            hidden = self._forward(size)
+        # Clone: the next replay overwrites the graph's output, and pinned host buffers must
+        # not be refilled before the copies above ran (the caller's .tolist() syncs each step).
+        return hidden[:b].clone()
