@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import fused
+
 
 class RMSNorm(nn.Module):
     """LLaMA's RMSNorm, computed in fp32 and cast back before the weight, exactly as HF does."""
@@ -18,11 +20,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add rides in the norm's kernel."""
+        return fused.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -119,18 +119,3 @@ class RotaryEmbedding(nn.Module):
         equal, so one is enough), broadcast over heads; once per forward."""
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # (T, D/2) each
         return cos[:, None, :], sin[:, None, :]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D) rotated as HF's `x * cos + rotate_half(x) * sin`, on half-width cos/sin (T, 1, D/2).
-
-    Per half that is `x1*cos - x2*sin` and `x2*cos + x1*sin`: HF's products and sums (equal up to
-    fused multiply-add rounding), without building rotate_half(x) or full-width tables."""
-    x1, x2 = x.chunk(2, dim=-1)
-    out = torch.empty_like(x)
-    o1, o2 = out.chunk(2, dim=-1)
-    torch.mul(x1, cos, out=o1)
-    o1.addcmul_(x2, sin, value=-1.0)
-    torch.mul(x2, cos, out=o2)
-    o2.addcmul_(x1, sin)
-    return out

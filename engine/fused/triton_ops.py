@@ -1,0 +1,105 @@
+"""Triton versions of engine.fused.ref: one program per token row, fp32 arithmetic inside."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
+    stride_x, stride_r, stride_o, stride_ro,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        # the sum is rounded to the model dtype first: it is the residual stream HF keeps
+        x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(h * h, 0) / n_cols + eps)
+    y = (h * inv).to(x.dtype).to(tl.float32)  # cast back before the weight, as HF
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    rows = x2.shape[0]
+    out = torch.empty((rows, n), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if residual is None:
+        res_in, res_out = x2, x2  # unused: HAS_RES is off
+    else:
+        res_in = residual.reshape(-1, n)
+        res_out = torch.empty_like(x2)
+    if rows:
+        _add_rms_norm_kernel[(rows,)](
+            x2, res_in, weight, out, res_out, n, eps,
+            x2.stride(0), res_in.stride(0), out.stride(0), res_out.stride(0),
+            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4,
+        )
+    return out.view(x.shape), (x if residual is None else res_out.view(x.shape))
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr, out_ptr, cos_ptr, sin_ptr, num_heads, half,
+    stride_xt, stride_xh, stride_ot, stride_oh, stride_ct, stride_st,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < half
+    mask = (h[:, None] < num_heads) & d_mask[None, :]
+    cos = tl.load(cos_ptr + t * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + t * stride_st + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    src = x_ptr + t * stride_xt + h[:, None] * stride_xh + d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    dst = out_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :]
+    tl.store(dst, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + half, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    t, heads, d = x.shape
+    out = torch.empty((t, heads, d), dtype=x.dtype, device=x.device)
+    assert x.stride(2) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1
+    if t:
+        _rotary_kernel[(t,)](
+            x, out, cos, sin, heads, d // 2,
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0), sin.stride(0),
+            BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(d // 2), num_warps=1,
+        )
+    return out
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        block = 1024
+        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
+    return out

@@ -1,0 +1,60 @@
+"""Fused Triton ops (engine.fused.triton_ops) against their torch references, on CPU under
+TRITON_INTERPRET=1 in fp32 and, when CUDA is there, compiled in bf16 at a real model's sizes."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from engine.fused import ref, triton_ops  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE, TOL = (torch.bfloat16, 1e-2) if DEVICE == "cuda" else (torch.float32, 1e-5)
+skip_interp = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="triton imported uninterpreted earlier in this process")
+
+
+def rel(out: torch.Tensor, want: torch.Tensor) -> float:
+    return float((out.float() - want.float()).norm() / want.float().norm())
+
+
+def rand(*shape: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(DEVICE, DTYPE)
+
+
+@skip_interp
+@pytest.mark.parametrize("rows,hidden,with_res", [(1, 64, True), (7, 96, False), (33, 576, True)])
+def test_add_rms_norm(rows, hidden, with_res):
+    gen = torch.Generator().manual_seed(rows * hidden)
+    x, w = rand(rows, hidden, gen=gen), rand(hidden, gen=gen)
+    res = rand(rows, hidden, gen=gen) if with_res else None
+    out, new_res = triton_ops.add_rms_norm(x, res, w, 1e-5)
+    want, want_res = ref.add_rms_norm(x, res, w, 1e-5)
+    assert rel(out, want) <= TOL and rel(new_res, want_res) <= TOL
+    assert new_res.shape == x.shape and out.dtype == want.dtype
+
+
+@skip_interp
+@pytest.mark.parametrize("tokens,hq,hk,d", [(1, 4, 2, 16), (5, 9, 3, 64), (17, 8, 8, 128)])
+def test_rotary(tokens, hq, hk, d):
+    gen = torch.Generator().manual_seed(tokens + d)
+    table = rand(64, d, gen=gen)  # [cos | sin] halves, looked up by position as the model does
+    pos = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
+    cos, sin = table[pos].chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    q, k = rand(tokens, hq, d, gen=gen), rand(tokens, hk, d, gen=gen)
+    for out, want in zip(triton_ops.rotary(q, k, cos, sin), ref.rotary(q, k, cos, sin)):
+        assert rel(out, want) <= TOL
+
+
+@skip_interp
+@pytest.mark.parametrize("shape", [(1, 128), (9, 1536), (3, 1000)])
+def test_silu_mul(shape):
+    gen = torch.Generator().manual_seed(shape[1])
+    g, u = rand(*shape, gen=gen), rand(*shape, gen=gen)
+    assert rel(triton_ops.silu_mul(g, u), ref.silu_mul(g, u)) <= TOL
