@@ -65,6 +65,8 @@ def load_model(
         optional=getattr(model, "optional_weight", lambda n: False),
         dtype=dtype,
     )
+    if hasattr(model, "after_load"):  # e.g. merging projections that checkpoints store apart
+        model.after_load()
     model.eval().requires_grad_(False)
     tokenizer = _load_tokenizer(cls, folder)
     info = _model_info(name, folder, arch, entry.task, config, cls, tokenizer, max_model_len)

@@ -47,7 +47,9 @@ def test_rotary(tokens, hq, hk, d):
     pos = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
     cos, sin = table[pos].chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
-    q, k = rand(tokens, hq, d, gen=gen), rand(tokens, hk, d, gen=gen)
+    qkv = rand(tokens, (hq + 2 * hk) * d, gen=gen)  # q and k as views of a merged q/k/v matmul
+    q, k, _ = qkv.split([hq * d, hk * d, hk * d], -1)
+    q, k = q.view(tokens, hq, d), k.view(tokens, hk, d)
     for out, want in zip(triton_ops.rotary(q, k, cos, sin), ref.rotary(q, k, cos, sin)):
         assert rel(out, want) <= TOL
 
@@ -57,4 +59,6 @@ def test_rotary(tokens, hq, hk, d):
 def test_silu_mul(shape):
     gen = torch.Generator().manual_seed(shape[1])
     g, u = rand(*shape, gen=gen), rand(*shape, gen=gen)
+    assert rel(triton_ops.silu_mul(g, u), ref.silu_mul(g, u)) <= TOL
+    g, u = rand(shape[0], 2 * shape[1], gen=gen).split(shape[1], -1)  # halves of a merged matmul
     assert rel(triton_ops.silu_mul(g, u), ref.silu_mul(g, u)) <= TOL
