@@ -21,12 +21,14 @@ from models.pooling import PoolingConfig, PoolingConfigError
 from models.spec import KVCacheSpec
 from models.weights import ModelLoadError
 
-# HF's ACT2FN names for the activations BERT-family checkpoints use.
+# HF's ACT2FN names for the activations BERT-family checkpoints use, as in-place ops: they run on
+# the fresh up-projection (T, 4H), the largest activation, so in place saves an allocation and
+# a pass over memory (~20% of the activation's time on CPU).
 _ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, what "gelu" means in HF
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
+    "gelu": lambda x: torch.ops.aten.gelu_(x),  # exact (erf) GELU, what "gelu" means in HF
+    "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "relu": torch.relu_,
 }
 
 
@@ -123,10 +125,13 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
         t = x.shape[0]
-        shape = (t, self.num_heads, self.head_dim)
-        q = self.query(x).view(shape)  # (T, nh, hs)
-        k = self.key(x).view(shape)
-        v = self.value(x).view(shape)
+        # One GEMM for Q, K and V instead of three narrow ones: x is read once, one bias pass.
+        # Concatenating the weights per call copies 3H*H floats, nothing next to the T*H*3H
+        # multiply-adds; the three modules stay so HF's checkpoint keys load unchanged.
+        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+        qkv = F.linear(x, weight, bias).view(t, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(1)  # (T, nh, hs) strided views, no copies
         return ctx.attend(layer_idx, q, k, v, self.scale).reshape(t, -1)  # (T, H)
 
 
@@ -137,7 +142,7 @@ class BertSelfOutput(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(attn) + residual)
+        return self.LayerNorm(self.dense(attn).add_(residual))  # in place: the GEMM output is fresh
 
 
 class BertAttention(nn.Module):
@@ -157,7 +162,9 @@ class BertIntermediate(nn.Module):
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(x))
+        h = self.dense(x)
+        # autograd needs GELU's input for its backward: in place only when nothing records
+        return self.act(h) if not h.requires_grad else self.act(h.clone())
 
 
 class BertOutput(nn.Module):
@@ -167,7 +174,7 @@ class BertOutput(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+        return self.LayerNorm(self.dense(x).add_(residual))  # in place: the GEMM output is fresh
 
 
 class BertLayer(nn.Module):

@@ -112,3 +112,22 @@ def test_t5_buckets_match_transformers():
     for bidir in (True, False):
         ref = T5Attention._relative_position_bucket(rel, bidirectional=bidir, num_buckets=32, max_distance=128)
         assert torch.equal(t5_relative_buckets(rel, bidir, 32, 128), ref)
+
+
+@pytest.mark.parametrize("lens", [[3, 3, 7, 7, 7, 12], [12, 3, 7, 3, 1, 30, 7, 2, 2, 5, 9]])
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_sorted_runs_and_ragged_buckets_equal_dense(lens, causal):
+    """Sorted lengths run as unpadded equal-length slices (views of strided q/k/v, as a fused
+    QKV projection gives), unsorted ones as padded length buckets; both equal per-sequence attention."""
+    torch.manual_seed(2)
+    h, d, total = 4, 8, sum(lens)
+    q, k, v = torch.randn(total, 3, h, d).unbind(1)  # strided views, like BERT's fused projection
+    backend = TorchAttentionBackend()
+    meta = metadata_for_sequences(lens, causal=causal)
+    out = backend.varlen_attention(q, k, v, meta, 0.4)
+    assert len(backend._plan_groups(meta, q.device, None)) > 1
+    start = 0
+    for n in lens:
+        ref = naive(q[start : start + n], k[start : start + n], v[start : start + n], 0.4, causal)
+        assert torch.allclose(out[start : start + n], ref, atol=1e-5)
+        start += n

@@ -48,14 +48,14 @@ def _sdpa(
     q: torch.Tensor,  # (B, Q, Hq, D)
     k: torch.Tensor,  # (B, K, Hk, D)
     v: torch.Tensor,
-    visible: torch.Tensor,  # (B, Q, K) bool
+    visible: torch.Tensor | None,  # (B, Q, K) bool; None: every key is visible
     scale: float,
     bias: torch.Tensor | None,  # (B, H, Q, K)
 ) -> torch.Tensor:
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    mask: torch.Tensor = visible[:, None]
+    mask = None if visible is None else visible[:, None]
     if bias is not None:
-        mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
@@ -85,7 +85,9 @@ class _Group:
     # (n,) where each of those rows sits in the flattened (b * max_q) padded layout: integer
     # index_copy/index_select run multi-threaded, boolean-mask indexing does not
     pad_idx: torch.Tensor
-    whole: bool  # flat_idx is 0..T-1: the group is every row, in order (an encoder batch)
+    # flat_idx is start..end-1: the group's rows are one slice of q, in order (encoder batches)
+    span: tuple[int, int] | None
+    dense: bool  # no padded slot (equal query lengths): padding is a gather, or with `span` a view
     tables: torch.Tensor | None  # (b, num_blocks) block ids (paged) or None (varlen)
     k_len: int
     visible: torch.Tensor  # (b, max_q, max_k) bool
@@ -123,17 +125,38 @@ def _length_buckets(rows: list[int], lengths: tuple[int, ...], slack: float = 1.
 def _pad(x: torch.Tensor, group: _Group) -> torch.Tensor:
     """Group rows of flat x -> (b, max_q, ...) zero-padded."""
     b, max_q = group.valid.shape
+    shape = (b, max_q) + tuple(x.shape[1:])
+    rows = x[group.span[0]:group.span[1]] if group.span is not None else None
+    if group.dense:  # nothing to pad: a view of a slice (any row stride), else one gather
+        return (rows if rows is not None else x.index_select(0, group.flat_idx)).view(shape)
     out = x.new_zeros((b * max_q,) + tuple(x.shape[1:]))
-    out.index_copy_(0, group.pad_idx, x if group.whole else x.index_select(0, group.flat_idx))
-    return out.view((b, max_q) + tuple(x.shape[1:]))
+    out.index_copy_(0, group.pad_idx, rows if rows is not None else x.index_select(0, group.flat_idx))
+    return out.view(shape)
 
 
 def _unpad(o: torch.Tensor, group: _Group, out: torch.Tensor | None) -> torch.Tensor:
     """(b, max_q, ...) attention output -> the group's rows, written into flat `out`."""
-    rows = o.reshape((-1,) + tuple(o.shape[2:])).index_select(0, group.pad_idx)
+    rows = o.reshape((-1,) + tuple(o.shape[2:]))
+    if not group.dense:
+        rows = rows.index_select(0, group.pad_idx)
     if out is None:
         return rows
+    if group.span is not None:
+        out[group.span[0]:group.span[1]] = rows
+        return out
     return out.index_copy_(0, group.flat_idx, rows)
+
+
+def _equal_length_runs(lengths: tuple[int, ...]) -> list[list[int]]:
+    """Consecutive rows of equal length, one run each. For a batch sorted by length (offline
+    embeddings) every run is a slice of q with no padding: attention reads views, needs no mask."""
+    runs: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if runs and lengths[runs[-1][0]] == n:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 class TorchAttentionBackend:
@@ -174,8 +197,11 @@ class TorchAttentionBackend:
             chunks = [i for i, n in enumerate(meta.query_lens) if n != 1]
             splits = [torch.tensor(rows, dtype=torch.long, device=device)
                       for rows in (*_length_buckets(decode, meta.seq_lens_host), chunks)]
-        else:
-            splits = [torch.arange(len(q_lens), device=device)]
+        else:  # varlen (encoders, whole prompts): by length too, so a FIFO batch pads little
+            lens = meta.query_lens
+            is_sorted = all(a <= b for a, b in zip(lens, lens[1:]))
+            buckets = _equal_length_runs(lens) if is_sorted else _length_buckets(list(range(len(lens))), lens)
+            splits = [torch.tensor(rows, dtype=torch.long, device=device) for rows in buckets]
         groups = []
         for rows in splits:
             if rows.numel() == 0:
@@ -186,9 +212,11 @@ class TorchAttentionBackend:
                 assert meta.block_tables is not None
                 tables = meta.block_tables[rows, : (max_k + block_size - 1) // block_size].long()
             pad_idx = valid.flatten().nonzero().flatten()
-            whole = flat_idx.numel() == int(cu[-1]) and bool(
-                torch.equal(flat_idx, torch.arange(flat_idx.numel(), device=device)))
-            groups.append(_Group(flat_idx, valid, pad_idx, whole, tables, max_k, visible, q_pos, k_pos))
+            start = int(flat_idx[0]) if flat_idx.numel() else 0
+            is_slice = bool(torch.equal(flat_idx, torch.arange(start, start + flat_idx.numel(), device=device)))
+            span = (start, start + flat_idx.numel()) if is_slice else None
+            dense = pad_idx.numel() == valid.numel()
+            groups.append(_Group(flat_idx, valid, pad_idx, span, dense, tables, max_k, visible, q_pos, k_pos))
         if len(self._plans) >= 4:  # an older step's plans: drop them
             self._plans.clear()
         self._plans[key] = (meta, groups)
@@ -221,8 +249,16 @@ class TorchAttentionBackend:
         scale: float,
         bias: RelativePositionBias | None = None,
     ) -> torch.Tensor:
-        (g,) = self._plan_groups(meta, query.device, block_size=None)
-        b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
-        o = _sdpa(_pad(query, g), _pad(key, g), _pad(value, g), g.visible, scale, b)
-        out = _unpad(o, g, None if g.whole else torch.empty_like(query))
+        groups = self._plan_groups(meta, query.device, block_size=None)
+        whole = len(groups) == 1 and groups[0].span == (0, query.shape[0])
+        out = None if whole else torch.empty_like(query)
+        for g in groups:
+            b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
+            # every key visible to every query (equal lengths, no causal): no mask for SDPA to read
+            visible = None if g.dense and not meta.causal else g.visible
+            o = _sdpa(_pad(query, g), _pad(key, g), _pad(value, g), visible, scale, b)
+            if out is None:
+                return _unpad(o, g, None)
+            _unpad(o, g, out)
+        assert out is not None
         return out
