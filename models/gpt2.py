@@ -8,11 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import ForwardContext
-from models.layers import activation
+from models.layers import activation, vocab_logits
 from models.spec import KVCacheSpec
 
 
@@ -144,7 +143,7 @@ class GPT2LMHeadModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return vocab_logits(hidden, weight)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import ForwardContext
 from engine import fused
-from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation
+from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, vocab_logits
 from models.spec import KVCacheSpec
 
 
@@ -201,7 +200,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return vocab_logits(hidden, weight)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:

@@ -26,6 +26,7 @@ from torch import nn
 
 from engine.forward_context import ForwardContext
 from models.encdec_tokenizer import MarianTokenizer, generation_defaults
+from models.layers import vocab_logits
 from models.spec import KVCacheSpec
 
 ACTIVATIONS = {
@@ -252,7 +253,7 @@ class MarianMTModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.decoder_embed.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return (F.linear(hidden, weight) + self.final_logits_bias).float()
+        return vocab_logits(hidden, weight, self.final_logits_bias.reshape(-1))
 
     @property
     def num_decoder_layers(self) -> int:

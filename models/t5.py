@@ -19,6 +19,7 @@ from torch import nn
 from engine.attention.metadata import RelativePositionBias
 from engine.forward_context import ForwardContext
 from models.encdec_tokenizer import JsonTokenizer, T5Tokenizer, generation_defaults
+from models.layers import vocab_logits
 from models.spec import KVCacheSpec
 
 ACTIVATIONS = {
@@ -260,7 +261,7 @@ class T5ForConditionalGeneration(nn.Module):
         if self.config.scale_decoder_outputs:
             hidden = hidden * self.config.d_model**-0.5
         weight = self.shared.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return vocab_logits(hidden, weight)
 
     @property
     def num_decoder_layers(self) -> int:

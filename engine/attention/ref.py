@@ -51,13 +51,14 @@ def _sdpa(
     visible: torch.Tensor | None,  # (B, Q, K) bool; None: every key is visible
     scale: float,
     bias: torch.Tensor | None,  # (B, H, Q, K)
+    is_causal: bool = False,  # instead of `visible`: query i sees keys 0..i (Q == K, no bias)
 ) -> torch.Tensor:
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     mask = None if visible is None else visible[:, None]
     if bias is not None:
         mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
     )
     return out.transpose(1, 2)  # (B, Q, Hq, D)
 
@@ -93,6 +94,8 @@ class _Group:
     visible: torch.Tensor  # (b, max_q, max_k) bool
     q_pos: torch.Tensor
     k_pos: torch.Tensor
+    # one whole causal prompt (queries == keys): SDPA's is_causal skips the masked half, no mask
+    causal_square: bool = False
 
 
 def _group(
@@ -168,6 +171,23 @@ class TorchAttentionBackend:
         # Index work depends only on the step's metadata: build it once, reuse it in every layer.
         # Keyed by metadata identity (kept alive by the entry); a step has one or two (cross-attn).
         self._plans: dict[tuple[int, int], tuple[AttentionMetadata, list[_Group]]] = {}
+        # Gathered K and V blocks land in buffers reused by every layer and step. A fresh tensor
+        # of tens of MB is a fresh mmap on CPU: zeroing its pages cost 8x the copy itself.
+        self._gather_buffers: list[torch.Tensor | None] = [None, None]
+
+    def _gather(self, cache: torch.Tensor, tables: torch.Tensor, which: int) -> torch.Tensor:
+        """cache[tables] as (b, blocks * block_size, kv_heads, head_dim), in a reused buffer."""
+        block_numel = cache[0].numel()
+        need = tables.numel() * block_numel
+        buf = self._gather_buffers[which]
+        if buf is None or buf.numel() < need or buf.dtype != cache.dtype or buf.device != cache.device:
+            with torch.inference_mode(False):  # usable inside and outside inference mode
+                # grow by half again: decode contexts grow a block at a time
+                buf = torch.empty(need + need // 2, dtype=cache.dtype, device=cache.device)
+            self._gather_buffers[which] = buf
+        out = buf[:need].view((tables.numel(),) + tuple(cache.shape[1:]))
+        torch.index_select(cache, 0, tables.flatten(), out=out)
+        return out.view((tables.shape[0], -1) + tuple(cache.shape[2:]))
 
     def store_kv(
         self,
@@ -194,9 +214,11 @@ class TorchAttentionBackend:
         cu = meta.cu_seqlens_q.to(device).long()
         if paged:  # decode rows apart, so one long prefill never pads them; and by length
             decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
-            chunks = [i for i, n in enumerate(meta.query_lens) if n != 1]
+            # Each prefill chunk alone: padding chunks of 30 and 500 tokens to one (500, 500)
+            # masked square per row cost 2-4x the same chunks attended one by one.
+            chunks = [[i] for i, n in enumerate(meta.query_lens) if n != 1]
             splits = [torch.tensor(rows, dtype=torch.long, device=device)
-                      for rows in (*_length_buckets(decode, meta.seq_lens_host), chunks)]
+                      for rows in (*_length_buckets(decode, meta.seq_lens_host), *chunks)]
         else:  # varlen (encoders, whole prompts): by length too, so a FIFO batch pads little
             lens = meta.query_lens
             is_sorted = all(a <= b for a, b in zip(lens, lens[1:]))
@@ -216,7 +238,8 @@ class TorchAttentionBackend:
             is_slice = bool(torch.equal(flat_idx, torch.arange(start, start + flat_idx.numel(), device=device)))
             span = (start, start + flat_idx.numel()) if is_slice else None
             dense = pad_idx.numel() == valid.numel()
-            groups.append(_Group(flat_idx, valid, pad_idx, span, dense, tables, max_k, visible, q_pos, k_pos))
+            square = meta.causal and rows.numel() == 1 and valid.shape[1] == max_k
+            groups.append(_Group(flat_idx, valid, pad_idx, span, dense, tables, max_k, visible, q_pos, k_pos, square))
         if len(self._plans) >= 4:  # an older step's plans: drop them
             self._plans.clear()
         self._plans[key] = (meta, groups)
@@ -233,10 +256,11 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         out = torch.empty_like(query)
         for g in self._plan_groups(meta, query.device, block_size=k_cache.shape[1]):
-            k = k_cache[g.tables].flatten(1, 2)[:, : g.k_len]  # (b, K, Hk, D)
-            v = v_cache[g.tables].flatten(1, 2)[:, : g.k_len]
+            k = self._gather(k_cache, g.tables, 0)[:, : g.k_len]  # (b, K, Hk, D)
+            v = self._gather(v_cache, g.tables, 1)[:, : g.k_len]
             b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
-            o = _sdpa(_pad(query, g), k, v, g.visible, scale, b)
+            causal = g.causal_square and b is None
+            o = _sdpa(_pad(query, g), k, v, None if causal else g.visible, scale, b, is_causal=causal)
             _unpad(o, g, out)
         return out
 
