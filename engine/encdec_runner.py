@@ -15,6 +15,7 @@ from engine.forward_context import ForwardContext, metadata_for_sequences
 from engine.input_prep import prepare_inputs
 from engine.model_runner import copy_blocks
 from engine.translation_scheduler import TranslationBatch
+from engine.workspace import Workspace
 
 
 class EncDecRunner:
@@ -33,6 +34,7 @@ class EncDecRunner:
         self.block_size = block_size
         self.backend = backend
         self.device = device
+        self._logits = Workspace()  # each step's logits (CPU), consumed within the step
 
     @torch.inference_mode()
     def execute(self, batch: TranslationBatch) -> torch.Tensor:
@@ -55,7 +57,7 @@ class EncDecRunner:
         self_ctx = ForwardContext(inputs.meta, self.backend, self.kv_caches)
         cross_ctx = ForwardContext(self._cross_meta(inputs.meta, enc_lens, cross_tables), self.backend, self.kv_caches)
         hidden = self.model.decode(inputs.input_ids, inputs.positions, self_ctx, cross_ctx)
-        return self.model.compute_logits(hidden[inputs.sample_rows])
+        return self.model.compute_logits(hidden[inputs.sample_rows], self._logits)
 
     def _encode(self, sources: list[list[int]], tables: list[list[int]]) -> None:
         """Run the encoders of newly admitted groups as one flat batch; store their cross K/V."""

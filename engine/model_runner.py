@@ -16,6 +16,7 @@ from engine.outputs import TokenLogprob
 from engine.sampler import Sampler, SamplingRow
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from engine.workspace import Workspace
 from models.spec import KVCacheSpec
 
 
@@ -69,6 +70,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
         self._generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
+        self._logits = Workspace()  # each step's logits (CPU), consumed within the step
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         copy_blocks(self.kv_caches, copies, self.device)
@@ -125,7 +127,7 @@ class ModelRunner:
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         if hidden.shape[0] == 0:
             return sampled, logprobs
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden, self._logits)
         sampling_seqs = [i for i, s in enumerate(samples) if s]
         rows = [
             SamplingRow(

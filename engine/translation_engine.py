@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from engine.attention import get_backend
-from engine.beam_search import BeamSearch, Constraints
+from engine.beam_search import BeamSearch, Constraints, log_softmax_
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.encdec_runner import EncDecRunner
@@ -261,7 +261,9 @@ class TranslationEngine:
         if beam_idx:
             rows = [r for i in beam_idx for r in range(starts[i], starts[i + 1])]
             beam_states = [states[i] for i in beam_idx]
-            logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+            # all beams (the usual case) are one run of rows: a view, not a 60 MB gather
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+            logprobs = log_softmax_(logits[rows[0] : rows[0] + len(rows)] if contiguous else logits[rows])
             logprobs = self._constrain(logprobs, [b for s in beam_states for b in s.group.beams])
             k = max(s.beam.num_candidates for s in beam_states)  # type: ignore[union-attr]
             top_lp, top_ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)

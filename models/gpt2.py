@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.forward_context import ForwardContext
 from models.layers import activation, vocab_logits
+from engine.workspace import Workspace
 from models.spec import KVCacheSpec
 
 
@@ -141,9 +142,9 @@ class GPT2LMHeadModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.transformer(input_ids, positions, ctx)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-        return vocab_logits(hidden, weight)
+        return vocab_logits(hidden, weight, workspace=workspace)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:

@@ -13,7 +13,8 @@ from torch import nn
 
 from engine.forward_context import ForwardContext
 from engine import fused
-from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, vocab_logits
+from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear, vocab_logits
+from engine.workspace import Workspace
 from models.spec import KVCacheSpec
 
 
@@ -64,17 +65,6 @@ class LlamaConfig:
         )
 
 
-def _merged(*linears: nn.Linear) -> nn.Linear:
-    """One Linear whose output is the given ones' outputs side by side (same input)."""
-    first = linears[0]
-    out = sum(m.out_features for m in linears)
-    merged = nn.Linear(first.in_features, out, bias=first.bias is not None, device="meta")
-    merged.weight = nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=False)
-    if first.bias is not None:
-        merged.bias = nn.Parameter(torch.cat([m.bias for m in linears]), requires_grad=False)
-    return merged
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -92,7 +82,7 @@ class LlamaAttention(nn.Module):
 
     def merge_projections(self) -> None:
         """q/k/v as one matmul: a third of the launches, and a wider one that uses the GPU better."""
-        self.qkv_proj = _merged(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_proj = merged_linear(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
@@ -122,7 +112,7 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj: nn.Linear | None = None  # set by merge_projections() after loading
 
     def merge_projections(self) -> None:
-        self.gate_up_proj = _merged(self.gate_proj, self.up_proj)
+        self.gate_up_proj = merged_linear(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,9 +188,9 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.merge_projections()
             layer.mlp.merge_projections()
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return vocab_logits(hidden, weight)
+        return vocab_logits(hidden, weight, workspace=workspace)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:

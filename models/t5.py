@@ -20,6 +20,7 @@ from engine.attention.metadata import RelativePositionBias
 from engine.forward_context import ForwardContext
 from models.encdec_tokenizer import JsonTokenizer, T5Tokenizer, generation_defaults
 from models.layers import vocab_logits
+from engine.workspace import Workspace
 from models.spec import KVCacheSpec
 
 ACTIVATIONS = {
@@ -257,11 +258,11 @@ class T5ForConditionalGeneration(nn.Module):
             x = block.layer[2](x)
         return self.decoder.final_layer_norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         if self.config.scale_decoder_outputs:
             hidden = hidden * self.config.d_model**-0.5
         weight = self.shared.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return vocab_logits(hidden, weight)
+        return vocab_logits(hidden, weight, workspace=workspace)
 
     @property
     def num_decoder_layers(self) -> int:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.metadata import AttentionMetadata, RelativePositionBias
+from engine.workspace import Workspace
 
 
 def t5_relative_buckets(
@@ -173,19 +174,11 @@ class TorchAttentionBackend:
         self._plans: dict[tuple[int, int], tuple[AttentionMetadata, list[_Group]]] = {}
         # Gathered K and V blocks land in buffers reused by every layer and step. A fresh tensor
         # of tens of MB is a fresh mmap on CPU: zeroing its pages cost 8x the copy itself.
-        self._gather_buffers: list[torch.Tensor | None] = [None, None]
+        self._gather_buffers = (Workspace(), Workspace())
 
     def _gather(self, cache: torch.Tensor, tables: torch.Tensor, which: int) -> torch.Tensor:
         """cache[tables] as (b, blocks * block_size, kv_heads, head_dim), in a reused buffer."""
-        block_numel = cache[0].numel()
-        need = tables.numel() * block_numel
-        buf = self._gather_buffers[which]
-        if buf is None or buf.numel() < need or buf.dtype != cache.dtype or buf.device != cache.device:
-            with torch.inference_mode(False):  # usable inside and outside inference mode
-                # grow by half again: decode contexts grow a block at a time
-                buf = torch.empty(need + need // 2, dtype=cache.dtype, device=cache.device)
-            self._gather_buffers[which] = buf
-        out = buf[:need].view((tables.numel(),) + tuple(cache.shape[1:]))
+        out = self._gather_buffers[which].take((tables.numel(),) + tuple(cache.shape[1:]), cache.dtype, cache.device)
         torch.index_select(cache, 0, tables.flatten(), out=out)
         return out.view((tables.shape[0], -1) + tuple(cache.shape[2:]))
 
