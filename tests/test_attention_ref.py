@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from engine.attention import TorchAttentionBackend
 from engine.attention.metadata import RelativePositionBias
-from engine.attention.ref import _length_buckets, t5_relative_buckets
+from engine.attention.ref import _length_buckets, _split_by_bytes, t5_relative_buckets
 from engine.forward_context import metadata_for_sequences
 from engine.input_prep import prepare_inputs
 
@@ -67,10 +67,18 @@ def test_length_buckets_bound_padding_and_keep_every_row():
         [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 60], [61, 62, 66, 70], [600, 650, 690, 700]]
 
 
-def test_decodes_of_very_different_lengths_equal_dense_attention():
+def test_split_by_bytes_caps_each_runs_gather():
+    lengths = (10, 20, 30, 40, 100, 100, 100, 5000)
+    runs = _split_by_bytes(list(range(len(lengths))), lengths, token_bytes=10, budget=1000)
+    assert runs == [[0, 1, 2], [3], [4], [5], [6], [7]]  # a row over budget alone still gets its run
+    assert all(len(r) * lengths[r[-1]] * 10 <= 1000 for r in runs[:-1])
+
+
+@pytest.mark.parametrize("hk,d", [(2, 8), (8, 128)])  # 64 B a token: length buckets; 4 KB: byte cap too
+def test_decodes_of_very_different_lengths_equal_dense_attention(hk: int, d: int):
     """Twenty decodes from 2 to 300 keys: split into several length buckets, each exact."""
     torch.manual_seed(1)
-    hq, hk, d, bs = 4, 2, 8, 16
+    hq, bs = 2 * hk, 16
     totals = [2, 300, 40, 41, 7, 280, 9, 45, 3, 250, 5, 6, 8, 290, 44, 10, 11, 12, 260, 4]
     nblocks = sum(-(-n // bs) for n in totals) + 4
     backend = TorchAttentionBackend()
@@ -83,6 +91,8 @@ def test_decodes_of_very_different_lengths_equal_dense_attention():
     q = torch.randn(len(totals), hq, d)
     out = backend.paged_attention(q, kc, vc, inp.meta, 0.5)
     assert len(backend._plan_groups(inp.meta, q.device, bs)) > 1  # the batch really was split
+    groups = backend._plan_groups(inp.meta, q.device, bs, token_bytes=hk * d * 4)
+    assert all(g.tables.shape[0] == 1 or g.tables.numel() * bs * hk * d * 4 <= 3 << 20 for g in groups)
     for i, (n, table) in enumerate(zip(totals, tables)):
         k = kc[table].flatten(0, 1)[:n]
         v = vc[table].flatten(0, 1)[:n]

@@ -126,6 +126,21 @@ def _length_buckets(rows: list[int], lengths: tuple[int, ...], slack: float = 1.
     return buckets
 
 
+def _split_by_bytes(rows: list[int], lengths: tuple[int, ...], token_bytes: int,
+                    budget: int = 3 << 20) -> list[list[int]]:
+    """Cut rows sorted by key length into runs whose gathered K (rows x longest x token_bytes)
+    stays within `budget`: the gather then leaves K and V in the CPU's cache for SDPA to read.
+    Decode attention is memory-bound; at 64 sequences of 512 tokens (SmolLM2) runs of 8
+    took 30 % less time than one call over 50 MB of K/V that had gone out to DRAM and back."""
+    runs: list[list[int]] = []
+    for r in rows:
+        if runs and (len(runs[-1]) + 1) * lengths[r] * token_bytes <= budget:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
+
+
 def _pad(x: torch.Tensor, group: _Group) -> torch.Tensor:
     """Group rows of flat x -> (b, max_q, ...) zero-padded."""
     b, max_q = group.valid.shape
@@ -171,7 +186,7 @@ class TorchAttentionBackend:
     def __init__(self) -> None:
         # Index work depends only on the step's metadata: build it once, reuse it in every layer.
         # Keyed by metadata identity (kept alive by the entry); a step has one or two (cross-attn).
-        self._plans: dict[tuple[int, int], tuple[AttentionMetadata, list[_Group]]] = {}
+        self._plans: dict[tuple[int, int, int], tuple[AttentionMetadata, list[_Group]]] = {}
         # Gathered K and V blocks land in buffers reused by every layer and step. A fresh tensor
         # of tens of MB is a fresh mmap on CPU: zeroing its pages cost 8x the copy itself.
         self._gather_buffers = (Workspace(), Workspace())
@@ -195,9 +210,9 @@ class TorchAttentionBackend:
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
     def _plan_groups(
-        self, meta: AttentionMetadata, device: torch.device, block_size: int | None
+        self, meta: AttentionMetadata, device: torch.device, block_size: int | None, token_bytes: int = 0
     ) -> list[_Group]:
-        key = (id(meta), block_size or 0)
+        key = (id(meta), block_size or 0, token_bytes)
         hit = self._plans.get(key)
         if hit is not None and hit[0] is meta:
             return hit[1]
@@ -210,8 +225,12 @@ class TorchAttentionBackend:
             # Each prefill chunk alone: padding chunks of 30 and 500 tokens to one (500, 500)
             # masked square per row cost 2-4x the same chunks attended one by one.
             chunks = [[i] for i, n in enumerate(meta.query_lens) if n != 1]
-            splits = [torch.tensor(rows, dtype=torch.long, device=device)
-                      for rows in (*_length_buckets(decode, meta.seq_lens_host), *chunks)]
+            lens = meta.seq_lens_host
+            if token_bytes and device.type == "cpu":
+                decodes = [run for b in _length_buckets(decode, lens) for run in _split_by_bytes(b, lens, token_bytes)]
+            else:
+                decodes = _length_buckets(decode, lens)
+            splits = [torch.tensor(rows, dtype=torch.long, device=device) for rows in (*decodes, *chunks)]
         else:  # varlen (encoders, whole prompts): by length too, so a FIFO batch pads little
             lens = meta.query_lens
             is_sorted = all(a <= b for a, b in zip(lens, lens[1:]))
@@ -248,7 +267,8 @@ class TorchAttentionBackend:
         bias: RelativePositionBias | None = None,
     ) -> torch.Tensor:
         out = torch.empty_like(query)
-        for g in self._plan_groups(meta, query.device, block_size=k_cache.shape[1]):
+        token_bytes = k_cache[0, 0].numel() * k_cache.element_size()
+        for g in self._plan_groups(meta, query.device, block_size=k_cache.shape[1], token_bytes=token_bytes):
             k = self._gather(k_cache, g.tables, 0)[:, : g.k_len]  # (b, K, Hk, D)
             v = self._gather(v_cache, g.tables, 1)[:, : g.k_len]
             b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
