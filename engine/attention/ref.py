@@ -97,6 +97,11 @@ class _Group:
     k_pos: torch.Tensor
     # one whole causal prompt (queries == keys): SDPA's is_causal skips the masked half, no mask
     causal_square: bool = False
+    # every query sees every key (decodes of equal length, beams): SDPA needs no mask to read
+    sees_all: bool = False
+    # one sequence whose blocks are consecutive in the cache (a lone request, fresh pool): its
+    # K/V are a view of the cache from this block on, no gather
+    first_block: int | None = None
 
 
 def _group(
@@ -251,7 +256,13 @@ class TorchAttentionBackend:
             span = (start, start + flat_idx.numel()) if is_slice else None
             dense = pad_idx.numel() == valid.numel()
             square = meta.causal and rows.numel() == 1 and valid.shape[1] == max_k
-            groups.append(_Group(flat_idx, valid, pad_idx, span, dense, tables, max_k, visible, q_pos, k_pos, square))
+            first = None
+            if tables is not None and tables.shape[0] == 1:
+                t0 = int(tables[0, 0])
+                if torch.equal(tables[0], torch.arange(t0, t0 + tables.shape[1], device=tables.device)):
+                    first = t0
+            groups.append(_Group(flat_idx, valid, pad_idx, span, dense, tables, max_k, visible, q_pos, k_pos, square,
+                                 sees_all=bool(visible.all()), first_block=first))
         if len(self._plans) >= 4:  # an older step's plans: drop them
             self._plans.clear()
         self._plans[key] = (meta, groups)
@@ -269,11 +280,16 @@ class TorchAttentionBackend:
         out = torch.empty_like(query)
         token_bytes = k_cache[0, 0].numel() * k_cache.element_size()
         for g in self._plan_groups(meta, query.device, block_size=k_cache.shape[1], token_bytes=token_bytes):
-            k = self._gather(k_cache, g.tables, 0)[:, : g.k_len]  # (b, K, Hk, D)
-            v = self._gather(v_cache, g.tables, 1)[:, : g.k_len]
+            if g.first_block is not None:
+                blocks = slice(g.first_block, g.first_block + g.tables.shape[1])
+                k = k_cache[blocks].view((1, -1) + tuple(k_cache.shape[2:]))[:, : g.k_len]
+                v = v_cache[blocks].view((1, -1) + tuple(v_cache.shape[2:]))[:, : g.k_len]
+            else:
+                k = self._gather(k_cache, g.tables, 0)[:, : g.k_len]  # (b, K, Hk, D)
+                v = self._gather(v_cache, g.tables, 1)[:, : g.k_len]
             b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
             causal = g.causal_square and b is None
-            o = _sdpa(_pad(query, g), k, v, None if causal else g.visible, scale, b, is_causal=causal)
+            o = _sdpa(_pad(query, g), k, v, None if causal or g.sees_all else g.visible, scale, b, is_causal=causal)
             _unpad(o, g, out)
         return out
 
