@@ -163,10 +163,3 @@ def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         part = torch.mm(w, ht) if bias is None else torch.addmm(bias[start:start + chunk, None], w, ht)
         out[:, start:start + chunk].copy_(part.t())
     return out.float()
-    out = hidden.new_empty((rows, weight.shape[0]))
-    ht = hidden.t()
-    for start in range(0, weight.shape[0], chunk):
-        w = weight[start:start + chunk]
-        part = torch.mm(w, ht) if bias is None else torch.addmm(bias[start:start + chunk, None], w, ht)
-        out[:, start:start + chunk].copy_(part.t())
-    return out.float()
