@@ -5,6 +5,7 @@ get what a user would give them: sentences sorted by length and batched (padding
 batch). Each engine runs in its own process, so the reported peak RSS is its own.
 
     python benchmarks/bench_translation.py [--model FOLDER] [--num-sentences 500] [--engines kvserve,hf,ct2]
+    python benchmarks/bench_translation.py --engines http-kvserve,http-ct2   # concurrent HTTP clients
 
 Without --model a random Marian of opus-mt-en-de's shape (with a SentencePiece tokenizer trained in
 seconds) is built in a temp dir; a random model rarely emits eos, so it translates up to --max-tokens.
@@ -113,9 +114,74 @@ def run_ct2(folder: str, texts: list[str], max_tokens: int, batch_size: int = 32
     return out
 
 
-RUNNERS = {"kvserve": run_kvserve, "hf": run_hf, "ct2": run_ct2}
+def _serve_and_load(cmd: list[str], port: int, model: str, texts: list[str], max_tokens: int,
+                    clients: int) -> dict:
+    """Start a server, then `clients` concurrent clients send one sentence per request until all
+    are translated, for each beam setting: wall time and per-request latency."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                httpx.get(f"{base}/health", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start: {server.stderr.read()[-2000:] if server.stderr else ''}")
+                time.sleep(0.5)
+        out = {}
+        with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
+            for beams in BEAMS:
+                def one(text: str) -> tuple[float, int]:
+                    start = time.perf_counter()
+                    body = http.post(f"{base}/v1/translations", json={
+                        "model": model, "input": text, "max_tokens": max_tokens, "num_beams": beams,
+                    }).raise_for_status().json()
+                    return time.perf_counter() - start, body["usage"]["completion_tokens"]
+
+                with ThreadPoolExecutor(clients) as pool:
+                    list(pool.map(one, texts[:clients]))  # warm-up
+                    start = time.perf_counter()
+                    results = list(pool.map(one, texts))
+                    elapsed = time.perf_counter() - start
+                lat = sorted(t for t, _ in results)
+                out[beams] = {"seconds": elapsed, "tokens": sum(n for _, n in results),
+                              "p50_ms": 1000 * lat[len(lat) // 2], "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))]}
+        return out
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run_http_kvserve(folder: str, texts: list[str], max_tokens: int, clients: int = 16) -> dict:
+    from tests.server_helpers import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", folder, "--port", str(port), "--log-level", "warning"]
+    return _serve_and_load(cmd, port, Path(folder).name, texts, max_tokens, clients)
+
+
+def run_http_ct2(folder: str, texts: list[str], max_tokens: int, clients: int = 16) -> dict:
+    from tests.server_helpers import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "benchmarks/ct2_baseline_server.py", "--folder", folder, "--port", str(port)]
+    return _serve_and_load(cmd, port, Path(folder).name, texts, max_tokens, clients)
+
+
+RUNNERS = {"kvserve": run_kvserve, "hf": run_hf, "ct2": run_ct2, "http-kvserve": run_http_kvserve,
+           "http-ct2": run_http_ct2}
 LABELS = {"kvserve": "kvserve TranslationEngine (continuous batching)", "hf": "transformers generate(), batch 32",
-          "ct2": "CTranslate2 Translator, batch 32"}
+          "ct2": "CTranslate2 Translator, batch 32",
+          "http-kvserve": "kvserve HTTP /v1/translations, 16 clients, 1 sentence/request",
+          "http-ct2": "CTranslate2 behind the same API (dynamic batches of up to 32), 16 clients"}
 
 
 def main() -> None:
@@ -131,19 +197,28 @@ def main() -> None:
         print(json.dumps({"beams": result, "peak_rss_mib": peak_rss_mib()}))
         return
     folder = args.model or build_default_model()
-    rows = []
+    rows, http_rows = [], []
     for name in args.engines.split(","):
         line = run_child([sys.executable, __file__, "--child", name, "--model", folder, "--num-sentences",
                           str(args.num_sentences), "--max-tokens", str(args.max_tokens)], timeout=7200)
         r = json.loads(line)
         print(f"{name}: {r}", file=sys.stderr)
         for beams, res in r["beams"].items():
+            if name.startswith("http-"):
+                http_rows.append([LABELS[name], beams, args.num_sentences, res["seconds"],
+                                  args.num_sentences / res["seconds"], res["p50_ms"], res["p99_ms"]])
+                continue
             rows.append([LABELS[name], beams, args.num_sentences, res["tokens"], res["seconds"],
                          args.num_sentences / res["seconds"], r["peak_rss_mib"]])
     print(f"Machine: {machine()}\n")
     print(f"Workload: {args.num_sentences} synthetic sentences (3-10 words), max {args.max_tokens} output tokens, "
           f"model {folder}, fp32\n")
-    print(table(["engine", "beams", "sentences", "output tokens", "seconds", "sentences/s", "peak RSS MiB"], rows))
+    if rows:
+        print(table(["engine", "beams", "sentences", "output tokens", "seconds", "sentences/s", "peak RSS MiB"], rows))
+    if http_rows:
+        print("\nConcurrent HTTP load, one sentence per request:\n")
+        print(table(["server", "beams", "sentences", "seconds", "sentences/s", "latency p50 ms", "latency p99 ms"],
+                    http_rows))
 
 
 if __name__ == "__main__":
