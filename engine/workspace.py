@@ -19,10 +19,10 @@ class Workspace:
     def __init__(self) -> None:
         self._buf: torch.Tensor | None = None
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         need = math.prod(shape)
         buf = self._buf
-        if buf is None or buf.numel() < need or buf.dtype != dtype or buf.device != torch.device(device):
+        if buf is None or buf.numel() < need or buf.dtype != dtype or buf.device != device:
             with torch.inference_mode(False):  # usable inside and outside inference mode
                 # grow by half again: decode contexts and batches grow a little at a time
                 buf = torch.empty(need + need // 2, dtype=dtype, device=device)

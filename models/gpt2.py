@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from engine.forward_context import ForwardContext
-from models.layers import activation, vocab_logits
 from engine.workspace import Workspace
+from models.layers import activation, vocab_logits
 from models.spec import KVCacheSpec
 
 

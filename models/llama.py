@@ -13,8 +13,8 @@ from torch import nn
 
 from engine.forward_context import ForwardContext
 from engine import fused
-from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear, vocab_logits
 from engine.workspace import Workspace
+from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear, vocab_logits
 from models.spec import KVCacheSpec
 
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import ForwardContext
+from engine.workspace import Workspace
 from models.encdec_tokenizer import MarianTokenizer, generation_defaults
 from models.layers import merged_linear, vocab_logits
-from engine.workspace import Workspace
 from models.spec import KVCacheSpec
 
 ACTIVATIONS = {

@@ -18,9 +18,9 @@ from torch import nn
 
 from engine.attention.metadata import RelativePositionBias
 from engine.forward_context import ForwardContext
+from engine.workspace import Workspace
 from models.encdec_tokenizer import JsonTokenizer, T5Tokenizer, generation_defaults
 from models.layers import vocab_logits
-from engine.workspace import Workspace
 from models.spec import KVCacheSpec
 
 ACTIVATIONS = {

@@ -11,15 +11,15 @@ from models.layers import vocab_logits
 
 
 def test_workspace_reuses_and_grows() -> None:
-    ws = Workspace()
-    a = ws.take((4, 10), torch.float32, "cpu")
-    b = ws.take((3, 10), torch.float32, "cpu")
+    ws, cpu = Workspace(), torch.device("cpu")
+    a = ws.take((4, 10), torch.float32, cpu)
+    b = ws.take((3, 10), torch.float32, cpu)
     assert a.shape == (4, 10) and b.shape == (3, 10)
     assert b.data_ptr() == a.data_ptr()  # same storage: no fresh allocation
-    c = ws.take((100, 10), torch.float32, "cpu")  # bigger: a new buffer, with headroom
-    d = ws.take((120, 10), torch.float32, "cpu")
+    c = ws.take((100, 10), torch.float32, cpu)  # bigger: a new buffer, with headroom
+    d = ws.take((120, 10), torch.float32, cpu)
     assert c.data_ptr() == d.data_ptr() and d.is_contiguous()
-    e = ws.take((2, 2), torch.int64, "cpu")  # another dtype: its own buffer
+    e = ws.take((2, 2), torch.int64, cpu)  # another dtype: its own buffer
     assert e.dtype == torch.int64
 
 
@@ -31,11 +31,11 @@ def test_vocab_logits_into_workspace(rows: int, with_bias: bool) -> None:
     weight = torch.randn(5000, 32, generator=g)  # several vocabulary chunks, a partial last one
     bias = torch.randn(5000, generator=g) if with_bias else None
     ws = Workspace()
-    ws.take((1, 1), torch.float32, "cpu").fill_(1.0)
+    ws.take((1, 1), torch.float32, hidden.device).fill_(1.0)
     got = vocab_logits(hidden, weight, bias, chunk=2048, workspace=ws)
     fresh = vocab_logits(hidden, weight, bias, chunk=2048)
     assert torch.equal(got, fresh)  # same arithmetic, only the destination differs
-    assert got.data_ptr() == ws.take(got.shape, torch.float32, "cpu").data_ptr()
+    assert got.data_ptr() == ws.take(got.shape, torch.float32, hidden.device).data_ptr()
     torch.testing.assert_close(got, F.linear(hidden, weight, bias), rtol=1e-5, atol=1e-4)
 
 

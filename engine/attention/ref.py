@@ -97,7 +97,8 @@ class _Group:
     k_pos: torch.Tensor
     # one whole causal prompt (queries == keys): SDPA's is_causal skips the masked half, no mask
     causal_square: bool = False
-    # every query sees every key (decodes of equal length, beams): SDPA needs no mask to read
+    # every query sees every key (decodes of equal length, beams, equal-length encoder rows):
+    # SDPA needs no mask to read
     sees_all: bool = False
     # one sequence whose blocks are consecutive in the cache (a lone request, fresh pool): its
     # K/V are a view of the cache from this block on, no gather
@@ -196,11 +197,17 @@ class TorchAttentionBackend:
         # of tens of MB is a fresh mmap on CPU: zeroing its pages cost 8x the copy itself.
         self._gather_buffers = (Workspace(), Workspace())
 
-    def _gather(self, cache: torch.Tensor, tables: torch.Tensor, which: int) -> torch.Tensor:
-        """cache[tables] as (b, blocks * block_size, kv_heads, head_dim), in a reused buffer."""
+    def _gather(self, cache: torch.Tensor, group: _Group, which: int) -> torch.Tensor:
+        """cache[group.tables] as (b, blocks * block_size, kv_heads, head_dim): a view of the cache
+        when the group's one table is consecutive blocks, else gathered into a reused buffer."""
+        tables = group.tables
+        assert tables is not None
+        tokens = (tables.shape[0], -1) + tuple(cache.shape[2:])
+        if group.first_block is not None:
+            return cache[group.first_block : group.first_block + tables.shape[1]].view(tokens)
         out = self._gather_buffers[which].take((tables.numel(),) + tuple(cache.shape[1:]), cache.dtype, cache.device)
         torch.index_select(cache, 0, tables.flatten(), out=out)
-        return out.view((tables.shape[0], -1) + tuple(cache.shape[2:]))
+        return out.view(tokens)
 
     def store_kv(
         self,
@@ -280,13 +287,8 @@ class TorchAttentionBackend:
         out = torch.empty_like(query)
         token_bytes = k_cache[0, 0].numel() * k_cache.element_size()
         for g in self._plan_groups(meta, query.device, block_size=k_cache.shape[1], token_bytes=token_bytes):
-            if g.first_block is not None:
-                blocks = slice(g.first_block, g.first_block + g.tables.shape[1])
-                k = k_cache[blocks].view((1, -1) + tuple(k_cache.shape[2:]))[:, : g.k_len]
-                v = v_cache[blocks].view((1, -1) + tuple(v_cache.shape[2:]))[:, : g.k_len]
-            else:
-                k = self._gather(k_cache, g.tables, 0)[:, : g.k_len]  # (b, K, Hk, D)
-                v = self._gather(v_cache, g.tables, 1)[:, : g.k_len]
+            k = self._gather(k_cache, g, 0)[:, : g.k_len]  # (b, K, Hk, D)
+            v = self._gather(v_cache, g, 1)[:, : g.k_len]
             b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
             causal = g.causal_square and b is None
             o = _sdpa(_pad(query, g), k, v, None if causal or g.sees_all else g.visible, scale, b, is_causal=causal)
@@ -307,9 +309,7 @@ class TorchAttentionBackend:
         out = None if whole else torch.empty_like(query)
         for g in groups:
             b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
-            # every key visible to every query (equal lengths, no causal): no mask for SDPA to read
-            visible = None if g.dense and not meta.causal else g.visible
-            o = _sdpa(_pad(query, g), _pad(key, g), _pad(value, g), visible, scale, b)
+            o = _sdpa(_pad(query, g), _pad(key, g), _pad(value, g), None if g.sees_all else g.visible, scale, b)
             if out is None:
                 return _unpad(o, g, None)
             _unpad(o, g, out)
