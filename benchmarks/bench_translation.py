@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, peak_rss_mib, run_child, table  # noqa: E402
+from benchmarks.common import free_port, machine, pct, peak_rss_mib, run_child, server, table  # noqa: E402
 
 BEAMS = (1, 4)
 
@@ -114,66 +114,46 @@ def run_ct2(folder: str, texts: list[str], max_tokens: int, batch_size: int = 32
     return out
 
 
-def _serve_and_load(cmd: list[str], port: int, model: str, texts: list[str], max_tokens: int,
+def _serve_and_load(args: list[str], port: int, model: str, texts: list[str], max_tokens: int,
                     clients: int) -> dict:
     """Start a server, then `clients` concurrent clients send one sentence per request until all
     are translated, for each beam setting: wall time and per-request latency."""
-    import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
-    root = Path(__file__).resolve().parent.parent
-    server = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                httpx.get(f"{base}/health", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start: {server.stderr.read()[-2000:] if server.stderr else ''}")
-                time.sleep(0.5)
-        out = {}
-        with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
-            for beams in BEAMS:
-                def one(text: str) -> tuple[float, int]:
-                    start = time.perf_counter()
-                    body = http.post(f"{base}/v1/translations", json={
-                        "model": model, "input": text, "max_tokens": max_tokens, "num_beams": beams,
-                    }).raise_for_status().json()
-                    return time.perf_counter() - start, body["usage"]["completion_tokens"]
+    out = {}
+    with server(args, port, timeout=300) as base, \
+            httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
+        for beams in BEAMS:
+            def one(text: str) -> tuple[float, int]:
+                start = time.perf_counter()
+                body = http.post(f"{base}/v1/translations", json={
+                    "model": model, "input": text, "max_tokens": max_tokens, "num_beams": beams,
+                }).raise_for_status().json()
+                return time.perf_counter() - start, body["usage"]["completion_tokens"]
 
-                with ThreadPoolExecutor(clients) as pool:
-                    list(pool.map(one, texts[:clients]))  # warm-up
-                    start = time.perf_counter()
-                    results = list(pool.map(one, texts))
-                    elapsed = time.perf_counter() - start
-                lat = sorted(t for t, _ in results)
-                out[beams] = {"seconds": elapsed, "tokens": sum(n for _, n in results),
-                              "p50_ms": 1000 * lat[len(lat) // 2], "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))]}
-        return out
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(one, texts[:clients]))  # warm-up
+                start = time.perf_counter()
+                results = list(pool.map(one, texts))
+                elapsed = time.perf_counter() - start
+            lat = sorted(t for t, _ in results)
+            out[beams] = {"seconds": elapsed, "tokens": sum(n for _, n in results),
+                          "p50_ms": 1000 * pct(lat, 50), "p99_ms": 1000 * pct(lat, 99)}
+    return out
 
 
 def run_http_kvserve(folder: str, texts: list[str], max_tokens: int, clients: int = 16) -> dict:
-    from tests.server_helpers import free_port
-
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", folder, "--port", str(port), "--log-level", "warning"]
-    return _serve_and_load(cmd, port, Path(folder).name, texts, max_tokens, clients)
+    args = ["-m", "server.cli", "serve", "--model", folder, "--port", str(port), "--log-level", "warning"]
+    return _serve_and_load(args, port, Path(folder).name, texts, max_tokens, clients)
 
 
 def run_http_ct2(folder: str, texts: list[str], max_tokens: int, clients: int = 16) -> dict:
-    from tests.server_helpers import free_port
-
     port = free_port()
-    cmd = [sys.executable, "benchmarks/ct2_baseline_server.py", "--folder", folder, "--port", str(port)]
-    return _serve_and_load(cmd, port, Path(folder).name, texts, max_tokens, clients)
+    args = ["benchmarks/ct2_baseline_server.py", "--folder", folder, "--port", str(port)]
+    return _serve_and_load(args, port, Path(folder).name, texts, max_tokens, clients)
 
 
 RUNNERS = {"kvserve": run_kvserve, "hf": run_hf, "ct2": run_ct2, "http-kvserve": run_http_kvserve,
