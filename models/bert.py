@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import ForwardContext
+from models.layers import merged_linear
 from models.pooling import PoolingConfig, PoolingConfigError
 from models.spec import KVCacheSpec
 from models.weights import ModelLoadError
@@ -122,15 +122,18 @@ class BertSelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.qkv: nn.Linear | None = None  # set by merge_projections after loading
+
+    def merge_projections(self) -> None:
+        """HF's checkpoint keeps query/key/value apart; one GEMM for all three reads x once and
+        runs one bias pass."""
+        self.qkv = merged_linear(self.query, self.key, self.value)
+        del self.query, self.key, self.value
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
         t = x.shape[0]
-        # One GEMM for Q, K and V instead of three narrow ones: x is read once, one bias pass.
-        # Concatenating the weights per call copies 3H*H floats, nothing next to the T*H*3H
-        # multiply-adds; the three modules stay so HF's checkpoint keys load unchanged.
-        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
-        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
-        qkv = F.linear(x, weight, bias).view(t, 3, self.num_heads, self.head_dim)
+        assert self.qkv is not None, "merge_projections() runs after loading"
+        qkv = self.qkv(x).view(t, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)  # (T, nh, hs) strided views, no copies
         return ctx.attend(layer_idx, q, k, v, self.scale).reshape(t, -1)  # (T, H)
 
@@ -221,6 +224,10 @@ class BertModel(nn.Module):
         for i, layer in enumerate(self.encoder.layer):
             x = layer(x, ctx, i)
         return x  # (T, H)
+
+    def after_load(self) -> None:
+        for layer in self.encoder.layer:
+            layer.attention.self.merge_projections()
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:

@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.forward_context import ForwardContext
 from engine.workspace import Workspace
-from models.layers import activation, vocab_logits
+from models.layers import activation, tied_head, vocab_logits
 from models.spec import KVCacheSpec
 
 
@@ -65,6 +65,12 @@ class Conv1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+    def as_linear(self) -> nn.Linear:
+        linear = nn.Linear(*self.weight.shape, device="meta")
+        linear.weight = nn.Parameter(self.weight.t().contiguous(), requires_grad=False)
+        linear.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
+        return linear
 
 
 class GPT2Attention(nn.Module):
@@ -142,9 +148,17 @@ class GPT2LMHeadModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.transformer(input_ids, positions, ctx)
 
+    def after_load(self) -> None:
+        """Serving runs HF's [in, out] Conv1D weights as ordinary Linears (what CPU packing swaps)."""
+        for block in self.transformer.h:
+            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                                 (block.mlp, "c_proj")):
+                setattr(parent, name, getattr(parent, name).as_linear())
+        if self.lm_head is None:
+            self.lm_head = tied_head(self.transformer.wte)
+
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
-        weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-        return vocab_logits(hidden, weight, workspace=workspace)
+        return vocab_logits(hidden, self.lm_head, workspace=workspace)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import fused
+from engine.cpu_linear import PackedLinear
 from engine.workspace import Workspace
 
 
@@ -133,16 +134,30 @@ def merged_linear(*linears: nn.Linear) -> nn.Linear:
     return merged
 
 
-def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 chunk: int = 2048, workspace: Workspace | None = None) -> torch.Tensor:
-    """hidden (M, H) @ weight (V, H)^T (+ bias) as fp32 logits (M, V).
+def tied_head(embedding: nn.Embedding) -> nn.Linear:
+    """A bias-free Linear over the embedding's own weight (shared, not copied): tied models get an
+    `lm_head` like untied ones, which CPU packing (engine.cpu_linear) can swap like any Linear."""
+    vocab, hidden = embedding.weight.shape
+    head = nn.Linear(hidden, vocab, bias=False, device="meta")
+    head.weight = embedding.weight
+    return head
 
+
+def vocab_logits(hidden: torch.Tensor, head: nn.Module, bias: torch.Tensor | None = None,
+                 chunk: int = 2048, workspace: Workspace | None = None) -> torch.Tensor:
+    """hidden (M, H) @ head's weight (V, H)^T (+ bias) as fp32 logits (M, V).
+
+    A `PackedLinear` head (CPU, fp32) runs oneDNN over its packed weight: faster than either path
+    below at every row count (engine/cpu_linear.py). Otherwise, an `nn.Linear`:
     On CPU, for 2-256 rows, F.linear over a 50k-row vocabulary ran at half the rate of the same
     product taken as weight-chunk @ hidden^T (measured with 2 threads: 43 vs 30 ms at 32 rows,
     119 vs 84 at 128): each chunk's (chunk, M) result stays in cache and is transposed into place.
     One row (batch-1 decode) is a matrix-vector product either way, and GPUs take F.linear.
     `workspace` (CPU, fp32): the logits are written there rather than into a fresh tensor, whose
     page faults cost a quarter of the GEMM at 256 rows; they are valid until its next use."""
+    if isinstance(head, PackedLinear):
+        return head(hidden, bias)
+    weight = head.weight
     rows = hidden.shape[0]
     if hidden.is_cuda or rows < 2 or hidden.dtype != weight.dtype:
         return F.linear(hidden, weight, bias).float()

@@ -14,7 +14,7 @@ from torch import nn
 from engine.forward_context import ForwardContext
 from engine import fused
 from engine.workspace import Workspace
-from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear, vocab_logits
+from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear, tied_head, vocab_logits
 from models.spec import KVCacheSpec
 
 
@@ -187,10 +187,11 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.merge_projections()
             layer.mlp.merge_projections()
+        if self.lm_head is None:
+            self.lm_head = tied_head(self.model.embed_tokens)
 
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return vocab_logits(hidden, weight, workspace=workspace)
+        return vocab_logits(hidden, self.lm_head, workspace=workspace)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:

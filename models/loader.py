@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.cpu_linear import pack_linears
 from models.gguf import gguf_to_folder
 from models.registry import UnsupportedModelError, lookup, model_class
 from models.spec import ModelInfo
@@ -47,7 +48,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     max_model_len: int | None = None,
+    pack_cpu_linears: bool = True,
 ) -> LoadedModel:
+    """`pack_cpu_linears`: on CPU in fp32, run Linears through oneDNN with packed weights
+    (engine/cpu_linear.py); False keeps plain nn.Linear (F.linear), e.g. to compare the two."""
     name, folder = resolve(path_or_alias)
     config = _read_json(folder / "config.json")
     if config is None:
@@ -68,6 +72,8 @@ def load_model(
     if hasattr(model, "after_load"):  # e.g. merging projections that checkpoints store apart
         model.after_load()
     model.eval().requires_grad_(False)
+    if pack_cpu_linears:
+        pack_linears(model)
     tokenizer = _load_tokenizer(cls, folder)
     info = _model_info(name, folder, arch, entry.task, config, cls, tokenizer, max_model_len)
     return LoadedModel(model=model, info=info, tokenizer=tokenizer)

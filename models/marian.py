@@ -27,7 +27,7 @@ from torch import nn
 from engine.forward_context import ForwardContext
 from engine.workspace import Workspace
 from models.encdec_tokenizer import MarianTokenizer, generation_defaults
-from models.layers import merged_linear, vocab_logits
+from models.layers import merged_linear, tied_head, vocab_logits
 from models.spec import KVCacheSpec
 
 ACTIVATIONS = {
@@ -262,6 +262,8 @@ class MarianMTModel(nn.Module):
         for layer in self.model.decoder.layers:
             layer.self_attn.merge_projections(with_query=True)
             layer.encoder_attn.merge_projections(with_query=False)
+        if self.config.tie_word_embeddings:
+            self.lm_head = tied_head(self.decoder_embed)
 
     def cross_kv(self, encoder_hidden: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [layer.encoder_attn.project_kv(encoder_hidden) for layer in self.model.decoder.layers]
@@ -279,8 +281,7 @@ class MarianMTModel(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
-        weight = self.decoder_embed.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return vocab_logits(hidden, weight, self.final_logits_bias.reshape(-1), workspace=workspace)
+        return vocab_logits(hidden, self.lm_head, self.final_logits_bias.reshape(-1), workspace=workspace)
 
     @property
     def num_decoder_layers(self) -> int:

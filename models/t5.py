@@ -20,7 +20,7 @@ from engine.attention.metadata import RelativePositionBias
 from engine.forward_context import ForwardContext
 from engine.workspace import Workspace
 from models.encdec_tokenizer import JsonTokenizer, T5Tokenizer, generation_defaults
-from models.layers import vocab_logits
+from models.layers import tied_head, vocab_logits
 from models.spec import KVCacheSpec
 
 ACTIVATIONS = {
@@ -261,8 +261,11 @@ class T5ForConditionalGeneration(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         if self.config.scale_decoder_outputs:
             hidden = hidden * self.config.d_model**-0.5
-        weight = self.shared.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return vocab_logits(hidden, weight, workspace=workspace)
+        return vocab_logits(hidden, self.lm_head, workspace=workspace)
+
+    def after_load(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head = tied_head(self.shared)
 
     @property
     def num_decoder_layers(self) -> int:

@@ -16,7 +16,7 @@ import torch
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.ref import TorchAttentionBackend
 from engine.forward_context import ForwardContext, metadata_for_sequences
-from models.weights import iter_safetensors, load_strict
+from models.loader import load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -156,11 +156,10 @@ def train_reversal(folder: Path, steps: int = 250, seed: int = 0) -> Path:
 
 # ---------------------------------------------------------------- loading and running our models
 def load_folder(cls: type, folder: Path) -> torch.nn.Module:
-    """Until models/loader.py lands: config -> model -> strict load through the model's hooks."""
-    raw = json.loads((folder / "config.json").read_text())
-    model = cls(cls.config_class.from_hf(raw))
-    load_strict(model, iter_safetensors(folder), rename=model.rename_weight, optional=model.optional_weight)
-    return model.eval()
+    """The folder through models/loader.py, as the server loads it (merged, packed on CPU)."""
+    model = load_model(str(folder)).model
+    assert type(model) is cls, type(model)
+    return model
 
 
 def flat(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

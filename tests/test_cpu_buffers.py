@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from engine.beam_search import log_softmax_
 from engine.workspace import Workspace
@@ -30,10 +31,12 @@ def test_vocab_logits_into_workspace(rows: int, with_bias: bool) -> None:
     hidden = torch.randn(rows, 32, generator=g)
     weight = torch.randn(5000, 32, generator=g)  # several vocabulary chunks, a partial last one
     bias = torch.randn(5000, generator=g) if with_bias else None
+    head = nn.Linear(32, 5000, bias=False)
+    head.weight = nn.Parameter(weight, requires_grad=False)
     ws = Workspace()
     ws.take((1, 1), torch.float32, hidden.device).fill_(1.0)
-    got = vocab_logits(hidden, weight, bias, chunk=2048, workspace=ws)
-    fresh = vocab_logits(hidden, weight, bias, chunk=2048)
+    got = vocab_logits(hidden, head, bias, chunk=2048, workspace=ws)
+    fresh = vocab_logits(hidden, head, bias, chunk=2048)
     assert torch.equal(got, fresh)  # same arithmetic, only the destination differs
     assert got.data_ptr() == ws.take(got.shape, torch.float32, hidden.device).data_ptr()
     torch.testing.assert_close(got, F.linear(hidden, weight, bias), rtol=1e-5, atol=1e-4)

@@ -135,6 +135,18 @@ def test_gpt2_old_checkpoint_names_and_out_of_vocab_ids(tmp_path):
     assert loaded.info.eos_token_ids == () and loaded.info.bos_token_id is None  # GPT-2's 50256 >= vocab 89
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_cpu_fp32_linears_are_packed_unless_asked_not_to(tmp_path, make):
+    hf = make(tmp_path)
+    packed = load_model(str(tmp_path)).model
+    plain = load_model(str(tmp_path), pack_cpu_linears=False).model
+    kinds = lambda m: {type(x).__name__ for x in m.modules()}  # noqa: E731
+    assert "PackedLinear" in kinds(packed) and "Linear" not in kinds(packed)  # lm_head (tied) included
+    assert "PackedLinear" not in kinds(plain)
+    assert_same_logits(hf, packed)
+    assert_same_logits(hf, plain)
+
+
 def test_bfloat16_load(tmp_path):
     hf = tiny_llama(tmp_path)
     model = load_model(str(tmp_path), dtype=torch.bfloat16).model

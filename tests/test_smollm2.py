@@ -133,5 +133,7 @@ def test_logits_match_transformers(ours, hf):
         logits = ours.model.compute_logits(ours.model(torch.cat(seqs), positions, ctx))
         refs = [model(s[None]).logits[0].float() for s in seqs]
     for got, ref in zip(logits.split(lens), refs):
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+        # fp32 through 30 layers, our GEMMs (oneDNN, packed weights) summing in another order than
+        # transformers' (MKL): one logit in 1.8M is 1.3e-4 apart (logits reach ~35), the rest < 1e-4
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=0)
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
