@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.cpu_linear import PackedLinear, pack_linears
+from engine.cpu_linear import PackedLinear, pack_linears, padded_rows
 from models.layers import tied_head, vocab_logits
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
@@ -17,18 +17,25 @@ def _linear(in_f: int, out_f: int, bias: bool, seed: int) -> nn.Linear:
     return nn.Linear(in_f, out_f, bias=bias).requires_grad_(False)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 7, 300])
+@pytest.mark.parametrize("rows", [0, 1, 7, 33, 300])  # 33 and 300 run padded (34, 304)
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_equals_f_linear(rows: int, bias: bool) -> None:
     ref = _linear(96, 200, bias, rows)
     packed = PackedLinear.from_linear(ref)
     x = torch.randn(rows, 96)
     torch.testing.assert_close(packed(x), F.linear(x, ref.weight, ref.bias), rtol=1e-5, atol=1e-5)
-    x3 = torch.randn(2, 5, 96)  # leading dims are kept, as nn.Linear does
-    assert packed(x3).shape == (2, 5, 200)
+    x3 = torch.randn(3, 11, 96)  # leading dims are kept, as nn.Linear does (33 rows: padded)
+    assert packed(x3).shape == (3, 11, 200)
     torch.testing.assert_close(packed(x3), F.linear(x3, ref.weight, ref.bias), rtol=1e-5, atol=1e-5)
     xs = torch.randn(rows, 2 * 96)[:, ::2]  # a strided view, as q/k/v slices are
     torch.testing.assert_close(packed(xs), F.linear(xs, ref.weight, ref.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_rows_bounds_waste_and_shape_count() -> None:
+    assert [padded_rows(r) for r in (0, 1, 31, 32, 33, 64, 65, 300, 2040)] == [0, 1, 31, 32, 34, 64, 68, 304, 2048]
+    assert all(r <= padded_rows(r) < r * 17 / 16 for r in range(1, 9000))
+    assert padded_rows(padded_rows(1000)) == padded_rows(1000)  # a padded size is its own bucket
+    assert len({padded_rows(r) for r in range(1, 4097)}) == 144  # one oneDNN primitive each
 
 
 def test_bias_argument_overrides_the_layers_own() -> None:
