@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,40 +90,26 @@ def run_http(folder: str, texts: list[str], out: str, args: argparse.Namespace) 
     import httpx
     import numpy as np
 
-    from tests.server_helpers import free_port
+    from tests.server_helpers import free_port, subprocess_server
 
     clients = args.clients
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", folder, "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    cmd = ["-m", "server.cli", "serve", "--model", folder, "--port", str(port), "--log-level", "warning"]
     name = Path(folder).name
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start: {server.stderr.read()[-2000:] if server.stderr else ''}")
-                time.sleep(0.5)
-        with httpx.Client(timeout=300, limits=httpx.Limits(max_connections=clients)) as http:
-            def one(text: str) -> tuple[list[float], int]:
-                body = http.post(url, json={"model": name, "input": text}).raise_for_status().json()
-                return body["data"][0]["embedding"], body["usage"]["prompt_tokens"]
+    with tempfile.TemporaryDirectory() as tmp, \
+            subprocess_server(cmd, port, Path(tmp) / "server.log", env=env, timeout=300) as (base, server), \
+            httpx.Client(timeout=300, limits=httpx.Limits(max_connections=clients)) as http:
+        def one(text: str) -> tuple[list[float], int]:
+            body = http.post(f"{base}/v1/embeddings", json={"model": name, "input": text}).raise_for_status().json()
+            return body["data"][0]["embedding"], body["usage"]["prompt_tokens"]
 
-            with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(one, texts[:clients]))  # warm-up
-                elapsed, results = _best_of(args.repeats, lambda: list(pool.map(one, texts)))
-        np.save(out, np.asarray([v for v, _ in results], dtype=np.float32))
-        return {"seconds": elapsed, "tokens": sum(n for _, n in results), "server_rss_mib": _server_rss_mib(server.pid)}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, texts[:clients]))  # warm-up
+            elapsed, results = _best_of(args.repeats, lambda: list(pool.map(one, texts)))
+        rss = _server_rss_mib(server.pid)
+    np.save(out, np.asarray([v for v, _ in results], dtype=np.float32))
+    return {"seconds": elapsed, "tokens": sum(n for _, n in results), "server_rss_mib": rss}
 
 
 RUNNERS = {"kvserve": run_kvserve, "st": run_st, "http": run_http}

@@ -4,17 +4,17 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import socket
 import subprocess
-import sys
-import time
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import httpx
-
 import torch
+
+from tests.server_helpers import free_port, subprocess_server
+
+__all__ = ["free_port", "machine", "pct", "peak_rss_mib", "run_child", "server", "table"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,38 +52,13 @@ def run_child(args: list[str], timeout: float) -> str:
     return res.stdout.strip().splitlines()[-1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server(args: list[str], port: int, timeout: float = 600) -> Iterator[str]:
+    """`python *args` (a server on `port`) from the repo root, offline; yields its URL once healthy."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server {args} exited:\n{proc.stderr.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server {args} not healthy after {timeout}s")
-            time.sleep(0.5)
+    with tempfile.TemporaryDirectory() as tmp, \
+            subprocess_server(args, port, Path(tmp) / "server.log", env=env, timeout=timeout) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def pct(values: list[float], q: float) -> float:

@@ -9,7 +9,7 @@ another order (max abs diff ~1e-4 on outputs of magnitude ~25).
 
 oneDNN builds (JITs) and caches one primitive per input shape: ~1-3 ms and ~0.7 MB each, in a cache
 of 1024. A server's row counts change every step (decode batch, prefill chunk, embedding batch), so
-rows are padded up to one of a few sizes (`padded_rows`, < 6.25 % extra rows): ~160 shapes up to
+rows are padded up to one of a few sizes (`padded_rows`, < 6.25 % extra rows): 144 shapes up to
 4096 rows per weight shape, instead of a new primitive per step and a cache that churns.
 
 `pack_linears(model)` swaps every fp32 CPU `nn.Linear` for a `PackedLinear` holding only the packed

@@ -1,15 +1,21 @@
-"""Helpers for the server tests: a deterministic fake StepEngine and a live uvicorn in a thread.
+"""Helpers for the server tests: a deterministic fake StepEngine, a live uvicorn in a thread, and a
+`kvserve serve` (or any server script) in a subprocess, which the benchmarks start the same way.
 
 The fake engine keeps the route/error/metrics tests fast and exact; the real engine is exercised
 by test_server_engine.py on a tiny random Llama and by test_server_smollm2.py.
 """
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import uvicorn
@@ -23,6 +29,7 @@ from models.spec import ModelInfo
 from server.app import create_app
 from server.settings import ServerSettings
 
+REPO = Path(__file__).resolve().parents[1]
 EOS, BOS, OFFSET = 0, 1, 2  # char c is token ord(c) + OFFSET
 
 
@@ -162,6 +169,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def subprocess_server(args: list[str], port: int, log: Path, env: dict[str, str] | None = None,
+                      timeout: float = 60) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python *args` from the repo root, its output to `log` (a file, so a chatty server never
+    blocks on a full pipe); yields (base URL, process) once GET /health answers, and stops it after."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env or dict(os.environ),
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:  # refused while starting; HTTPError (e.g. 503) is an OSError too
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server {args} did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.3)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @contextmanager

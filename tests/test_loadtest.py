@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from loadtest.run import CLASSES_BY_TASK, LOCUSTFILE, percentile, summarise  # noqa: E402
 from tests.encdec_fixtures import make_marian_folder  # noqa: E402
-from tests.server_helpers import free_port, metric_value  # noqa: E402
+from tests.server_helpers import free_port, metric_value, subprocess_server  # noqa: E402
 from tests.tiny_models import save_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,28 +44,10 @@ def server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVSERVE_NUM_KV_BLOCKS": str(NUM_BLOCKS)}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--model", str(marian),
-                                 "--port", str(port), "--log-level", "warning"],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                _get(f"{url}/health")
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.3)
+    args = ["-m", "server.cli", "serve", "--model", str(folder), "--model", str(marian), "--port", str(port),
+            "--log-level", "warning"]
+    with subprocess_server(args, port, log, env=env, timeout=60) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_load_run_has_no_failures_and_frees_kv(server, tmp_path):
