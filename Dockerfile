@@ -63,8 +63,17 @@ COPY server ./server
 # -I: import the installed package, not the copy in the current folder.
 RUN pip install --no-cache-dir . \
     && python3 -I -c "from models.loader import resolve; print(resolve('smollm2'))" \
-    && chmod -R a+rX "$KVSERVE_CACHE_DIR" \
     && rm -rf /build
+
+# The CPU decode-attention kernel is C, compiled once into KVSERVE_CACHE_DIR: gcc is installed for
+# this step only and removed with its dependencies (the kernel runs on the OpenMP that torch ships).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && python3 -I -c "from engine.attention import cpu_kernel; assert cpu_kernel.build(), 'kernel build failed'" \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && chmod -R a+rX "$KVSERVE_CACHE_DIR"
 
 # Run as an unprivileged user with a home of its own (torch and triton keep small caches there).
 RUN useradd --create-home --uid 10001 --user-group kvserve

@@ -36,7 +36,7 @@ class EngineConfig:
     model: str  # path, GGUF file or alias ("smollm2", "minilm")
     dtype: str = "float32"
     device: str = "cpu"
-    attention_backend: str | None = None  # None: triton on CUDA, torch elsewhere
+    attention_backend: str | None = None  # torch, cpu or triton; None: triton on CUDA, cpu elsewhere
     max_model_len: int | None = None  # None: the model's own limit
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()

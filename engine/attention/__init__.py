@@ -1,15 +1,25 @@
 """Attention backends behind one interface; the torch reference is the CPU path and the oracle."""
 from __future__ import annotations
 
+from engine.attention import cpu_kernel
 from engine.attention.base import AttentionBackend
+from engine.attention.cpu_backend import CpuAttentionBackend
 from engine.attention.metadata import AttentionMetadata, RelativePositionBias
 from engine.attention.ref import TorchAttentionBackend
 
 
 def get_backend(device: str, name: str | None = None) -> AttentionBackend:
-    """The fused Triton backend on CUDA, the torch reference elsewhere (or when asked by name)."""
-    if name == "torch" or (name is None and not device.startswith("cuda")):
+    """By default the fused Triton backend on CUDA; on CPU the compiled decode kernel over the
+    torch reference where it builds, else the reference alone. `name` picks one explicitly."""
+    if name == "torch":
         return TorchAttentionBackend()
+    if name == "cpu" or (name is None and not device.startswith("cuda")):
+        lib = cpu_kernel.load()
+        if lib is None:
+            if name == "cpu":
+                raise RuntimeError("the CPU attention kernel did not build (no C compiler, or it failed)")
+            return TorchAttentionBackend()
+        return CpuAttentionBackend(lib)
     from engine.attention.triton_backend import TritonAttentionBackend  # needs triton + a GPU
 
     return TritonAttentionBackend()
@@ -18,6 +28,7 @@ def get_backend(device: str, name: str | None = None) -> AttentionBackend:
 __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
+    "CpuAttentionBackend",
     "RelativePositionBias",
     "TorchAttentionBackend",
     "get_backend",

@@ -192,7 +192,7 @@ class TorchAttentionBackend:
     def __init__(self) -> None:
         # Index work depends only on the step's metadata: build it once, reuse it in every layer.
         # Keyed by metadata identity (kept alive by the entry); a step has one or two (cross-attn).
-        self._plans: dict[tuple[int, int, int], tuple[AttentionMetadata, list[_Group]]] = {}
+        self._plans: dict[tuple[int, int, int, bool], tuple[AttentionMetadata, list[_Group]]] = {}
         # Gathered K and V blocks land in buffers reused by every layer and step. A fresh tensor
         # of tens of MB is a fresh mmap on CPU: zeroing its pages cost 8x the copy itself.
         self._gather_buffers = (Workspace(), Workspace())
@@ -222,9 +222,10 @@ class TorchAttentionBackend:
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
     def _plan_groups(
-        self, meta: AttentionMetadata, device: torch.device, block_size: int | None, token_bytes: int = 0
+        self, meta: AttentionMetadata, device: torch.device, block_size: int | None, token_bytes: int = 0,
+        with_decodes: bool = True,
     ) -> list[_Group]:
-        key = (id(meta), block_size or 0, token_bytes)
+        key = (id(meta), block_size or 0, token_bytes, with_decodes)
         hit = self._plans.get(key)
         if hit is not None and hit[0] is meta:
             return hit[1]
@@ -233,7 +234,7 @@ class TorchAttentionBackend:
         k_lens = torch.tensor(meta.seq_lens_host if paged else meta.query_lens, device=device)
         cu = meta.cu_seqlens_q.to(device).long()
         if paged:  # decode rows apart, so one long prefill never pads them; and by length
-            decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
+            decode = [i for i, n in enumerate(meta.query_lens) if n == 1] if with_decodes else []
             # Each prefill chunk alone: padding chunks of 30 and 500 tokens to one (500, 500)
             # masked square per row cost 2-4x the same chunks attended one by one.
             chunks = [[i] for i, n in enumerate(meta.query_lens) if n != 1]
@@ -284,9 +285,23 @@ class TorchAttentionBackend:
         scale: float,
         bias: RelativePositionBias | None = None,
     ) -> torch.Tensor:
-        out = torch.empty_like(query)
+        return self._attend_paged(query, k_cache, v_cache, meta, scale, bias, torch.empty_like(query))
+
+    def _attend_paged(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        bias: RelativePositionBias | None,
+        out: torch.Tensor,
+        with_decodes: bool = True,
+    ) -> torch.Tensor:
+        """paged_attention into `out`; without `with_decodes`, rows of one query are left to the caller."""
         token_bytes = k_cache[0, 0].numel() * k_cache.element_size()
-        for g in self._plan_groups(meta, query.device, block_size=k_cache.shape[1], token_bytes=token_bytes):
+        groups = self._plan_groups(meta, query.device, k_cache.shape[1], token_bytes, with_decodes)
+        for g in groups:
             k = self._gather(k_cache, g, 0)[:, : g.k_len]  # (b, K, Hk, D)
             v = self._gather(v_cache, g, 1)[:, : g.k_len]
             b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
