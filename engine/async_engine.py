@@ -4,16 +4,24 @@ Why a thread: the model step is long-running torch work that releases the GIL, s
 loop keeps accepting requests and streaming while the worker steps. Engines are only ever
 touched by the worker; the event loop talks to them through a command queue, so no engine
 needs locks. `validate` is the one call made from the loop thread: it reads config only.
+
+Why the caller may pass the executor the loop runs on: every thread that runs torch work on
+CPU gets its own OpenMP team, and libgomp stops spin-waiting between parallel regions once the
+process holds more team threads than cores. Engines loaded on the main thread and stepped on
+another ran each small GEMM a third slower (2 cores: the second team's worker slept through every
+gap between regions). `kvserve serve` loads its engines on the ComputeThread that then steps them.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
+from engine.compute_thread import ComputeThread
 from engine.errors import ModelNotFoundError, QueueFullError
 
 
@@ -48,7 +56,9 @@ class AsyncEngine:
         engines: dict[str, StepEngine],
         max_waiting: int = 256,
         on_step: StepHook | None = None,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
+        """`executor` (one thread) runs the step loop; pass the one the engines were loaded on."""
         self.engines = engines
         self.max_waiting = max_waiting
         self.on_step = on_step
@@ -58,7 +68,8 @@ class AsyncEngine:
         self._owner: dict[str, str] = {}  # request id -> model name, for aborts
         self._pending: dict[str, int] = {name: 0 for name in engines}  # added, not yet seen by worker
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._executor = executor or ComputeThread()
+        self._worker: concurrent.futures.Future | None = None
         self._running = False
         self.accepting = True
 
@@ -66,8 +77,7 @@ class AsyncEngine:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._running = True
-        self._thread = threading.Thread(target=self._work, name="kvserve-engine", daemon=True)
-        self._thread.start()
+        self._worker = self._executor.submit(self._work)
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish for `timeout` s, then abort the rest."""
@@ -81,12 +91,12 @@ class AsyncEngine:
         await asyncio.sleep(0.05)
         self._running = False
         self._wake.set()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+        if self._worker is not None:
+            await asyncio.get_running_loop().run_in_executor(None, concurrent.futures.wait, [self._worker], 5.0)
 
     @property
     def is_running(self) -> bool:
-        return self._running and self._thread is not None and self._thread.is_alive()
+        return self._running and self._worker is not None and not self._worker.done()
 
     # ---- requests (event-loop side) -------------------------------------------------
     def _check_admission(self, name: str, payload: Any) -> StepEngine:

@@ -105,14 +105,17 @@ def serve(args: argparse.Namespace) -> None:
     from prometheus_client import CollectorRegistry
 
     from engine.async_engine import AsyncEngine
+    from engine.compute_thread import ComputeThread
     from server.app import create_app
     from server.metrics import ServerMetrics
     from server.settings import ServerSettings
 
     models = args.model or args.env_models or list(DEFAULT_MODELS)
+    # the thread that loads the engines is the one that steps them (see engine/async_engine.py)
+    compute = ComputeThread()
     served: dict[str, Any] = {}
     for model in models:
-        engine = build_engine(model, args)
+        engine = compute.submit(build_engine, model, args).result()
         name = engine.info.name
         if name in served:
             raise SystemExit(f"two models would be served as {name!r}; serve one of them")
@@ -121,7 +124,8 @@ def serve(args: argparse.Namespace) -> None:
     settings = ServerSettings(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
                               max_waiting=args.max_waiting, shutdown_timeout_s=args.shutdown_timeout)
     metrics = ServerMetrics(CollectorRegistry())
-    async_engine = AsyncEngine(served, max_waiting=settings.max_waiting, on_step=metrics.on_step)
+    async_engine = AsyncEngine(served, max_waiting=settings.max_waiting, on_step=metrics.on_step,
+                               executor=compute)
     app = create_app(async_engine, served, settings, metrics)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)))
