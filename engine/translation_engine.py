@@ -42,6 +42,7 @@ class _RequestState:
     beam: BeamSearch | None
     generator: torch.Generator | None
     arrival_time: float
+    stream: bool  # an output every step (with its text), not only the final one
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     token_ids: list[int] | None = None  # the result, once finished (beam: the best hypothesis)
@@ -208,7 +209,7 @@ class TranslationEngine:
         generator = None
         if params.seed is not None and not params.is_greedy:
             generator = torch.Generator(device=self.config.device).manual_seed(params.seed)
-        self._requests[request_id] = _RequestState(group, params, beam, generator, now)
+        self._requests[request_id] = _RequestState(group, params, beam, generator, now, payload.stream)
         self.scheduler.add(group)
         self.num_prompt_tokens += len(src)
 
@@ -221,6 +222,7 @@ class TranslationEngine:
         state.finish_reason = "abort"
         if state.token_ids is None:
             state.token_ids = state.seq.output_token_ids if state.beam is None else []
+        state.text = self._decode(state.token_ids)
         self._pending_outputs.append(self._output(state))
 
     def has_unfinished_requests(self) -> bool:
@@ -273,7 +275,7 @@ class TranslationEngine:
                 self._beam_step(state, top_lp[offset : offset + n], top_ids[offset : offset + n])
                 offset += n
         for state in states:
-            if state.beam is None or state.finish_reason is not None:
+            if state.finish_reason is not None or (state.stream and state.beam is None):
                 outputs.append(self._output(state))
             if state.finish_reason is not None:
                 del self._requests[state.group.request_id]
@@ -310,7 +312,8 @@ class TranslationEngine:
             elif seq.num_output_tokens >= seq.max_tokens:
                 state.finish_reason = "length"
             state.token_ids = seq.output_token_ids
-            state.text = self._decode(state.token_ids)
+            if state.stream or state.finish_reason is not None:  # a whole-text decode is not O(1)
+                state.text = self._decode(state.token_ids)
             if state.finish_reason is not None:
                 self.scheduler.finish(state.group)
 

@@ -13,11 +13,14 @@ class TranslationRequest:
 
     `params` carries greedy / sampling / beam settings (num_beams, length_penalty,
     early_stopping, no_repeat_ngram_size); `TranslationEngine.default_params` fills them from
-    the model's generation_config.json.
+    the model's generation_config.json. `stream`: report every decode step's text (greedy and
+    sampled requests); otherwise the engine reports the request once, finished, and decodes its
+    text once rather than every step.
     """
 
     source_token_ids: list[int]
     params: SamplingParams
+    stream: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from engine.cpu_linear import pack_linears
+from engine.cpu_memory import retain_freed_memory
 from models.gguf import gguf_to_folder
 from models.registry import UnsupportedModelError, lookup, model_class
 from models.spec import ModelInfo
@@ -52,6 +53,8 @@ def load_model(
 ) -> LoadedModel:
     """`pack_cpu_linears`: on CPU in fp32, run Linears through oneDNN with packed weights
     (engine/cpu_linear.py); False keeps plain nn.Linear (F.linear), e.g. to compare the two."""
+    if torch.device(device).type == "cpu":
+        retain_freed_memory()  # every CPU engine loads through here (engine/cpu_memory.py)
     name, folder = resolve(path_or_alias)
     config = _read_json(folder / "config.json")
     if config is None:

@@ -67,7 +67,7 @@ async def translations(body: TranslationRequest, request: Request) -> Any:
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
     )
     prefix = language_prefix(engine, body.source_lang, body.target_lang)
-    payloads = [Payload(engine.tokenizer.encode(prefix + t), params) for t in texts]
+    payloads = [Payload(engine.tokenizer.encode(prefix + t), params, stream=bool(body.stream)) for t in texts]
     request_id = new_request_id("trsl")
 
     if body.stream:

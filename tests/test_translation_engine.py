@@ -140,19 +140,26 @@ def test_continuous_batching_with_preemption_equals_alone(marian):
 def test_streaming_deltas_and_abort(marian):
     engine = _engine(marian)
     src = engine.tokenizer.encode("kamira tosune lope di ba the quick brown fox")
-    engine.add_request("s", TranslationRequest(src, engine.default_params(num_beams=1, max_tokens=20)))
-    engine.add_request("b", TranslationRequest(src, engine.default_params(num_beams=3, max_tokens=20)))
-    pieces, tokens, beam_outputs = [], 0, []
+    engine.add_request("s", TranslationRequest(src, engine.default_params(num_beams=1, max_tokens=20), stream=True))
+    engine.add_request("b", TranslationRequest(src, engine.default_params(num_beams=3, max_tokens=20), stream=True))
+    engine.add_request("q", TranslationRequest(src, engine.default_params(num_beams=1, max_tokens=20)))
+    pieces, tokens, beam_outputs, quiet = [], 0, [], []
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.request_id == "s":
                 pieces.append(out.outputs[0].new_text)
                 tokens += out.outputs[0].num_new_tokens
                 final = out
+            elif out.request_id == "q":
+                quiet.append(out)
             else:
                 beam_outputs.append(out)
     assert "".join(pieces) == final.outputs[0].text and tokens == len(final.outputs[0].token_ids) > 1
     assert len(pieces) == tokens  # one output per decode step
+    # not streamed: one output, finished, with the same text and tokens
+    assert [o.finished for o in quiet] == [True]
+    assert quiet[0].outputs[0].text == final.outputs[0].text and quiet[0].outputs[0].new_text == final.outputs[0].text
+    assert quiet[0].outputs[0].token_ids == final.outputs[0].token_ids
     assert [o.finished for o in beam_outputs] == [True]  # beams report once, when search ends
     assert beam_outputs[0].outputs[0].num_new_tokens == len(beam_outputs[0].outputs[0].token_ids)
 
@@ -164,6 +171,15 @@ def test_streaming_deltas_and_abort(marian):
     assert engine.block_manager.num_free_blocks == engine.num_blocks
     (out,) = engine.step()
     assert out.finished and out.outputs[0].finish_reason == "abort" and not engine.has_unfinished_requests()
+
+    # an aborted request that does not stream still reports the text of what it generated
+    engine.add_request("g", TranslationRequest(src, engine.default_params(num_beams=1, max_tokens=20)))
+    assert engine.step() == [] and engine.step() == []
+    engine.abort_request("g")
+    (out,) = engine.step()
+    ids = out.outputs[0].token_ids
+    assert out.outputs[0].finish_reason == "abort" and len(ids) == 2
+    assert out.outputs[0].text == engine.tokenizer.decode([i for i in ids if i < engine.tokenizer.vocab_size])
 
 
 def test_seeded_sampling_is_reproducible(marian):
