@@ -52,56 +52,81 @@ class BeamSearch:
         self.num_generated = 0
 
     def step(self, logprobs: torch.Tensor, token_ids: torch.Tensor, running_ids: list[list[int]]) -> BeamStep:
-        """`logprobs` (num_beams, k >= num_candidates): each running beam's best processed next-token
-        log-probs, descending, and `token_ids` (num_beams, k) their tokens; `running_ids[j]`: beam
-        j's generated tokens so far. The best `num_candidates` continuations overall are among
-        each row's best `num_candidates`, so the caller's one batched top-k over the vocabulary
-        (every request's rows at once) leaves this step only k candidates per beam."""
-        nb, k = logprobs.shape
-        assert nb == self.num_beams and k >= self.num_candidates
-        flat = (logprobs.float() + self.running_scores[:, None]).reshape(-1)
-        top_scores, top_idx = torch.topk(flat, self.num_candidates)
-        parents, tokens = top_idx // k, token_ids.reshape(-1)[top_idx]
-        gen_len = self.num_generated + 1
-        hits = torch.isin(tokens, self.eos) | (gen_len >= self.max_tokens)
-
-        running = top_scores + hits.to(torch.float32) * NEG
-        keep = torch.topk(running, nb).indices
-        next_running_scores = running[keep]
-
-        just_finished = hits.clone()
-        just_finished[nb:] = False  # only the top num_beams may finish; the rest are spares
-        norm = top_scores / (gen_len**self.length_penalty)
-        full = bool(self.is_finished.all()) and self.early_stopping is True
-        norm = norm + float(full) * NEG
-        norm = norm + float(not self.heuristic_unsatisfied) * NEG
-        norm = norm + (~just_finished).to(torch.float32) * NEG
-        merged = torch.cat([self.finished_scores, norm])
-        merged_finished = torch.cat([self.is_finished, just_finished])
-        chosen = torch.topk(merged, nb).indices.tolist()
-        parent_list, token_list = parents.tolist(), tokens.tolist()
-        self.finished_ids = [
-            self.finished_ids[c] if c < nb else running_ids[parent_list[c - nb]] + [token_list[c - nb]]
-            for c in chosen
-        ]
-        self.finished_scores = merged[chosen]
-        self.is_finished = merged_finished[chosen]
-
-        self.running_scores = next_running_scores
-        self.num_generated = gen_len
-        best_running = next_running_scores[0] / (gen_len**self.length_penalty)
-        worst_finished = torch.where(self.is_finished, self.finished_scores.min(), torch.tensor(NEG))
-        self.heuristic_unsatisfied = self.heuristic_unsatisfied and bool((best_running > worst_finished).any())
-        all_full = bool(self.is_finished.all()) and self.early_stopping is True
-        done = not self.heuristic_unsatisfied or all_full or bool(hits.all())
-        keep_list = keep.tolist()
-        return BeamStep([parent_list[i] for i in keep_list], [token_list[i] for i in keep_list], done)
+        """One step of this search alone: `beam_steps` with a batch of one."""
+        return beam_steps([self], logprobs[None], token_ids[None], [running_ids])[0]
 
     def best(self) -> list[int]:
         """The best finished hypothesis (generated tokens, eos included when produced)."""
         ids = self.finished_ids[0]
         assert ids is not None, "beam search ended without a finished hypothesis"
         return ids
+
+
+def beam_steps(searches: list[BeamSearch], logprobs: torch.Tensor, token_ids: torch.Tensor,
+               running_ids: list[list[list[int]]]) -> list[BeamStep]:
+    """Advance several searches that share `num_beams`, `num_candidates` and eos ids by one step, with one
+    set of tensor ops for all of them (per-request ops cost more than the math at 100+ requests).
+
+    `logprobs` (G, num_beams, k >= num_candidates): each running beam's best processed next-token
+    log-probs, descending, and `token_ids` the same shape, their tokens; `running_ids[g][j]`: beam j
+    of search g's generated tokens. The best `num_candidates` continuations of a search are among
+    its rows' best `num_candidates`, so the caller's one batched top-k over the vocabulary leaves
+    k candidates per beam. Each row's arithmetic and top-k are those of HF's batch-of-one step."""
+    first = searches[0]
+    nb, ncand = first.num_beams, first.num_candidates
+    assert all(s.num_beams == nb and s.num_candidates == ncand and torch.equal(s.eos, first.eos) for s in searches)
+    g, k = logprobs.shape[0], ncand
+    logprobs, token_ids = logprobs[:, :, :k], token_ids[:, :, :k]
+    running_scores = torch.stack([s.running_scores for s in searches])
+    flat = (logprobs.float() + running_scores[:, :, None]).reshape(g, nb * k)
+    top_scores, top_idx = torch.topk(flat, ncand, dim=1)
+    parents, tokens = top_idx // k, torch.gather(token_ids.reshape(g, nb * k), 1, top_idx)
+    gen_lens = [s.num_generated + 1 for s in searches]
+    at_cap = torch.tensor([n >= s.max_tokens for n, s in zip(gen_lens, searches)])
+    hits = torch.isin(tokens, first.eos) | at_cap[:, None]
+
+    running = top_scores + hits.to(torch.float32) * NEG
+    keep = torch.topk(running, nb, dim=1).indices
+    next_running_scores = torch.gather(running, 1, keep)
+
+    just_finished = hits.clone()
+    just_finished[:, nb:] = False  # only the top num_beams may finish; the rest are spares
+    # gen_len ** length_penalty in double, then fp32, as a tensor divided by a Python float is
+    denom = torch.tensor([n**s.length_penalty for n, s in zip(gen_lens, searches)], dtype=torch.float32)[:, None]
+    norm = top_scores / denom
+    is_finished = torch.stack([s.is_finished for s in searches])
+    early = torch.tensor([s.early_stopping is True for s in searches])
+    full = is_finished.all(dim=1) & early
+    norm = norm + full.to(torch.float32)[:, None] * NEG
+    satisfied = torch.tensor([not s.heuristic_unsatisfied for s in searches])
+    norm = norm + satisfied.to(torch.float32)[:, None] * NEG
+    norm = norm + (~just_finished).to(torch.float32) * NEG
+    merged = torch.cat([torch.stack([s.finished_scores for s in searches]), norm], dim=1)
+    merged_finished = torch.cat([is_finished, just_finished], dim=1)
+    chosen = torch.topk(merged, nb, dim=1).indices
+    finished_scores = torch.gather(merged, 1, chosen)
+    is_finished = torch.gather(merged_finished, 1, chosen)
+
+    best_running = next_running_scores[:, :1] / denom
+    worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, torch.tensor(NEG))
+    beats = (best_running > worst_finished).any(dim=1)
+    all_full = is_finished.all(dim=1) & early
+    ends = all_full | hits.all(dim=1)
+
+    steps = []
+    lists = zip(chosen.tolist(), parents.tolist(), tokens.tolist(), keep.tolist(), beats.tolist(), ends.tolist())
+    for i, (search, (chosen_i, parent_i, token_i, keep_i, beats_i, ends_i)) in enumerate(zip(searches, lists)):
+        search.finished_ids = [
+            search.finished_ids[c] if c < nb else running_ids[i][parent_i[c - nb]] + [token_i[c - nb]]
+            for c in chosen_i
+        ]
+        search.finished_scores, search.is_finished = finished_scores[i], is_finished[i]
+        search.running_scores = next_running_scores[i]
+        search.num_generated = gen_lens[i]
+        search.heuristic_unsatisfied = search.heuristic_unsatisfied and beats_i
+        done = not search.heuristic_unsatisfied or ends_i
+        steps.append(BeamStep([parent_i[j] for j in keep_i], [token_i[j] for j in keep_i], done))
+    return steps
 
 
 def log_softmax_(logits: torch.Tensor, rows_per_chunk: int = 8) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from engine.attention import get_backend
-from engine.beam_search import BeamSearch, Constraints, log_softmax_
+from engine.beam_search import BeamSearch, BeamStep, Constraints, beam_steps, log_softmax_
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.encdec_runner import EncDecRunner
@@ -269,11 +269,7 @@ class TranslationEngine:
             logprobs = self._constrain(logprobs, [b for s in beam_states for b in s.group.beams])
             k = max(s.beam.num_candidates for s in beam_states)  # type: ignore[union-attr]
             top_lp, top_ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
-            offset = 0
-            for state in beam_states:
-                n = len(state.group.beams)
-                self._beam_step(state, top_lp[offset : offset + n], top_ids[offset : offset + n])
-                offset += n
+            self._beam_steps(beam_states, top_lp, top_ids)
         for state in states:
             if state.finish_reason is not None or (state.stream and state.beam is None):
                 outputs.append(self._output(state))
@@ -317,18 +313,38 @@ class TranslationEngine:
             if state.finish_reason is not None:
                 self.scheduler.finish(state.group)
 
-    def _beam_step(self, state: _RequestState, top_lp: torch.Tensor, top_ids: torch.Tensor) -> None:
-        """Advance the search with each running beam's best constrained log-probs and their
-        tokens; fork the chosen parents so continuations share their blocks."""
+    def _beam_steps(self, states: list[_RequestState], top_lp: torch.Tensor, top_ids: torch.Tensor) -> None:
+        """Advance every beam search with its running beams' best constrained log-probs and their
+        tokens (rows in `states` order), searches of one shape in one batched call; fork the
+        chosen parents so continuations share their blocks."""
+        shapes: dict[tuple[int, int], list[int]] = {}  # (num_beams, num_candidates) -> indices into states
+        rows: list[tuple[torch.Tensor, torch.Tensor, list[Sequence]]] = []
+        offset = 0
+        for i, state in enumerate(states):
+            assert state.beam is not None
+            group = state.group
+            n = len(group.beams)
+            lp, ids = top_lp[offset : offset + n], top_ids[offset : offset + n]
+            offset += n
+            if n != group.num_beams:  # first step: one beam, the search sees num_beams copies
+                beams = group.beams * group.num_beams
+                lp, ids = lp.expand(len(beams), -1), ids.expand(len(beams), -1)
+            else:
+                beams = group.beams
+            rows.append((lp, ids, beams))
+            shapes.setdefault((group.num_beams, state.beam.num_candidates), []).append(i)
+        for (_, k), members in shapes.items():
+            lp = torch.stack([rows[i][0][:, :k] for i in members])
+            ids = torch.stack([rows[i][1][:, :k] for i in members])
+            searches = [states[i].beam for i in members]
+            running = [[b.output_token_ids for b in rows[i][2]] for i in members]
+            for i, step in zip(members, beam_steps(searches, lp, ids, running)):  # type: ignore[arg-type]
+                self._advance(states[i], step, rows[i][2])
+
+    def _advance(self, state: _RequestState, step: BeamStep, beams: list[Sequence]) -> None:
+        """Apply one search step: finish the request, or replace its beams by forked children."""
         assert state.beam is not None
         group = state.group
-        if len(group.beams) != group.num_beams:  # first step: one beam, the search sees num_beams copies
-            beams = group.beams * group.num_beams
-            top_lp, top_ids = top_lp.expand(len(beams), -1), top_ids.expand(len(beams), -1)
-        else:
-            beams = group.beams
-        k = state.beam.num_candidates
-        step = state.beam.step(top_lp[:, :k], top_ids[:, :k], [b.output_token_ids for b in beams])
         self.num_generation_tokens += len(group.beams)
         if step.done:
             state.token_ids = state.beam.best()
