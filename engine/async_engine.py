@@ -68,7 +68,8 @@ class AsyncEngine:
         self._owner: dict[str, str] = {}  # request id -> model name, for aborts
         self._pending: dict[str, int] = {name: 0 for name in engines}  # added, not yet seen by worker
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._executor = executor or ComputeThread()
+        self._executor = executor  # None: a ComputeThread of its own, made at start, ended at shutdown
+        self._owns_executor = executor is None
         self._worker: concurrent.futures.Future | None = None
         self._running = False
         self.accepting = True
@@ -77,6 +78,8 @@ class AsyncEngine:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._running = True
+        if self._executor is None:
+            self._executor = ComputeThread()
         self._worker = self._executor.submit(self._work)
 
     async def shutdown(self, timeout: float = 10.0) -> None:
@@ -93,6 +96,9 @@ class AsyncEngine:
         self._wake.set()
         if self._worker is not None:
             await asyncio.get_running_loop().run_in_executor(None, concurrent.futures.wait, [self._worker], 5.0)
+        if self._owns_executor and self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     @property
     def is_running(self) -> bool:

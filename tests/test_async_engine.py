@@ -52,10 +52,14 @@ def test_engines_are_stepped_on_the_executor_that_built_them():
     assert engine.stepped_on == {engine.built_on}
 
 
-def test_default_worker_is_one_thread_apart_from_the_loop():
+def test_default_worker_is_one_thread_apart_from_the_loop_and_ends_at_shutdown():
     engine = _ThreadRecordingEngine()
     _run_one(AsyncEngine({"fake": engine}))
     assert len(engine.stepped_on) == 1 and threading.get_ident() not in engine.stepped_on
+    (worker,) = [t for t in threading.enumerate() if t.ident in engine.stepped_on] or [None]
+    if worker is not None:  # it may have ended already
+        worker.join(timeout=5)
+        assert not worker.is_alive()
 
 
 def test_a_started_engine_never_shut_down_does_not_hang_interpreter_exit():
