@@ -159,3 +159,26 @@ def test_consecutive_blocks_are_read_in_place(new_tokens: int):
     assert group.first_block == 3 and group.sees_all == (new_tokens == 1)
     k, v = kc[table].flatten(0, 1)[:n], vc[table].flatten(0, 1)[:n]
     assert torch.allclose(out, naive(q, k, v, 0.5, causal=True, offset=n - new_tokens), atol=1e-5)
+
+
+def test_step_cache_builds_once_per_metadata_object():
+    from dataclasses import replace
+
+    from engine.attention.metadata import StepCache
+    from engine.forward_context import metadata_for_sequences
+
+    cache: StepCache[int] = StepCache(limit=3)
+    builds: list[str] = []
+
+    def build(tag: str):
+        return lambda: builds.append(tag) or len(builds)
+
+    meta = metadata_for_sequences([3, 5])
+    assert cache.get(meta, (), build("a")) == 1 and cache.get(meta, (), build("a")) == 1  # reused in every layer
+    assert cache.get(meta, (16,), build("b")) == 2  # another key on the same step
+    twin = replace(meta)  # equal fields, another object (a later step): never served the old plan
+    assert cache.get(twin, (), build("c")) == 3
+    assert cache.get(meta, (), build("x")) == 1  # three entries: all kept
+    assert cache.get(replace(meta), (), build("d")) == 4  # a fourth: the older entries are dropped
+    assert cache.get(meta, (), build("e")) == 5
+    assert builds == ["a", "b", "c", "d", "e"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import cpu_kernel
-from engine.attention.metadata import AttentionMetadata, RelativePositionBias
+from engine.attention.metadata import AttentionMetadata, RelativePositionBias, StepCache
 from engine.attention.ref import TorchAttentionBackend
 
 
@@ -26,6 +26,19 @@ class _DecodePlan:
     only_decodes: bool  # every sequence of the step has one query: nothing left for the reference
 
 
+def _build_decode_plan(meta: AttentionMetadata) -> _DecodePlan | None:
+    seqs = [i for i, n in enumerate(meta.query_lens) if n == 1]
+    if not seqs or meta.block_tables is None:
+        return None
+    idx = torch.tensor(seqs, dtype=torch.long)
+    return _DecodePlan(
+        rows=meta.cu_seqlens_q.cpu().long()[idx].contiguous(),
+        tables=meta.block_tables.cpu()[idx].to(torch.int32).contiguous(),
+        seq_lens=torch.tensor([meta.seq_lens_host[i] for i in seqs], dtype=torch.int32),
+        only_decodes=len(seqs) == meta.num_seqs,
+    )
+
+
 class CpuAttentionBackend(TorchAttentionBackend):
     """Same signatures as the reference (engine.attention.base); decode rows run the C kernel."""
 
@@ -34,27 +47,10 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def __init__(self, lib: ctypes.CDLL) -> None:
         super().__init__()
         self._lib = lib
-        # One plan per step's metadata, reused by every layer (keyed like the reference's plans).
-        self._decode_plans: dict[int, tuple[AttentionMetadata, _DecodePlan | None]] = {}
+        self._decode_plans: StepCache[_DecodePlan | None] = StepCache()  # one per step's metadata
 
     def _decode_plan(self, meta: AttentionMetadata) -> _DecodePlan | None:
-        hit = self._decode_plans.get(id(meta))
-        if hit is not None and hit[0] is meta:
-            return hit[1]
-        seqs = [i for i, n in enumerate(meta.query_lens) if n == 1]
-        plan = None
-        if seqs and meta.block_tables is not None:
-            idx = torch.tensor(seqs, dtype=torch.long)
-            plan = _DecodePlan(
-                rows=meta.cu_seqlens_q.cpu().long()[idx].contiguous(),
-                tables=meta.block_tables.cpu()[idx].to(torch.int32).contiguous(),
-                seq_lens=torch.tensor([meta.seq_lens_host[i] for i in seqs], dtype=torch.int32),
-                only_decodes=len(seqs) == meta.num_seqs,
-            )
-        if len(self._decode_plans) >= 4:  # an older step's plans: drop them
-            self._decode_plans.clear()
-        self._decode_plans[id(meta)] = (meta, plan)
-        return plan
+        return self._decode_plans.get(meta, (), lambda: _build_decode_plan(meta))
 
     def paged_attention(
         self,

@@ -1,9 +1,13 @@
 """Per-step attention metadata for a flat, unpadded batch of sequences."""
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,3 +52,27 @@ class RelativePositionBias:
     bidirectional: bool
     num_buckets: int
     max_distance: int
+
+
+class StepCache(Generic[T]):
+    """Values derived from one step's metadata (index plans), built once and reused by every layer.
+
+    Keyed by the metadata's identity plus `extra`: the entry holds the metadata, so its id cannot be
+    reused while the entry stands. A step has one or two metadata (self- and cross-attention); once
+    `limit` entries exist they belong to older steps and are dropped together.
+    """
+
+    def __init__(self, limit: int = 4) -> None:
+        self._limit = limit
+        self._entries: dict[tuple, tuple[AttentionMetadata, T]] = {}
+
+    def get(self, meta: AttentionMetadata, extra: tuple[Hashable, ...], build: Callable[[], T]) -> T:
+        key = (id(meta), *extra)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is meta:
+            return hit[1]
+        value = build()
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        self._entries[key] = (meta, value)
+        return value

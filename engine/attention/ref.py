@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.attention.metadata import AttentionMetadata, RelativePositionBias
+from engine.attention.metadata import AttentionMetadata, RelativePositionBias, StepCache
 from engine.workspace import Workspace
 
 
@@ -191,8 +191,7 @@ class TorchAttentionBackend:
 
     def __init__(self) -> None:
         # Index work depends only on the step's metadata: build it once, reuse it in every layer.
-        # Keyed by metadata identity (kept alive by the entry); a step has one or two (cross-attn).
-        self._plans: dict[tuple[int, int, int, bool], tuple[AttentionMetadata, list[_Group]]] = {}
+        self._plans: StepCache[list[_Group]] = StepCache()
         # Gathered K and V blocks land in buffers reused by every layer and step. A fresh tensor
         # of tens of MB is a fresh mmap on CPU: zeroing its pages cost 8x the copy itself.
         self._gather_buffers = (Workspace(), Workspace())
@@ -225,10 +224,13 @@ class TorchAttentionBackend:
         self, meta: AttentionMetadata, device: torch.device, block_size: int | None, token_bytes: int = 0,
         with_decodes: bool = True,
     ) -> list[_Group]:
-        key = (id(meta), block_size or 0, token_bytes, with_decodes)
-        hit = self._plans.get(key)
-        if hit is not None and hit[0] is meta:
-            return hit[1]
+        return self._plans.get(meta, (block_size or 0, token_bytes, with_decodes),
+                               lambda: self._build_groups(meta, device, block_size, token_bytes, with_decodes))
+
+    def _build_groups(
+        self, meta: AttentionMetadata, device: torch.device, block_size: int | None, token_bytes: int,
+        with_decodes: bool,
+    ) -> list[_Group]:
         paged = block_size is not None
         q_lens = torch.tensor(meta.query_lens, device=device)
         k_lens = torch.tensor(meta.seq_lens_host if paged else meta.query_lens, device=device)
@@ -271,9 +273,6 @@ class TorchAttentionBackend:
                     first = t0
             groups.append(_Group(flat_idx, valid, pad_idx, span, dense, tables, max_k, visible, q_pos, k_pos, square,
                                  sees_all=bool(visible.all()), first_block=first))
-        if len(self._plans) >= 4:  # an older step's plans: drop them
-            self._plans.clear()
-        self._plans[key] = (meta, groups)
         return groups
 
     def paged_attention(

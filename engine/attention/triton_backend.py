@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import triton_kernels as kernels
-from engine.attention.metadata import AttentionMetadata, RelativePositionBias
+from engine.attention.metadata import AttentionMetadata, RelativePositionBias, StepCache
 
 
 def _next_power_of_2(n: int) -> int:
@@ -61,9 +61,8 @@ class TritonAttentionBackend:
         self.block_m = block_m
         self.block_n = block_n
         self._num_sms: int | None = None
-        # Decode/prefill split of a step's sequences, keyed by metadata identity like the
-        # reference's plans: built once per step, reused by every layer.
-        self._plans: dict[int, tuple[AttentionMetadata, _Rows, _Rows]] = {}
+        # Decode/prefill split of a step's sequences: built once per step, reused by every layer.
+        self._plans: StepCache[tuple[_Rows, _Rows]] = StepCache()
         # T5 bias tables, keyed by the weight's identity (kept alive by the entry) and radius;
         # a table serves every layer and step until the context outgrows it.
         self._bias_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -124,17 +123,12 @@ class TritonAttentionBackend:
         return out
 
     def _plan(self, meta: AttentionMetadata, device: torch.device) -> tuple[_Rows, _Rows]:
-        hit = self._plans.get(id(meta))
-        if hit is not None and hit[0] is meta:
-            return hit[1], hit[2]
         # A loop over sequences (not tokens) on the host tuples; sequences with no new token
         # (none in practice) go nowhere and their (empty) rows stay untouched.
-        decode = _rows(meta, [i for i, n in enumerate(meta.query_lens) if n == 1], device)
-        prefill = _rows(meta, [i for i, n in enumerate(meta.query_lens) if n > 1], device)
-        if len(self._plans) >= 4:  # an older step's plans: drop them
-            self._plans.clear()
-        self._plans[id(meta)] = (meta, decode, prefill)
-        return decode, prefill
+        return self._plans.get(meta, (), lambda: (
+            _rows(meta, [i for i, n in enumerate(meta.query_lens) if n == 1], device),
+            _rows(meta, [i for i, n in enumerate(meta.query_lens) if n > 1], device),
+        ))
 
     def _use_split(self, num_seqs: int, max_seqlen_k: int, num_kv_heads: int, device: torch.device) -> bool:
         if max_seqlen_k <= self.partition_size or self.split_k is False:
