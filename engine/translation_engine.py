@@ -333,9 +333,9 @@ class TranslationEngine:
                 beams = group.beams
             rows.append((lp, ids, beams))
             shapes.setdefault((group.num_beams, state.beam.num_candidates), []).append(i)
-        for (_, k), members in shapes.items():
-            lp = torch.stack([rows[i][0][:, :k] for i in members])
-            ids = torch.stack([rows[i][1][:, :k] for i in members])
+        for members in shapes.values():  # beam_steps keeps each row's first num_candidates
+            lp = torch.stack([rows[i][0] for i in members])
+            ids = torch.stack([rows[i][1] for i in members])
             searches = [states[i].beam for i in members]
             running = [[b.output_token_ids for b in rows[i][2]] for i in members]
             for i, step in zip(members, beam_steps(searches, lp, ids, running)):  # type: ignore[arg-type]
