@@ -129,16 +129,6 @@ def beam_steps(searches: list[BeamSearch], logprobs: torch.Tensor, token_ids: to
     return steps
 
 
-def log_softmax_(logits: torch.Tensor, rows_per_chunk: int = 8) -> torch.Tensor:
-    """Row-wise log_softmax in place, a few rows at a time: the values of torch.log_softmax
-    (each row is computed alone either way) without a second (rows, V) tensor, which for 256
-    beams over a 58k vocabulary is a fresh 60 MB mmap whose page faults doubled the op's time."""
-    for start in range(0, logits.shape[0], rows_per_chunk):
-        part = logits[start : start + rows_per_chunk]
-        part.copy_(torch.log_softmax(part, dim=-1))
-    return logits
-
-
 def no_repeat_ngram_bans(ids: list[int], n: int) -> list[int]:
     """Tokens that would repeat an n-gram of `ids` (HF NoRepeatNGramLogitsProcessor, one row)."""
     if n <= 0 or len(ids) + 1 < n:
@@ -154,20 +144,27 @@ class Constraints:
     banned_ids: tuple[int, ...] = ()  # single-token bad_words_ids (Marian bans <pad>)
     forced_eos_token_id: int | None = None  # forced as the last token a request may generate
 
+    def bans(self, decoder_ids: list[list[int]], no_repeat: list[int]) -> list[list[int]]:
+        """Each row's banned tokens: its no-repeat n-gram completions, then the bad words. Rows:
+        decoder sequences (start token included) and their no_repeat_ngram_size."""
+        return [no_repeat_ngram_bans(ids, n) + list(self.banned_ids) for ids, n in zip(decoder_ids, no_repeat)]
+
+    def forced_eos(self, num_generated: list[int], max_tokens: list[int]) -> list[bool]:
+        """Rows whose next token is their last allowed one, where eos is forced."""
+        if self.forced_eos_token_id is None:
+            return [False] * len(num_generated)
+        return [g + 1 == m for g, m in zip(num_generated, max_tokens)]
+
     def apply(self, scores: torch.Tensor, decoder_ids: list[list[int]], num_generated: list[int],
               max_tokens: list[int], no_repeat: list[int]) -> torch.Tensor:
-        """In HF's processor order: no-repeat n-grams, bad words, forced eos. Rows: decoder
-        sequences (start token included), how many tokens each generated, and its limit."""
-        for row, (ids, n) in enumerate(zip(decoder_ids, no_repeat)):  # one list per row, not per token
-            bans = no_repeat_ngram_bans(ids, n)
-            if bans:
-                scores[row, bans] = float("-inf")
-        if self.banned_ids:
-            scores[:, list(self.banned_ids)] = float("-inf")
-        if self.forced_eos_token_id is not None:
-            last = torch.tensor([g + 1 == m for g, m in zip(num_generated, max_tokens)], device=scores.device)
-            if bool(last.any()):
-                forced = torch.full_like(scores[last], float("-inf"))
-                forced[:, self.forced_eos_token_id] = 0.0
-                scores[last] = forced
+        """In HF's processor order: no-repeat n-grams, bad words, forced eos (which overrides
+        both); `scores` edited in place."""
+        for row, banned in enumerate(self.bans(decoder_ids, no_repeat)):  # one index_put per row
+            if banned:
+                scores[row, banned] = float("-inf")
+        forced = self.forced_eos(num_generated, max_tokens)
+        if any(forced):
+            last = torch.tensor(forced, device=scores.device)
+            scores[last] = float("-inf")
+            scores[last, self.forced_eos_token_id] = 0.0
         return scores

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.beam_search import log_softmax_
+from engine.top_logprobs import log_softmax_
 from engine.workspace import Workspace
 from models.layers import vocab_logits
 

@@ -1,77 +1,28 @@
-"""The compiled CPU decode-attention kernel (paged_decode_cpu.c): built once, loaded with ctypes.
-
-A plain C file compiled by the system's C compiler in about a second, no torch headers: the
-shared object is cached under `$KVSERVE_CACHE_DIR` (default ~/.cache/kvserve) keyed by a hash
-of the source and flags. It links OpenMP by soname, so it runs on the libgomp that torch has
-already loaded: one thread pool for torch and the kernel, not two spinning against each other.
-Where no compiler is found or the build fails, `load()` returns None and callers keep the torch
-reference. ctypes releases the GIL for the call, so a server's event loop runs meanwhile.
-"""
+"""The compiled CPU decode-attention kernel (paged_decode_cpu.c), built and loaded by engine.native."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from engine import native
+
 SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
-DISABLE_ENV = "KVSERVE_CPU_KERNEL"  # "0": never build or load it (the torch reference serves)
-
-
-def _flags() -> list[str]:
-    """x86-64-v3 (AVX2 + FMA) where the CPU has it: a fixed target rather than -march=native,
-    so a build cached in a container image runs on any such machine."""
-    flags = ["-O3", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags.append("-march=x86-64-v3")
-    return flags
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("KVSERVE_CACHE_DIR") or Path.home() / ".cache" / "kvserve")
+DISABLE_ENV = native.DISABLE_ENV
 
 
 def build(compiler: str | None = None) -> Path | None:
     """Path of the compiled kernel, compiling it first if no cached build matches the source."""
-    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    flags = _flags()
-    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-    target = _cache_root() / "kernels" / f"paged_decode_cpu-{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # compile to a temp name and rename: concurrent builders never load half a file
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
-    except (OSError, subprocess.SubprocessError):
-        Path(tmp).unlink(missing_ok=True)
-        return None
-    return target
+    return native.build(SOURCE, compiler)
 
 
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (disabled, no compiler, failed build)."""
-    if os.environ.get(DISABLE_ENV) == "0":
-        return None
-    path = build()
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError:  # e.g. a build from another machine whose OpenMP runtime is missing here
+    lib = native.load(SOURCE)
+    if lib is None:
         return None
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     lib.paged_decode_attention.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,

@@ -1,0 +1,82 @@
+"""The compiled top-k log-prob kernel against its torch reference, and the constraint split it relies on."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import top_logprobs as tl
+from engine.beam_search import Constraints
+
+LIB = tl.load()
+needs_kernel = pytest.mark.skipif(LIB is None, reason="no C compiler: the reference serves")
+
+
+def _both(logits: torch.Tensor, k: int, bans: list[list[int]]):
+    ref = tl.reference(logits.clone(), k, bans)
+    got = tl.top_logprobs(logits.clone(), k, bans)
+    return ref, got
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,vocab,k", [(1, 7, 1), (3, 64, 8), (5, 1000, 16), (17, 58_101, 8), (4, 130, 128)])
+def test_kernel_matches_reference(rows: int, vocab: int, k: int) -> None:
+    g = torch.Generator().manual_seed(rows * vocab + k)
+    logits = torch.randn(rows, vocab, generator=g) * 6
+    bans = [[int(t) for t in torch.randint(0, vocab, (r % 4,), generator=g)] for r in range(rows)]
+    (ref_v, ref_i), (got_v, got_i) = _both(logits, k, bans)
+    assert torch.equal(got_i, ref_i)
+    torch.testing.assert_close(got_v, ref_v, rtol=0, atol=2e-6 * float(ref_v.abs().max()))
+    for row, banned in enumerate(bans):  # a banned token only fills a slot no finite value could
+        picked = dict(zip(got_i[row].tolist(), got_v[row].tolist()))
+        assert all(picked[t] == float("-inf") for t in set(banned) & set(picked))
+
+
+@needs_kernel
+def test_bans_count_in_the_normaliser() -> None:
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    values, ids = tl.top_logprobs(logits.clone(), 2, [[0]])
+    assert ids.tolist() == [[1, 2]]
+    expected = torch.log_softmax(logits, -1)[0, 1:3]  # the banned 3.0 still normalises
+    torch.testing.assert_close(values[0], expected)
+
+
+@needs_kernel
+def test_rows_with_fewer_finite_values_than_k_and_a_row_stride() -> None:
+    base = torch.full((3, 40), float("-inf"))
+    base[:, 5] = 0.0  # a forced row: one finite value
+    base[1, 30] = -1.0
+    view = base[:, :33]  # rows 40 apart, 33 columns
+    values, ids = tl.top_logprobs(view, 4, [[], [], [5]])
+    assert ids[0, 0] == 5 and values[0, 0] == 0.0 and torch.isinf(values[0, 1:]).all()
+    assert ids[1, :2].tolist() == [5, 30]
+    assert torch.isinf(values[2]).all()  # its only finite token banned
+    assert sorted(ids[0].tolist()) == sorted(set(ids[0].tolist()))  # k distinct tokens all the same
+
+
+def test_without_the_kernel_the_reference_serves(monkeypatch) -> None:
+    monkeypatch.setattr(tl, "load", lambda: None)
+    logits = torch.randn(2, 50)
+    expected = torch.log_softmax(logits, -1)
+    expected[0, 1] = float("-inf")
+    values, ids = tl.top_logprobs(logits.clone(), 3, [[1], []])
+    ref_v, ref_i = torch.topk(expected, 3)
+    assert torch.equal(values, ref_v) and torch.equal(ids, ref_i)
+
+
+def test_k_past_the_kernel_list_takes_the_reference() -> None:
+    logits = torch.randn(2, 300)
+    values, ids = tl.top_logprobs(logits.clone(), tl.MAX_K + 1, [[], []])
+    ref_v, ref_i = torch.topk(torch.log_softmax(logits, -1), tl.MAX_K + 1)
+    assert torch.equal(values, ref_v) and torch.equal(ids, ref_i)
+
+
+def test_constraints_split_equals_apply() -> None:
+    c = Constraints(banned_ids=(0,), forced_eos_token_id=2)
+    ids = [[5, 1, 3, 1], [5, 4, 4], [5, 6]]
+    scores = torch.randn(3, 8)
+    applied = c.apply(scores.clone(), ids, [3, 2, 1], [4, 9, 9], [2, 2, 0])
+    assert c.bans(ids, [2, 2, 0]) == [[3, 0], [4, 0], [0]]
+    assert c.forced_eos([3, 2, 1], [4, 9, 9]) == [True, False, False]
+    assert applied[0].tolist() == [float("-inf")] * 2 + [0.0] + [float("-inf")] * 5
+    assert torch.isinf(applied[1, [0, 4]]).all() and torch.isinf(applied[2, 0])
+    assert torch.equal(applied[2, 1:], scores[2, 1:])
