@@ -65,12 +65,12 @@ RUN pip install --no-cache-dir . \
     && python3 -I -c "from models.loader import resolve; print(resolve('smollm2'))" \
     && rm -rf /build
 
-# The CPU decode-attention kernel is C, compiled once into KVSERVE_CACHE_DIR: gcc is installed for
-# this step only and removed with its dependencies (the kernel runs on the OpenMP that torch ships).
+# The CPU kernels (decode attention, beam top-k) are C, compiled once into KVSERVE_CACHE_DIR: gcc is
+# installed for this step only and removed with its dependencies (they run on the OpenMP torch ships).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && python3 -I -c "from engine.attention import cpu_kernel; assert cpu_kernel.build(), 'kernel build failed'" \
+    && python3 -I -c "from engine import top_logprobs as t; from engine.attention import cpu_kernel as a; assert a.build() and t.build()" \
     && apt-get purge -y --auto-remove gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && chmod -R a+rX "$KVSERVE_CACHE_DIR"

@@ -21,6 +21,11 @@ SOURCE = Path(__file__).with_name("top_logprobs_cpu.c")
 MAX_K = 128  # the kernel's list size (MAX_K in the C file)
 
 
+def build(compiler: str | None = None) -> Path | None:
+    """Path of the compiled kernel, compiling it first if no cached build matches the source."""
+    return native.build(SOURCE, compiler)
+
+
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (disabled, no compiler, failed build)."""
