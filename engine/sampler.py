@@ -11,6 +11,7 @@ import torch
 
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
+from engine.top_logprobs import argmax
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class Sampler:
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
         if any(r.params.needs_penalties for r in rows):
             logits = apply_penalties(logits, rows)
-        tokens = logits.argmax(-1)
+        tokens = argmax(logits)
         sampling = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if sampling:
             idx = torch.tensor(sampling, device=logits.device)

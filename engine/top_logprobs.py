@@ -33,7 +33,7 @@ def load() -> ctypes.CDLL | None:
     if lib is None:
         return None
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
-    lib.top_logprobs.argtypes = [ptr, i64, i32, i64, ptr, ptr, i32, ptr, ptr, i32]
+    lib.top_logprobs.argtypes = [ptr, i64, i32, i64, ptr, ptr, i32, i32, ptr, ptr, i32]
     lib.top_logprobs.restype = None
     return lib
 
@@ -73,6 +73,22 @@ def top_logprobs(logits: torch.Tensor, k: int, bans: list[list[int]]) -> tuple[t
     flat = torch.tensor([t for banned in bans for t in banned] or [0], dtype=torch.int64)
     values = torch.empty((rows, k), dtype=torch.float32)
     ids = torch.empty((rows, k), dtype=torch.int64)
-    lib.top_logprobs(logits.data_ptr(), logits.stride(0), rows, vocab, offsets.data_ptr(), flat.data_ptr(), k,
+    lib.top_logprobs(logits.data_ptr(), logits.stride(0), rows, vocab, offsets.data_ptr(), flat.data_ptr(), k, 1,
                      values.data_ptr(), ids.data_ptr(), torch.get_num_threads())
     return values, ids
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` (the first of equal maxima) for 2-D logits; through the kernel, which
+    reads each row once with vector compares, for fp32 CPU rows (torch's took 2-3x as long on
+    256 x 58k logits). `logits` is left as it is."""
+    lib = load() if _kernel_fits(logits, 1) else None
+    if lib is None:
+        return logits.argmax(-1)
+    rows, vocab = logits.shape
+    none = torch.zeros(rows + 1, dtype=torch.int64)
+    values = torch.empty((rows, 1), dtype=torch.float32)
+    ids = torch.empty((rows, 1), dtype=torch.int64)
+    lib.top_logprobs(logits.data_ptr(), logits.stride(0), rows, vocab, none.data_ptr(), none.data_ptr(), 1, 0,
+                     values.data_ptr(), ids.data_ptr(), torch.get_num_threads())
+    return ids[:, 0]

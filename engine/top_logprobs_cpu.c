@@ -11,7 +11,8 @@
  * and are then excluded, as HF's logits processors act on log-probs: their logits become -inf in
  * place (the caller's buffer is scratch). Selection keeps the best k sorted (ties: lower index
  * first, -inf included, so a row with fewer than k finite values still fills k slots); a block of
- * 64 values whose max cannot enter the list costs 8 vector maxes and one compare.
+ * 64 values whose max cannot enter the list costs 8 vector maxes and one compare. Without
+ * normalising, k = 1 is a row argmax that reads the row once (greedy decoding).
  */
 #include <math.h>
 #include <stdint.h>
@@ -44,27 +45,32 @@ static inline void insert(float *vals, int64_t *ids, int n, float x, int64_t i) 
     ids[j] = i;
 }
 
-static void row_top_logprobs(float *x, int64_t vocab, const int64_t *bans, int64_t num_bans, int k,
-                             float *out_vals, int64_t *out_ids) {
+/* log(sum(exp(x))) of one row: max, then the sum of exp(x - max) (the row is in L2 by then). */
+static float row_logsumexp(const float *x, int64_t vocab) {
     const v8 neg_inf = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     v8 m8 = neg_inf;
     int64_t i = 0;
     for (; i + 8 <= vocab; i += 8) m8 = vmax(*(const v8 *)(x + i), m8);
     float m = hmax(m8);
     for (; i < vocab; ++i) m = x[i] > m ? x[i] : m;
-
     v8 s8 = {0};
     for (i = 0; i + 8 <= vocab; i += 8) s8 += exp_nonpos(*(const v8 *)(x + i) - m);
     float sum = hsum(s8);
     for (; i < vocab; ++i) sum += expf(x[i] - m);
-    const float lse = m + logf(sum);
+    return m + logf(sum);
+}
 
+static void row_top_logprobs(float *x, int64_t vocab, const int64_t *bans, int64_t num_bans, int k,
+                             int normalize, float *out_vals, int64_t *out_ids) {
+    float lse = 0.f;
+    if (normalize) lse = row_logsumexp(x, vocab);
     for (int64_t b = 0; b < num_bans; ++b)
         if (bans[b] >= 0 && bans[b] < vocab) x[bans[b]] = -INFINITY;
 
     float vals[MAX_K];
     int64_t ids[MAX_K];
-    for (i = 0; i < k; ++i) insert(vals, ids, (int)i + 1, x[i], i);
+    int64_t i = 0;
+    for (; i < k; ++i) insert(vals, ids, (int)i + 1, x[i], i);
     float thr = vals[k - 1];
     for (; i < vocab && i % BLOCK; ++i) /* up to a block boundary one by one */
         if (x[i] > thr) {
@@ -93,11 +99,13 @@ static void row_top_logprobs(float *x, int64_t vocab, const int64_t *bans, int64
 }
 
 /* logits (rows, vocab) fp32 with a row stride (rows are modified: bans become -inf); out_vals and
- * out_ids (rows, k) contiguous; 1 <= k <= min(vocab, MAX_K). */
+ * out_ids (rows, k) contiguous; 1 <= k <= min(vocab, MAX_K). normalize 0: the best raw logits
+ * (k = 1 is argmax, lowest index among equals, as torch's). */
 void top_logprobs(float *logits, int64_t row_stride, int32_t rows, int64_t vocab, const int64_t *ban_offsets,
-                  const int64_t *bans, int32_t k, float *out_vals, int64_t *out_ids, int32_t num_threads) {
+                  const int64_t *bans, int32_t k, int32_t normalize, float *out_vals, int64_t *out_ids,
+                  int32_t num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int32_t r = 0; r < rows; ++r)
         row_top_logprobs(logits + r * row_stride, vocab, bans + ban_offsets[r], ban_offsets[r + 1] - ban_offsets[r],
-                         k, out_vals + (int64_t)r * k, out_ids + (int64_t)r * k);
+                         k, normalize, out_vals + (int64_t)r * k, out_ids + (int64_t)r * k);
 }

@@ -80,3 +80,18 @@ def test_constraints_split_equals_apply() -> None:
     assert applied[0].tolist() == [float("-inf")] * 2 + [0.0] + [float("-inf")] * 5
     assert torch.isinf(applied[1, [0, 4]]).all() and torch.isinf(applied[2, 0])
     assert torch.equal(applied[2, 1:], scores[2, 1:])
+
+
+@needs_kernel
+def test_argmax_matches_torch_and_leaves_logits_alone() -> None:
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 1000, generator=g)
+    base[1, [10, 700]] = 50.0  # equal maxima: the first wins, as in torch
+    base[2] = float("-inf")
+    base[3, 999] = 99.0  # in the tail past the last whole block
+    view = base
+    before = view.clone()
+    assert torch.equal(tl.argmax(view), view.argmax(-1))
+    assert torch.equal(view, before)
+    narrow = base[:, 3:990]  # a row stride and an unaligned start
+    assert torch.equal(tl.argmax(narrow), narrow.argmax(-1))
