@@ -70,7 +70,7 @@ RUN pip install --no-cache-dir . \
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && python3 -I -c "from engine import top_logprobs as t; from engine.attention import cpu_kernel as a; assert a.build() and t.build()" \
+    && python3 -I -c "from engine import native, top_logprobs as t; from engine.attention import cpu_kernel as a; assert native.build(a.SOURCE) and native.build(t.SOURCE)" \
     && apt-get purge -y --auto-remove gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && chmod -R a+rX "$KVSERVE_CACHE_DIR"

@@ -66,14 +66,19 @@ def build(source: Path, compiler: str | None = None) -> Path | None:
     return target
 
 
-def load(source: Path) -> ctypes.CDLL | None:
-    """The loaded library of `source`, or None (disabled, no compiler, failed build)."""
+def load(source: Path, signatures: dict[str, list[type]]) -> ctypes.CDLL | None:
+    """The loaded library of `source` with each named function's argument types set (all return
+    void), or None (disabled, no compiler, failed build)."""
     if os.environ.get(DISABLE_ENV) == "0":
         return None
     path = build(source)
     if path is None:
         return None
     try:
-        return ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(path))
     except OSError:  # e.g. a build from another machine whose OpenMP runtime is missing here
         return None
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib

@@ -21,21 +21,11 @@ SOURCE = Path(__file__).with_name("top_logprobs_cpu.c")
 MAX_K = 128  # the kernel's list size (MAX_K in the C file)
 
 
-def build(compiler: str | None = None) -> Path | None:
-    """Path of the compiled kernel, compiling it first if no cached build matches the source."""
-    return native.build(SOURCE, compiler)
-
-
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (disabled, no compiler, failed build)."""
-    lib = native.load(SOURCE)
-    if lib is None:
-        return None
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
-    lib.top_logprobs.argtypes = [ptr, i64, i32, i64, ptr, ptr, i32, i32, ptr, ptr, i32]
-    lib.top_logprobs.restype = None
-    return lib
+    return native.load(SOURCE, {"top_logprobs": [ptr, i64, i32, i64, ptr, ptr, i32, i32, ptr, ptr, i32]})
 
 
 def log_softmax_(logits: torch.Tensor, rows_per_chunk: int = 8) -> torch.Tensor:

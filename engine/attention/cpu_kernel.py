@@ -21,14 +21,9 @@ def build(compiler: str | None = None) -> Path | None:
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (disabled, no compiler, failed build)."""
-    lib = native.load(SOURCE)
-    if lib is None:
-        return None
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
-    lib.paged_decode_attention.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,
-                                           i32, i32, i32, i32, i32, ctypes.c_float, i32]
-    lib.paged_decode_attention.restype = None
-    return lib
+    return native.load(SOURCE, {"paged_decode_attention": [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,
+                                                           i32, i32, i32, i32, i32, ctypes.c_float, i32]})
 
 
 MAX_GROUP = 8  # query heads per kv head (the kernel's register budget, MAX_GROUP in the C file)
