@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.top_logprobs import top_logprobs
+
 NEG = -1.0e9  # HF's "impossible" score; kept bit-for-bit so ties and penalties resolve as in HF
 
 
@@ -168,3 +170,17 @@ class Constraints:
             scores[last] = float("-inf")
             scores[last, self.forced_eos_token_id] = 0.0
         return scores
+
+    def top_logprobs(self, logits: torch.Tensor, k: int, decoder_ids: list[list[int]], num_generated: list[int],
+                     max_tokens: list[int], no_repeat: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k of log_softmax(logits) after `apply`'s rules, without the full log-prob tensor
+        (engine/top_logprobs.py); `logits` is overwritten. A row where eos is forced gets eos at 0
+        first and -inf after, what the top-k of `apply`'s row of -inf but eos gives."""
+        values, ids = top_logprobs(logits, min(k, logits.shape[-1]), self.bans(decoder_ids, no_repeat))
+        forced = self.forced_eos(num_generated, max_tokens)
+        if any(forced):
+            last = torch.tensor(forced, device=values.device)
+            values[last] = float("-inf")
+            values[last, 0] = 0.0
+            ids[last, 0] = self.forced_eos_token_id
+        return values, ids

@@ -37,7 +37,7 @@ def _cache_root() -> Path:
 
 
 def _local_headers(source: Path) -> list[Path]:
-    """The `#include "..."` files of `source`, relative to it: part of what a build is keyed by."""
+    """The `#include "..."` files of `source` (directly; relative to it): part of what a build is keyed by."""
     names = re.findall(r'^\s*#include\s+"([^"]+)"', source.read_text(), flags=re.MULTILINE)
     return [(source.parent / name).resolve() for name in names]
 

@@ -30,7 +30,6 @@ from engine.request import EngineStats
 from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from engine.top_logprobs import top_logprobs
 from engine.translation_request import TranslationOutput, TranslationRequest
 from engine.translation_scheduler import TranslationGroup, TranslationScheduler, group_max_blocks
 from models.loader import LoadedModel, load_model
@@ -267,9 +266,9 @@ class TranslationEngine:
             # all beams (the usual case) are one run of rows: a view, not a 60 MB gather
             contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
             k = max(s.beam.num_candidates for s in beam_states)  # type: ignore[union-attr]
-            top_lp, top_ids = self._top_logprobs(
-                logits[rows[0] : rows[0] + len(rows)] if contiguous else logits[rows],
-                [b for s in beam_states for b in s.group.beams], k)
+            top_lp, top_ids = self.constraints.top_logprobs(
+                logits[rows[0] : rows[0] + len(rows)] if contiguous else logits[rows], k,
+                *self._constraint_rows([b for s in beam_states for b in s.group.beams]))
             self._beam_steps(beam_states, top_lp, top_ids)
         for state in states:
             if state.finish_reason is not None or (state.stream and state.beam is None):
@@ -278,30 +277,17 @@ class TranslationEngine:
                 del self._requests[state.group.request_id]
         return outputs
 
-    def _constrain(self, scores: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
-        return self.constraints.apply(
-            scores, [s.token_ids for s in rows], [s.num_output_tokens for s in rows],
-            [s.max_tokens for s in rows], [s.params.no_repeat_ngram_size for s in rows],
-        )
-
-    def _top_logprobs(self, logits: torch.Tensor, rows: list[Sequence], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each beam row's best k constrained log-probs and their tokens, descending; `logits` is
-        overwritten. A row where eos is forced has eos at 0 first and -inf after, as HF's row of
-        -inf but eos would give."""
-        bans = self.constraints.bans([s.token_ids for s in rows], [s.params.no_repeat_ngram_size for s in rows])
-        top_lp, top_ids = top_logprobs(logits, min(k, logits.shape[-1]), bans)
-        forced = self.constraints.forced_eos([s.num_output_tokens for s in rows], [s.max_tokens for s in rows])
-        if any(forced):
-            last = torch.tensor(forced)
-            top_lp[last] = float("-inf")
-            top_lp[last, 0] = 0.0
-            top_ids[last, 0] = self.constraints.forced_eos_token_id
-        return top_lp, top_ids
+    @staticmethod
+    def _constraint_rows(rows: list[Sequence]) -> tuple[list[list[int]], list[int], list[int], list[int]]:
+        """What `Constraints` reads of each decoder row: its tokens, how many it generated, its
+        limit and its no-repeat n-gram size."""
+        return ([s.token_ids for s in rows], [s.num_output_tokens for s in rows], [s.max_tokens for s in rows],
+                [s.params.no_repeat_ngram_size for s in rows])
 
     def _sample(self, states: list[_RequestState], logits: torch.Tensor) -> None:
         """Greedy and sampled requests: one token each, from one batched sampler call."""
         seqs = [s.seq for s in states]
-        logits = self._constrain(logits, seqs)
+        logits = self.constraints.apply(logits, *self._constraint_rows(seqs))
         rows = [
             SamplingRow(
                 params=s.params,

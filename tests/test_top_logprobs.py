@@ -95,3 +95,15 @@ def test_argmax_matches_torch_and_leaves_logits_alone() -> None:
     assert torch.equal(view, before)
     narrow = base[:, 3:990]  # a row stride and an unaligned start
     assert torch.equal(tl.argmax(narrow), narrow.argmax(-1))
+
+
+def test_constraints_top_logprobs_is_the_top_k_of_apply() -> None:
+    c = Constraints(banned_ids=(0,), forced_eos_token_id=2)
+    ids = [[5, 1, 3, 1], [5, 4, 4], [5, 6]]
+    args = (ids, [3, 2, 1], [4, 9, 9], [2, 2, 0])  # row 0 is at its limit: eos forced
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(7))
+    ref_v, ref_i = torch.topk(c.apply(torch.log_softmax(logits, -1), *args), 4)
+    values, top = c.top_logprobs(logits.clone(), 4, *args)
+    assert torch.equal(top[1:], ref_i[1:])
+    torch.testing.assert_close(values[1:], ref_v[1:], rtol=0, atol=1e-5)
+    assert top[0, 0] == 2 and values[0].tolist() == [0.0] + [float("-inf")] * 3
