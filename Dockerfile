@@ -65,12 +65,12 @@ RUN pip install --no-cache-dir . \
     && python3 -I -c "from models.loader import resolve; print(resolve('smollm2'))" \
     && rm -rf /build
 
-# The CPU kernels (decode attention, beam top-k) are C, compiled once into KVSERVE_CACHE_DIR: gcc is
+# The CPU kernels (decode attention, beam top-k, greedy screen) are C, compiled once into KVSERVE_CACHE_DIR: gcc is
 # installed for this step only and removed with its dependencies (they run on the OpenMP torch ships).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && python3 -I -c "from engine import native, top_logprobs as t; from engine.attention import cpu_kernel as a; assert native.build(a.SOURCE) and native.build(t.SOURCE)" \
+    && python3 -I -c "from engine import native, greedy_screen as g, top_logprobs as t; from engine.attention import cpu_kernel as a; assert all(native.build(m.SOURCE) for m in (a, t, g))" \
     && apt-get purge -y --auto-remove gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && chmod -R a+rX "$KVSERVE_CACHE_DIR"

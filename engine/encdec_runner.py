@@ -38,7 +38,8 @@ class EncDecRunner:
 
     @torch.inference_mode()
     def execute(self, batch: TranslationBatch) -> torch.Tensor:
-        """Next-token logits (num beams, V) float32: each group's beams in turn, in `batch.groups` order."""
+        """Each beam's last hidden state (num beams, d_model): each group's beams in turn, in
+        `batch.groups` order; `logits` or `greedy_tokens` turn rows of it into the next token."""
         copy_blocks(self.kv_caches, batch.block_copies, self.device)
         encoding = [g for g in batch.groups if g.needs_encoder]
         if encoding:
@@ -57,7 +58,20 @@ class EncDecRunner:
         self_ctx = ForwardContext(inputs.meta, self.backend, self.kv_caches)
         cross_ctx = ForwardContext(self._cross_meta(inputs.meta, enc_lens, cross_tables), self.backend, self.kv_caches)
         hidden = self.model.decode(inputs.input_ids, inputs.positions, self_ctx, cross_ctx)
-        return self.model.compute_logits(hidden[inputs.sample_rows], self._logits)
+        return hidden[inputs.sample_rows]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, V) float32 next-token logits, valid until the next call."""
+        return self.model.compute_logits(hidden, self._logits)
+
+    @property
+    def screens_greedy(self) -> bool:
+        """Whether `greedy_tokens` runs (the model has a bf16 screen, engine/greedy_screen.py)."""
+        return getattr(self.model, "greedy_screen", None) is not None
+
+    def greedy_tokens(self, hidden: torch.Tensor, bans: list[list[int]]) -> torch.Tensor:
+        """(rows,) int64: the argmax of `logits(hidden)` with each row's `bans` excluded."""
+        return self.model.greedy_tokens(hidden, bans)
 
     def _encode(self, sources: list[list[int]], tables: list[list[int]]) -> None:
         """Run the encoders of newly admitted groups as one flat batch; store their cross K/V."""

@@ -238,7 +238,7 @@ class TranslationEngine:
         outputs, self._pending_outputs = self._pending_outputs, []
         if batch.is_empty:
             return outputs
-        logits = self.runner.execute(batch)
+        hidden = self.runner.execute(batch)
         now = time.monotonic()
         states = [self._requests[g.request_id] for g in batch.groups]
         for state in states:
@@ -250,26 +250,14 @@ class TranslationEngine:
                 state.first_scheduled_time = now
             if state.first_token_time is None:
                 state.first_token_time = now
-        # rows of each group in `logits`; one batched call per kind of decoding, not per request
-        sizes = [len(s.group.beams) for s in states]
-        starts = list(itertools.accumulate(sizes, initial=0))
-        is_beam = [s.beam is not None for s in states]
-        if not any(is_beam):
-            self._sample(states, logits)
-        elif not all(is_beam):
-            rows = [r for i, s in enumerate(states) if not is_beam[i] for r in range(starts[i], starts[i + 1])]
-            self._sample([s for i, s in enumerate(states) if not is_beam[i]], logits[rows])
-        beam_idx = [i for i in range(len(states)) if is_beam[i]]
-        if beam_idx:
-            rows = [r for i in beam_idx for r in range(starts[i], starts[i + 1])]
-            beam_states = [states[i] for i in beam_idx]
-            # all beams (the usual case) are one run of rows: a view, not a 60 MB gather
-            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-            k = max(s.beam.num_candidates for s in beam_states)  # type: ignore[union-attr]
-            top_lp, top_ids = self.constraints.top_logprobs(
-                logits[rows[0] : rows[0] + len(rows)] if contiguous else logits[rows], k,
-                *self._constraint_rows([b for s in beam_states for b in s.group.beams]))
-            self._beam_steps(beam_states, top_lp, top_ids)
+        # rows of each group in `hidden`; one batched call per kind of decoding, not per request
+        starts = list(itertools.accumulate((len(s.group.beams) for s in states), initial=0))
+        kinds = [self._kind(s) for s in states]
+        for kind, run in (("greedy", self._greedy), ("sample", self._sample), ("beam", self._beam)):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            if idx:
+                rows = [r for i in idx for r in range(starts[i], starts[i + 1])]
+                run([states[i] for i in idx], hidden if len(rows) == len(hidden) else hidden[rows])
         for state in states:
             if state.finish_reason is not None or (state.stream and state.beam is None):
                 outputs.append(self._output(state))
@@ -284,10 +272,36 @@ class TranslationEngine:
         return ([s.token_ids for s in rows], [s.num_output_tokens for s in rows], [s.max_tokens for s in rows],
                 [s.params.no_repeat_ngram_size for s in rows])
 
-    def _sample(self, states: list[_RequestState], logits: torch.Tensor) -> None:
-        """Greedy and sampled requests: one token each, from one batched sampler call."""
+    def _kind(self, state: _RequestState) -> str:
+        """beam: top-k of log-probs; greedy: a screened argmax (no fp32 logits); sample: the sampler."""
+        if state.beam is not None:
+            return "beam"
+        params = state.params
+        if self.runner.screens_greedy and params.is_greedy and not params.needs_penalties and params.logprobs is None:
+            return "greedy"
+        return "sample"
+
+    def _greedy(self, states: list[_RequestState], hidden: torch.Tensor) -> None:
+        """Greedy requests without penalties: the argmax of `_sample`'s constrained logits, taken
+        by the model's bf16 screen with the same bans; forced eos overrides it as it does there."""
         seqs = [s.seq for s in states]
-        logits = self.constraints.apply(logits, *self._constraint_rows(seqs))
+        decoder_ids, num_generated, max_tokens, no_repeat = self._constraint_rows(seqs)
+        tokens = self.runner.greedy_tokens(hidden, self.constraints.bans(decoder_ids, no_repeat)).tolist()
+        for i, forced in enumerate(self.constraints.forced_eos(num_generated, max_tokens)):
+            if forced:
+                tokens[i] = self.constraints.forced_eos_token_id
+        self._append(states, seqs, tokens)
+
+    def _beam(self, states: list[_RequestState], hidden: torch.Tensor) -> None:
+        k = max(s.beam.num_candidates for s in states)  # type: ignore[union-attr]
+        top_lp, top_ids = self.constraints.top_logprobs(
+            self.runner.logits(hidden), k, *self._constraint_rows([b for s in states for b in s.group.beams]))
+        self._beam_steps(states, top_lp, top_ids)
+
+    def _sample(self, states: list[_RequestState], hidden: torch.Tensor) -> None:
+        """Sampled (and unscreened greedy) requests: one token each, from one batched sampler call."""
+        seqs = [s.seq for s in states]
+        logits = self.constraints.apply(self.runner.logits(hidden), *self._constraint_rows(seqs))
         rows = [
             SamplingRow(
                 params=s.params,
@@ -298,6 +312,10 @@ class TranslationEngine:
             for s in states
         ]
         tokens, _ = self.sampler(logits, rows)
+        self._append(states, seqs, tokens)
+
+    def _append(self, states: list[_RequestState], seqs: list[Sequence], tokens: list[int]) -> None:
+        """Each request's next token; finish those that stop or reach their limit."""
         self.num_generation_tokens += len(tokens)
         for state, seq, token in zip(states, seqs, tokens):
             seq.token_ids.append(token)
