@@ -14,6 +14,7 @@ from engine.attention.metadata import AttentionMetadata
 from engine.forward_context import ForwardContext, metadata_for_sequences
 from engine.input_prep import prepare_inputs
 from engine.model_runner import copy_blocks
+from engine.top_logprobs import argmax
 from engine.translation_scheduler import TranslationBatch
 from engine.workspace import Workspace
 
@@ -64,14 +65,16 @@ class EncDecRunner:
         """(rows, V) float32 next-token logits, valid until the next call."""
         return self.model.compute_logits(hidden, self._logits)
 
-    @property
-    def screens_greedy(self) -> bool:
-        """Whether `greedy_tokens` runs (the model has a bf16 screen, engine/greedy_screen.py)."""
-        return getattr(self.model, "greedy_screen", None) is not None
-
     def greedy_tokens(self, hidden: torch.Tensor, bans: list[list[int]]) -> torch.Tensor:
-        """(rows,) int64: the argmax of `logits(hidden)` with each row's `bans` excluded."""
-        return self.model.greedy_tokens(hidden, bans)
+        """(rows,) int64: the argmax of `logits(hidden)` with each row's `bans` excluded: through the
+        model's bf16 screen where it has one (engine/greedy_screen.py), else from fp32 logits."""
+        if getattr(self.model, "greedy_screen", None) is not None:
+            return self.model.greedy_tokens(hidden, bans)
+        logits = self.logits(hidden)
+        for row, banned in enumerate(bans):
+            if banned:
+                logits[row, banned] = float("-inf")
+        return argmax(logits)
 
     def _encode(self, sources: list[list[int]], tables: list[list[int]]) -> None:
         """Run the encoders of newly admitted groups as one flat batch; store their cross K/V."""

@@ -272,18 +272,20 @@ class TranslationEngine:
         return ([s.token_ids for s in rows], [s.num_output_tokens for s in rows], [s.max_tokens for s in rows],
                 [s.params.no_repeat_ngram_size for s in rows])
 
-    def _kind(self, state: _RequestState) -> str:
-        """beam: top-k of log-probs; greedy: a screened argmax (no fp32 logits); sample: the sampler."""
+    @staticmethod
+    def _kind(state: _RequestState) -> str:
+        """beam: top-k of log-probs; greedy: an argmax (screened in bf16 where the model can);
+        sample: the sampler, which takes whole rows of logits."""
         if state.beam is not None:
             return "beam"
         params = state.params
-        if self.runner.screens_greedy and params.is_greedy and not params.needs_penalties and params.logprobs is None:
+        if params.is_greedy and not params.needs_penalties and params.logprobs is None:
             return "greedy"
         return "sample"
 
     def _greedy(self, states: list[_RequestState], hidden: torch.Tensor) -> None:
-        """Greedy requests without penalties: the argmax of `_sample`'s constrained logits, taken
-        by the model's bf16 screen with the same bans; forced eos overrides it as it does there."""
+        """Greedy requests without penalties: the argmax of `_sample`'s constrained logits (the
+        same bans; forced eos overrides it as it does there)."""
         seqs = [s.seq for s in states]
         decoder_ids, num_generated, max_tokens, no_repeat = self._constraint_rows(seqs)
         tokens = self.runner.greedy_tokens(hidden, self.constraints.bans(decoder_ids, no_repeat)).tolist()
@@ -299,7 +301,8 @@ class TranslationEngine:
         self._beam_steps(states, top_lp, top_ids)
 
     def _sample(self, states: list[_RequestState], hidden: torch.Tensor) -> None:
-        """Sampled (and unscreened greedy) requests: one token each, from one batched sampler call."""
+        """Sampled requests (and greedy ones with penalties or logprobs): one token each, from one
+        batched sampler call."""
         seqs = [s.seq for s in states]
         logits = self.constraints.apply(self.runner.logits(hidden), *self._constraint_rows(seqs))
         rows = [

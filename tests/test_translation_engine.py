@@ -74,17 +74,19 @@ def _sources(engine: TranslationEngine) -> list[list[int]]:
 @pytest.mark.parametrize("beams,screen", [
     (dict(num_beams=1), "0"),
     (dict(num_beams=1), "1"),  # greedy tokens through the bf16 screen (engine/greedy_screen.py)
+    (dict(num_beams=1, no_repeat_ngram_size=1), "0"),
     (dict(num_beams=1, no_repeat_ngram_size=1), "1"),  # its bans
     (dict(num_beams=4), "0"),
     (dict(num_beams=4, length_penalty=0.6, early_stopping=True, no_repeat_ngram_size=2), "0"),
-], ids=["greedy", "greedy-bf16-screen", "greedy-bf16-screen-norepeat", "beam4", "beam4-lp-early-norepeat"])
+], ids=["greedy", "greedy-bf16-screen", "greedy-norepeat", "greedy-bf16-screen-norepeat", "beam4",
+        "beam4-lp-early-norepeat"])
 def test_matches_hf_generate(model, beams, screen, monkeypatch):
     name, folder = model
     if name != "marian" and beams.get("no_repeat_ngram_size"):
         pytest.skip("variant covered on the trained Marian")
     monkeypatch.setenv("KVSERVE_GREEDY_SCREEN", screen)
     engine = _engine(folder)
-    assert engine.runner.screens_greedy == (screen == "1")
+    assert (engine.runner.model.greedy_screen is not None) == (screen == "1")
     srcs = _sources(engine)
     outs = engine.translate(srcs, engine.default_params(max_tokens=MAX_NEW, **beams))
     expected = _hf_generate(_hf(folder), srcs, engine.eos_token_ids[0], **beams)
