@@ -68,8 +68,8 @@ class EncDecRunner:
     def greedy_tokens(self, hidden: torch.Tensor, bans: list[list[int]]) -> torch.Tensor:
         """(rows,) int64: the argmax of `logits(hidden)` with each row's `bans` excluded: through the
         model's bf16 screen where it has one (engine/greedy_screen.py), else from fp32 logits."""
-        if getattr(self.model, "greedy_screen", None) is not None:
-            return self.model.greedy_tokens(hidden, bans)
+        if self.model.greedy_screen is not None:
+            return self.model.greedy_screen.argmax(hidden, bans)
         logits = self.logits(hidden)
         for row, banned in enumerate(bans):
             if banned:

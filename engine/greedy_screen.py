@@ -34,7 +34,6 @@ SOURCE = Path(__file__).with_name("greedy_screen_cpu.c")
 ENV = "KVSERVE_GREEDY_SCREEN"  # "1": on wherever it runs (tests), "0": off; unset: on with native bf16
 UNIT = 2.0**-8  # bf16 unit roundoff (8 significant bits, round to nearest)
 REL = UNIT + 2 * UNIT * UNIT + 2.0**-22  # bf16 output rounding, and fp32 rounding of the bias sum
-SLACK = 1 + 2.0**-12  # fp32 rounding of the norms and of the bound itself
 
 
 @lru_cache(maxsize=1)
@@ -112,8 +111,10 @@ class GreedyScreen:
     Holds the head's plain fp32 weight (shared with the model, for the re-score), a bf16 copy
     (half the size; packed for oneDNN where it runs bf16) and each weight row's norm."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, cap: int = 64) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, input_scale: float | None = None,
+                 cap: int = 64) -> None:
         self.weight = weight.detach()
+        self.input_scale = input_scale  # what the model's compute_logits multiplies hidden by (T5 v1.0)
         self.bias = None if bias is None else bias.detach().reshape(-1).float().contiguous()
         self.cap = cap
         low = self.weight.to(torch.bfloat16)
@@ -121,14 +122,16 @@ class GreedyScreen:
             self._screen: torch.nn.Module | None = PackedLinear(low, None)  # rows padded: one primitive per size
         else:
             self._screen, self._low = None, low
-        self.norms = (self.weight.double().norm(dim=1) * SLACK).float()
         k = self.weight.shape[1]
-        self.coef_scale = (2 * UNIT + UNIT * UNIT + 2.1 * k * 2.0**-24) * SLACK
+        slack = 1 + (k + 4) * 2.0**-22  # fp32 rounding of the norms (sums of k squares) and of the bound
+        self.norms = torch.linalg.vector_norm(self.weight, dim=1) * slack
+        self.coef_scale = (2 * UNIT + UNIT * UNIT + 2.1 * k * 2.0**-24) * slack
 
     @classmethod
-    def build(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> GreedyScreen | None:
+    def build(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              input_scale: float | None = None) -> GreedyScreen | None:
         """A screen for this head if `wanted`, else None (the caller takes full logits)."""
-        return cls(weight, bias) if wanted(weight) else None
+        return cls(weight, bias, input_scale) if wanted(weight) else None
 
     def _bf16_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.to(torch.bfloat16)
@@ -136,6 +139,8 @@ class GreedyScreen:
 
     def argmax(self, hidden: torch.Tensor, bans: list[list[int]]) -> torch.Tensor:
         """(rows,) int64: each row's token of highest fp32 logit, `bans[row]` excluded."""
+        if self.input_scale is not None:
+            hidden = hidden * self.input_scale
         hidden = hidden.float().contiguous()
         rows = hidden.shape[0]
         tokens = torch.zeros(rows, dtype=torch.int64)

@@ -127,8 +127,18 @@ class ModelRunner:
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         if hidden.shape[0] == 0:
             return sampled, logprobs
-        logits = self.model.compute_logits(hidden, self._logits)
         sampling_seqs = [i for i, s in enumerate(samples) if s]
+        screen = getattr(self.model, "greedy_screen", None)  # bf16-screened argmax (engine/greedy_screen.py)
+        if screen is not None:
+            plain = [j for j, i in enumerate(sampling_seqs) if seqs[i].params.is_plain_greedy]
+            if plain:
+                for j, token in zip(plain, screen.argmax(hidden[plain], [[]] * len(plain)).tolist()):
+                    sampled[sampling_seqs[j]] = token
+                rest = [j for j in range(len(sampling_seqs)) if j not in set(plain)]
+                if not rest:
+                    return sampled, logprobs
+                hidden, sampling_seqs = hidden[rest], [sampling_seqs[j] for j in rest]
+        logits = self.model.compute_logits(hidden, self._logits)
         rows = [
             SamplingRow(
                 params=seqs[i].params,

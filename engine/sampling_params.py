@@ -70,6 +70,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with nothing that needs the whole row of logits: the argmax is the token."""
+        return self.is_greedy and not self.needs_penalties and self.logprobs is None
+
+    @property
     def needs_penalties(self) -> bool:
         return (
             self.presence_penalty != 0.0

@@ -278,8 +278,7 @@ class TranslationEngine:
         sample: the sampler, which takes whole rows of logits."""
         if state.beam is not None:
             return "beam"
-        params = state.params
-        if params.is_greedy and not params.needs_penalties and params.logprobs is None:
+        if state.params.is_plain_greedy:
             return "greedy"
         return "sample"
 

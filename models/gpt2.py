@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from engine.forward_context import ForwardContext
+from engine.greedy_screen import GreedyScreen
 from engine.workspace import Workspace
 from models.layers import activation, tied_head, vocab_logits
 from models.spec import KVCacheSpec
@@ -144,6 +145,7 @@ class GPT2LMHeadModel(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.n_embd, config.vocab_size, bias=False
         )
+        self.greedy_screen: GreedyScreen | None = None  # compute_logits' argmax, set by after_load where it pays
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.transformer(input_ids, positions, ctx)
@@ -156,6 +158,7 @@ class GPT2LMHeadModel(nn.Module):
                 setattr(parent, name, getattr(parent, name).as_linear())
         if self.lm_head is None:
             self.lm_head = tied_head(self.transformer.wte)
+        self.greedy_screen = GreedyScreen.build(self.lm_head.weight)
 
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         return vocab_logits(hidden, self.lm_head, workspace=workspace)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from engine.forward_context import ForwardContext
+from engine.greedy_screen import GreedyScreen
 from engine import fused
 from engine.workspace import Workspace
 from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear, tied_head, vocab_logits
@@ -178,6 +179,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False
         )
+        self.greedy_screen: GreedyScreen | None = None  # compute_logits' argmax, set by after_load where it pays
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
@@ -189,6 +191,7 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.merge_projections()
         if self.lm_head is None:
             self.lm_head = tied_head(self.model.embed_tokens)
+        self.greedy_screen = GreedyScreen.build(self.lm_head.weight)
 
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         return vocab_logits(hidden, self.lm_head, workspace=workspace)

@@ -11,8 +11,8 @@ Encoder-decoder interface (shared with models/t5.py; the engine drives it, flat 
       `cross_ctx.kv_caches[layer]` and writes nothing (`cross_ctx.meta`: same query_lens as
       self_ctx, seq_lens = encoder lengths, causal=False).
   compute_logits(hidden (N, d_model), workspace=None) -> (N, vocab) float32.
-  greedy_screen: GreedyScreen | None; where set, greedy_tokens(hidden, bans) -> (N,) int64 is the
-      argmax of compute_logits with each row's banned tokens excluded (engine/greedy_screen.py).
+  greedy_screen: GreedyScreen | None; where set, greedy_screen.argmax(hidden, bans) -> (N,) int64 is
+      the argmax of compute_logits with each row's banned tokens excluded (engine/greedy_screen.py).
 `positions` are 0-based within each sequence (decoder: the token's index in the target prefix).
 """
 from __future__ import annotations
@@ -236,7 +236,7 @@ class MarianMTModel(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.target_vocab_size, bias=False)
         self.register_buffer("final_logits_bias", torch.zeros(1, config.target_vocab_size))
-        self.greedy_screen: GreedyScreen | None = None  # set by after_load where it pays
+        self.greedy_screen: GreedyScreen | None = None  # compute_logits' argmax, set by after_load where it pays
 
     # ---- embeddings ----
     @property
@@ -287,12 +287,6 @@ class MarianMTModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         return vocab_logits(hidden, self.lm_head, self.final_logits_bias.reshape(-1), workspace=workspace)
-
-    def greedy_tokens(self, hidden: torch.Tensor, bans: list[list[int]]) -> torch.Tensor:
-        """The argmax of `compute_logits` with `bans` excluded, through `greedy_screen` (not None)."""
-        assert self.greedy_screen is not None
-        return self.greedy_screen.argmax(hidden, bans)
-
     @property
     def num_decoder_layers(self) -> int:
         return self.config.decoder_layers

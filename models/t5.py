@@ -231,7 +231,7 @@ class T5ForConditionalGeneration(nn.Module):
         self.decoder = T5Stack(config, is_decoder=True)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.greedy_screen: GreedyScreen | None = None  # set by after_load where it pays
+        self.greedy_screen: GreedyScreen | None = None  # compute_logits' argmax, set by after_load where it pays
 
     # ---- encoder-decoder API ----
     def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -265,17 +265,11 @@ class T5ForConditionalGeneration(nn.Module):
             hidden = hidden * self.config.d_model**-0.5
         return vocab_logits(hidden, self.lm_head, workspace=workspace)
 
-    def greedy_tokens(self, hidden: torch.Tensor, bans: list[list[int]]) -> torch.Tensor:
-        """The argmax of `compute_logits` with `bans` excluded, through `greedy_screen` (not None)."""
-        if self.config.scale_decoder_outputs:
-            hidden = hidden * self.config.d_model**-0.5
-        assert self.greedy_screen is not None
-        return self.greedy_screen.argmax(hidden, bans)
-
     def after_load(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head = tied_head(self.shared)
-        self.greedy_screen = GreedyScreen.build(self.lm_head.weight)
+        scale = self.config.d_model**-0.5 if self.config.scale_decoder_outputs else None
+        self.greedy_screen = GreedyScreen.build(self.lm_head.weight, input_scale=scale)
 
     @property
     def num_decoder_layers(self) -> int:

@@ -46,8 +46,11 @@ def tiny(request, tmp_path_factory):
     return save_tiny(request.param, tmp_path_factory.mktemp(request.param))
 
 
-def test_greedy_tokens_equal_transformers_generate(tiny):
+@pytest.mark.parametrize("screen", ["0", "1"], ids=["fp32-logits", "bf16-screen"])
+def test_greedy_tokens_equal_transformers_generate(tiny, screen, monkeypatch):
+    monkeypatch.setenv("KVSERVE_GREEDY_SCREEN", screen)  # engine/greedy_screen.py, on or off
     llm = LLM(str(tiny), num_kv_blocks=64, block_size=4)
+    assert (llm.engine.runner.model.greedy_screen is not None) == (screen == "1")
     prompts = random_prompts(4, 3, 30, seed=1)
     outs = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs):
@@ -152,3 +155,22 @@ def test_unknown_model_path_raises(tmp_path):
 
     with pytest.raises(ModelLoadError):
         LLM(str(tmp_path / "nope"))
+
+
+def test_screened_greedy_rows_beside_sampled_and_logprob_rows(tmp_path, monkeypatch):
+    """With the bf16 screen on, a batch mixes screened greedy rows with rows that need whole logits
+    (seeded sampling, greedy with logprobs or a penalty); each gets what it gets with the screen off."""
+    folder = save_tiny("llama", tmp_path / "m")
+    prompts = random_prompts(6, 3, 20, seed=5)
+    params = [GREEDY, SamplingParams(temperature=1.0, max_tokens=12, seed=7, ignore_eos=True), GREEDY,
+              SamplingParams(temperature=0.0, max_tokens=12, logprobs=2, ignore_eos=True), GREEDY,
+              SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.3, ignore_eos=True)]
+    results = {}
+    for screen in ("1", "0"):
+        monkeypatch.setenv("KVSERVE_GREEDY_SCREEN", screen)
+        llm = LLM(str(folder), num_kv_blocks=128, block_size=4)
+        results[screen] = [o.outputs[0] for o in llm.generate(prompts, params)]
+        assert llm.engine.block_manager.num_free_blocks == 128
+    assert [o.token_ids for o in results["1"]] == [o.token_ids for o in results["0"]]
+    assert results["1"][3].logprobs is not None
+    assert len({tuple(o.token_ids) for o in results["1"]}) == 6
