@@ -134,7 +134,8 @@ class ModelRunner:
             if plain:
                 for j, token in zip(plain, screen.argmax(hidden[plain], [[]] * len(plain)).tolist()):
                     sampled[sampling_seqs[j]] = token
-                rest = [j for j in range(len(sampling_seqs)) if j not in set(plain)]
+                chosen = set(plain)
+                rest = [j for j in range(len(sampling_seqs)) if j not in chosen]
                 if not rest:
                     return sampled, logprobs
                 hidden, sampling_seqs = hidden[rest], [sampling_seqs[j] for j in rest]

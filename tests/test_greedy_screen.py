@@ -39,6 +39,20 @@ def test_screened_argmax_equals_fp32_argmax(rows: int, vocab: int, hidden: int, 
     assert all(int(got[r]) not in bans[r] for r in range(rows))
 
 
+@pytest.mark.parametrize("vocab,hidden", [(3000, 64), (2000, 1024)])
+def test_the_bound_covers_the_screens_real_error(vocab: int, hidden: int) -> None:
+    """Every bf16 logit lies within its bound of the fp32 one, with room to spare (the proof is
+    worst-case; real rounding errors partly cancel)."""
+    weight, bias = _head(vocab, hidden, seed=hidden, bias=True)
+    x = torch.randn(24, hidden, generator=torch.Generator().manual_seed(9)) * 4
+    screen = gs.GreedyScreen(weight, bias)
+    low = screen._bf16_logits(x).float()
+    exact = torch.nn.functional.linear(x, weight)
+    bound = (x.norm(dim=1) * screen.coef_scale)[:, None] * screen.norms + gs.REL * low.abs()
+    ratio = (low - exact).abs() / bound
+    assert float(ratio.max()) < 0.5 and float(ratio.max()) > 1e-3
+
+
 def test_candidates_hold_the_winner_and_few_others() -> None:
     weight, _ = _head(5000, 256, seed=3)
     x = torch.randn(16, 256, generator=torch.Generator().manual_seed(4)) * 3
