@@ -6,11 +6,12 @@ business (it forks the chosen parents so continuations share their prefix blocks
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from engine.top_logprobs import top_logprobs
+from engine.top_logprobs import ban_, top_logprobs
 
 NEG = -1.0e9  # HF's "impossible" score; kept bit-for-bit so ties and penalties resolve as in HF
 
@@ -161,15 +162,23 @@ class Constraints:
               max_tokens: list[int], no_repeat: list[int]) -> torch.Tensor:
         """In HF's processor order: no-repeat n-grams, bad words, forced eos (which overrides
         both); `scores` edited in place."""
-        for row, banned in enumerate(self.bans(decoder_ids, no_repeat)):  # one index_put per row
-            if banned:
-                scores[row, banned] = float("-inf")
+        ban_(scores, self.bans(decoder_ids, no_repeat))
         forced = self.forced_eos(num_generated, max_tokens)
         if any(forced):
             last = torch.tensor(forced, device=scores.device)
             scores[last] = float("-inf")
             scores[last, self.forced_eos_token_id] = 0.0
         return scores
+
+    def argmax(self, pick: Callable[[list[list[int]]], torch.Tensor], decoder_ids: list[list[int]],
+               num_generated: list[int], max_tokens: list[int], no_repeat: list[int]) -> list[int]:
+        """The argmax of each of `apply`'s rows, from `pick(bans)` (each row's argmax with its bans
+        excluded, e.g. a bf16-screened one) without the rows themselves: where eos is forced, eos."""
+        tokens = pick(self.bans(decoder_ids, no_repeat)).tolist()
+        for row, forced in enumerate(self.forced_eos(num_generated, max_tokens)):
+            if forced:
+                tokens[row] = self.forced_eos_token_id
+        return tokens
 
     def top_logprobs(self, logits: torch.Tensor, k: int, decoder_ids: list[list[int]], num_generated: list[int],
                      max_tokens: list[int], no_repeat: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

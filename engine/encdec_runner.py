@@ -14,7 +14,7 @@ from engine.attention.metadata import AttentionMetadata
 from engine.forward_context import ForwardContext, metadata_for_sequences
 from engine.input_prep import prepare_inputs
 from engine.model_runner import copy_blocks
-from engine.top_logprobs import argmax
+from engine.top_logprobs import argmax, ban_
 from engine.translation_scheduler import TranslationBatch
 from engine.workspace import Workspace
 
@@ -70,11 +70,7 @@ class EncDecRunner:
         model's bf16 screen where it has one (engine/greedy_screen.py), else from fp32 logits."""
         if self.model.greedy_screen is not None:
             return self.model.greedy_screen.argmax(hidden, bans)
-        logits = self.logits(hidden)
-        for row, banned in enumerate(bans):
-            if banned:
-                logits[row, banned] = float("-inf")
-        return argmax(logits)
+        return argmax(ban_(self.logits(hidden), bans))
 
     def _encode(self, sources: list[list[int]], tables: list[list[int]]) -> None:
         """Run the encoders of newly admitted groups as one flat batch; store their cross K/V."""

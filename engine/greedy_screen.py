@@ -19,7 +19,6 @@ coef = (2u + u^2 + 2.1 K 2^-24) ||h|| per row and rel for the output and bias te
 from __future__ import annotations
 
 import ctypes
-import itertools
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from engine import native
 from engine.cpu_linear import PackedLinear
+from engine.top_logprobs import ban_, flat_bans
 
 SOURCE = Path(__file__).with_name("greedy_screen_cpu.c")
 ENV = "KVSERVE_GREEDY_SCREEN"  # "1": on wherever it runs (tests), "0": off; unset: on with native bf16
@@ -70,10 +70,7 @@ def candidates_reference(screen: torch.Tensor, bias: torch.Tensor | None, norms:
     """The kernel's contract in torch: (ids (rows, cap) int64, ascending, first min(count, cap) set;
     counts (rows,) int32) of the tokens whose interval reaches their row's best lower bound; a count
     of 0 means every value is -inf or NaN. `screen` (rows, V) bf16 is scratch (bans become -inf)."""
-    s = screen.float()
-    for row, banned in enumerate(bans):
-        if banned:
-            s[row, banned] = float("-inf")
+    s = ban_(screen.float(), bans)
     b = torch.zeros_like(norms) if bias is None else bias
     v = s + b
     e = coefs[:, None] * norms + rel * (s.abs() + b.abs()) + 1e-6
@@ -94,8 +91,7 @@ def candidates(screen: torch.Tensor, bias: torch.Tensor | None, norms: torch.Ten
     if lib is None:
         return candidates_reference(screen, bias, norms, coefs, rel, bans, cap)
     rows, vocab = screen.shape
-    offsets = torch.tensor(list(itertools.accumulate(map(len, bans), initial=0)), dtype=torch.int64)
-    flat = torch.tensor([t for banned in bans for t in banned] or [0], dtype=torch.int64)
+    offsets, flat = flat_bans(bans)
     ids = torch.zeros((rows, cap), dtype=torch.int64)
     counts = torch.empty(rows, dtype=torch.int32)
     coefs = coefs.contiguous()
@@ -169,8 +165,4 @@ class GreedyScreen:
 def reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
               bans: list[list[int]]) -> torch.Tensor:
     """The oracle: fp32 logits, banned tokens at -inf, argmax (the first of equal maxima)."""
-    logits = F.linear(hidden.float(), weight, bias)
-    for row, banned in enumerate(bans):
-        if banned:
-            logits[row, banned] = float("-inf")
-    return logits.argmax(dim=1)
+    return ban_(F.linear(hidden.float(), weight, bias), bans).argmax(dim=1)

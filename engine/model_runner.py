@@ -134,8 +134,7 @@ class ModelRunner:
             if plain:
                 for j, token in zip(plain, screen.argmax(hidden[plain], [[]] * len(plain)).tolist()):
                     sampled[sampling_seqs[j]] = token
-                chosen = set(plain)
-                rest = [j for j in range(len(sampling_seqs)) if j not in chosen]
+                rest = [j for j, i in enumerate(sampling_seqs) if not seqs[i].params.is_plain_greedy]
                 if not rest:
                     return sampled, logprobs
                 hidden, sampling_seqs = hidden[rest], [sampling_seqs[j] for j in rest]

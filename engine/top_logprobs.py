@@ -38,14 +38,24 @@ def log_softmax_(logits: torch.Tensor, rows_per_chunk: int = 8) -> torch.Tensor:
     return logits
 
 
+def ban_(scores: torch.Tensor, bans: list[list[int]]) -> torch.Tensor:
+    """Row r's `bans[r]` set to -inf in place (one index_put per row that has any)."""
+    for row, banned in enumerate(bans):
+        if banned:
+            scores[row, banned] = float("-inf")
+    return scores
+
+
+def flat_bans(bans: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row bans as the C kernels take them: row offsets (rows + 1) and the ids end to end."""
+    offsets = torch.tensor(list(itertools.accumulate(map(len, bans), initial=0)), dtype=torch.int64)
+    return offsets, torch.tensor([t for banned in bans for t in banned] or [0], dtype=torch.int64)
+
+
 def reference(logits: torch.Tensor, k: int, bans: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, token ids), each (rows, k), descending: top-k of log_softmax(logits) with row r's
     `bans[r]` set to -inf after normalising."""
-    logprobs = log_softmax_(logits)
-    for row, banned in enumerate(bans):
-        if banned:
-            logprobs[row, banned] = float("-inf")
-    return torch.topk(logprobs, k, dim=-1)
+    return torch.topk(ban_(log_softmax_(logits), bans), k, dim=-1)
 
 
 def _kernel_fits(logits: torch.Tensor, k: int) -> bool:
@@ -59,8 +69,7 @@ def top_logprobs(logits: torch.Tensor, k: int, bans: list[list[int]]) -> tuple[t
     if lib is None:
         return reference(logits, k, bans)
     rows, vocab = logits.shape
-    offsets = torch.tensor(list(itertools.accumulate(map(len, bans), initial=0)), dtype=torch.int64)
-    flat = torch.tensor([t for banned in bans for t in banned] or [0], dtype=torch.int64)
+    offsets, flat = flat_bans(bans)
     values = torch.empty((rows, k), dtype=torch.float32)
     ids = torch.empty((rows, k), dtype=torch.int64)
     lib.top_logprobs(logits.data_ptr(), logits.stride(0), rows, vocab, offsets.data_ptr(), flat.data_ptr(), k, 1,
@@ -76,9 +85,9 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     if lib is None:
         return logits.argmax(-1)
     rows, vocab = logits.shape
-    none = torch.zeros(rows + 1, dtype=torch.int64)
+    offsets, flat = flat_bans([[]] * rows)
     values = torch.empty((rows, 1), dtype=torch.float32)
     ids = torch.empty((rows, 1), dtype=torch.int64)
-    lib.top_logprobs(logits.data_ptr(), logits.stride(0), rows, vocab, none.data_ptr(), none.data_ptr(), 1, 0,
+    lib.top_logprobs(logits.data_ptr(), logits.stride(0), rows, vocab, offsets.data_ptr(), flat.data_ptr(), 1, 0,
                      values.data_ptr(), ids.data_ptr(), torch.get_num_threads())
     return ids[:, 0]

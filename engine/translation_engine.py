@@ -286,11 +286,8 @@ class TranslationEngine:
         """Greedy requests without penalties: the argmax of `_sample`'s constrained logits (the
         same bans; forced eos overrides it as it does there)."""
         seqs = [s.seq for s in states]
-        decoder_ids, num_generated, max_tokens, no_repeat = self._constraint_rows(seqs)
-        tokens = self.runner.greedy_tokens(hidden, self.constraints.bans(decoder_ids, no_repeat)).tolist()
-        for i, forced in enumerate(self.constraints.forced_eos(num_generated, max_tokens)):
-            if forced:
-                tokens[i] = self.constraints.forced_eos_token_id
+        tokens = self.constraints.argmax(lambda bans: self.runner.greedy_tokens(hidden, bans),
+                                         *self._constraint_rows(seqs))
         self._append(states, seqs, tokens)
 
     def _beam(self, states: list[_RequestState], hidden: torch.Tensor) -> None:

@@ -287,6 +287,7 @@ class MarianMTModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         return vocab_logits(hidden, self.lm_head, self.final_logits_bias.reshape(-1), workspace=workspace)
+
     @property
     def num_decoder_layers(self) -> int:
         return self.config.decoder_layers

@@ -107,3 +107,14 @@ def test_constraints_top_logprobs_is_the_top_k_of_apply() -> None:
     assert torch.equal(top[1:], ref_i[1:])
     torch.testing.assert_close(values[1:], ref_v[1:], rtol=0, atol=1e-5)
     assert top[0, 0] == 2 and values[0].tolist() == [0.0] + [float("-inf")] * 3
+
+
+def test_constraints_argmax_is_the_argmax_of_apply() -> None:
+    c = Constraints(banned_ids=(0,), forced_eos_token_id=2)
+    ids = [[5, 1, 3, 1], [5, 4, 4], [5, 6]]
+    args = (ids, [3, 2, 1], [4, 9, 9], [2, 2, 0])  # row 0 is at its limit: eos forced
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(8))
+    logits[1, 4] = logits[2, 0] = 99.0  # the winners the bans (no-repeat, bad words) take away
+    expected = c.apply(logits.clone(), *args).argmax(-1).tolist()
+    got = c.argmax(lambda bans: tl.ban_(logits.clone(), bans).argmax(-1), *args)
+    assert got == expected and got[0] == 2 and got[1] != 4 and got[2] != 0
