@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence as Seq
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -77,6 +78,8 @@ class DecodeGraphs:
         pin = device.startswith("cuda")
         self._host_vec = torch.zeros((4, n), dtype=torch.int32, pin_memory=pin)
         self._host_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, pin_memory=pin)
+        self._np_vec, self._np_tables = self._host_vec.numpy(), self._host_tables.numpy()
+        self._written: list[tuple[list[int] | None, int]] = [(None, 0)] * n  # per row: table, entries written
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
         self._ctx = {b: self._context(b) for b in self.sizes}
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -131,27 +134,26 @@ class DecodeGraphs:
             self._graphs[b] = (graph, hidden)
         torch.cuda.synchronize()
 
-    def run(self, tokens: Seq[int], positions: Seq[int], block_tables: Seq[Seq[int]]) -> torch.Tensor:
-        """Hidden states (len(tokens), hidden) of one decode step; the caller checks the size fits."""
+    def run(self, tokens: Seq[int], positions: Seq[int], block_tables: Seq[list[int]]) -> torch.Tensor:
+        """Hidden states (len(tokens), hidden) of one decode step; the caller checks the size fits.
+
+        The host side is on the critical path of every step (the GPU waits for it), so the
+        buffers are filled through numpy views from the Python lists, with no torch op per row."""
         b = len(tokens)
         size = padded_size(self.sizes, b)
         assert size is not None, f"batch {b} over the largest captured size {self.max_batch}"
         bs = self.block_size
-        host = self._host_vec
-        host[:, b:size] = 0
-        host[2, b:size] = self.scratch_slot
-        host[0, :b] = torch.tensor(tokens, dtype=torch.int32)
-        pos = torch.tensor(positions, dtype=torch.int32)
-        host[1, :b] = pos
-        tables = self._host_tables
-        tables[:size].zero_()
-        for i, table in enumerate(block_tables):  # a row copy per sequence, not per token
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        rows = torch.arange(b)
-        host[2, :b] = tables[rows, (pos // bs).long()] * bs + pos % bs
-        host[3, :b] = pos + 1
-        self.vec[:, :size].copy_(host[:, :size], non_blocking=True)
-        self.tables[:size].copy_(tables[:size], non_blocking=True)
+        vec = self._np_vec
+        vec[0, :b] = tokens
+        vec[1, :b] = positions
+        vec[2, :b] = [table[p // bs] * bs + p % bs for table, p in zip(block_tables, positions)]
+        np.add(vec[1, :b], 1, out=vec[3, :b])
+        if size > b:  # padding rows: token 0 at position 0, K/V into the scratch block, length 0
+            vec[:, b:size] = 0
+            vec[2, b:size] = self.scratch_slot
+        self._write_tables(block_tables)
+        self.vec[:, :size].copy_(self._host_vec[:, :size], non_blocking=True)
+        self.tables[:size].copy_(self._host_tables[:size], non_blocking=True)
         if self._graphs:
             graph, hidden = self._graphs[size]
             graph.replay()
@@ -160,3 +162,19 @@ class DecodeGraphs:
         # Clone: the next replay overwrites the graph's output, and pinned host buffers must
         # not be refilled before the copies above ran (the caller's .tolist() syncs each step).
         return hidden[:b].clone()
+
+    def _write_tables(self, block_tables: Seq[list[int]]) -> None:
+        """Host block-table rows, rewriting only what changed since the row's last step.
+
+        The block manager appends to a running sequence's table and gives it a new list when it
+        frees it, so a row that holds the same list object as last step differs only in the
+        entries appended since, plus the last one written (copy-on-write replaces the block a
+        decode writes into). Entries past a table's end are left stale: the kernels read blocks
+        only below a sequence's length, and a padding row has length 0."""
+        rows = self._np_tables
+        written = self._written
+        for i, table in enumerate(block_tables):
+            kept, n = written[i]
+            start = n - 1 if kept is table and n else 0
+            rows[i, start : len(table)] = table[start:]
+            written[i] = (table, len(table))

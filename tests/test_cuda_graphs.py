@@ -14,3 +14,57 @@ def test_padded_size_is_the_next_captured_size():
     sizes = graph_batch_sizes(64)
     assert [padded_size(sizes, b) for b in (1, 3, 8, 9, 17, 64)] == [1, 4, 8, 16, 32, 64]
     assert padded_size(sizes, 65) is None
+
+
+def _graphs_without_capture(max_batch: int, max_model_len: int, block_size: int):
+    """DecodeGraphs on CPU with a stand-in model that records the inputs of each forward."""
+    import torch
+
+    from engine.cuda_graphs import DecodeGraphs
+
+    seen = []
+
+    def model(ids, positions, ctx):
+        meta = ctx.meta
+        seen.append(dict(ids=ids.tolist(), pos=positions.tolist(), slots=meta.slot_mapping.tolist(),
+                         lens=meta.seq_lens.tolist(), tables=meta.block_tables.clone()))
+        return torch.zeros(ids.shape[0], 2)
+
+    graphs = DecodeGraphs(model, [], backend=None, block_size=block_size, max_batch=max_batch,
+                          max_model_len=max_model_len, scratch_block=99, device="cpu", capture=False)
+    return graphs, seen
+
+
+def test_static_buffers_follow_tables_that_grow_move_rows_and_change_in_place():
+    """The host buffers are rewritten incrementally (only entries appended since a row's last
+    step, plus its last one): each step's inputs must still equal the tables as they are now,
+    when tables grow, a copy-on-write replaces the last block in place, rows change sequence,
+    and a freed sequence comes back with a new list."""
+    bs = 4
+    graphs, seen = _graphs_without_capture(max_batch=4, max_model_len=64, block_size=bs)
+    a, b, c = [5, 6], [7], [8, 9, 10]
+    steps = [
+        ([a, b, c], [6, 3, 9]),
+        ([a, b, c], [7, 4, 10]),  # b grows below
+        ([a, c], [8, 11]),  # b finished: c moves to row 1
+        ([c, a], [12, 9]),  # rows swap
+    ]
+    for i, (tables, positions) in enumerate(steps):
+        if i == 1:
+            b.append(11)
+            a[-1] = 42  # copy-on-write gave a's last block a fresh id
+        if i == 2:
+            a.append(43)
+        if i == 3:
+            c.append(12)
+            a = [50, 51, 52]  # preempted and prefilled again: a new list
+            tables = [c, a]
+        graphs.run([1] * len(tables), positions, tables)
+        got = seen[-1]
+        for row, (table, p) in enumerate(zip(tables, positions)):
+            assert got["tables"][row, : len(table)].tolist() == table
+            assert got["slots"][row] == table[p // bs] * bs + p % bs
+            assert got["pos"][row] == p and got["lens"][row] == p + 1
+        pad = range(len(tables), len(got["ids"]))
+        assert all(got["slots"][r] == 99 * bs and got["lens"][r] == 0 and got["ids"][r] == 0 for r in pad)
+    assert [len(s["ids"]) for s in seen] == [4, 4, 2, 2]
