@@ -46,3 +46,6 @@ class EngineConfig:
     # elsewhere runs the same padded static-buffer path without capture (the CPU tests of it).
     decode_graphs: bool | None = None
     max_graph_batch: int = 256  # larger decode batches run eagerly
+    # Launch each step before reading the previous step's tokens (engine.engine.LLMEngine.step).
+    # None: on where it pays, with CUDA graphs; True elsewhere is how CPU tests check it.
+    run_ahead: bool | None = None

@@ -76,10 +76,10 @@ class DecodeGraphs:
         self.vec = torch.zeros((4, n), dtype=torch.int32, device=device)
         self.tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
         pin = device.startswith("cuda")
-        self._host_vec = torch.zeros((4, n), dtype=torch.int32, pin_memory=pin)
-        self._host_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, pin_memory=pin)
-        self._np_vec, self._np_tables = self._host_vec.numpy(), self._host_tables.numpy()
-        self._written: list[tuple[list[int] | None, int]] = [(None, 0)] * n  # per row: table, entries written
+        # Two sets of pinned host inputs, used in turn: a step run ahead fills one while the
+        # previous step's copies from the other may still be queued (engine.engine).
+        self._host = [_HostInputs(n, self.max_blocks, pin) for _ in range(2)]
+        self._turn = 0
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
         self._ctx = {b: self._context(b) for b in self.sizes}
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -134,16 +134,26 @@ class DecodeGraphs:
             self._graphs[b] = (graph, hidden)
         torch.cuda.synchronize()
 
-    def run(self, tokens: Seq[int], positions: Seq[int], block_tables: Seq[list[int]]) -> torch.Tensor:
+    def run(
+        self,
+        tokens: Seq[int],
+        positions: Seq[int],
+        block_tables: Seq[list[int]],
+        carried: tuple[torch.Tensor | None, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Hidden states (len(tokens), hidden) of one decode step; the caller checks the size fits.
+        `carried` (rows, or None for rows 0..k-1; device tokens) overrides those rows' tokens with
+        ones still on the device (sampled by a step whose result the host has not read).
 
         The host side is on the critical path of every step (the GPU waits for it), so the
         buffers are filled through numpy views from the Python lists, with no torch op per row."""
         b = len(tokens)
         size = padded_size(self.sizes, b)
         assert size is not None, f"batch {b} over the largest captured size {self.max_batch}"
+        host = self._host[self._turn]
+        self._turn ^= 1
         bs = self.block_size
-        vec = self._np_vec
+        vec = host.np_vec
         vec[0, :b] = tokens
         vec[1, :b] = positions
         vec[2, :b] = [table[p // bs] * bs + p % bs for table, p in zip(block_tables, positions)]
@@ -151,28 +161,44 @@ class DecodeGraphs:
         if size > b:  # padding rows: token 0 at position 0, K/V into the scratch block, length 0
             vec[:, b:size] = 0
             vec[2, b:size] = self.scratch_slot
-        self._write_tables(block_tables)
-        self.vec[:, :size].copy_(self._host_vec[:, :size], non_blocking=True)
-        self.tables[:size].copy_(self._host_tables[:size], non_blocking=True)
+        host.write_tables(block_tables)
+        self.vec[:, :size].copy_(host.vec[:, :size], non_blocking=True)
+        self.tables[:size].copy_(host.tables[:size], non_blocking=True)
+        if carried is not None:
+            rows, carried_tokens = carried
+            if rows is None:
+                self.vec[0, : carried_tokens.shape[0]].copy_(carried_tokens)
+            else:
+                self.vec[0].index_copy_(0, rows, carried_tokens.to(torch.int32))
         if self._graphs:
             graph, hidden = self._graphs[size]
             graph.replay()
         else:
             hidden = self._forward(size)
-        # Clone: the next replay overwrites the graph's output, and pinned host buffers must
-        # not be refilled before the copies above ran (the caller's .tolist() syncs each step).
+        # Clone: the next replay overwrites the graph's output. A pinned buffer set is refilled
+        # two steps later, after the host has read the tokens of the step that copied from it.
         return hidden[:b].clone()
 
-    def _write_tables(self, block_tables: Seq[list[int]]) -> None:
-        """Host block-table rows, rewriting only what changed since the row's last step.
+
+class _HostInputs:
+    """Pinned host copies of DecodeGraphs' inputs, with numpy views to fill them from lists."""
+
+    def __init__(self, rows: int, max_blocks: int, pin: bool) -> None:
+        self.vec = torch.zeros((4, rows), dtype=torch.int32, pin_memory=pin)
+        self.tables = torch.zeros((rows, max_blocks), dtype=torch.int32, pin_memory=pin)
+        self.np_vec, self.np_tables = self.vec.numpy(), self.tables.numpy()
+        self.written: list[tuple[list[int] | None, int]] = [(None, 0)] * rows  # per row: table, entries written
+
+    def write_tables(self, block_tables: Seq[list[int]]) -> None:
+        """Block-table rows, rewriting only what changed since the row's last step.
 
         The block manager appends to a running sequence's table and gives it a new list when it
-        frees it, so a row that holds the same list object as last step differs only in the
+        frees it, so a row that holds the same list object as last time differs only in the
         entries appended since, plus the last one written (copy-on-write replaces the block a
         decode writes into). Entries past a table's end are left stale: the kernels read blocks
         only below a sequence's length, and a padding row has length 0."""
-        rows = self._np_tables
-        written = self._written
+        rows = self.np_tables
+        written = self.written
         for i, table in enumerate(block_tables):
             kept, n = written[i]
             start = n - 1 if kept is table and n else 0

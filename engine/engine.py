@@ -13,7 +13,7 @@ from engine.config import EngineConfig, SchedulerConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.model_runner import ModelRunner, allocate_kv_caches, kv_block_bytes
+from engine.model_runner import Launched, ModelRunner, allocate_kv_caches, kv_block_bytes
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import EngineStats, GenerationRequest
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -89,6 +89,8 @@ class LLMEngine:
                 capture=on_cuda,
             )
         self.runner = ModelRunner(loaded.model, caches, block_size, backend, config.device, config.seed, graphs)
+        self.run_ahead = config.run_ahead if config.run_ahead is not None else (use_graphs and on_cuda)
+        self._inflight: Launched | None = None  # a step run ahead of: launched, its tokens not yet read
         self._requests: dict[str, _RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborts, reported at the next step
         self._seq_ids = itertools.count()
@@ -174,16 +176,39 @@ class LLMEngine:
         self._pending_outputs.append(self._output(state, finished=True))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._pending_outputs)
+        return bool(self._requests) or bool(self._pending_outputs) or self._inflight is not None
 
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
     # ---- the step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, launch, then land the step before this one while this one computes.
+
+        Running ahead (on by default with CUDA graphs), a step's tokens stay on the device and
+        the next step is scheduled and launched before the host reads them, so the host's
+        bookkeeping overlaps the GPU instead of idling it. Without it a step lands at once."""
         sched = self.scheduler.schedule()
-        sampled, logprobs = self.runner.execute(sched) if not sched.is_empty else ([], [])
-        finished = self.scheduler.update(sched, sampled)
+        launched = None
+        if not sched.is_empty:
+            launched = self.runner.launch(sched, self._inflight, defer=self.run_ahead)
+            self.scheduler.advance(sched)
+        landed, self._inflight = self._inflight, None
+        outputs = self._land(landed) if landed is not None else []
+        if launched is not None and launched.deferred:
+            self._inflight = launched
+        elif launched is not None:
+            outputs += self._land(launched)
+        if landed is None and (launched is None or launched.deferred):
+            outputs, self._pending_outputs = self._pending_outputs, []  # aborts, with nothing landed
+        return outputs
+
+    def _land(self, launched: Launched) -> list[RequestOutput]:
+        sched = launched.sched
+        sampled, logprobs = launched.result()
+        # a sequence stopped by the step before (or aborted) drops the token it sampled since
+        sampled = [None if seq.is_finished else t for seq, t in zip(sched.seqs, sampled)]
+        finished = self.scheduler.land(sched, sampled)
         return self._process(sched, sampled, logprobs, finished)
 
     def _process(

@@ -29,6 +29,7 @@ class LLM:
         seed: int = 0,
         decode_graphs: bool | None = None,
         max_graph_batch: int = 256,
+        run_ahead: bool | None = None,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -41,6 +42,7 @@ class LLM:
             seed=seed,
             decode_graphs=decode_graphs,
             max_graph_batch=max_graph_batch,
+            run_ahead=run_ahead,
         )
         self.engine = LLMEngine.from_config(config)
         self.tokenizer = self.engine.tokenizer

@@ -89,67 +89,130 @@ class ModelRunner:
         self._generators.pop(seq.seq_id, None)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[list[int | None], list[TokenLogprob | None]]:
-        """Compute the scheduled chunks; a token (and logprobs) for each sequence that samples."""
+    def launch(self, out: SchedulerOutput, prev: Launched | None = None, defer: bool = False) -> Launched:
+        """Queue the step's forward and sampling. Inputs still in flight (a decode fed the token
+        `prev` sampled) are taken from `prev`'s device tokens. With `defer`, the tokens stay on
+        the device until `Launched.result()`, unless a row needs them on the host first
+        (logprobs, or penalties over its own outputs next step)."""
         self.copy_blocks(out.block_copies)
         seqs = out.seqs
-        samples = [out.samples(i) for i in range(len(seqs))]
+        carried = self._carried(seqs, prev)
         graphable = self.graphs is not None and len(seqs) <= self.graphs.max_batch
         if graphable and all(n == 1 for n in out.num_new_tokens):
             hidden = self.graphs.run(
-                [s.token_ids[s.num_computed_tokens] for s in seqs],
+                [s.token_ids[s.num_computed_tokens] if s.num_computed_tokens < s.num_tokens else 0 for s in seqs],
                 [s.num_computed_tokens for s in seqs],
                 [s.block_table for s in seqs],
+                carried,
             )
-            if not all(samples):  # a one-token prefill chunk that does not end its prompt
-                hidden = hidden[torch.tensor(samples, device=self.device)]
-            return self._sample(hidden, seqs, samples)
-        inputs = prepare_inputs(
-            token_chunks=[
-                s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]
-                for s, n in zip(seqs, out.num_new_tokens)
-            ],
-            starts=[s.num_computed_tokens for s in seqs],
-            block_tables=[s.block_table for s in seqs],
-            samples=samples,
-            block_size=self.block_size,
-            device=self.device,
-        )
-        ctx = ForwardContext(meta=inputs.meta, backend=self.backend, kv_caches=self.kv_caches)
-        hidden = self.model(inputs.input_ids, inputs.positions, ctx)
-        return self._sample(hidden[inputs.sample_rows], seqs, samples)
+            if not all(out.sampling):  # a one-token prefill chunk that does not end its prompt
+                hidden = hidden[torch.tensor(out.sampling, device=self.device)]
+        else:
+            inputs = prepare_inputs(
+                token_chunks=[
+                    s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] or [0]  # [0]: in flight
+                    for s, n in zip(seqs, out.num_new_tokens)
+                ],
+                starts=[s.num_computed_tokens for s in seqs],
+                block_tables=[s.block_table for s in seqs],
+                samples=out.sampling,
+                block_size=self.block_size,
+                device=self.device,
+            )
+            if carried is not None:  # an in-flight input is a whole one-token chunk
+                rows, tokens = carried
+                firsts = inputs.meta.cu_seqlens_q[:-1].long()
+                inputs.input_ids.index_copy_(0, firsts[: len(tokens)] if rows is None else firsts[rows], tokens)
+            ctx = ForwardContext(meta=inputs.meta, backend=self.backend, kv_caches=self.kv_caches)
+            hidden = self.model(inputs.input_ids, inputs.positions, ctx)[inputs.sample_rows]
+        rows = [i for i, samples in enumerate(out.sampling) if samples]
+        tokens, logprobs = self._sample(hidden, seqs, rows)
+        host_first = any(seqs[i].params.logprobs is not None or seqs[i].params.needs_penalties for i in rows)
+        return Launched(out, tokens, rows, logprobs, deferred=defer and not host_first)
+
+    def _carried(self, seqs: list[Sequence], prev: Launched | None) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """(rows of this step, their input tokens) for inputs sampled by `prev` and not yet on
+        the host; rows None means rows 0..k-1. None when every input is on the host."""
+        rows = [i for i, s in enumerate(seqs) if s.num_computed_tokens >= s.num_tokens]
+        if not rows:
+            return None
+        assert prev is not None, "an input token in flight without the step that samples it"
+        index = prev.index_of()
+        src = [index[seqs[i].seq_id] for i in rows]
+        if src == list(range(len(src))):
+            tokens = prev.tokens[: len(src)]  # the same sequences in the same order: no gather
+        else:
+            tokens = prev.tokens[torch.tensor(src, device=self.device)]
+        if rows == list(range(len(rows))):
+            return None, tokens
+        return torch.tensor(rows, device=self.device), tokens
 
     def _sample(
-        self, hidden: torch.Tensor, seqs: list[Sequence], samples: list[bool]
-    ) -> tuple[list[int | None], list[TokenLogprob | None]]:
-        """Logits of the sampling rows' hidden states (in sequence order), then one token each."""
-        sampled: list[int | None] = [None] * len(seqs)
+        self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int]
+    ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
+        """One token per sampling row (`rows`: their sequences' indices; `hidden` holds their
+        states in that order) as a device tensor, and logprobs for the rows that asked."""
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
-        if hidden.shape[0] == 0:
-            return sampled, logprobs
-        sampling_seqs = [i for i, s in enumerate(samples) if s]
+        if not rows:
+            return torch.empty(0, dtype=torch.int64, device=self.device), logprobs
         screen = getattr(self.model, "greedy_screen", None)  # bf16-screened argmax (engine/greedy_screen.py)
-        if screen is not None:
-            plain = [j for j, i in enumerate(sampling_seqs) if seqs[i].params.is_plain_greedy]
-            if plain:
-                for j, token in zip(plain, screen.argmax(hidden[plain], [[]] * len(plain)).tolist()):
-                    sampled[sampling_seqs[j]] = token
-                rest = [j for j, i in enumerate(sampling_seqs) if not seqs[i].params.is_plain_greedy]
-                if not rest:
-                    return sampled, logprobs
-                hidden, sampling_seqs = hidden[rest], [sampling_seqs[j] for j in rest]
-        logits = self.model.compute_logits(hidden, self._logits)
-        rows = [
+        plain = [j for j, i in enumerate(rows) if seqs[i].params.is_plain_greedy] if screen is not None else []
+        if plain:
+            screened = screen.argmax(hidden if len(plain) == len(rows) else hidden[plain], [[]] * len(plain))
+            if len(plain) == len(rows):
+                return screened, logprobs
+        rest = [j for j in range(len(rows)) if not plain or not seqs[rows[j]].params.is_plain_greedy]
+        logits = self.model.compute_logits(hidden[rest] if plain else hidden, self._logits)
+        sampling_rows = [
             SamplingRow(
                 params=seqs[i].params,
                 prompt_ids=seqs[i].token_ids[: seqs[i].num_prompt_tokens] if seqs[i].params.needs_penalties else [],
                 output_ids=seqs[i].output_token_ids if seqs[i].params.needs_penalties else [],
                 generator=self.generator_for(seqs[i]),
             )
-            for i in sampling_seqs
+            for i in (rows[j] for j in rest)
         ]
-        tokens, token_logprobs = self.sampler(logits, rows)
-        for j, i in enumerate(sampling_seqs):
-            sampled[i] = tokens[j]
-            logprobs[i] = token_logprobs[j]
-        return sampled, logprobs
+        sampled, token_logprobs = self.sampler.sample(logits, sampling_rows)
+        for j, lp in zip(rest, token_logprobs):
+            logprobs[rows[j]] = lp
+        if not plain:
+            return sampled, logprobs
+        tokens = torch.empty(len(rows), dtype=torch.int64, device=sampled.device)
+        tokens[plain] = screened.to(tokens.device, torch.int64)
+        tokens[rest] = sampled
+        return tokens, logprobs
+
+
+class Launched:
+    """A launched step: its schedule, and its sampled tokens on the device (row order of
+    `rows`, the schedule's sampling rows) until `result()` brings them to the host."""
+
+    def __init__(self, sched: SchedulerOutput, tokens: torch.Tensor, rows: list[int],
+                 logprobs: list[TokenLogprob | None], deferred: bool) -> None:
+        self.sched = sched
+        self.tokens = tokens
+        self.rows = rows
+        self.logprobs = logprobs
+        self.deferred = deferred
+        self._host: torch.Tensor | None = None
+        self._event: torch.cuda.Event | None = None
+        if deferred and tokens.is_cuda:
+            # the copy is queued behind the step; the host waits on the event only when it lands
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def index_of(self) -> dict[int, int]:
+        """seq_id -> index of its token in `tokens`."""
+        return {self.sched.seqs[i].seq_id: j for j, i in enumerate(self.rows)}
+
+    def result(self) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """Per scheduled row: its token (None: did not sample) and logprobs."""
+        if self._event is not None:
+            self._event.synchronize()
+        values = (self._host if self._host is not None else self.tokens).tolist()
+        sampled: list[int | None] = [None] * len(self.sched.seqs)
+        for j, i in enumerate(self.rows):
+            sampled[i] = values[j]
+        return sampled, self.logprobs

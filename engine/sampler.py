@@ -83,6 +83,13 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
+        tokens, logprobs = self.sample(logits, rows)
+        return tokens.tolist(), logprobs
+
+    def sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
+        """Tokens as a device tensor; the host waits for them only when a row wants logprobs."""
         logits = logits.float()
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
@@ -99,17 +106,18 @@ class Sampler:
             for j, i in enumerate(sampling):
                 if rows[i].generator is not None:
                     tokens[i] = _race(probs[j : j + 1], rows[i].generator)[0]
-        token_list = tokens.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(rows)
-        if raw_logprobs is not None:
-            for i, row in enumerate(rows):
-                if not want_logprobs[i]:
-                    continue
-                n = row.params.logprobs or 0
-                top = raw_logprobs[i].topk(n) if n else None
-                logprobs[i] = TokenLogprob(
-                    token_id=token_list[i],
-                    logprob=float(raw_logprobs[i, token_list[i]]),
-                    top=dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {},
-                )
-        return token_list, logprobs
+        if raw_logprobs is None:
+            return tokens, logprobs
+        token_list = tokens.tolist()
+        for i, row in enumerate(rows):
+            if not want_logprobs[i]:
+                continue
+            n = row.params.logprobs or 0
+            top = raw_logprobs[i].topk(n) if n else None
+            logprobs[i] = TokenLogprob(
+                token_id=token_list[i],
+                logprob=float(raw_logprobs[i, token_list[i]]),
+                top=dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {},
+            )
+        return tokens, logprobs

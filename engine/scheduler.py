@@ -4,6 +4,10 @@ Each step every running sequence asks for the tokens it has not computed yet (a 
 for 1, a prompt for as many as the budget allows: chunked prefill), then waiting sequences
 are admitted while budget, blocks and `max_num_seqs` last. When blocks run out, the newest
 running sequence is preempted by recompute and goes back to the front of the queue.
+
+A step's bookkeeping has two halves: `advance` (its chunks are computed, its sampling rows have
+a token in flight) when it is launched, and `land` (the tokens are appended, stop rules applied)
+when its tokens reach the host; `update` does both for a step that is not run ahead of.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class SchedulerOutput:
     num_new_tokens: list[int] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    sampling: list[bool] = field(default_factory=list)  # row i's chunk reaches its sequence's end
 
     @property
     def is_empty(self) -> bool:
@@ -34,8 +39,12 @@ class SchedulerOutput:
         return sum(self.num_new_tokens)
 
     def samples(self, i: int) -> bool:
-        seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+        return self.sampling[i]
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(n)
+        self.sampling.append(seq.num_computed_tokens + n == seq.num_tokens + seq.num_inflight)
 
 
 class Scheduler:
@@ -66,6 +75,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_inflight and seq.num_output_tokens + seq.num_inflight >= seq.max_tokens:
+                i += 1  # its token in flight is its last: nothing more to compute
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.allocate_slots(seq, n):
                 victim = self.running.pop()  # the newest: it loses the least work
@@ -74,8 +86,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                out.seqs.append(seq)
-                out.num_new_tokens.append(n)
+                out.add(seq, n)
                 budget -= n
                 i += 1
                 continue
@@ -91,8 +102,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.seqs.append(seq)
-            out.num_new_tokens.append(n)
+            out.add(seq, n)
             budget -= n
         out.block_copies = self.block_manager.take_pending_copies()
         return out
@@ -106,12 +116,26 @@ class Scheduler:
         self.waiting.appendleft(seq)  # popped newest-first, so the oldest ends up in front
 
     def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
-        """Advance computed counts, append sampled tokens (None: did not sample), and finish
-        sequences that hit a stop token or their length; returns the finished ones."""
-        finished: list[Sequence] = []
-        for seq, n, token in zip(out.seqs, out.num_new_tokens, sampled):
+        """`advance` then `land`: a step whose tokens are on the host when the next is scheduled."""
+        self.advance(out)
+        return self.land(out, sampled)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step is launched: its chunks count as computed, its sampling rows hold a token in flight."""
+        for seq, n, samples in zip(out.seqs, out.num_new_tokens, out.sampling):
             seq.num_computed_tokens += n
+            seq.num_inflight += samples
+
+    def land(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
+        """Append the step's sampled tokens (None: did not sample) and finish sequences that hit
+        a stop token or their length; returns the finished ones. A sequence finished meanwhile
+        (stopped by the step before, or aborted) drops its token."""
+        finished: list[Sequence] = []
+        for seq, token in zip(out.seqs, sampled):
             if token is None:
+                continue
+            seq.num_inflight -= 1
+            if seq.is_finished:
                 continue
             seq.token_ids.append(token)
             reason = self._stop_reason(seq, token)

@@ -24,6 +24,10 @@ class Sequence:
     `block_table`. The scheduler lets `num_computed_tokens` catch up with `num_tokens` in chunks;
     when it reaches `num_tokens` the step samples one more token. Preemption (by recompute) drops
     the blocks and resets `num_computed_tokens` to 0; sampled tokens are kept and recomputed.
+
+    Running ahead (engine.engine), a step is launched before the previous one's tokens reach the
+    host: `num_inflight` counts tokens sampled on the device but not yet appended. They already
+    count as tokens to compute, so the next step feeds them to the model from the device.
     """
 
     seq_id: int
@@ -40,6 +44,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_preemptions: int = 0
+    num_inflight: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -55,7 +60,7 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_inflight - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("max-model-len", int, None, "context limit (default: the model's own)")
     serve.add_argument("--enforce-eager", action="store_true", default=_env("enforce-eager", "0") not in ("0", ""),
                        help="CUDA: run decode steps eagerly, no CUDA graphs (env KVSERVE_ENFORCE_EAGER=1)")
+    serve.add_argument("--no-run-ahead", action="store_true", default=_env("no-run-ahead", "0") not in ("0", ""),
+                       help="CUDA: read each step's tokens before launching the next (env KVSERVE_NO_RUN_AHEAD=1)")
     opt("max-waiting", int, 256, "waiting requests per model before 503")
     opt("max-body-bytes", int, 4 * 1024 * 1024, "largest request body (413 beyond)")
     opt("shutdown-timeout", float, 10.0, "seconds in-flight requests get on SIGTERM")
@@ -66,6 +68,7 @@ def engine_config(model: str, args: argparse.Namespace) -> Any:
         device=args.device,
         max_model_len=args.max_model_len,
         decode_graphs=False if args.enforce_eager else None,
+        run_ahead=False if args.no_run_ahead else None,
         cache=CacheConfig(num_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,

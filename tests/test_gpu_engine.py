@@ -58,11 +58,13 @@ def test_tiny_llama_graphs_equal_eager_and_cpu(tmp_path):
     kwargs = dict(num_kv_blocks=96, block_size=16, max_num_batched_tokens=64)
     llm = LLM(str(folder), device="cuda", **kwargs)
     assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs._graphs
+    assert llm.engine.run_ahead  # the default with graphs: tokens read one step late
     graph_outs = llm.generate(prompts, params)
+    landing = LLM(str(folder), device="cuda", run_ahead=False, **kwargs).generate(prompts, params)
     eager_outs = LLM(str(folder), device="cuda", decode_graphs=False, **kwargs).generate(prompts, params)
     cpu_outs = LLM(str(folder), device="cpu", **kwargs).generate(prompts, params)
-    tokens = [[o.outputs[0].token_ids for o in outs] for outs in (graph_outs, eager_outs, cpu_outs)]
-    assert tokens[0] == tokens[1] == tokens[2]
+    tokens = [[o.outputs[0].token_ids for o in outs] for outs in (graph_outs, landing, eager_outs, cpu_outs)]
+    assert tokens[0] == tokens[1] == tokens[2] == tokens[3]
     assert llm.engine.block_manager.num_free_blocks == 96
 
 

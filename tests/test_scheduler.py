@@ -116,3 +116,46 @@ def test_never_deadlocks_under_pressure():
         step(sched)
     assert all(s.finish_reason == "length" for s in seqs)
     assert bm.num_free_blocks == 4 and sched.num_preemptions > 0
+
+
+def test_a_token_in_flight_is_scheduled_as_the_next_input():
+    """advance() without land(): the sampled token is on the device; the next step computes it."""
+    sched, bm = make_scheduler(block_size=4)
+    a = make_seq(0, 4, max_tokens=5)
+    sched.add(a)
+    out = sched.schedule()
+    assert out.sampling == [True]
+    sched.advance(out)
+    assert a.num_computed_tokens == 4 and a.num_inflight == 1 and a.num_tokens == 4
+    ahead = sched.schedule()
+    assert ahead.seqs == [a] and ahead.num_new_tokens == [1] and ahead.sampling == [True]
+    assert len(a.block_table) == 2  # position 4 opens a second block
+    sched.advance(ahead)
+    assert a.num_inflight == 2
+    assert sched.land(out, [7]) == [] and a.token_ids[-1] == 7 and a.num_inflight == 1
+    assert sched.land(ahead, [8]) == [] and a.token_ids[-2:] == [7, 8] and a.num_inflight == 0
+
+
+def test_a_sequence_whose_token_in_flight_is_its_last_is_not_scheduled():
+    sched, bm = make_scheduler(block_size=4)
+    a, b = make_seq(0, 3, max_tokens=2), make_seq(1, 3, max_tokens=5)
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # both prefill and sample their first token
+    out = sched.schedule()
+    sched.advance(out)  # a's second token, its last, is in flight
+    ahead = sched.schedule()
+    assert ahead.seqs == [b]
+    assert sched.land(out, [7, 7]) == [a] and a.finish_reason == "length"
+    assert bm.num_free_blocks == 16 - len(b.block_table)
+
+
+def test_landing_drops_the_token_of_a_sequence_finished_meanwhile():
+    sched, bm = make_scheduler()
+    a = make_seq(0, 3)
+    sched.add(a)
+    step(sched)
+    out = sched.schedule()
+    sched.advance(out)
+    sched.finish(a, "abort")
+    assert sched.land(out, [7]) == [] and a.num_tokens == 4 and bm.num_free_blocks == 16
