@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import fused
 from engine.attention.base import AttentionBackend
 from engine.attention.metadata import AttentionMetadata, RelativePositionBias
 
@@ -37,6 +38,24 @@ class ForwardContext:
         if self.meta.slot_mapping is not None:
             self.backend.store_kv(k, v, k_cache, v_cache, self.meta.slot_mapping)
         return self.backend.paged_attention(q, k_cache, v_cache, self.meta, scale, bias)
+
+    def attend_rotary(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        scale: float,
+    ) -> torch.Tensor:
+        """`attend` after rotary positions (cos, sin) on q and k. With a cache to write, one
+        fused op rotates q and k and stores K/V (on a GPU one launch instead of three)."""
+        if self.kv_caches is None or self.meta.slot_mapping is None:
+            q, k = fused.rotary(q, k, *rope)
+            return self.attend(layer_idx, q, k, v, scale)
+        k_cache, v_cache = self.kv_caches[layer_idx]
+        q = fused.rotary_store_kv(q, k, v, *rope, k_cache, v_cache, self.meta.slot_mapping)
+        return self.backend.paged_attention(q, k_cache, v_cache, self.meta, scale)
 
     def attend_cross(self, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Cross-attention: new decoder queries over encoder K/V already in this layer's cache.

@@ -95,8 +95,7 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, d)  # (T, Hq, D)
         k = k.view(t, self.num_kv_heads, d)  # (T, Hkv, D)
         v = v.view(t, self.num_kv_heads, d)
-        q, k = fused.rotary(q, k, *rope)
-        out = ctx.attend(self.layer_idx, q, k, v, self.scale)  # (T, Hq, D)
+        out = ctx.attend_rotary(self.layer_idx, q, k, v, rope, self.scale)  # (T, Hq, D)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 

@@ -55,6 +55,35 @@ def test_rotary(tokens, hq, hk, d):
 
 
 @skip_interp
+@pytest.mark.parametrize("tokens,hq,hk,d,block_size", [(1, 4, 2, 16, 4), (6, 9, 3, 64, 16), (13, 8, 8, 128, 8)])
+def test_rotary_store_kv(tokens, hq, hk, d, block_size):
+    """Rotated q out, rotated k and v in their cache slots (scattered, some blocks partly
+    filled), every other slot untouched: one launch equals rotary + the reference store."""
+    gen = torch.Generator().manual_seed(tokens * d + hk)
+    table = rand(64, d, gen=gen)
+    pos = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
+    cos, sin = (c[:, None, :] for c in table[pos].chunk(2, dim=-1))
+    qkv = rand(tokens, (hq + 2 * hk) * d, gen=gen)  # q, k, v as views of a merged matmul
+    q, k, v = (x.view(tokens, -1, d) for x in qkv.split([hq * d, hk * d, hk * d], -1))
+    num_blocks = 2 * tokens // block_size + 2
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].to(DEVICE)
+    if block_size == 8:
+        slots = slots.int()  # as the decode graphs' static buffers hold them
+    caches = [rand(num_blocks, block_size, hk, d, gen=gen) for _ in range(2)]
+    want_caches = [c.clone() for c in caches]
+    out = triton_ops.rotary_store_kv(q, k, v, cos, sin, *caches, slots)
+    want = ref.rotary_store_kv(q, k, v, cos, sin, *want_caches, slots)
+    assert rel(out, want) <= TOL
+    for got_cache, want_cache in zip(caches, want_caches):
+        assert rel(got_cache, want_cache) <= TOL
+        flat_got, flat_want = got_cache.view(-1, hk, d), want_cache.view(-1, hk, d)
+        others = torch.ones(flat_got.shape[0], dtype=torch.bool, device=DEVICE)
+        others[slots] = False
+        assert torch.equal(flat_got[others], flat_want[others])
+        assert rel(flat_got[slots], flat_want[slots]) <= TOL
+
+
+@skip_interp
 @pytest.mark.parametrize("shape", [(1, 128), (9, 1536), (3, 1000)])
 def test_silu_mul(shape):
     gen = torch.Generator().manual_seed(shape[1])

@@ -36,6 +36,19 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return ref.rotary(q, k, cos, sin)
 
 
+def rotary_store_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """`rotary` on q and k, rotated k and v written to flat cache slots `slot_mapping` (T,) of
+    caches (num_blocks, block_size, Hk, D); returns the rotated q."""
+    if _on_gpu(q):
+        from engine.fused import triton_ops
+
+        return triton_ops.rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    return ref.rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: the SwiGLU product."""
     if _on_gpu(gate):

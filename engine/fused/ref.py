@@ -37,3 +37,17 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+def rotary_store_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """`rotary`, then rotated k and v into flat cache slots (the attention reference's store_kv);
+    returns the rotated q."""
+    q, k = rotary(q, k, cos, sin)
+    heads, dim = k_cache.shape[-2:]
+    slots = slot_mapping.long()  # int32 where the decode graphs' static buffers hold them
+    k_cache.view(-1, heads, dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, heads, dim).index_copy_(0, slots, v.to(v_cache.dtype))
+    return q

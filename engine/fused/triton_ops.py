@@ -87,6 +87,72 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 @triton.jit
+def _rotary_store_kv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    num_q_heads, num_kv_heads, half, block_size,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_ct, stride_st, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per token: its q heads rotated to q_out, its k heads rotated and its v heads
+    # copied into the token's cache slot. Three launches (rotary q, rotary k, store) become one.
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < half
+    cos = tl.load(cos_ptr + t * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + t * stride_st + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    hq = tl.arange(0, BLOCK_HQ)
+    mask = (hq[:, None] < num_q_heads) & d_mask[None, :]
+    src = q_ptr + t * stride_qt + hq[:, None] * stride_qh + d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    dst = q_out_ptr + t * stride_ot + hq[:, None] * stride_oh + d[None, :]
+    tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + half, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    blk = slot // block_size
+    off = slot % block_size
+    hk = tl.arange(0, BLOCK_HK)
+    mask = (hk[:, None] < num_kv_heads) & d_mask[None, :]
+    src = k_ptr + t * stride_kt + hk[:, None] * stride_kh + d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    # the reference rounds the rotated k to the model dtype before the cache's: do the same
+    k1 = (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+    k2 = (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+    dst = k_cache_ptr + blk * stride_kcb + off * stride_kcs + hk[:, None] * stride_kch + d[None, :]
+    tl.store(dst, k1, mask=mask)
+    tl.store(dst + half, k2, mask=mask)
+    src = v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :]
+    dst = v_cache_ptr + blk * stride_vcb + off * stride_vcs + hk[:, None] * stride_vch + d[None, :]
+    tl.store(dst, tl.load(src, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + half, tl.load(src + half, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rotary_store_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1 and d % 2 == 0
+    assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
+    if t:
+        _rotary_store_kv_kernel[(t,)](
+            q, k, v, cos, sin, out, k_cache, v_cache, slot_mapping,
+            hq, hk, d // 2, k_cache.shape[1],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            cos.stride(0), sin.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
+            BLOCK_D=triton.next_power_of_2(d // 2), num_warps=1,
+        )
+    return out
+
+
+@triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
     # rows may be strided: gate and up are usually the two halves of one merged matmul's output
     row = tl.program_id(0).to(tl.int64)
