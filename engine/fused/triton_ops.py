@@ -49,6 +49,23 @@ def add_rms_norm(
 
 
 @triton.jit
+def _cos_sin(cos_ptr, sin_ptr, t, stride_ct, stride_st, d, d_mask):
+    """Token t's half-width cos and sin rows (fp32), broadcastable over heads."""
+    cos = tl.load(cos_ptr + t * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + t * stride_st + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def _rotated_halves(x_ptr, t, stride_xt, stride_xh, h, d, half, mask, cos, sin):
+    """The two rotated halves (fp32) of heads h of token t: HF's x*cos + rotate_half(x)*sin."""
+    src = x_ptr + t * stride_xt + h[:, None] * stride_xh + d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _rotary_kernel(
     x_ptr, out_ptr, cos_ptr, sin_ptr, num_heads, half,
     stride_xt, stride_xh, stride_ot, stride_oh, stride_ct, stride_st,
@@ -59,14 +76,11 @@ def _rotary_kernel(
     d = tl.arange(0, BLOCK_D)
     d_mask = d < half
     mask = (h[:, None] < num_heads) & d_mask[None, :]
-    cos = tl.load(cos_ptr + t * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + t * stride_st + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    src = x_ptr + t * stride_xt + h[:, None] * stride_xh + d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_ct, stride_st, d, d_mask)
+    y1, y2 = _rotated_halves(x_ptr, t, stride_xt, stride_xh, h, d, half, mask, cos, sin)
     dst = out_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :]
-    tl.store(dst, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + half, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, y1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + half, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -99,31 +113,24 @@ def _rotary_store_kv_kernel(
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < half
-    cos = tl.load(cos_ptr + t * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + t * stride_st + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_ct, stride_st, d, d_mask)
     hq = tl.arange(0, BLOCK_HQ)
     mask = (hq[:, None] < num_q_heads) & d_mask[None, :]
-    src = q_ptr + t * stride_qt + hq[:, None] * stride_qh + d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    y1, y2 = _rotated_halves(q_ptr, t, stride_qt, stride_qh, hq, d, half, mask, cos, sin)
     dst = q_out_ptr + t * stride_ot + hq[:, None] * stride_oh + d[None, :]
-    tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + half, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, y1.to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + half, y2.to(q_out_ptr.dtype.element_ty), mask=mask)
 
     slot = tl.load(slot_ptr + t).to(tl.int64)
     blk = slot // block_size
     off = slot % block_size
     hk = tl.arange(0, BLOCK_HK)
     mask = (hk[:, None] < num_kv_heads) & d_mask[None, :]
-    src = k_ptr + t * stride_kt + hk[:, None] * stride_kh + d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    y1, y2 = _rotated_halves(k_ptr, t, stride_kt, stride_kh, hk, d, half, mask, cos, sin)
     # the reference rounds the rotated k to the model dtype before the cache's: do the same
-    k1 = (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
-    k2 = (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
     dst = k_cache_ptr + blk * stride_kcb + off * stride_kcs + hk[:, None] * stride_kch + d[None, :]
-    tl.store(dst, k1, mask=mask)
-    tl.store(dst + half, k2, mask=mask)
+    tl.store(dst, y1.to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + half, y2.to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty), mask=mask)
     src = v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :]
     dst = v_cache_ptr + blk * stride_vcb + off * stride_vcs + hk[:, None] * stride_vch + d[None, :]
     tl.store(dst, tl.load(src, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
