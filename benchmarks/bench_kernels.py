@@ -92,7 +92,7 @@ def decode_rows(args, bandwidth: float) -> list[list]:
         if args.sweep:
             out = torch.empty_like(q)
             for block_n in (32, 64, 128):
-                for part in (256, 512, 1024, 2048):
+                for part in (128, 256, 512, 1024, 2048):
                     for warps in (4, 8):
                         ms = bench(lambda: K.decode_attention(
                             q, kc, vc, out, meta.cu_seqlens_q, meta.seq_lens, tables, num_seqs, ctx, d**-0.5,

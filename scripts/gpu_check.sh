@@ -6,7 +6,8 @@
 #                                       # (WITH_KERNEL_BENCH=1: attention kernels vs the GPU's limits too)
 #   bash scripts/gpu_check.sh smollm2   # the shipped SmolLM2 weights: GPU vs CPU test, e2e bench
 #
-# The machine has torch, triton and transformers but no network: the gguf wheel comes in .whl/,
+# The machine has torch, triton and transformers but no network: the gguf wheel comes in .whl/
+# (with a sentencepiece wheel there too, the tiny Marian/T5 GPU-vs-CPU translation test runs),
 # and the SmolLM2 GGUF (98 MB, over one transfer's limit) in two halves, .gpu/a then .gpu/b,
 # on two calls to one warm machine; the first half waits in /root/stash. Outputs go to $OUT.
 set -uo pipefail
