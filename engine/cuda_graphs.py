@@ -44,10 +44,16 @@ def padded_size(sizes: Seq[int], batch: int) -> int | None:
 
 
 class DecodeGraphs:
-    """Static inputs and one captured forward per batch size, for steps of one token per sequence.
+    """Static inputs and captured forwards per batch size, for steps of one token per sequence.
 
     `run(tokens, positions, block_tables)` fills the buffers (two host-to-device copies) and
     replays the graph of the padded size; it returns the hidden states of the real rows.
+
+    A graph fixes its attention plan, sized for the longest context it may meet. So each batch
+    size gets a graph per context bound: the backend's split-K partition (`partition_size`),
+    under which decode runs single-pass, one launch per layer, and `max_model_len`, where it
+    splits long contexts (two launches per layer). A step replays the smallest bound that holds
+    its longest context.
     """
 
     def __init__(
@@ -81,8 +87,10 @@ class DecodeGraphs:
         self._host = [_HostInputs(n, self.max_blocks, pin) for _ in range(2)]
         self._turn = 0
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self._ctx = {b: self._context(b) for b in self.sizes}
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        short = getattr(backend, "partition_size", None)
+        self.bounds = ([short] if short is not None and short < max_model_len else []) + [max_model_len]
+        self._ctx = {(b, bound): self._context(b, bound) for b in self.sizes for bound in self.bounds}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if capture:
             self._capture()
 
@@ -90,7 +98,7 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return self.sizes[-1]
 
-    def _context(self, b: int) -> ForwardContext:
+    def _context(self, b: int, bound: int) -> ForwardContext:
         # The host lengths are the graph's bound, not a step's: the decode kernel sizes its
         # split-K grid from max_seqlen_k, and programs past a sequence's end return at once.
         meta = AttentionMetadata(
@@ -99,15 +107,16 @@ class DecodeGraphs:
             slot_mapping=self.vec[2, :b],
             block_tables=self.tables[:b],
             max_seqlen_q=1,
-            max_seqlen_k=self.max_model_len,
+            max_seqlen_k=bound,
             query_lens=(1,) * b,
-            seq_lens_host=(self.max_model_len,) * b,
+            seq_lens_host=(bound,) * b,
             causal=True,
         )
         return ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
 
-    def _forward(self, b: int) -> torch.Tensor:
-        return self.model(self.vec[0, :b], self.vec[1, :b], self._ctx[b])
+    def _forward(self, key: tuple[int, int]) -> torch.Tensor:
+        b = key[0]
+        return self.model(self.vec[0, :b], self.vec[1, :b], self._ctx[key])
 
     def _pad_all(self) -> None:
         self.vec[0].zero_()
@@ -120,18 +129,19 @@ class DecodeGraphs:
     def _capture(self) -> None:
         self._pad_all()  # warm-up and capture write only the scratch block
         pool = None
-        for b in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
+        # largest first (batch, then bound): smaller graphs reuse its pool memory
+        for key in sorted(self._ctx, reverse=True):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # compiles kernels and settles allocations off-graph
                 for _ in range(2):
-                    self._forward(b)
+                    self._forward(key)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                hidden = self._forward(b)
+                hidden = self._forward(key)
             pool = graph.pool()
-            self._graphs[b] = (graph, hidden)
+            self._graphs[key] = (graph, hidden)
         torch.cuda.synchronize()
 
     def run(
@@ -170,11 +180,13 @@ class DecodeGraphs:
                 self.vec[0, : carried_tokens.shape[0]].copy_(carried_tokens)
             else:
                 self.vec[0].index_copy_(0, rows, carried_tokens.to(torch.int32))
+        longest = max(positions) + 1
+        key = (size, next(bound for bound in self.bounds if bound >= longest))
         if self._graphs:
-            graph, hidden = self._graphs[size]
+            graph, hidden = self._graphs[key]
             graph.replay()
         else:
-            hidden = self._forward(size)
+            hidden = self._forward(key)
         # Clone: the next replay overwrites the graph's output. A pinned buffer set is refilled
         # two steps later, after the host has read the tokens of the step that copied from it.
         return hidden[:b].clone()

@@ -16,7 +16,7 @@ def test_padded_size_is_the_next_captured_size():
     assert padded_size(sizes, 65) is None
 
 
-def _graphs_without_capture(max_batch: int, max_model_len: int, block_size: int):
+def _graphs_without_capture(max_batch: int, max_model_len: int, block_size: int, backend=None):
     """DecodeGraphs on CPU with a stand-in model that records the inputs of each forward."""
     import torch
 
@@ -27,10 +27,10 @@ def _graphs_without_capture(max_batch: int, max_model_len: int, block_size: int)
     def model(ids, positions, ctx):
         meta = ctx.meta
         seen.append(dict(ids=ids.tolist(), pos=positions.tolist(), slots=meta.slot_mapping.tolist(),
-                         lens=meta.seq_lens.tolist(), tables=meta.block_tables.clone()))
+                         lens=meta.seq_lens.tolist(), tables=meta.block_tables.clone(), bound=meta.max_seqlen_k))
         return torch.zeros(ids.shape[0], 2)
 
-    graphs = DecodeGraphs(model, [], backend=None, block_size=block_size, max_batch=max_batch,
+    graphs = DecodeGraphs(model, [], backend=backend, block_size=block_size, max_batch=max_batch,
                           max_model_len=max_model_len, scratch_block=99, device="cpu", capture=False)
     return graphs, seen
 
@@ -68,3 +68,20 @@ def test_static_buffers_follow_tables_that_grow_move_rows_and_change_in_place():
         pad = range(len(tables), len(got["ids"]))
         assert all(got["slots"][r] == 99 * bs and got["lens"][r] == 0 and got["ids"][r] == 0 for r in pad)
     assert [len(s["ids"]) for s in seen] == [4, 4, 2, 2]
+
+
+def test_a_step_replays_the_smallest_context_bound_that_holds_it():
+    """Contexts within one split-K partition replay the graph planned for that bound (single-pass
+    decode, one launch per layer); a longer one the graph planned for max_model_len."""
+    from types import SimpleNamespace
+
+    graphs, seen = _graphs_without_capture(max_batch=2, max_model_len=64, block_size=4,
+                                           backend=SimpleNamespace(partition_size=8))
+    assert graphs.bounds == [8, 64] and len(graphs._ctx) == 2 * len(graphs.sizes)
+    table = list(range(16))
+    for positions, bound in (([3, 7], 8), ([8, 2], 64), ([0], 8), ([63], 64)):
+        graphs.run([1] * len(positions), positions, [table] * len(positions))
+        assert seen[-1]["bound"] == bound, positions
+    wide, _ = _graphs_without_capture(max_batch=2, max_model_len=8, block_size=4,
+                                      backend=SimpleNamespace(partition_size=8))
+    assert wide.bounds == [8]

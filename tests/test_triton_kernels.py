@@ -377,11 +377,21 @@ def test_decode_graph_buffers_with_interpreted_kernels_equal_reference(tmp_path)
     assert llm.engine.block_manager.num_free_blocks == 40
     torch_outs = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in graph_outs] == [o.outputs[0].token_ids for o in torch_outs]
-    # run ahead: decode inputs still in flight are copied into the static token buffer on the device
-    ahead = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=5, run_ahead=True, **kwargs)
-    carried = []
+    # run ahead: decode inputs still in flight are copied into the static token buffer on the
+    # device; with 32-key partitions, short contexts take the single-pass graphs, longer ones the
+    # split-K graphs (max_model_len bound)
+    defaults = TritonAttentionBackend.__init__.__defaults__
+    TritonAttentionBackend.__init__.__defaults__ = (None, 32) + defaults[2:]
+    try:
+        ahead = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=5, run_ahead=True,
+                    **kwargs)
+    finally:
+        TritonAttentionBackend.__init__.__defaults__ = defaults
+    assert ahead.engine.runner.graphs.bounds == [32, 160]
+    carried, longest = [], []
     run = ahead.engine.runner.graphs.run
-    ahead.engine.runner.graphs.run = lambda *a: carried.append(a[3] is not None) or run(*a)
+    ahead.engine.runner.graphs.run = lambda *a: carried.append(a[3] is not None) or longest.append(max(a[1]) + 1) or run(*a)
     ahead_outs = ahead.generate(prompts, params)
     assert any(carried) and ahead.engine.block_manager.num_free_blocks == 40
+    assert min(longest) <= 32 < max(longest)
     assert [o.outputs[0].token_ids for o in ahead_outs] == [o.outputs[0].token_ids for o in torch_outs]
