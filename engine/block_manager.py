@@ -52,6 +52,10 @@ class BlockManager:
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give `seq` room for `num_new_tokens` more tokens; False (and no change) if blocks run out."""
+        table = seq.block_table
+        last = (seq.num_computed_tokens + num_new_tokens - 1) // self.block_size
+        if num_new_tokens == 1 and last < len(table) and self._ref_counts[table[last]] == 1:
+            return True  # most decodes: the token goes into a block it owns alone, nothing to do
         if self.num_blocks_needed(seq, num_new_tokens) > len(self._free):
             return False
         for i in self._shared_written(seq, num_new_tokens):
