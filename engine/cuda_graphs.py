@@ -151,7 +151,8 @@ class DecodeGraphs:
         block_tables: Seq[list[int]],
         carried: tuple[torch.Tensor | None, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Hidden states (len(tokens), hidden) of one decode step; the caller checks the size fits.
+        """Hidden states (len(tokens), hidden) of one decode step, a view valid until the next
+        call; the caller checks the size fits.
         `carried` (rows, or None for rows 0..k-1; device tokens) overrides those rows' tokens with
         ones still on the device (sampled by a step whose result the host has not read).
 
@@ -187,9 +188,11 @@ class DecodeGraphs:
             graph.replay()
         else:
             hidden = self._forward(key)
-        # Clone: the next replay overwrites the graph's output. A pinned buffer set is refilled
-        # two steps later, after the host has read the tokens of the step that copied from it.
-        return hidden[:b].clone()
+        # A view of the graph's output, valid until the next replay: the caller's logits and
+        # sampling are queued before it on the same stream, and keep nothing of it. A pinned
+        # buffer set is refilled two steps later, after the host has read the tokens of the
+        # step that copied from it.
+        return hidden[:b]
 
 
 class _HostInputs:
