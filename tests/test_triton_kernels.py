@@ -223,10 +223,13 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from engine.fused import triton_ops
+
     nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "key_ptr": "*bf16",
                 "value_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "bias_ptr": "*fp32",
-                "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "slot_ptr": "*i64"}
+                "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "slot_ptr": "*i64", "cos_ptr": "*bf16",
+                "sin_ptr": "*bf16", "q_out_ptr": "*bf16"}
     prefill = dict(GROUP=4, HAS_SEQ_IDS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
     decode = dict(GROUP=4, SPLIT=True, HAS_SEQ_IDS=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
     variants = {
@@ -235,6 +238,7 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
         "prefill_varlen_bias": (triton_kernels._prefill_kernel, dict(prefill, PAGED=False, CAUSAL=False, HAS_BIAS=True)),
         "decode_split_bias": (triton_kernels._decode_kernel, dict(decode, HAS_BIAS=True)),
         "decode_reduce": (triton_kernels._decode_reduce_kernel, dict(HAS_SEQ_IDS=False, BLOCK_P=64, CHUNK_P=16, BLOCK_D=128)),
+        "rotary_store_kv": (triton_ops._rotary_store_kv_kernel, dict(BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=64)),
     }
     report = {}
     for name, (fn, consts) in variants.items():
@@ -244,7 +248,8 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
             arg: "constexpr" if arg in consts else types.get(arg, "*i32" if arg.endswith("_ptr") else "i32")
             for arg in fn.arg_names
         }
-        num_warps = 4 if name in ("store_kv", "decode_reduce") else 8  # the launch wrappers' defaults
+        # the launch wrappers' defaults
+        num_warps = {"store_kv": 4, "decode_reduce": 4, "rotary_store_kv": 1}.get(name, 8)
         kernel = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=num_warps, num_stages=2))
         with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"kvserve_{name}_{os.getpid()}.cubin", "wb") as f:
