@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention.metadata import AttentionMetadata
+from engine.host_copy import to_device
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,10 @@ def prepare_inputs(
     seq_lens = start + lens
     flat_ids = [t for chunk in token_chunks for t in chunk]
     meta = AttentionMetadata(
-        cu_seqlens_q=cu.to(torch.int32).to(device),
-        seq_lens=seq_lens.to(torch.int32).to(device),
-        slot_mapping=slot_mapping.to(device),
-        block_tables=tables.to(device),
+        cu_seqlens_q=to_device(cu, device, torch.int32),
+        seq_lens=to_device(seq_lens, device, torch.int32),
+        slot_mapping=to_device(slot_mapping, device),
+        block_tables=to_device(tables, device),
         max_seqlen_q=int(lens.max()),
         max_seqlen_k=int(seq_lens.max()),
         query_lens=tuple(lens.tolist()),
@@ -55,8 +56,8 @@ def prepare_inputs(
     )
     sample_rows = (cu[1:] - 1)[torch.tensor(samples, dtype=torch.bool)]
     return StepInputs(
-        input_ids=torch.tensor(flat_ids, dtype=torch.int64, device=device),
-        positions=positions.to(device),
+        input_ids=to_device(flat_ids, device, torch.int64),
+        positions=to_device(positions, device),
         meta=meta,
-        sample_rows=sample_rows.to(device),
+        sample_rows=to_device(sample_rows, device),
     )

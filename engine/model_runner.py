@@ -11,6 +11,7 @@ from torch import nn
 from engine.attention.base import AttentionBackend
 from engine.cuda_graphs import DecodeGraphs
 from engine.forward_context import ForwardContext
+from engine.host_copy import to_device
 from engine.input_prep import prepare_inputs
 from engine.outputs import TokenLogprob
 from engine.sampler import Sampler, SamplingRow
@@ -42,8 +43,8 @@ def copy_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list
     before the step writes anything."""
     if not copies:
         return
-    src = torch.tensor([s for s, _ in copies], device=device)
-    dst = torch.tensor([d for _, d in copies], device=device)
+    src = to_device([s for s, _ in copies], device)
+    dst = to_device([d for _, d in copies], device)
     for k_cache, v_cache in kv_caches:
         k_cache[dst] = k_cache[src]
         v_cache[dst] = v_cache[src]
@@ -106,7 +107,7 @@ class ModelRunner:
                 carried,
             )
             if not all(out.sampling):  # a one-token prefill chunk that does not end its prompt
-                hidden = hidden[torch.tensor(out.sampling, device=self.device)]
+                hidden = hidden[to_device([i for i, s in enumerate(out.sampling) if s], self.device)]
         else:
             inputs = prepare_inputs(
                 token_chunks=[
@@ -142,10 +143,10 @@ class ModelRunner:
         if src == list(range(len(src))):
             tokens = prev.tokens[: len(src)]  # the same sequences in the same order: no gather
         else:
-            tokens = prev.tokens[torch.tensor(src, device=self.device)]
+            tokens = prev.tokens[to_device(src, self.device)]
         if rows == list(range(len(rows))):
             return None, tokens
-        return torch.tensor(rows, device=self.device), tokens
+        return to_device(rows, self.device), tokens
 
     def _sample(
         self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int]

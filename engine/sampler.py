@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.host_copy import to_device
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.top_logprobs import argmax
@@ -49,13 +50,11 @@ def filter_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor
     """Temperature, then top-k, top-p and min-p; filtered-out tokens get -inf."""
     dev = logits.device
     vocab = logits.shape[1]
-    temperature = torch.tensor([r.params.temperature for r in rows], device=dev)[:, None]
+    temperature = to_device([r.params.temperature for r in rows], dev)[:, None]
     logits = logits / temperature
-    top_k = torch.tensor(
-        [r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=dev
-    ).clamp(max=vocab)
-    top_p = torch.tensor([r.params.top_p for r in rows], device=dev)[:, None]
-    min_p = torch.tensor([r.params.min_p for r in rows], device=dev)[:, None]
+    top_k = to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], dev).clamp(max=vocab)
+    top_p = to_device([r.params.top_p for r in rows], dev)[:, None]
+    min_p = to_device([r.params.min_p for r in rows], dev)[:, None]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=dev)[None, :]
     drop = rank >= top_k[:, None]
@@ -98,11 +97,20 @@ class Sampler:
         tokens = argmax(logits)
         sampling = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if sampling:
-            idx = torch.tensor(sampling, device=logits.device)
-            probs = filter_logits(logits[idx], [rows[i] for i in sampling]).softmax(-1)
+            # index with device tensors, never Python lists: a list index is a blocking copy
+            dev = logits.device
+            idx = None if len(sampling) == len(rows) else to_device(sampling, dev)
+            probs = filter_logits(logits if idx is None else logits[idx], [rows[i] for i in sampling]).softmax(-1)
             shared = [j for j, i in enumerate(sampling) if rows[i].generator is None]
-            if shared:
-                tokens[idx[shared]] = _race(probs[shared], self.generator)
+            if len(shared) == len(sampling):
+                drawn, at = _race(probs, self.generator), idx
+            elif shared:
+                some = to_device(shared, dev)
+                drawn, at = _race(probs[some], self.generator), (some if idx is None else idx[some])
+            if shared and at is None:
+                tokens.copy_(drawn)
+            elif shared:
+                tokens[at] = drawn
             for j, i in enumerate(sampling):
                 if rows[i].generator is not None:
                     tokens[i] = _race(probs[j : j + 1], rows[i].generator)[0]

@@ -68,6 +68,40 @@ def test_tiny_llama_graphs_equal_eager_and_cpu(tmp_path):
     assert llm.engine.block_manager.num_free_blocks == 96
 
 
+def test_launching_a_step_never_waits_for_the_gpu(tmp_path):
+    """Running ahead only overlaps the host with the GPU if launching a step never waits for
+    it: every launch (prefill chunks, graph decodes, greedy and sampled rows, batches that change)
+    runs under torch's sync debug mode set to raise. Only reading a step's tokens may wait."""
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny("llama", tmp_path / "llama")
+    llm = LLM(str(folder), device="cuda", num_kv_blocks=96, block_size=16, max_num_batched_tokens=64)
+    engine = llm.engine
+    llm.generate([[1, 2, 3]], SamplingParams(temperature=0.8, top_p=0.9, max_tokens=4, ignore_eos=True))  # warm-up
+    launch, launches = engine.runner.launch, []
+
+    def strict(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            launches.append(launch(*args, **kwargs))
+            return launches[-1]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine.runner.launch = strict
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (5, 70, 12, 33)]
+    params = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.8, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, top_p=0.9, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True)]
+    outs = llm.generate(prompts, params)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [9, 14, 6, 11]
+    assert all(launch.deferred for launch in launches)
+    assert engine.block_manager.num_free_blocks == 96
+
+
 @pytest.mark.parametrize("dtype,max_gap", [("float32", 1e-3), ("bfloat16", 0.5)])
 def test_smollm2_on_gpu_equals_cpu_reference(dtype, max_gap):
     params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=20)

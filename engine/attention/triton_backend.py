@@ -14,6 +14,7 @@ import torch
 
 from engine.attention import triton_kernels as kernels
 from engine.attention.metadata import AttentionMetadata, RelativePositionBias, StepCache
+from engine.host_copy import to_device
 
 
 def _next_power_of_2(n: int) -> int:
@@ -32,7 +33,7 @@ class _Rows:
 
 def _rows(meta: AttentionMetadata, picked: list[int], device: torch.device) -> _Rows:
     everyone = len(picked) == meta.num_seqs
-    ids = None if everyone else torch.tensor(picked, dtype=torch.int32).to(device, non_blocking=True)
+    ids = None if everyone else to_device(picked, device, torch.int32)
     return _Rows(
         ids, len(picked),
         max((meta.query_lens[i] for i in picked), default=0),
