@@ -128,7 +128,7 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)[inputs.sample_rows]
         rows = [i for i, samples in enumerate(out.sampling) if samples]
         tokens, logprobs = self._sample(hidden, seqs, rows)
-        host_first = any(seqs[i].params.logprobs is not None or seqs[i].params.needs_penalties for i in rows)
+        host_first = not all(seqs[i].params.is_plain for i in rows)
         return Launched(out, tokens, rows, logprobs, deferred=defer and not host_first)
 
     def _carried(self, seqs: list[Sequence], prev: Launched | None) -> tuple[torch.Tensor | None, torch.Tensor] | None:
@@ -157,12 +157,13 @@ class ModelRunner:
         if not rows:
             return torch.empty(0, dtype=torch.int64, device=self.device), logprobs
         screen = getattr(self.model, "greedy_screen", None)  # bf16-screened argmax (engine/greedy_screen.py)
-        plain = [j for j, i in enumerate(rows) if seqs[i].params.is_plain_greedy] if screen is not None else []
+        on_screen = [screen is not None and seqs[i].params.is_plain_greedy for i in rows]
+        plain = [j for j, flag in enumerate(on_screen) if flag]
+        rest = [j for j, flag in enumerate(on_screen) if not flag]
         if plain:
-            screened = screen.argmax(hidden if len(plain) == len(rows) else hidden[plain], [[]] * len(plain))
-            if len(plain) == len(rows):
+            screened = screen.argmax(hidden if not rest else hidden[plain], [[]] * len(plain))
+            if not rest:
                 return screened, logprobs
-        rest = [j for j in range(len(rows)) if not plain or not seqs[rows[j]].params.is_plain_greedy]
         logits = self.model.compute_logits(hidden[rest] if plain else hidden, self._logits)
         sampling_rows = [
             SamplingRow(

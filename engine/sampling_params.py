@@ -70,9 +70,15 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def is_plain(self) -> bool:
+        """No penalties and no logprobs: the token is all a step owes the host, and the row needs
+        none of the sequence's own tokens on the host first."""
+        return not self.needs_penalties and self.logprobs is None
+
+    @property
     def is_plain_greedy(self) -> bool:
         """Greedy with nothing that needs the whole row of logits: the argmax is the token."""
-        return self.is_greedy and not self.needs_penalties and self.logprobs is None
+        return self.is_greedy and self.is_plain
 
     @property
     def needs_penalties(self) -> bool:

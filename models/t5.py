@@ -260,16 +260,20 @@ class T5ForConditionalGeneration(nn.Module):
             x = block.layer[2](x)
         return self.decoder.final_layer_norm(x)
 
+    @property
+    def output_scale(self) -> float | None:
+        """What the decoder output is multiplied by before the head (T5 v1.0), or None."""
+        return self.config.d_model**-0.5 if self.config.scale_decoder_outputs else None
+
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
-        if self.config.scale_decoder_outputs:
-            hidden = hidden * self.config.d_model**-0.5
+        if self.output_scale is not None:
+            hidden = hidden * self.output_scale
         return vocab_logits(hidden, self.lm_head, workspace=workspace)
 
     def after_load(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head = tied_head(self.shared)
-        scale = self.config.d_model**-0.5 if self.config.scale_decoder_outputs else None
-        self.greedy_screen = GreedyScreen.build(self.lm_head.weight, input_scale=scale)
+        self.greedy_screen = GreedyScreen.build(self.lm_head.weight, input_scale=self.output_scale)
 
     @property
     def num_decoder_layers(self) -> int:
