@@ -194,13 +194,13 @@ class LLMEngine:
             launched = self.runner.launch(sched, self._inflight, defer=self.run_ahead)
             self.scheduler.advance(sched)
         landed, self._inflight = self._inflight, None
-        outputs = self._land(landed) if landed is not None else []
+        outputs, self._pending_outputs = self._pending_outputs, []  # aborts since the last step
+        if landed is not None:
+            outputs += self._land(landed)
         if launched is not None and launched.deferred:
             self._inflight = launched
         elif launched is not None:
             outputs += self._land(launched)
-        if landed is None and (launched is None or launched.deferred):
-            outputs, self._pending_outputs = self._pending_outputs, []  # aborts, with nothing landed
         return outputs
 
     def _land(self, launched: Launched) -> list[RequestOutput]:
@@ -218,7 +218,7 @@ class LLMEngine:
         logprobs: list[TokenLogprob | None],
         finished: list[Sequence],
     ) -> list[RequestOutput]:
-        outputs, self._pending_outputs = self._pending_outputs, []
+        outputs: list[RequestOutput] = []
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
         for seq, token, lp in zip(sched.seqs, sampled, logprobs):
