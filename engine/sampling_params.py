@@ -7,6 +7,50 @@ from engine.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)
+class Bound:
+    """A numeric range, closed unless `low_open`. One table of these checks every request and is
+    published in the server's OpenAPI schema, so the documented and the enforced ranges agree."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def __str__(self) -> str:
+        low, high = (f"{x:g}" if isinstance(x, float) else str(x) for x in (self.low, self.high))
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}]"
+
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_BEAMS = 16
+
+BOUNDS: dict[str, Bound] = {
+    "n": Bound(1, MAX_N),
+    "max_tokens": Bound(1),
+    "temperature": Bound(0.0, 2.0),
+    "top_p": Bound(0.0, 1.0, low_open=True),
+    "top_k": Bound(-1),  # -1 and 0 both mean off
+    "min_p": Bound(0.0, 1.0),
+    "presence_penalty": Bound(-2.0, 2.0),
+    "frequency_penalty": Bound(-2.0, 2.0),
+    "repetition_penalty": Bound(0.0, 2.0, low_open=True),
+    "logprobs": Bound(0, MAX_LOGPROBS),
+    "num_beams": Bound(1, MAX_BEAMS),
+    "no_repeat_ngram_size": Bound(0),
+    # int64, as OpenAI documents it; torch generators take up to 2**64 - 1, which leaves room
+    # for the sample index a request with n > 1 adds to its seed
+    "seed": Bound(-(2**63), 2**63 - 1),
+}
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """OpenAI's sampling fields plus vLLM's extras. temperature == 0 means greedy."""
 
@@ -31,39 +75,13 @@ class SamplingParams:
     early_stopping: bool = False
     no_repeat_ngram_size: int = 0
 
-    MAX_N = 16
-    MAX_LOGPROBS = 20
-
     def __post_init__(self) -> None:
-        def bad(param: str, why: str) -> None:
-            raise InvalidRequestError(f"{param} {why}", param=param)
-
-        if not 1 <= self.n <= self.MAX_N:
-            bad("n", f"must be between 1 and {self.MAX_N}, got {self.n}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 2.0:
-            bad("temperature", f"must be in [0, 2], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            bad("top_k", f"must be -1, 0 (off) or positive, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            bad("min_p", f"must be in [0, 1], got {self.min_p}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            bad("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
-            bad("logprobs", f"must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}")
+        for name, bound in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not bound.holds(value):
+                raise InvalidRequestError(f"{name} must be {bound}, got {value}", param=name)
         if any(not s for s in self.stop):
-            bad("stop", "must not contain empty strings")
-        if not 1 <= self.num_beams <= 16:
-            bad("num_beams", f"must be between 1 and 16, got {self.num_beams}")
-        if self.no_repeat_ngram_size < 0:
-            bad("no_repeat_ngram_size", "must be >= 0")
+            raise InvalidRequestError("stop must not contain empty strings", param="stop")
 
     @property
     def is_greedy(self) -> bool:

@@ -16,6 +16,7 @@ from engine.async_engine import AsyncEngine
 from server import routes_admin, routes_embeddings, routes_generate, routes_translate
 from server.errors import BodySizeLimit, install_error_handlers
 from server.metrics import ServerMetrics
+from server.openapi import install_openapi
 from server.settings import ServerSettings
 from server.state import ServerState, task_of
 
@@ -48,6 +49,7 @@ def create_app(
     app = FastAPI(title="kvserve", version="0.1.0", lifespan=lifespan)
     app.state.kv = ServerState(async_engine, served, settings, metrics)
     install_error_handlers(app, settings.retry_after_s)
+    install_openapi(app)
     for router in _ROUTERS:
         app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

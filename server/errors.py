@@ -5,6 +5,7 @@ Every client mistake maps to a 4xx here; a 500 means a bug in kvserve, never bad
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,17 +45,39 @@ def kvserve_error_response(exc: KVServeError, retry_after_s: int = 1) -> JSONRes
     return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.status_code, headers)
 
 
+# pydantic names the branch of a union that failed ("constrained-str", "list[int]") in the error's
+# location; clients want the field, so these labels are dropped from `param` and messages
+_UNION_BRANCH = re.compile(r"(constrained-|function-\w+\[)?(str|int|float|bool|list|dict|tuple)(\[.*\])?\]?")
+
+
+def _where(loc: Any) -> str:
+    return ".".join(str(p) for p in loc if p != "body" and not (isinstance(p, str) and _UNION_BRANCH.fullmatch(p)))
+
+
 def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """One readable message for pydantic's error list, and the first offending field."""
-    parts, param = [], None
-    for err in errors[:5]:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        where = ".".join(loc)
+    """One readable message for pydantic's error list, and the first offending top-level field.
+
+    A value that fits no branch of a union gets one error per branch. Where a branch of the
+    right type failed a constraint (a too-short string, a negative token id), that error is the
+    one that explains; type mismatches of the other branches are noise and are dropped."""
+    for err in errors:
         if err.get("type") == "json_invalid":
             return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
-        if param is None and where:
-            param = where
-        parts.append(f"{where or 'body'}: {err.get('msg')}")
+    by_field: dict[str, list[dict[str, Any]]] = {}  # top-level field -> its errors
+    for err in errors:
+        by_field.setdefault(_where(err.get("loc", ())).split(".")[0], []).append(err)
+    parts = []
+    for errs in list(by_field.values())[:5]:
+        specific = [e for e in errs if not str(e.get("type", "")).endswith("_type")] or errs
+        msgs: dict[str, list[str]] = {}
+        for e in specific:
+            msg = str(e.get("msg"))
+            if e.get("type") == "string_pattern_mismatch" and e.get("ctx", {}).get("pattern") == r"\S":
+                msg = "String should contain a character other than whitespace"
+            msgs.setdefault(_where(e.get("loc", ())), []).append(msg)
+        for where, texts in msgs.items():
+            parts.append(f"{where or 'body'}: {' or '.join(dict.fromkeys(texts))}")
+    param = next((field for field in by_field if field), None)  # the top-level field, as OpenAI names it
     return "; ".join(parts) or "invalid request", param
 
 
@@ -71,7 +94,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), code=exc.status_code)
+        # keep Starlette's headers: a 405 must list the allowed methods in `Allow` (RFC 9110)
+        return error_response(exc.status_code, str(exc.detail), code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

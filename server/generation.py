@@ -61,9 +61,7 @@ def completion_prompts(prompt: str | list, tokenizer: Any, vocab_size: int, max_
     """OpenAI's four prompt forms (str, [str], [int], [[int]]) -> a list of token-id prompts."""
     if isinstance(prompt, str):
         prompts: list = [prompt]
-    elif not prompt:
-        raise InvalidRequestError("prompt must not be empty", "prompt")
-    elif isinstance(prompt[0], int):
+    elif isinstance(prompt[0], int):  # the request schema refuses empty lists
         prompts = [prompt]
     else:
         prompts = list(prompt)

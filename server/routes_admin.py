@@ -5,20 +5,21 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.errors import InvalidRequestError, ModelNotFoundError
 from server import generation as gen
 from server.errors import error_response
-from server.schemas import DetokenizeRequest, TokenizeRequest
+from server.openapi import TOKENIZER_ERRORS, answers
+from server.schemas import DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse
 from server.state import get_state, task_of
 
 router = APIRouter()
 _STARTED = int(time.time())
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=answers(ModelList, ()))
 async def list_models(request: Request) -> Any:
     state = get_state(request)
     data = [{"id": name, "object": "model", "created": _STARTED, "owned_by": "kvserve",
@@ -27,7 +28,10 @@ async def list_models(request: Request) -> Any:
     return {"object": "list", "data": data}
 
 
-@router.get("/health")
+@router.get("/health", response_class=Response, responses={
+    200: {"description": "The engine is serving (empty body)", "content": None},
+    503: {"model": ErrorResponse, "description": "No model is loaded, or the engine worker stopped"},
+})
 async def health(request: Request) -> Response:
     state = get_state(request)
     if not state.served:
@@ -37,7 +41,9 @@ async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses={
+    200: {"description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+})
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(get_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -55,14 +61,12 @@ def _engine_for(request: Request, model: str | None) -> tuple[str, Any]:
     return model, state.served[model]
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=answers(TokenizeResponse, TOKENIZER_ERRORS))
 async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     _, engine = _engine_for(request, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give exactly one of `prompt` or `messages`", "prompt")
     if body.messages is not None:
-        if not body.messages:
-            raise InvalidRequestError("messages must not be empty", "messages")
         ids = gen.chat_prompt(body.messages, engine.tokenizer, body.add_generation_prompt)
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
@@ -70,7 +74,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     return {"count": len(ids), "max_model_len": engine.info.max_model_len, "tokens": ids}
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=answers(DetokenizeResponse, TOKENIZER_ERRORS))
 async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
     _, engine = _engine_for(request, body.model)
     bad = [t for t in body.tokens if not 0 <= t < engine.info.vocab_size]

@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 
 from engine.errors import InvalidRequestError
 from server import generation as gen
-from server.schemas import EmbeddingRequest
+from server.openapi import ENGINE_ERRORS, answers
+from server.schemas import EmbeddingRequest, EmbeddingResponse
 from server.state import get_state, new_request_id
 
 router = APIRouter()
@@ -27,10 +28,9 @@ def _payload_class() -> type:
 
 
 def _inputs(raw: str | list, tokenizer: Any, vocab_size: int, max_inputs: int) -> list[list[int]]:
+    """Empty lists and strings never get here: the request schema refuses them."""
     if isinstance(raw, str):
         items: list = [raw]
-    elif not raw:
-        raise InvalidRequestError("input must not be empty", "input")
     elif isinstance(raw[0], int):
         items = [raw]
     else:
@@ -39,8 +39,6 @@ def _inputs(raw: str | list, tokenizer: Any, vocab_size: int, max_inputs: int) -
         raise InvalidRequestError(f"at most {max_inputs} inputs per request, got {len(items)}", "input")
     out = []
     for item in items:
-        if isinstance(item, str) and not item:
-            raise InvalidRequestError("input must not contain empty strings", "input")
         ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
         gen.check_token_ids(ids, vocab_size, "input")
         out.append(ids)
@@ -54,13 +52,11 @@ def _encode(vector: Any, fmt: str) -> list[float] | str:
     return arr.astype(float).tolist()
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", responses=answers(EmbeddingResponse, ENGINE_ERRORS))
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     state = get_state(request)
     start = time.monotonic()
     name, engine = state.resolve(body.model, "embed")
-    if body.dimensions is not None and body.dimensions < 1:
-        raise InvalidRequestError(f"dimensions must be at least 1, got {body.dimensions}", "dimensions")
     inputs = _inputs(body.input, engine.tokenizer, engine.info.vocab_size, state.settings.max_embedding_inputs)
     payload = _payload_class()(inputs=inputs, truncate=body.truncate, dimensions=body.dimensions)
     request_id = new_request_id("embd")

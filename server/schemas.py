@@ -1,15 +1,39 @@
 """OpenAI-compatible request and response models (pydantic v2).
 
-Requests are STRICT: a string where a number belongs is a 400, not silently coerced. Ranges
-are checked by `SamplingParams` (one place for the rules, shared with the offline `LLM`).
-Unknown fields are ignored, as OpenAI clients send newer fields than any server knows.
+Requests are STRICT: a string where a number belongs is a 400, not silently coerced. Numeric
+ranges come from `engine.sampling_params.BOUNDS`, the table `SamplingParams` checks (shared with
+the offline `LLM`), so the published OpenAPI schema states exactly what is enforced. Unknown
+fields are ignored, as OpenAI clients send newer fields than any server knows.
+
+The response models document the routes' answers in the OpenAPI schema; the routes build plain
+dicts (no per-response validation cost) and a fuzz test holds them to these models.
 """
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from engine.sampling_params import BOUNDS
+
+
+def bounded(name: str, default: Any = None) -> Any:
+    """A field with `BOUNDS[name]` as its JSON-schema range (enforced again by SamplingParams)."""
+    b = BOUNDS[name]
+    low = {"gt": b.low} if b.low_open else {"ge": b.low}
+    return Field(default, **low, **({} if b.high is None else {"le": b.high}))
+
+
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+# OpenAI's four prompt forms: a text, texts, token ids, lists of token ids; none of them empty
+TextsOrTokens = (
+    NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
+VisibleStr = Annotated[str, StringConstraints(pattern=r"\S")]  # not only whitespace
 
 
 class _Request(BaseModel):
@@ -21,6 +45,19 @@ class _Response(BaseModel):
 
 
 # ---- shared -----------------------------------------------------------------------------
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(_Response):
+    """Every 4xx/5xx answer, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
@@ -29,20 +66,20 @@ class _SamplingFields(_Request):
     """Fields common to completions and chat (OpenAI's plus vLLM's extras)."""
 
     model: str | None = None  # None: the first served model of the right task
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    n: int = bounded("n", 1)
+    temperature: float | None = bounded("temperature")
+    top_p: float | None = bounded("top_p")
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    seed: int | None = bounded("seed")
+    presence_penalty: float | None = bounded("presence_penalty")
+    frequency_penalty: float | None = bounded("frequency_penalty")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = bounded("top_k")
+    min_p: float | None = bounded("min_p")
+    repetition_penalty: float | None = bounded("repetition_penalty")
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -56,9 +93,9 @@ class Usage(_Response):
 
 # ---- /v1/completions --------------------------------------------------------------------
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: TextsOrTokens
+    max_tokens: int | None = bounded("max_tokens", 16)
+    logprobs: int | None = bounded("logprobs")
     echo: bool = False
 
 
@@ -108,10 +145,10 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    max_tokens: int | None = bounded("max_tokens")
+    max_completion_tokens: int | None = bounded("max_tokens")  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = bounded("logprobs")
     add_generation_prompt: bool = True  # vLLM extra
 
 
@@ -158,9 +195,9 @@ class ChatCompletionResponse(_Response):
 # ---- /v1/embeddings ---------------------------------------------------------------------
 class EmbeddingRequest(_Request):
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
+    input: TextsOrTokens
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: int | None = Field(None, ge=1)
     user: str | None = None
     truncate: bool = False  # extension: cut inputs to the model's context instead of a 400
 
@@ -199,7 +236,7 @@ class TokenizeRequest(_Request):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = None  # default: True for prompt, False for messages
     add_generation_prompt: bool = True
 
@@ -212,7 +249,7 @@ class TokenizeResponse(_Response):
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(_Response):
@@ -226,17 +263,32 @@ class TranslationRequest(_Request):
     multilingual Marian gets the `>>{target_lang}<<` token."""
 
     model: str | None = None
-    input: str | list[str]
+    input: VisibleStr | Annotated[list[VisibleStr], Field(min_length=1)]
     source_lang: str | None = None
     target_lang: str | None = None
-    max_tokens: int | None = None
-    num_beams: int | None = None
+    max_tokens: int | None = bounded("max_tokens")
+    num_beams: int | None = bounded("num_beams")
     length_penalty: float | None = None
     early_stopping: bool | None = None
-    no_repeat_ngram_size: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
+    no_repeat_ngram_size: int | None = bounded("no_repeat_ngram_size")
+    temperature: float | None = bounded("temperature")
+    top_p: float | None = bounded("top_p")
+    top_k: int | None = bounded("top_k")
+    seed: int | None = bounded("seed")
     stream: bool = False
     user: str | None = None
+
+
+class TranslationData(_Response):
+    index: int
+    translation: str
+    finish_reason: str | None = None
+
+
+class TranslationResponse(_Response):
+    id: str
+    object: Literal["translation"] = "translation"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[TranslationData]
+    usage: Usage

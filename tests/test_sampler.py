@@ -102,8 +102,19 @@ def test_logprobs_are_raw_log_softmax_with_top_n():
 
 @pytest.mark.parametrize(
     "kw", [dict(temperature=-1), dict(top_p=2), dict(top_p=0), dict(n=0), dict(max_tokens=-1),
-           dict(top_k=-5), dict(min_p=1.5), dict(logprobs=50), dict(stop=("",)), dict(repetition_penalty=0)],
+           dict(top_k=-5), dict(min_p=1.5), dict(logprobs=50), dict(stop=("",)), dict(repetition_penalty=0),
+           dict(seed=2**63), dict(seed=-(2**63) - 1), dict(num_beams=17), dict(no_repeat_ngram_size=-1)],
 )
 def test_out_of_range_parameters_raise(kw):
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(InvalidRequestError) as err:
         SamplingParams(**kw)
+    assert err.value.param == next(iter(kw))
+
+
+def test_bounds_edges_and_messages():
+    from engine.sampling_params import Bound
+    assert Bound(0.0, 1.0, low_open=True).holds(1.0) and not Bound(0.0, 1.0, low_open=True).holds(0.0)
+    assert Bound(-1).holds(-1) and not Bound(-1).holds(-2) and Bound(-1).holds(10**30)
+    assert str(Bound(0.0, 1.0, low_open=True)) == "in (0, 1]" and str(Bound(1)) == ">= 1"
+    assert str(Bound(-(2**63), 2**63 - 1)) == f"in [{-(2**63)}, {2**63 - 1}]"
+    SamplingParams(seed=2**63 - 1, n=16, top_p=1.0, temperature=2.0, top_k=-1, logprobs=20)  # all at the edge

@@ -105,6 +105,20 @@ def test_n2_seeded_samples_are_reproducible(client):
     assert a.usage.completion_tokens == 16
 
 
+def test_seed_at_the_int64_edge(base_url, client):
+    """A seed of 2**64 or more was a 500 for every request in its engine step (torch's generator
+    overflowed inside the step). Seeds are int64, as OpenAI documents: anything past is a 400 at
+    the door, and the extreme int64 seeds sample as any other."""
+    for seed in (2**63, 2**64, 2**70):
+        body = {"model": MODEL, "prompt": "edge", "max_tokens": 4, "n": 2, "temperature": 1.0, "seed": seed}
+        r = httpx.post(f"{base_url}/v1/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    kwargs = dict(model=MODEL, prompt="edge", max_tokens=4, n=2, temperature=1.0, extra_body={"ignore_eos": True})
+    a, b = (client.completions.create(seed=2**63 - 1, **kwargs) for _ in range(2))
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert client.completions.create(seed=-(2**63), **kwargs).usage.completion_tokens == 8
+
+
 def test_logprobs(client):
     r = client.completions.create(model=MODEL, prompt="logprobs", max_tokens=5, temperature=0, logprobs=3,
                                   extra_body={"ignore_eos": True})

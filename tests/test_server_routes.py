@@ -180,7 +180,7 @@ BAD_CHATS = [
     ({"model": "fake", "messages": "hi"}, 400, "messages"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
-     "max_tokens"),
+     "max_completion_tokens"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, 400, "stop"),
 ]
 

@@ -1,0 +1,72 @@
+"""The published OpenAPI document is the contract: schemathesis generates requests from it (valid and
+invalid ones) against a server with one model of each family, and every answer must be documented:
+no 5xx, a declared status and content type, a body that fits the declared schema, a 4xx for bad
+data, a 405 with `Allow` for undeclared methods. Afterwards every KV block is free again.
+
+Check left out: "schema-valid data is accepted". Some valid-looking requests are refused for reasons
+a static schema cannot state (a prompt over the model's context, token ids over its vocabulary,
+`top_logprobs` without `logprobs`), and those are 400s by design.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import positive_data_acceptance
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from engine.config import CacheConfig, EngineConfig  # noqa: E402
+from engine.embedding_engine import EmbeddingEngine  # noqa: E402
+from engine.engine import LLMEngine  # noqa: E402
+from engine.translation_engine import TranslationEngine  # noqa: E402
+from tests.encdec_fixtures import make_marian_folder  # noqa: E402
+from tests.server_helpers import serve  # noqa: E402
+from tests.tiny_models import save_tiny  # noqa: E402
+
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("contract")
+    llama = save_tiny("llama", root / "tiny-llama")
+    (llama / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    marian = make_marian_folder(root / "tiny-marian")
+    cache = CacheConfig(block_size=4, num_blocks=128)
+    return {
+        "tiny-llama": LLMEngine.from_config(EngineConfig(model=str(llama), cache=cache)),
+        "tiny-marian": TranslationEngine.from_config(EngineConfig(model=str(marian), cache=cache)),
+        # an embedding model: MiniLM's shape is small enough, and it is what the server ships
+        "minilm": EmbeddingEngine.from_config(EngineConfig(model="minilm")),
+    }
+
+
+@pytest.fixture(scope="module")
+def api_schema(engines):
+    with serve(engines, max_waiting=256) as url:
+        yield schemathesis.openapi.from_url(f"{url}/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_every_answer_is_documented(case):
+    case.call_and_validate(excluded_checks=[positive_data_acceptance], timeout=60)
+
+
+def test_kv_blocks_free_after_fuzzing(api_schema, engines):
+    deadline = time.monotonic() + 10
+    while any(e.has_unfinished_requests() for e in engines.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for name, engine in engines.items():
+        assert not engine.has_unfinished_requests(), name
+        stats = engine.stats()
+        assert stats.num_running == stats.num_waiting == 0, name
+        assert stats.kv_cache_usage == 0.0, name
+
