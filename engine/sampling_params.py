@@ -43,6 +43,9 @@ BOUNDS: dict[str, Bound] = {
     "repetition_penalty": Bound(0.0, 2.0, low_open=True),
     "logprobs": Bound(0, MAX_LOGPROBS),
     "num_beams": Bound(1, MAX_BEAMS),
+    # beam scores divide by gen_len ** length_penalty in fp32: finite for any length up to 4,096
+    # within +-10 (HF leaves it open; 3e111 overflowed in the step, failing every beam request in it)
+    "length_penalty": Bound(-10.0, 10.0),
     "no_repeat_ngram_size": Bound(0),
     # int64, as OpenAI documents it; torch generators take up to 2**64 - 1, which leaves room
     # for the sample index a request with n > 1 adds to its seed

@@ -1,9 +1,11 @@
-"""The OpenAPI document states what each route answers, errors included.
+"""The OpenAPI document states what each route answers, errors and streams included.
 
 FastAPI documents a 422 for every route with a body; kvserve answers bad bodies with a 400 in
 OpenAI's error shape instead (see `server.errors`), so the 422 entries are replaced by the
-statuses a route can really give. A fuzz test (tests/test_openapi_contract.py) holds the routes
-to this document.
+statuses a route can really give. A streamed answer is documented event by event: each event's
+`data` is one chunk (a model of `server.schemas`, named by `contentSchema`), an error body if the
+engine fails mid-stream, and `[DONE]` last. A fuzz test (tests/test_openapi_contract.py) holds the
+routes to this document, streamed chunks included.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
+from server import schemas
 from server.schemas import ErrorResponse
 
 _WHY = {
@@ -21,23 +25,48 @@ _WHY = {
     413: "The request body is over the server's limit",
     503: "The waiting queue is full (retry after `Retry-After` seconds), or the engine is not running",
 }
-# before OpenAPI 3.2, a stream's `schema` describes one event
-_SSE_EVENT = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {"data": {"type": "string", "description": "A JSON chunk; the last event's is `[DONE]`"}},
-}
 ENGINE_ERRORS = (400, 404, 413, 503)  # routes that queue work for an engine
 TOKENIZER_ERRORS = (400, 404, 413)  # routes that only use a tokenizer
+_REF = "#/components/schemas/{model}"
 
 
-def answers(model: type[BaseModel], errors: tuple[int, ...], stream: bool = False) -> dict[int | str, Any]:
-    """`responses=` for a route: `model` on success (or a server-sent event stream), then errors."""
+def sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
+    """One server-sent event (before OpenAPI 3.2, a stream's `schema` describes one event)."""
+    chunk_ref, error_ref = (_REF.format(model=m.__name__) for m in (chunk, ErrorResponse))
+    json_data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [{"$ref": chunk_ref}, {"$ref": error_ref}]},
+    }
+    data = {
+        "description": f"A JSON `{chunk.__name__}`, or an `ErrorResponse` if the engine fails mid-stream; "
+                       "the last event's data is `[DONE]`",
+        "anyOf": [json_data, {"const": "[DONE]"}],
+    }
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+
+def answers(model: type[BaseModel], errors: tuple[int, ...],
+            stream: type[BaseModel] | None = None) -> dict[int | str, Any]:
+    """`responses=` for a route: `model` on success, or with `stream: true` events of `stream`
+    chunks; then the error statuses the route can give."""
     ok: dict[str, Any] = {"model": model, "description": "Success"}
-    if stream:
+    if stream is not None:
         ok["description"] = "Success; with `stream: true`, server-sent events ending in `data: [DONE]`"
-        ok["content"] = {"text/event-stream": {"schema": _SSE_EVENT}}
+        ok["content"] = {"text/event-stream": {"schema": sse_event(stream)}}
     return {200: ok, **{code: {"model": ErrorResponse, "description": _WHY[code]} for code in errors}}
+
+
+def stream_chunk_models(doc: dict[str, Any]) -> dict[str, type[BaseModel]]:
+    """Path -> the chunk model its event stream documents."""
+    found = {}
+    for path, operations in doc.get("paths", {}).items():
+        for operation in operations.values():
+            sse = operation.get("responses", {}).get("200", {}).get("content", {}).get("text/event-stream")
+            if sse is not None:
+                ref = sse["schema"]["properties"]["data"]["anyOf"][0]["contentSchema"]["anyOf"][0]["$ref"]
+                found[path] = getattr(schemas, ref.rsplit("/", 1)[-1])
+    return found
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -47,9 +76,14 @@ def install_openapi(app: FastAPI) -> None:
             for path in doc.get("paths", {}).values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
-            schemas = doc.get("components", {}).get("schemas", {})
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
             for unused in ("HTTPValidationError", "ValidationError"):
-                schemas.pop(unused, None)
+                components.pop(unused, None)
+            # FastAPI only collects models it serialises; the chunk models are named by reference
+            chunks = set(stream_chunk_models(doc).values())
+            _, defs = models_json_schema([(m, "serialization") for m in chunks], ref_template=_REF)
+            for name, schema in defs.get("$defs", {}).items():
+                components.setdefault(name, schema)
             app.openapi_schema = doc
         return app.openapi_schema
 

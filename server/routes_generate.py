@@ -15,7 +15,10 @@ from engine.request import GenerationRequest
 from server import generation as gen
 from server.errors import error_body
 from server.openapi import ENGINE_ERRORS, answers
-from server.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
+from server.schemas import (
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionChunk, CompletionRequest,
+    CompletionResponse,
+)
 from server.state import ServerState, get_state, new_request_id
 
 router = APIRouter()
@@ -42,7 +45,7 @@ async def _sse_guard(events: AsyncIterator[str], state: ServerState, request_id:
 
 
 # ---- /v1/completions ---------------------------------------------------------------------
-@router.post("/v1/completions", responses=answers(CompletionResponse, ENGINE_ERRORS, stream=True))
+@router.post("/v1/completions", responses=answers(CompletionResponse, ENGINE_ERRORS, stream=CompletionChunk))
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
     name, engine = state.resolve(body.model, "generate")
@@ -123,7 +126,7 @@ async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], r
 
 
 # ---- /v1/chat/completions ----------------------------------------------------------------
-@router.post("/v1/chat/completions", responses=answers(ChatCompletionResponse, ENGINE_ERRORS, stream=True))
+@router.post("/v1/chat/completions", responses=answers(ChatCompletionResponse, ENGINE_ERRORS, stream=ChatCompletionChunk))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
     name, engine = state.resolve(body.model, "generate")

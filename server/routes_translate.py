@@ -19,7 +19,7 @@ from engine.translation_request import TranslationRequest as Payload
 from server import generation as gen
 from server.routes_generate import _SSE_HEADERS, _sse, _sse_guard
 from server.openapi import ENGINE_ERRORS, answers
-from server.schemas import TranslationRequest, TranslationResponse
+from server.schemas import TranslationChunk, TranslationRequest, TranslationResponse
 from server.state import get_state, new_request_id
 
 router = APIRouter()
@@ -52,7 +52,7 @@ def language_prefix(engine: Any, source_lang: str | None, target_lang: str | Non
     return code + " "
 
 
-@router.post("/v1/translations", responses=answers(TranslationResponse, ENGINE_ERRORS, stream=True))
+@router.post("/v1/translations", responses=answers(TranslationResponse, ENGINE_ERRORS, stream=TranslationChunk))
 async def translations(body: TranslationRequest, request: Request) -> Any:
     state = get_state(request)
     name, engine = state.resolve(body.model, "translate")

@@ -85,6 +85,14 @@ class _SamplingFields(_Request):
     include_stop_str_in_output: bool = False
 
 
+class _Answer(_Response):
+    """The head of every completion, chat and translation answer."""
+
+    id: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int = 0
@@ -114,14 +122,20 @@ class CompletionChoice(_Response):
     stop_reason: str | int | None = None
 
 
-class CompletionResponse(_Response):
-    id: str
+class CompletionResponse(_Answer):
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class CompletionChunk(_Answer):
+    """One event of a streamed completion; with `include_usage`, a last one has no choices and
+    carries the usage."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
 
 
 # ---- /v1/chat/completions ---------------------------------------------------------------
@@ -182,14 +196,32 @@ class ChatChoice(_Response):
     stop_reason: str | int | None = None
 
 
-class ChatCompletionResponse(_Response):
-    id: str
+class ChatCompletionResponse(_Answer):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+
+
+class ChatDelta(_Response):
+    role: Literal["assistant"] | None = None  # in each choice's first event only
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionChunk(_Answer):
+    """One event of a streamed chat completion; with `include_usage`, a last one has no choices."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
 
 
 # ---- /v1/embeddings ---------------------------------------------------------------------
@@ -268,7 +300,7 @@ class TranslationRequest(_Request):
     target_lang: str | None = None
     max_tokens: int | None = bounded("max_tokens")
     num_beams: int | None = bounded("num_beams")
-    length_penalty: float | None = None
+    length_penalty: float | None = bounded("length_penalty")
     early_stopping: bool | None = None
     no_repeat_ngram_size: int | None = bounded("no_repeat_ngram_size")
     temperature: float | None = bounded("temperature")
@@ -285,10 +317,21 @@ class TranslationData(_Response):
     finish_reason: str | None = None
 
 
-class TranslationResponse(_Response):
-    id: str
+class TranslationResponse(_Answer):
     object: Literal["translation"] = "translation"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     data: list[TranslationData]
     usage: Usage
+
+
+class TranslationDelta(_Response):
+    index: int
+    delta: str
+    finish_reason: str | None = None
+
+
+class TranslationChunk(_Answer):
+    """One event of a streamed translation; a last one has no data and carries the usage."""
+
+    object: Literal["translation.chunk"] = "translation.chunk"
+    data: list[TranslationDelta]
+    usage: Usage | None = None

@@ -9,6 +9,7 @@ a static schema cannot state (a prompt over the model's context, token ids over 
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -23,6 +24,7 @@ from engine.config import CacheConfig, EngineConfig  # noqa: E402
 from engine.embedding_engine import EmbeddingEngine  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.translation_engine import TranslationEngine  # noqa: E402
+from server.openapi import stream_chunk_models  # noqa: E402
 from tests.encdec_fixtures import make_marian_folder  # noqa: E402
 from tests.server_helpers import serve  # noqa: E402
 from tests.tiny_models import save_tiny  # noqa: E402
@@ -54,10 +56,35 @@ def api_schema(engines):
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
+@pytest.fixture(scope="module")
+def chunk_models(api_schema) -> dict:
+    """Path -> the chunk model its documented event stream names."""
+    return stream_chunk_models(api_schema.raw_schema)
+
+
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-def test_every_answer_is_documented(case):
-    case.call_and_validate(excluded_checks=[positive_data_acceptance], timeout=60)
+def test_every_answer_is_documented(case, chunk_models):
+    response = case.call_and_validate(excluded_checks=[positive_data_acceptance], timeout=60)
+    content_type = {k.lower(): v for k, v in response.headers.items()}.get("content-type", [""])
+    if case.path in chunk_models and "text/event-stream" in str(content_type):
+        _assert_stream_fits(response.text, chunk_models[case.path])
+
+
+def _assert_stream_fits(text: str, chunk_model) -> None:
+    """schemathesis checks each event has a string `data`; this checks what the string holds: one
+    documented chunk per event, never an error (a failure mid-stream is a bug, like a 5xx), and
+    `[DONE]` last and only last."""
+    events = [e for e in text.split("\n\n") if e.strip()]
+    assert events and all(e.startswith("data: ") for e in events), text[:500]
+    data = [e[len("data: "):] for e in events]
+    assert data[-1] == "[DONE]" and "[DONE]" not in data[:-1], text[-500:]
+    ids = set()
+    for raw in data[:-1]:
+        chunk = json.loads(raw)
+        assert "error" not in chunk, raw
+        ids.add(chunk_model.model_validate(chunk).id)
+    assert len(ids) <= 1, ids
 
 
 def test_kv_blocks_free_after_fuzzing(api_schema, engines):

@@ -103,7 +103,8 @@ def test_logprobs_are_raw_log_softmax_with_top_n():
 @pytest.mark.parametrize(
     "kw", [dict(temperature=-1), dict(top_p=2), dict(top_p=0), dict(n=0), dict(max_tokens=-1),
            dict(top_k=-5), dict(min_p=1.5), dict(logprobs=50), dict(stop=("",)), dict(repetition_penalty=0),
-           dict(seed=2**63), dict(seed=-(2**63) - 1), dict(num_beams=17), dict(no_repeat_ngram_size=-1)],
+           dict(seed=2**63), dict(seed=-(2**63) - 1), dict(num_beams=17), dict(no_repeat_ngram_size=-1),
+           dict(length_penalty=10.5), dict(length_penalty=-1e111)],
 )
 def test_out_of_range_parameters_raise(kw):
     with pytest.raises(InvalidRequestError) as err:

@@ -99,6 +99,7 @@ def test_streaming_reassembles(base_url):
     ({"input": "x", "num_beams": 4, "temperature": 0.7}, 400, "num_beams"),
     ({"input": ["a", "b"], "stream": True}, 400, "stream"),
     ({"input": "x", "num_beams": "4"}, 400, "num_beams"),
+    ({"input": "x", "num_beams": 2, "length_penalty": 3e111}, 400, "length_penalty"),  # was a 500 in the step
     ({"input": "x", "model": "nope"}, 404, "model"),
 ])
 def test_bad_requests(base_url, body, status, param):
