@@ -12,7 +12,9 @@ from engine.errors import InvalidRequestError, ModelNotFoundError
 from server import generation as gen
 from server.errors import error_response
 from server.openapi import TOKENIZER_ERRORS, answers
-from server.schemas import DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse
+from server.schemas import (
+    DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
+)
 from server.state import get_state, task_of
 
 router = APIRouter()
@@ -42,7 +44,8 @@ async def health(request: Request) -> Response:
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses={
-    200: {"description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    200: {"description": "Prometheus text exposition format",
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
 })
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(get_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

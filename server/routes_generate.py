@@ -126,7 +126,8 @@ async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], r
 
 
 # ---- /v1/chat/completions ----------------------------------------------------------------
-@router.post("/v1/chat/completions", responses=answers(ChatCompletionResponse, ENGINE_ERRORS, stream=ChatCompletionChunk))
+@router.post("/v1/chat/completions",
+             responses=answers(ChatCompletionResponse, ENGINE_ERRORS, stream=ChatCompletionChunk))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
     name, engine = state.resolve(body.model, "generate")
