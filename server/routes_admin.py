@@ -1,4 +1,4 @@
-"""GET /v1/models, /health, /metrics and POST /tokenize, /detokenize (vLLM shapes)."""
+"""GET /v1/models (and one model), /version, /health, /metrics; POST /tokenize, /detokenize (vLLM shapes)."""
 from __future__ import annotations
 
 import time
@@ -13,7 +13,8 @@ from server import generation as gen
 from server.errors import error_response
 from server.openapi import TOKENIZER_ERRORS, answers
 from server.schemas import (
-    DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
+    DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+    VersionResponse,
 )
 from server.state import get_state, task_of
 
@@ -21,13 +22,25 @@ router = APIRouter()
 _STARTED = int(time.time())
 
 
+def _card(name: str, engine: Any) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "kvserve",
+            "root": engine.info.path, "max_model_len": engine.info.max_model_len, "task": task_of(engine)}
+
+
 @router.get("/v1/models", responses=answers(ModelList, ()))
 async def list_models(request: Request) -> Any:
-    state = get_state(request)
-    data = [{"id": name, "object": "model", "created": _STARTED, "owned_by": "kvserve",
-             "root": engine.info.path, "max_model_len": engine.info.max_model_len, "task": task_of(engine)}
-            for name, engine in state.served.items()]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [_card(name, engine) for name, engine in get_state(request).served.items()]}
+
+
+@router.get("/v1/models/{model}", responses=answers(ModelCard, (404,)))
+async def retrieve_model(model: str, request: Request) -> Any:
+    """OpenAI's `models.retrieve`."""
+    return _card(model, get_state(request).engine(model))
+
+
+@router.get("/version", responses=answers(VersionResponse, ()))
+async def version(request: Request) -> Any:
+    return {"version": request.app.version}
 
 
 @router.get("/health", response_class=Response, responses={
@@ -59,9 +72,7 @@ def _engine_for(request: Request, model: str | None) -> tuple[str, Any]:
             return state.resolve(None, "generate")
         except ModelNotFoundError:
             return next(iter(state.served.items()))
-    if model not in state.served:
-        raise ModelNotFoundError(f"The model `{model}` does not exist. Served: {sorted(state.served)}", "model")
-    return model, state.served[model]
+    return model, state.engine(model)
 
 
 @router.post("/tokenize", responses=answers(TokenizeResponse, TOKENIZER_ERRORS))

@@ -263,6 +263,10 @@ class ModelList(_Response):
     data: list[ModelCard]
 
 
+class VersionResponse(_Response):
+    version: str
+
+
 class TokenizeRequest(_Request):
     """Either `prompt` (a completion) or `messages` (a chat, rendered by the template)."""
 

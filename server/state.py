@@ -26,6 +26,13 @@ class ServerState:
     settings: ServerSettings
     metrics: ServerMetrics
 
+    def engine(self, model: str) -> Any:
+        """The engine serving `model`; a 404 when none does."""
+        engine = self.served.get(model)
+        if engine is None:
+            raise ModelNotFoundError(f"The model `{model}` does not exist. Served: {sorted(self.served)}", "model")
+        return engine
+
     def resolve(self, model: str | None, task: str) -> tuple[str, Any]:
         """The (name, engine) a request addresses; `None` picks the first model of the task."""
         if model is None:
@@ -33,11 +40,7 @@ class ServerState:
                 if task_of(engine) == task:
                     return name, engine
             raise ModelNotFoundError(f"no model serving {task!r} is loaded; see GET /v1/models", "model")
-        engine = self.served.get(model)
-        if engine is None:
-            raise ModelNotFoundError(
-                f"The model `{model}` does not exist. Served: {sorted(self.served)}", "model"
-            )
+        engine = self.engine(model)
         if task_of(engine) != task:
             raise InvalidRequestError(
                 f"model {model!r} serves {task_of(engine)!r} requests, not {task!r}", "model"

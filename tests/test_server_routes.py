@@ -121,6 +121,15 @@ def test_chat_content_parts(base_url, client):
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
+def test_retrieve_model_and_version(base_url, client, engine):
+    card = client.models.retrieve("fake")
+    assert (card.id, card.object, card.owned_by) == ("fake", "model", "kvserve")
+    assert card.model_extra["max_model_len"] == engine.info.max_model_len
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("nope")
+    assert httpx.get(f"{base_url}/version").json() == {"version": "0.1.0"}
+
+
 def test_models_health_tokenize(base_url, engine):
     models = httpx.get(f"{base_url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["fake"]
