@@ -72,6 +72,8 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
         msgs: dict[str, list[str]] = {}
         for e in specific:
             msg = str(e.get("msg"))
+            if e.get("type") == "value_error":  # our own validators' words, without pydantic's prefix
+                msg = str(e.get("ctx", {}).get("error", msg))
             if e.get("type") == "string_pattern_mismatch" and e.get("ctx", {}).get("pattern") == r"\S":
                 msg = "String should contain a character other than whitespace"
             msgs.setdefault(_where(e.get("loc", ())), []).append(msg)

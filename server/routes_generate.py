@@ -49,6 +49,9 @@ async def _sse_guard(events: AsyncIterator[str], state: ServerState, request_id:
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
     name, engine = state.resolve(body.model, "generate")
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidRequestError(f"best_of must equal n ({body.n}): extra samples are not ranked on the server",
+                                  "best_of")
     params = gen.sampling_params(body, body.max_tokens, body.logprobs)
     prompts = gen.completion_prompts(
         body.prompt, engine.tokenizer, engine.info.vocab_size, state.settings.max_prompts_per_request

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from engine.sampling_params import BOUNDS
 
@@ -34,6 +34,19 @@ TextsOrTokens = (
     | Annotated[list[TokenIds], Field(min_length=1)]
 )
 VisibleStr = Annotated[str, StringConstraints(pattern=r"\S")]  # not only whitespace
+
+
+def unsupported(kind: Any, why: str, empty: dict[str, int]) -> Any:
+    """`kind` for an OpenAI field kvserve cannot honour: absent or empty is fine, anything else is a
+    400 saying why, rather than an answer that silently ignores what the client asked for. `empty`
+    states the same in the JSON schema (e.g. {"maxItems": 0})."""
+
+    def check(value: Any) -> Any:
+        if value:
+            raise ValueError(why)
+        return value
+
+    return Annotated[kind, AfterValidator(check), Field(description=why, json_schema_extra=empty)]
 
 
 class _Request(BaseModel):
@@ -83,6 +96,8 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    # OpenAI fields kvserve does not implement, refused rather than ignored
+    logit_bias: unsupported(dict[str, float], "logit_bias is not supported", {"maxProperties": 0}) | None = None
 
 
 class _Answer(_Response):
@@ -105,6 +120,8 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = bounded("max_tokens", 16)
     logprobs: int | None = bounded("logprobs")
     echo: bool = False
+    best_of: int | None = Field(None, description="Only equal to `n` (no server-side ranking of extra samples)")
+    suffix: unsupported(str, "suffix (text insertion) is not supported", {"maxLength": 0}) | None = None
 
 
 class CompletionLogprobs(_Response):
@@ -157,6 +174,10 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
+class ResponseFormat(_Request):
+    type: Literal["text"] = Field(description="Only `text`: JSON mode and JSON schemas are not supported")
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = bounded("max_tokens")
@@ -164,6 +185,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = bounded("logprobs")
     add_generation_prompt: bool = True  # vLLM extra
+    tools: unsupported(list[dict[str, Any]], "tool calling is not supported", {"maxItems": 0}) | None = None
+    tool_choice: Literal["none", "auto"] | None = None  # with no tools, both mean a text answer
+    response_format: ResponseFormat | None = None
 
 
 class TopLogprob(_Response):

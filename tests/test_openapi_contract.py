@@ -40,7 +40,8 @@ def engines(tmp_path_factory) -> dict:
     marian = make_marian_folder(root / "tiny-marian")
     cache = CacheConfig(block_size=4, num_blocks=128)
     return {
-        "tiny-llama": LLMEngine.from_config(EngineConfig(model=str(llama), cache=cache)),
+        # a short context keeps the longest generated answers (max_tokens up to it, n up to 16) quick
+        "tiny-llama": LLMEngine.from_config(EngineConfig(model=str(llama), cache=cache, max_model_len=256)),
         "tiny-marian": TranslationEngine.from_config(EngineConfig(model=str(marian), cache=cache)),
         # an embedding model: MiniLM's shape is small enough, and it is what the server ships
         "minilm": EmbeddingEngine.from_config(EngineConfig(model="minilm")),
@@ -68,19 +69,25 @@ def test_every_answer_is_documented(case, chunk_models):
     response = case.call_and_validate(excluded_checks=[positive_data_acceptance], timeout=60)
     content_type = {k.lower(): v for k, v in response.headers.items()}.get("content-type", [""])
     if case.path in chunk_models and "text/event-stream" in str(content_type):
-        _assert_stream_fits(response.text, chunk_models[case.path])
+        _assert_stream_fits(response.text, chunk_models[case.path], whole=not response.stream_cut_short)
 
 
-def _assert_stream_fits(text: str, chunk_model) -> None:
+def _assert_stream_fits(text: str, chunk_model, whole: bool) -> None:
     """schemathesis checks each event has a string `data`; this checks what the string holds: one
     documented chunk per event, never an error (a failure mid-stream is a bug, like a 5xx), and
-    `[DONE]` last and only last."""
+    `[DONE]` last and only last. schemathesis stops reading a long stream after a number of events
+    (`whole` is then False, and the server sees a client that left); the events up to there count."""
     events = [e for e in text.split("\n\n") if e.strip()]
-    assert events and all(e.startswith("data: ") for e in events), text[:500]
+    if not whole:
+        events = events[:-1]  # the last may be cut mid-event
+    assert all(e.startswith("data: ") for e in events), text[:500]
     data = [e[len("data: "):] for e in events]
-    assert data[-1] == "[DONE]" and "[DONE]" not in data[:-1], text[-500:]
+    if whole:
+        assert data and data[-1] == "[DONE]", text[-500:]
+        data = data[:-1]
     ids = set()
-    for raw in data[:-1]:
+    for raw in data:
+        assert raw != "[DONE]", text[-500:]
         chunk = json.loads(raw)
         assert "error" not in chunk, raw
         ids.add(chunk_model.model_validate(chunk).id)

@@ -172,6 +172,10 @@ BAD_COMPLETIONS = [
     ({"model": "fake", "prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"model": "fake"}, 400, "prompt"),
     ({"model": "nope", "prompt": "x"}, 404, "model"),
+    # OpenAI fields kvserve cannot honour are refused, never silently ignored
+    ({"model": "fake", "prompt": "x", "logit_bias": {"50": 5}}, 400, "logit_bias"),
+    ({"model": "fake", "prompt": "x", "suffix": "end"}, 400, "suffix"),
+    ({"model": "fake", "prompt": "x", "best_of": 3}, 400, "best_of"),
 ]
 
 
@@ -191,12 +195,32 @@ BAD_CHATS = [
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
      "max_completion_tokens"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, 400, "stop"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
+     "tool_choice"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"50": 5}}, 400,
+     "logit_bias"),
 ]
 
 
 @pytest.mark.parametrize("body,status,param", BAD_CHATS)
 def test_bad_chat_requests(base_url, body, status, param):
     _assert_error(httpx.post(f"{base_url}/v1/chat/completions", json=body), status, param)
+
+
+def test_unsupported_fields_in_their_neutral_form_are_accepted(client):
+    """What SDKs send by default (no tools, text format, empty bias, best_of == n) still works."""
+    messages = [{"role": "user", "content": "x"}]
+    plain = client.chat.completions.create(model="fake", messages=messages, max_tokens=3, temperature=0)
+    neutral = client.chat.completions.create(model="fake", messages=messages, max_tokens=3, temperature=0,
+                                             tools=[], tool_choice="none", response_format={"type": "text"},
+                                             logit_bias={})
+    assert neutral.choices[0].message.content == plain.choices[0].message.content
+    r = client.completions.create(model="fake", prompt="x", max_tokens=3, n=2, best_of=2, suffix="", temperature=1)
+    assert len(r.choices) == 2
 
 
 def test_prompt_too_long_states_limit_and_count(base_url, engine):
