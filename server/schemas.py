@@ -212,12 +212,15 @@ class AssistantMessage(_Response):
     content: str | None = None
 
 
-class ChatChoice(_Response):
+class _ChatChoiceFields(_Response):
     index: int
-    message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+
+
+class ChatChoice(_ChatChoiceFields):
+    message: AssistantMessage
 
 
 class ChatCompletionResponse(_Answer):
@@ -232,12 +235,8 @@ class ChatDelta(_Response):
     content: str | None = None
 
 
-class ChatChunkChoice(_Response):
-    index: int
+class ChatChunkChoice(_ChatChoiceFields):
     delta: ChatDelta
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
 
 
 class ChatCompletionChunk(_Answer):
