@@ -98,6 +98,7 @@ class ModelRunner:
         self.copy_blocks(out.block_copies)
         seqs = out.seqs
         carried = self._carried(seqs, prev)
+        rows = [i for i, samples in enumerate(out.sampling) if samples]
         graphable = self.graphs is not None and len(seqs) <= self.graphs.max_batch
         if graphable and all(n == 1 for n in out.num_new_tokens):
             hidden = self.graphs.run(
@@ -106,8 +107,8 @@ class ModelRunner:
                 [s.block_table for s in seqs],
                 carried,
             )
-            if not all(out.sampling):  # a one-token prefill chunk that does not end its prompt
-                hidden = hidden[to_device([i for i, s in enumerate(out.sampling) if s], self.device)]
+            if len(rows) < len(seqs):  # a one-token prefill chunk that does not end its prompt
+                hidden = hidden[to_device(rows, self.device)]
         else:
             inputs = prepare_inputs(
                 token_chunks=[
@@ -121,12 +122,11 @@ class ModelRunner:
                 device=self.device,
             )
             if carried is not None:  # an in-flight input is a whole one-token chunk
-                rows, tokens = carried
+                at, in_flight = carried
                 firsts = inputs.meta.cu_seqlens_q[:-1].long()
-                inputs.input_ids.index_copy_(0, firsts[: len(tokens)] if rows is None else firsts[rows], tokens)
+                inputs.input_ids.index_copy_(0, firsts[: len(in_flight)] if at is None else firsts[at], in_flight)
             ctx = ForwardContext(meta=inputs.meta, backend=self.backend, kv_caches=self.kv_caches)
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)[inputs.sample_rows]
-        rows = [i for i, samples in enumerate(out.sampling) if samples]
         tokens, logprobs = self._sample(hidden, seqs, rows)
         host_first = not all(seqs[i].params.is_plain for i in rows)
         return Launched(out, tokens, rows, logprobs, deferred=defer and not host_first)

@@ -20,7 +20,7 @@ def make_scheduler(num_blocks: int = 16, block_size: int = 4, budget: int = 16, 
 
 def step(sched: Scheduler, token: int = 7):
     out = sched.schedule()
-    sampled = [token if out.samples(i) else None for i in range(len(out.seqs))]
+    sampled = [token if samples else None for samples in out.sampling]
     return out, sched.update(out, sampled)
 
 
@@ -31,7 +31,7 @@ def test_chunked_prefill_then_decode_shares_budget():
     sched.add(b)
     out, _ = step(sched)
     assert [s.seq_id for s in out.seqs] == [0] and out.num_new_tokens == [10]
-    assert not out.samples(0) and a.num_computed_tokens == 10 and a.num_tokens == 14
+    assert not out.sampling[0] and a.num_computed_tokens == 10 and a.num_tokens == 14
     out, _ = step(sched)
     # a finishes its prompt (4) and samples; b gets the rest of the budget (3) and samples
     assert [s.seq_id for s in out.seqs] == [0, 1] and out.num_new_tokens == [4, 3]
