@@ -45,9 +45,10 @@ def kvserve_error_response(exc: KVServeError, retry_after_s: int = 1) -> JSONRes
     return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.status_code, headers)
 
 
-# pydantic names the branch of a union that failed ("constrained-str", "list[int]") in the error's
-# location; clients want the field, so these labels are dropped from `param` and messages
-_UNION_BRANCH = re.compile(r"(constrained-|function-\w+\[)?(str|int|float|bool|list|dict|tuple)(\[.*\])?\]?")
+# pydantic names the branch of a union that failed ("constrained-str", "list[int]",
+# "function-after[_visible(), str]") in the error's location; clients want the field, so these
+# labels are dropped from `param` and messages
+_UNION_BRANCH = re.compile(r"(constrained-)?(str|int|float|bool|list|dict|tuple)(\[.*\])?|function-[\w-]+\[.*\]")
 
 
 def _where(loc: Any) -> str:
@@ -63,24 +64,25 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     for err in errors:
         if err.get("type") == "json_invalid":
             return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
-    by_field: dict[str, list[dict[str, Any]]] = {}  # top-level field -> its errors
+    by_field: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # top-level field -> (where, error)
     for err in errors:
-        by_field.setdefault(_where(err.get("loc", ())).split(".")[0], []).append(err)
+        where = _where(err.get("loc", ()))
+        by_field.setdefault(where.split(".")[0], []).append((where, err))
     parts = []
-    for errs in list(by_field.values())[:5]:
-        specific = [e for e in errs if not str(e.get("type", "")).endswith("_type")] or errs
+    for located in list(by_field.values())[:5]:
+        specific = [(w, e) for w, e in located if not str(e.get("type", "")).endswith("_type")] or located
         msgs: dict[str, list[str]] = {}
-        for e in specific:
-            msg = str(e.get("msg"))
-            if e.get("type") == "value_error":  # our own validators' words, without pydantic's prefix
-                msg = str(e.get("ctx", {}).get("error", msg))
-            if e.get("type") == "string_pattern_mismatch" and e.get("ctx", {}).get("pattern") == r"\S":
-                msg = "String should contain a character other than whitespace"
-            msgs.setdefault(_where(e.get("loc", ())), []).append(msg)
-        for where, texts in msgs.items():
-            parts.append(f"{where or 'body'}: {' or '.join(dict.fromkeys(texts))}")
+        for where, err in specific:
+            msgs.setdefault(where, []).append(_message(err))
+        parts += [f"{where or 'body'}: {' or '.join(dict.fromkeys(texts))}" for where, texts in msgs.items()]
     param = next((field for field in by_field if field), None)  # the top-level field, as OpenAI names it
     return "; ".join(parts) or "invalid request", param
+
+
+def _message(err: dict[str, Any]) -> str:
+    if err.get("type") == "value_error":  # our own validators' words, without pydantic's prefix
+        return str(err.get("ctx", {}).get("error", err.get("msg")))
+    return str(err.get("msg"))
 
 
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:

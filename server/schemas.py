@@ -33,7 +33,16 @@ TextsOrTokens = (
     NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds
     | Annotated[list[TokenIds], Field(min_length=1)]
 )
-VisibleStr = Annotated[str, StringConstraints(pattern=r"\S")]  # not only whitespace
+
+
+def _visible(text: str) -> str:
+    if not text.strip():
+        raise ValueError("String should contain a character other than whitespace")
+    return text
+
+
+# not only whitespace; the schema states it as a pattern, the validator says it in words
+VisibleStr = Annotated[str, AfterValidator(_visible), Field(json_schema_extra={"pattern": r"\S"})]
 
 
 def unsupported(kind: Any, why: str, empty: dict[str, int]) -> Any:
