@@ -6,8 +6,9 @@ One process, one GPU, one run:
    output tokens, EOS ignored) for kvserve and for transformers generate() with requests
    grouped by output length and batched (padding only across prompt lengths);
 3. batch-1 decode tokens/s: kvserve with CUDA graphs (running ahead, and landing each step's
-   tokens before the next launch), kvserve eager, transformers, against the limit of reading
-   every weight once per token (weight bytes / copy bandwidth).
+   tokens before the next launch; cuBLAS or the fused GEMV Linears), kvserve eager, transformers,
+   against the limit of reading every weight once per token (weight bytes / copy bandwidth),
+   and the GPU time of the graph's forward alone.
 
     python benchmarks/bench_gpu.py [--num-prompts 1000] [--hf-batch 64] [--model smollm2]
 """
@@ -53,19 +54,37 @@ def decode_rate(generate, prompt: list[int], n: int = 256) -> float:
     return n / ((t2 - t1) - (t1 - t0))
 
 
-def run_kvserve(model: str, work, prompt: list[int], graphs: bool, throughput: bool, run_ahead: bool | None = None) -> dict:
+def graph_forward_ms(llm, context: int) -> float:
+    """Milliseconds of the batch-1 decode graph replayed back to back: the GPU's time for a
+    step's forward, with no host work between (logits and sampling run outside the graph)."""
+    graph = llm.engine.runner.graphs.graph_for(1, context)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(100):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 100
+
+
+def run_kvserve(model: str, work, prompt: list[int], graphs: bool, throughput: bool, run_ahead: bool | None = None,
+                gemv_max_rows: int = 0) -> dict:
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model, device="cuda", dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192,
-              max_model_len=2048, decode_graphs=graphs, run_ahead=run_ahead)
+    llm = LLM(model, device="cuda", dtype="bfloat16", max_num_seqs=256 if throughput else 8,
+              max_num_batched_tokens=8192, max_model_len=2048, decode_graphs=graphs, run_ahead=run_ahead,
+              gemv_max_rows=gemv_max_rows)
     startup = time.perf_counter() - t0
 
     def gen(p: list[int], n: int) -> None:
         llm.generate([p], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
 
     result = {"startup_s": startup, "decode_tok_s": decode_rate(gen, prompt)}
+    if graphs:
+        result["graph_forward_ms"] = graph_forward_ms(llm, len(prompt) + 256)
     if throughput:
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
         torch.cuda.synchronize()
@@ -136,18 +155,16 @@ def main() -> int:
     bandwidth, peak = hbm_gbps(), matmul_tflops()
     res = {"bandwidth_gbps": bandwidth, "matmul_tflops": peak}
     if args.decode_only:
-        for ahead in (True, False):
-            kv = run_kvserve(str(folder), work, prompt, graphs=True, throughput=False, run_ahead=ahead)
-            limit = bandwidth * 1e9 / kv["weight_bytes"]
-            print(f"Batch-1 decode, {folder.name}, bf16, {kv['weight_bytes'] / 1e9:.2f} GB of weights, CUDA graphs, "
-                  f"{'running ahead' if ahead else 'landing each step'}: {kv['decode_tok_s']:.0f} tokens/s = "
-                  f"{100 * kv['decode_tok_s'] / limit:.0f}% of the weights-read limit {limit:.0f} tokens/s "
-                  f"({bandwidth:.0f} GB/s copy bandwidth)")
+        print(f"Batch-1 decode, {folder.name}, bf16, CUDA graphs ({bandwidth:.0f} GB/s copy bandwidth):\n")
+        print(table(["Linears", "step", "tokens/s", "% of weights-read limit", "graph forward ms"],
+                    batch1_rows(str(folder), work, prompt, bandwidth)))
         return 0
     res["kvserve"] = run_kvserve(str(folder), work, prompt, graphs=True, throughput=True)
     print("kvserve:", res["kvserve"], file=sys.stderr, flush=True)
     res["kvserve_landing"] = run_kvserve(str(folder), work, prompt, graphs=True, throughput=True, run_ahead=False)
     print("kvserve landing each step:", res["kvserve_landing"], file=sys.stderr, flush=True)
+    res["kvserve_gemv"] = run_kvserve(str(folder), work, prompt, graphs=True, throughput=False, gemv_max_rows=4)
+    print("kvserve GEMV Linears:", res["kvserve_gemv"], file=sys.stderr, flush=True)
     res["kvserve_eager"] = run_kvserve(str(folder), work, prompt, graphs=False, throughput=False)
     print("kvserve eager:", res["kvserve_eager"], file=sys.stderr, flush=True)
     if not args.skip_hf:
@@ -172,14 +189,31 @@ def main() -> int:
     if "hf" in res:
         ratio = (kv["tokens"] / kv["seconds"]) / (res["hf"]["tokens"] / res["hf"]["seconds"])
         print(f"\nkvserve / transformers: {ratio:.1f}x output tokens/s (target 10x)\n")
+    gemv = res["kvserve_gemv"]
     rows = [["kvserve, CUDA graphs, running ahead", kv["decode_tok_s"], 100 * kv["decode_tok_s"] / limit],
             ["kvserve, CUDA graphs, landing each step", landing["decode_tok_s"], 100 * landing["decode_tok_s"] / limit],
+            ["kvserve, CUDA graphs, running ahead, GEMV Linears", gemv["decode_tok_s"], 100 * gemv["decode_tok_s"] / limit],
             ["kvserve, eager", res["kvserve_eager"]["decode_tok_s"], 100 * res["kvserve_eager"]["decode_tok_s"] / limit]]
     if "hf" in res:
         rows.append(["transformers generate()", res["hf"]["decode_tok_s"], 100 * res["hf"]["decode_tok_s"] / limit])
     print(f"Batch-1 decode (128-token prompt, 256 tokens); weights-read limit {limit:.0f} tokens/s:\n")
     print(table(["engine", "tokens/s", "% of limit"], rows))
+    print(f"\nThe batch-1 graph's forward alone, replayed back to back: {kv['graph_forward_ms']:.3f} ms "
+          f"(cuBLAS Linears), {gemv['graph_forward_ms']:.3f} ms (GEMV Linears).")
     return 0
+
+
+def batch1_rows(folder: str, work, prompt: list[int], bandwidth: float) -> list[list]:
+    """Batch-1 decode with cuBLAS or GEMV Linears, running ahead or landing each step."""
+    rows = []
+    for gemv in (0, 4):
+        for ahead in (True, False):
+            kv = run_kvserve(folder, work, prompt, graphs=True, throughput=False, run_ahead=ahead, gemv_max_rows=gemv)
+            limit = bandwidth * 1e9 / kv["weight_bytes"]
+            rows.append(["GEMV" if gemv else "cuBLAS", "running ahead" if ahead else "landing", f"{kv['decode_tok_s']:.0f}",
+                         f"{100 * kv['decode_tok_s'] / limit:.0f}% of {limit:.0f}", f"{kv['graph_forward_ms']:.3f}"])
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Triton attention kernels against the GPU's own limits (GPU only).
+"""Triton attention and GEMV kernels against the GPU's own limits (GPU only).
 
 Measures the device first (HBM bandwidth from a large copy, bf16 matmul TFLOP/s), then:
 - decode: paged attention, one new token per sequence, at several batch x context sizes;
   achieved GB/s of K/V read vs the measured copy bandwidth (decode is memory-bound);
 - prefill: causal varlen FlashAttention and a chunked prefill over paged context; achieved
-  TFLOP/s vs the matmul rate, with torch SDPA (cuDNN/flash) on the same shapes for scale.
+  TFLOP/s vs the matmul rate, with torch SDPA (cuDNN/flash) on the same shapes for scale;
+- decode matmuls (batch 1 and 4) of SmolLM2 and Llama-1B: the fused Triton GEMV against the
+  add+RMSNorm / SiLU-mul kernel followed by cuBLAS, and weight bytes over time vs the copy bandwidth.
 Prints markdown tables headed by the GPU name.
 
     python benchmarks/bench_kernels.py            # Llama-3-8B-like heads: 32 q / 8 kv, head_dim 128
@@ -157,6 +159,75 @@ def prefill_rows(args, peak: float) -> list[list]:
     return rows
 
 
+# (model, layer, out N, in K, what runs before it): a decoder layer's merged matmuls and the head
+GEMV_SHAPES = [
+    ("SmolLM2-135M", "q/k/v", 960, 576, "norm"), ("SmolLM2-135M", "o_proj", 576, 576, None),
+    ("SmolLM2-135M", "gate/up", 3072, 576, "norm"), ("SmolLM2-135M", "down", 576, 1536, "silu"),
+    ("SmolLM2-135M", "lm_head", 49152, 576, None),
+    ("Llama-3.2-1B", "q/k/v", 3072, 2048, "norm"), ("Llama-3.2-1B", "o_proj", 2048, 2048, None),
+    ("Llama-3.2-1B", "gate/up", 16384, 2048, "norm"), ("Llama-3.2-1B", "down", 2048, 8192, "silu"),
+    ("Llama-3.2-1B", "lm_head", 128256, 2048, None),
+]
+
+
+def gemv_rows(args, bandwidth: float) -> list[list]:
+    """Each decode matmul with the op before it, at batch 1 and 4: add+RMSNorm or SiLU-mul kernel
+    then cuBLAS (what runs without GEMV Linears), against the fused Triton GEMV. Timed inside a
+    CUDA graph over enough weight copies to exceed L2, as a step streams one layer after another."""
+    import triton.testing
+    import torch.nn.functional as F
+
+    from engine import fused
+    from engine.fused import triton_gemv
+
+    rows = []
+    for model, layer, n, k, before in GEMV_SHAPES:
+        nbytes = n * k * 2
+        copies = max(1, min(64, -(-(256 << 20) // nbytes)))  # 256 MiB of weights streamed
+        weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * k**-0.5 for _ in range(copies)]
+        norm_w = torch.randn(k, dtype=torch.bfloat16, device="cuda")
+        for batch in (1, 4):
+            width = 2 * k if before == "silu" else k
+            x = torch.randn(batch, width, dtype=torch.bfloat16, device="cuda")
+            res = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda")
+            out_dtype = torch.float32 if layer == "lm_head" else None
+
+            def cublas(w):
+                if before == "norm":
+                    return F.linear(fused.add_rms_norm(x, res, norm_w, 1e-5)[0], w)
+                if before == "silu":
+                    return F.linear(fused.silu_mul(*x.chunk(2, -1)), w)
+                return F.linear(x, w).float() if out_dtype else F.linear(x, w)
+
+            def gemv(w, **tile):
+                if before == "norm":
+                    return triton_gemv.norm_linear(x, res, norm_w, 1e-5, w, **tile)
+                if before == "silu":
+                    return triton_gemv.silu_mul_linear(x, w, **tile)
+                return triton_gemv.linear(x, w, out_dtype=out_dtype, **tile)
+
+            def per_matmul(op) -> float:
+                op(weights[0])  # compile outside the graph
+                return triton.testing.do_bench_cudagraph(lambda: [op(w) for w in weights], rep=50) / copies
+
+            base_ms, fused_ms = per_matmul(cublas), per_matmul(gemv)
+            best, cfg = fused_ms, "auto " + "n{} k{}".format(*triton_gemv.tiles(batch, n, k, x.device))
+            if args.sweep:
+                for block_n in (1, 2, 4, 8, 16):
+                    for block_k in (256, 512, 1024, 2048):
+                        for warps in (2, 4, 8):
+                            if block_n * block_k > 16384:
+                                continue
+                            ms = per_matmul(lambda w: gemv(w, block_n=block_n, block_k=block_k, num_warps=warps))
+                            if ms < best:
+                                best, cfg = ms, f"n{block_n} k{block_k} w{warps}"
+            rows.append([model, layer, before or "-", batch, f"{nbytes / 2**20:.1f}", f"{base_ms * 1e3:.1f}",
+                         f"{fused_ms * 1e3:.1f}", f"{100 * nbytes / fused_ms / 1e6 / bandwidth:.0f}%",
+                         f"{best * 1e3:.1f}", cfg])
+        del weights
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-heads", type=int, default=32)
@@ -183,6 +254,9 @@ def main() -> int:
     ))
     print("\n### Prefill (causal)\n")
     print(table(["shape", "ms", "TFLOP/s", "of matmul", "torch SDPA TFLOP/s", "tiles"], prefill_rows(args, peak)))
+    print("\n### Decode matmuls: the op before them + cuBLAS vs the fused GEMV (weights over L2, in a graph)\n")
+    print(table(["model", "matmul", "fused op", "rows", "weights MiB", "op + cuBLAS us", "GEMV us",
+                 "GEMV of copy BW", "sweep best us", "tiles"], gemv_rows(args, bandwidth)))
     return 0
 
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
 
+MAX_GEMV_ROWS = 16  # each row of a GEMV reads the weights again (from L2 at best): past a few, a GEMM wins
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -49,3 +51,11 @@ class EngineConfig:
     # Launch each step before reading the previous step's tokens (engine.engine.LLMEngine.step).
     # None: on where it pays, with CUDA graphs; True elsewhere is how CPU tests check it.
     run_ahead: bool | None = None
+    # Decode batches of at most this many rows run their Linears as Triton GEMVs with the RMSNorm
+    # or SwiGLU product before each folded in (engine/fused/gemv.py); 0: off. It replaces the
+    # CPU's packed Linears, so on CPU it only serves the interpreter tests.
+    gemv_max_rows: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.gemv_max_rows <= MAX_GEMV_ROWS:
+            raise InvalidRequestError(f"gemv_max_rows must be in [0, {MAX_GEMV_ROWS}], got {self.gemv_max_rows}")

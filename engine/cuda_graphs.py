@@ -98,6 +98,13 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return self.sizes[-1]
 
+    def graph_for(self, batch: int, longest: int) -> torch.cuda.CUDAGraph:
+        """The captured forward a step of `batch` rows with contexts up to `longest` replays
+        (benchmarks time it alone: the GPU's share of a step, without the host's)."""
+        size = padded_size(self.sizes, batch)
+        assert size is not None and self._graphs, "no graph captured for that batch"
+        return self._graphs[(size, next(bound for bound in self.bounds if bound >= longest))][0]
+
     def _context(self, b: int, bound: int) -> ForwardContext:
         # The host lengths are the graph's bound, not a step's: the decode kernel sizes its
         # split-K grid from max_seqlen_k, and programs past a sequence's end return at once.

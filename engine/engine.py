@@ -13,6 +13,7 @@ from engine.config import EngineConfig, SchedulerConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.fused.gemv import swap_gemv_linears
 from engine.model_runner import Launched, ModelRunner, allocate_kv_caches, kv_block_bytes
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import EngineStats, GenerationRequest
@@ -73,6 +74,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(sched_cfg, self.block_manager, frozenset(self.info.eos_token_ids))
         spec = loaded.model.kv_cache_spec
+        if config.gemv_max_rows:  # before graph capture: graphs record the GEMV launches
+            swap_gemv_linears(loaded.model, config.gemv_max_rows)
         backend = get_backend(config.device, config.attention_backend)
         on_cuda = config.device.startswith("cuda")
         use_graphs = config.decode_graphs
@@ -99,7 +102,8 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
-        loaded = load_model(config.model, getattr(torch, config.dtype), config.device, config.max_model_len)
+        loaded = load_model(config.model, getattr(torch, config.dtype), config.device, config.max_model_len,
+                            pack_cpu_linears=not config.gemv_max_rows)
         return cls(loaded, config)
 
     # ---- admission ------------------------------------------------------------------

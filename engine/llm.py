@@ -30,6 +30,7 @@ class LLM:
         decode_graphs: bool | None = None,
         max_graph_batch: int = 256,
         run_ahead: bool | None = None,
+        gemv_max_rows: int = 0,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -43,6 +44,7 @@ class LLM:
             decode_graphs=decode_graphs,
             max_graph_batch=max_graph_batch,
             run_ahead=run_ahead,
+            gemv_max_rows=gemv_max_rows,
         )
         self.engine = LLMEngine.from_config(config)
         self.tokenizer = self.engine.tokenizer

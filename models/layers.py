@@ -11,6 +11,7 @@ from torch import nn
 
 from engine import fused
 from engine.cpu_linear import PackedLinear
+from engine.fused.gemv import GemvLinear
 from engine.workspace import Workspace
 
 
@@ -25,6 +26,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add rides in the norm's kernel."""
         return fused.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+
+    def then(self, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(linear(norm(x + residual)), x + residual), in one launch where `linear` can fuse it."""
+        return fused.norm_linear(x, residual, self.weight, self.variance_epsilon, linear)
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -154,9 +159,12 @@ def vocab_logits(hidden: torch.Tensor, head: nn.Module, bias: torch.Tensor | Non
     119 vs 84 at 128): each chunk's (chunk, M) result stays in cache and is transposed into place.
     One row (batch-1 decode) is a matrix-vector product either way, and GPUs take F.linear.
     `workspace` (CPU, fp32): the logits are written there rather than into a fresh tensor, whose
-    page faults cost a quarter of the GEMM at 256 rows; they are valid until its next use."""
+    page faults cost a quarter of the GEMM at 256 rows; they are valid until its next use.
+    A `GemvLinear` head (GPU, a few rows) rounds to the model dtype and stores fp32 in one launch."""
     if isinstance(head, PackedLinear):
         return head(hidden, bias)
+    if isinstance(head, GemvLinear) and bias is None and head.takes(hidden):
+        return head(hidden, out_dtype=torch.float32)  # stored as fp32 by the GEMV itself: no cast launch
     weight = head.weight
     rows = hidden.shape[0]
     if hidden.is_cuda or rows < 2 or hidden.dtype != weight.dtype:

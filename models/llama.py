@@ -87,11 +87,14 @@ class LlamaAttention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
-        t, d = x.shape[0], self.head_dim
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return self.attend(self.qkv_proj(x), rope, ctx)
+        return self.attend(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1), rope, ctx)
+
+    def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        """Attention and o_proj from the merged projection's output qkv (T, (Hq + 2 Hkv) D)."""
+        t, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
         q = q.view(t, self.num_heads, d)  # (T, Hq, D)
         k = k.view(t, self.num_kv_heads, d)  # (T, Hkv, D)
         v = v.view(t, self.num_kv_heads, d)
@@ -117,11 +120,14 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).split(self.intermediate_size, -1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            return self.down(self.gate_up_proj(x))
+        return self.down(torch.cat([self.gate_proj(x), self.up_proj(x)], -1))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down_proj(act(gate) * up) from the merged projection's output [gate | up] (T, 2I)."""
         if self.is_silu:
-            return self.down_proj(fused.silu_mul(gate, up))
+            return fused.silu_mul_linear(gate_up, self.down_proj)
+        gate, up = gate_up.split(self.intermediate_size, -1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -137,10 +143,16 @@ class LlamaDecoderLayer(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """HF's `h = x + attn(norm(x)); h + mlp(norm(h))` with the residual stream carried apart,
-        so each add fuses into the next norm: returns (mlp output, residual before it)."""
-        x, residual = self.input_layernorm(x, residual)
-        x, residual = self.post_attention_layernorm(self.self_attn(x, rope, ctx), residual)
-        return self.mlp(x), residual
+        so each add fuses into the next norm: returns (mlp output, residual before it). Each norm
+        goes with the merged matmul after it, which may take it into its own launch."""
+        attn, mlp = self.self_attn, self.mlp
+        if attn.qkv_proj is None or mlp.gate_up_proj is None:  # not merged yet (after_load merges)
+            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.post_attention_layernorm(attn(x, rope, ctx), residual)
+            return mlp(x), residual
+        qkv, residual = self.input_layernorm.then(attn.qkv_proj, x, residual)
+        gate_up, residual = self.post_attention_layernorm.then(mlp.gate_up_proj, attn.attend(qkv, rope, ctx), residual)
+        return mlp.down(gate_up), residual
 
 
 class LlamaModel(nn.Module):

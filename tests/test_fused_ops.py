@@ -91,3 +91,91 @@ def test_silu_mul(shape):
     assert rel(triton_ops.silu_mul(g, u), ref.silu_mul(g, u)) <= TOL
     g, u = rand(shape[0], 2 * shape[1], gen=gen).split(shape[1], -1)  # halves of a merged matmul
     assert rel(triton_ops.silu_mul(g, u), ref.silu_mul(g, u)) <= TOL
+
+
+# GEMV shapes (rows, out N, in K): on CPU small and ragged (K not a multiple of the tile); on the
+# GPU the merged matmuls of SmolLM2-135M and of Llama-3.2-1B, vocabulary projections included.
+GEMV_SHAPES = [(1, 37, 72), (3, 64, 96), (4, 130, 200), (2, 5, 33)] if DEVICE == "cpu" else [
+    (1, 960, 576), (4, 3072, 576), (1, 576, 1536), (1, 49152, 576),
+    (1, 3072, 2048), (2, 16384, 2048), (1, 2048, 8192), (1, 128256, 2048),
+]
+SMALL_TILES = dict(block_n=4, block_k=32) if DEVICE == "cpu" else {}  # several K steps on CPU shapes
+
+
+def gemv_inputs(rows: int, n: int, k: int, gen: torch.Generator):
+    # unit-scale outputs whatever K: the tolerance then means the same thing at every size
+    return rand(rows, k, gen=gen), rand(n, k, gen=gen) * k**-0.5, rand(n, gen=gen)
+
+
+@skip_interp
+@pytest.mark.parametrize("rows,n,k", GEMV_SHAPES)
+def test_gemv_linear(rows, n, k):
+    from engine.fused import triton_gemv
+
+    gen = torch.Generator().manual_seed(rows * n + k)
+    x, w, b = gemv_inputs(rows, n, k, gen)
+    assert rel(triton_gemv.linear(x, w, b), ref.linear(x, w, b)) <= TOL
+    out = triton_gemv.linear(x, w, None, torch.float32, **SMALL_TILES)  # a vocabulary projection's fp32 logits
+    want = ref.linear(x, w, None, torch.float32)
+    assert out.dtype == torch.float32 and rel(out, want) <= TOL
+
+
+@skip_interp
+@pytest.mark.parametrize("rows,n,k", GEMV_SHAPES)
+def test_norm_linear(rows, n, k):
+    """RMSNorm (with and without a residual to add first) folded into the matmul's input load;
+    the residual sum is stored once, by the first program, whole."""
+    from engine.fused import triton_gemv
+
+    gen = torch.Generator().manual_seed(rows + n * k)
+    x, w, b = gemv_inputs(rows, n, k, gen)
+    res, norm_w = rand(rows, k, gen=gen), rand(k, gen=gen)
+    for residual, bias, tile in ((res, b, {}), (None, None, SMALL_TILES), (res, None, SMALL_TILES)):
+        out, new_res = triton_gemv.norm_linear(x, residual, norm_w, 1e-5, w, bias, **tile)
+        want, want_res = ref.norm_linear(x, residual, norm_w, 1e-5, w, bias)
+        assert rel(out, want) <= TOL and rel(new_res, want_res) <= TOL
+        assert out.shape == (rows, n) and new_res.shape == x.shape
+
+
+@skip_interp
+@pytest.mark.parametrize("rows,n,k", GEMV_SHAPES)
+def test_silu_mul_linear(rows, n, k):
+    from engine.fused import triton_gemv
+
+    gen = torch.Generator().manual_seed(n + k)
+    gate_up, w, b = rand(rows, 2 * k, gen=gen), rand(n, k, gen=gen) * k**-0.5, rand(n, gen=gen)
+    assert rel(triton_gemv.silu_mul_linear(gate_up, w, b), ref.silu_mul_linear(gate_up, w, b)) <= TOL
+    assert rel(triton_gemv.silu_mul_linear(gate_up, w, None, **SMALL_TILES), ref.silu_mul_linear(gate_up, w)) <= TOL
+
+
+@skip_interp
+def test_gemv_linear_takes_only_small_batches(monkeypatch):
+    """A swapped Linear keeps its parameters (a tied head stays the embedding's weight); batches up
+    to max_rows take the GEMV, with the norm or SwiGLU in front folded in; larger ones F.linear."""
+    from torch import nn
+
+    from engine import fused
+    from engine.fused import triton_gemv
+    from engine.fused.gemv import GemvLinear, swap_gemv_linears
+
+    gen = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(20, 24, bias=False)).to(DEVICE, DTYPE).requires_grad_(False)
+    weight = model[0].weight
+    assert swap_gemv_linears(model, max_rows=2) == 2
+    first, second = model
+    assert isinstance(first, GemvLinear) and first.weight is weight
+    calls = []
+    for name in ("linear", "norm_linear", "silu_mul_linear"):
+        fn = getattr(triton_gemv, name)
+        monkeypatch.setattr(triton_gemv, name, lambda *a, fn=fn, name=name, **kw: calls.append(name) or fn(*a, **kw))
+    norm_w = rand(24, gen=gen)
+    for rows in (1, 2, 3):
+        x, res = rand(rows, 24, gen=gen), rand(rows, 24, gen=gen)
+        calls.clear()
+        out, new_res = fused.norm_linear(x, res, norm_w, 1e-6, first)
+        want, want_res = ref.norm_linear(x, res, norm_w, 1e-6, weight, first.bias)
+        assert rel(out, want) <= TOL and rel(new_res, want_res) <= TOL
+        down = fused.silu_mul_linear(out, second)
+        assert rel(down, ref.silu_mul_linear(out, second.weight)) <= TOL
+        assert rel(first(x), ref.linear(x, weight, first.bias)) <= TOL
+        assert calls == (["norm_linear", "silu_mul_linear", "linear"] if rows <= 2 else [])

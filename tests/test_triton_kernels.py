@@ -223,14 +223,16 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from engine.fused import triton_ops
+    from engine.fused import triton_gemv, triton_ops
 
     nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "key_ptr": "*bf16",
                 "value_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "bias_ptr": "*fp32",
                 "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "slot_ptr": "*i64", "cos_ptr": "*bf16",
-                "sin_ptr": "*bf16", "q_out_ptr": "*bf16"}
+                "sin_ptr": "*bf16", "q_out_ptr": "*bf16", "x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16",
+                "w_ptr": "*bf16", "b_ptr": "*bf16", "res_out_ptr": "*bf16"}
     prefill = dict(GROUP=4, HAS_SEQ_IDS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
+    gemv = dict(HAS_BIAS=False)
     decode = dict(GROUP=4, SPLIT=True, HAS_SEQ_IDS=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
     variants = {
         "store_kv": (triton_kernels._store_kv_kernel, dict(BLOCK_H=8, BLOCK_D=128)),
@@ -239,17 +241,20 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
         "decode_split_bias": (triton_kernels._decode_kernel, dict(decode, HAS_BIAS=True)),
         "decode_reduce": (triton_kernels._decode_reduce_kernel, dict(HAS_SEQ_IDS=False, BLOCK_P=64, CHUNK_P=16, BLOCK_D=128)),
         "rotary_store_kv": (triton_ops._rotary_store_kv_kernel, dict(BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=64)),
+        # the GEMV's largest tiles: 16 x 256 (SmolLM2's K) and 4 x 1,024 (Llama-1B's)
+        "gemv_norm": (triton_gemv._gemv_kernel, dict(gemv, PROLOGUE=1, HAS_RES=True, BLOCK_N=16, BLOCK_K=256)),
+        "gemv_silu_mul": (triton_gemv._gemv_kernel, dict(gemv, PROLOGUE=2, HAS_RES=False, BLOCK_N=4, BLOCK_K=1024)),
     }
     report = {}
     for name, (fn, consts) in variants.items():
         # the rest: int32 metadata pointers, int32 sizes and strides, the float scale
-        types = dict(pointers, scale_log2="fp32")
+        types = dict(pointers, scale_log2="fp32", eps="fp32")
         signature = {
             arg: "constexpr" if arg in consts else types.get(arg, "*i32" if arg.endswith("_ptr") else "i32")
             for arg in fn.arg_names
         }
         # the launch wrappers' defaults
-        num_warps = {"store_kv": 4, "decode_reduce": 4, "rotary_store_kv": 1}.get(name, 8)
+        num_warps = {"store_kv": 4, "decode_reduce": 4, "rotary_store_kv": 1, "gemv_norm": 4, "gemv_silu_mul": 4}.get(name, 8)
         kernel = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=num_warps, num_stages=2))
         with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"kvserve_{name}_{os.getpid()}.cubin", "wb") as f:
@@ -400,3 +405,38 @@ def test_decode_graph_buffers_with_interpreted_kernels_equal_reference(tmp_path)
     assert any(carried) and ahead.engine.block_manager.num_free_blocks == 40
     assert min(longest) <= 32 < max(longest)
     assert [o.outputs[0].token_ids for o in ahead_outs] == [o.outputs[0].token_ids for o in torch_outs]
+
+
+@interpreted
+def test_engine_with_gemv_linears_equals_reference(tmp_path):
+    """Decode batches of up to 2 rows run every Linear of the model as the Triton GEMV, with the
+    RMSNorms and SwiGLU products folded in, and the vocabulary projection storing fp32 itself;
+    larger batches and prefills keep F.linear. Greedy tokens equal the reference's."""
+    from engine.fused import gemv, triton_gemv
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny("llama", tmp_path / "llama")
+    gen = torch.Generator().manual_seed(14)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (5, 17, 11)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (3, 8, 5)]
+    kwargs = dict(num_kv_blocks=40, block_size=4, max_num_batched_tokens=64)
+    llm = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=4, gemv_max_rows=2, **kwargs)
+    model = llm.engine.runner.model
+    layer = model.model.layers[0]
+    assert isinstance(model.lm_head, gemv.GemvLinear)
+    assert all(isinstance(m, gemv.GemvLinear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                       layer.mlp.gate_up_proj, layer.mlp.down_proj))
+    rows = []
+    launch = triton_gemv._launch
+    triton_gemv._launch = lambda x, *a, **kw: rows.append(x.shape[0]) or launch(x, *a, **kw)
+    try:
+        outs = llm.generate(prompts, params)
+    finally:
+        triton_gemv._launch = launch
+    assert set(rows) == {1, 2}  # batches of 3 and prefills took F.linear
+    assert llm.engine.block_manager.num_free_blocks == 40
+    torch_outs = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in torch_outs]

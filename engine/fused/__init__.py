@@ -3,13 +3,17 @@
 On a GPU a decode step of a small model is bound by kernel count, not bytes (an HF-exact
 RMSNorm alone is seven launches). Each op has a pure-torch reference in `ref` with the same
 signature, which is the CPU path and the oracle of the Triton version in `triton_ops`; the
-dispatch below picks Triton for CUDA tensors, the reference elsewhere.
+dispatch below picks Triton for CUDA tensors, the reference elsewhere. `norm_linear` and
+`silu_mul_linear` fold the op into the next Linear's launch where that Linear is a `GemvLinear`
+taking the batch (engine/fused/gemv.py; its kernels in `triton_gemv`).
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from engine.fused import ref
+from engine.fused.gemv import GemvLinear
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
@@ -56,3 +60,25 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
         return triton_ops.silu_mul(gate, up)
     return ref.silu_mul(gate, up)
+
+
+def norm_linear(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, linear: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(add_rms_norm(x, residual, norm_weight, eps)), x + residual)."""
+    if isinstance(linear, GemvLinear) and linear.takes(x):
+        from engine.fused import triton_gemv
+
+        return triton_gemv.norm_linear(x.contiguous(), residual, norm_weight, eps, linear.weight, linear.bias)
+    h, residual = add_rms_norm(x, residual, norm_weight, eps)
+    return linear(h), residual
+
+
+def silu_mul_linear(gate_up: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """linear(silu(gate) * up) where gate_up (T, 2I) holds [gate | up]."""
+    if isinstance(linear, GemvLinear) and linear.takes(gate_up):
+        from engine.fused import triton_gemv
+
+        return triton_gemv.silu_mul_linear(gate_up.contiguous(), linear.weight, linear.bias)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return linear(silu_mul(gate, up))

@@ -51,3 +51,24 @@ def rotary_store_kv(
     k_cache.view(-1, heads, dim).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, heads, dim).index_copy_(0, slots, v.to(v_cache.dtype))
     return q
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    out = F.linear(x, weight, bias)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def norm_linear(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(add_rms_norm(x, residual)), x + residual)."""
+    h, residual = add_rms_norm(x, residual, norm_weight, eps)
+    return F.linear(h, weight, bias), residual
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(silu(gate) * up) where gate_up holds [gate | up] (a merged gate/up matmul's output)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.linear(silu_mul(gate, up), weight, bias)

@@ -1,0 +1,48 @@
+"""`GemvLinear`: a Linear that runs batches of a few rows through engine.fused.triton_gemv.
+
+`swap_gemv_linears(model, max_rows)` replaces a decoder's `nn.Linear`s after loading (as
+engine.cpu_linear packs them on CPU). Batches of at most `max_rows` rows (a decode step of a
+few sequences) then take the Triton GEMV, and `engine.fused.norm_linear` / `silu_mul_linear`
+fold the RMSNorm or SwiGLU product in front of such a Linear into its launch; larger batches
+(prefills) keep F.linear, where tensor-core GEMMs win.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GemvLinear(nn.Module):
+    """nn.Linear's parameters and result; rows <= max_rows go through the Triton GEMV."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, max_rows: int) -> None:
+        super().__init__()
+        self.weight = weight  # shared, not copied: a tied lm_head stays the embedding's weight
+        self.bias = bias
+        self.max_rows = max_rows
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, max_rows: int) -> GemvLinear:
+        return cls(linear.weight, linear.bias, max_rows)
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return x.dim() == 2 and x.shape[0] <= self.max_rows
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.takes(x):
+            from engine.fused import triton_gemv
+
+            return triton_gemv.linear(x.contiguous(), self.weight, self.bias, out_dtype)
+        out = F.linear(x, self.weight, self.bias)
+        return out if out_dtype is None else out.to(out_dtype)
+
+
+def swap_gemv_linears(model: nn.Module, max_rows: int) -> int:
+    """Replace every `nn.Linear` below `model` by a `GemvLinear`; returns how many."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear]
+    for parent, name, child in swaps:
+        setattr(parent, name, GemvLinear.from_linear(child, max_rows))
+    return len(swaps)

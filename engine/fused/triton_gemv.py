@@ -1,0 +1,153 @@
+"""Small-batch matmuls (GEMV) with the preceding elementwise op fused into their input load.
+
+A batch-1 decode step reads every weight once and does little else, so on a GPU it should run at
+memory bandwidth. Through cuBLAS each Linear is one launch, and each RMSNorm and SwiGLU product
+in front of one is another: per LLaMA layer, 3 of its 9 launches only move a row of a few KB.
+Here the norm (with its residual add) or the SwiGLU product is computed while the matmul loads
+its input, so a layer is 6 launches. A program multiplies one input row by a block of weight
+rows, and recomputes the norm of its input row: a few KB, read from L2.
+
+Arithmetic follows engine.fused.ref: fp32 inside, the norm's and SwiGLU's results rounded to the
+model dtype before the matmul (as their own kernels would store them), the output rounded to the
+weight dtype (as F.linear returns it) before it is stored, in `out_dtype` if one is given.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PLAIN, NORM, SILU_MUL = 0, 1, 2  # the prologue applied to the input rows
+
+
+@triton.jit
+def _norm_input(x_ptr, res_ptr, k, mask, HAS_RES: tl.constexpr):
+    """x + residual at k, rounded to x's dtype (the residual stream HF keeps)."""
+    x = tl.load(x_ptr + k, mask=mask, other=0.0)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(res_ptr + k, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
+    M, N, K, eps,
+    stride_x, stride_r, stride_w, stride_o, stride_ro,
+    PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # out[m, n] = sum_k a[m, k] * w[n, k] (+ b[n]) for one input row m and BLOCK_N weight rows;
+    # a is x, norm(x + res) * nw, or silu(gate) * up where x holds [gate | up]. The rows of a
+    # batch are adjacent programs, so they read a weight block together (the second from L2).
+    pid = tl.program_id(0)
+    m = (pid % M).to(tl.int64)
+    block = pid // M
+    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + m * stride_x
+    res_row = res_ptr + m * stride_r
+    x_dtype = x_ptr.dtype.element_ty
+    if PROLOGUE == 1:
+        # first pass over the input row: its mean square; the first block also stores x + res
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            h = _norm_input(x_row, res_row, k, k < K, HAS_RES)
+            if HAS_RES:
+                if block == 0:
+                    tl.store(res_out_ptr + m * stride_ro + k, h, mask=k < K)
+            h = h.to(tl.float32)
+            squares += h * h
+        inv = tl.rsqrt(tl.sum(squares, 0) / K + eps)
+    # one product per weight element, summed over K once after the loop: the weight tile and the
+    # input keep one register layout, with no shuffles inside the loop
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        if PROLOGUE == 1:
+            h = _norm_input(x_row, res_row, k, k_mask, HAS_RES).to(tl.float32)
+            y = (h * inv).to(x_dtype).to(tl.float32)  # cast back before the weight, as HF
+            nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+            a = (nw * y).to(x_dtype).to(tl.float32)
+        elif PROLOGUE == 2:
+            g = tl.load(x_row + k, mask=k_mask, other=0.0).to(tl.float32)
+            u = tl.load(x_row + K + k, mask=k_mask, other=0.0).to(tl.float32)
+            a = (g * tl.sigmoid(g) * u).to(x_dtype).to(tl.float32)
+        else:
+            a = tl.load(x_row + k, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += a[None, :] * w.to(tl.float32)
+    out = tl.sum(acc, 1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+    out = out.to(w_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + m * stride_o + n, out, mask=n_mask)
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def tiles(rows: int, n: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K). A K tile of 256-1,024 (the one padding K least: each thread loads 16
+    contiguous bytes of a weight row), ~4K weights per step of the K loop, and weight-row blocks
+    halved down to 2 until there are ~4 programs per SM: bandwidth needs loads in flight."""
+    block_k = min((1024, 512, 256), key=lambda b: triton.cdiv(k, b) * b - k)  # ties: the largest
+    block_k = min(block_k, max(32, triton.next_power_of_2(k)))
+    block_n = max(2, min(16, 4096 // block_k))
+    programs = 4 * _num_sms(device)
+    while block_n > 2 and rows * triton.cdiv(n, block_n) < programs:
+        block_n //= 2
+    return block_n, block_k
+
+
+def _launch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, prologue: int,
+    k: int, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+    res_out: torch.Tensor | None = None, eps: float = 0.0,
+    block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
+) -> None:
+    rows, n = x.shape[0], weight.shape[0]
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == k
+    if not rows or not n:
+        return
+    auto_n, auto_k = tiles(rows, n, k, x.device)
+    block_n, block_k = block_n or auto_n, block_k or auto_k
+    res = residual if residual is not None else x
+    res_out = res_out if res_out is not None else out
+    _gemv_kernel[(rows * triton.cdiv(n, block_n),)](
+        x, res, norm_weight if norm_weight is not None else weight, weight,
+        bias if bias is not None else weight, out, res_out,
+        rows, n, k, eps,
+        x.stride(0), res.stride(0), weight.stride(0), out.stride(0), res_out.stride(0),
+        PROLOGUE=prologue, HAS_RES=residual is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None, **tile) -> torch.Tensor:
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=out_dtype or weight.dtype, device=x.device)
+    _launch(x, weight, bias, out, PLAIN, x.shape[1], **tile)
+    return out
+
+
+def norm_linear(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, bias: torch.Tensor | None = None, **tile,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    assert residual is None or residual.stride(-1) == 1
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=weight.dtype, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else None
+    _launch(x, weight, bias, out, NORM, x.shape[1], residual, norm_weight, res_out, eps, **tile)
+    return out, (x if res_out is None else res_out)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    **tile) -> torch.Tensor:
+    out = torch.empty((gate_up.shape[0], weight.shape[0]), dtype=weight.dtype, device=gate_up.device)
+    _launch(gate_up, weight, bias, out, SILU_MUL, gate_up.shape[1] // 2, **tile)
+    return out
