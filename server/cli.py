@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CUDA: run decode steps eagerly, no CUDA graphs (env KVSERVE_ENFORCE_EAGER=1)")
     serve.add_argument("--no-run-ahead", action="store_true", default=_env("no-run-ahead", "0") not in ("0", ""),
                        help="CUDA: read each step's tokens before launching the next (env KVSERVE_NO_RUN_AHEAD=1)")
+    opt("gemv-max-rows", int, 0, "CUDA: decode batches of up to this many sequences run their matmuls "
+        "as fused Triton GEMVs (0: cuBLAS)")
     opt("max-waiting", int, 256, "waiting requests per model before 503")
     opt("max-body-bytes", int, 4 * 1024 * 1024, "largest request body (413 beyond)")
     opt("shutdown-timeout", float, 10.0, "seconds in-flight requests get on SIGTERM")
@@ -69,6 +71,7 @@ def engine_config(model: str, args: argparse.Namespace) -> Any:
         max_model_len=args.max_model_len,
         decode_graphs=False if args.enforce_eager else None,
         run_ahead=False if args.no_run_ahead else None,
+        gemv_max_rows=args.gemv_max_rows,
         cache=CacheConfig(num_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
@@ -136,7 +139,10 @@ def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.gemv_max_rows and not args.device.startswith("cuda"):
+        parser.error("--gemv-max-rows runs Triton kernels: it needs --device cuda")
     if args.command == "serve":
         serve(args)
 
