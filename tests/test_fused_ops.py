@@ -179,3 +179,18 @@ def test_gemv_linear_takes_only_small_batches(monkeypatch):
         assert rel(down, ref.silu_mul_linear(out, second.weight)) <= TOL
         assert rel(first(x), ref.linear(x, weight, first.bias)) <= TOL
         assert calls == (["norm_linear", "silu_mul_linear", "linear"] if rows <= 2 else [])
+
+
+def test_gemv_tiles(monkeypatch):
+    """K tiles that pad K least (16-byte loads per thread), ~4K weights per K step, and weight-row
+    blocks halved until an H100 (132 SMs) gets ~4 programs per SM; no halving when interpreted."""
+    from engine.fused import triton_gemv
+
+    cpu = torch.device("cpu")
+    assert triton_gemv.tiles(1, 960, 576, cpu) == (16, 256)
+    monkeypatch.setattr(triton_gemv, "_num_sms", lambda device: 132)
+    assert triton_gemv.tiles(1, 16384, 2048, cpu) == (4, 1024)  # Llama-1B gate/up: 4,096 programs
+    assert triton_gemv.tiles(1, 2048, 8192, cpu) == (2, 1024)  # its down_proj: 1,024 programs, not 512
+    assert triton_gemv.tiles(1, 960, 576, cpu) == (2, 256)  # SmolLM2 q/k/v: few rows, the smallest block
+    assert triton_gemv.tiles(4, 3072, 1536, cpu) == (8, 512)
+    assert triton_gemv.tiles(1, 40, 24, cpu) == (2, 32)  # K under the smallest tile: one masked step

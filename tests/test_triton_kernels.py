@@ -440,3 +440,38 @@ def test_engine_with_gemv_linears_equals_reference(tmp_path):
     assert llm.engine.block_manager.num_free_blocks == 40
     torch_outs = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in torch_outs]
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["llama_tied", "qwen2", "gpt2"])
+def test_gemv_linears_in_every_decoder_family(kind, tmp_path):
+    """A tied head (the GEMV reads the embedding), q/k/v biases, GPT-2's LayerNorm and GELU
+    (no fold: plain GEMVs), with the reference attention backend so only the GEMV is interpreted."""
+    from engine.fused import gemv, triton_gemv
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny(kind, tmp_path / kind)
+    gen = torch.Generator().manual_seed(15)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (4, 13)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (6, 3)]
+    kwargs = dict(num_kv_blocks=16, block_size=4, attention_backend="torch")
+    llm = LLM(str(folder), gemv_max_rows=2, **kwargs)
+    head = llm.engine.runner.model.lm_head
+    assert isinstance(head, gemv.GemvLinear)
+    if kind != "qwen2":  # tied: the head's weight is the embedding's, not a copy
+        embed = next(m for m in llm.engine.runner.model.modules() if isinstance(m, torch.nn.Embedding)
+                     and m.num_embeddings == 320)
+        assert head.weight is embed.weight
+    rows = []
+    launch = triton_gemv._launch
+    triton_gemv._launch = lambda x, *a, **kw: rows.append(x.shape[0]) or launch(x, *a, **kw)
+    try:
+        outs = llm.generate(prompts, params)
+    finally:
+        triton_gemv._launch = launch
+    assert set(rows) == {1, 2}
+    want = LLM(str(folder), **kwargs).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
