@@ -475,3 +475,69 @@ def test_gemv_linears_in_every_decoder_family(kind, tmp_path):
     assert set(rows) == {1, 2}
     want = LLM(str(folder), **kwargs).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
+
+
+# aten ops that launch no kernel: views, allocations, metadata
+_NO_KERNEL = {"view", "_unsafe_view", "reshape", "split", "split_with_sizes", "slice", "select", "as_strided", "t",
+              "transpose", "expand", "unsqueeze", "squeeze", "detach", "alias", "empty", "empty_like", "empty_strided",
+              "chunk", "contiguous", "lift_fresh", "sym_size", "sym_stride", "sym_numel", "is_same_size", "dim", "size",
+              "detach_", "promote_types", "to"}  # `to` that reaches dispatch returns self; a conversion is _to_copy
+_MATMULS = {"mm", "addmm", "_linear_pointwise"}  # cuBLAS on a GPU; oneDNN's packed Linear on CPU
+
+
+def decode_launches(llm, monkeypatch) -> tuple[list[str], list[str]]:
+    """(Triton kernels, aten ops that launch a kernel) of one batch-1 decode forward, with the
+    fused ops dispatched as on a GPU (interpreted here): what a CUDA graph of it would hold."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import interpreter
+
+    from engine import fused
+
+    monkeypatch.setattr(fused, "_on_gpu", lambda x: True)
+    triton_calls: list[str] = []
+    aten_calls: list[str] = []
+    grid_call = interpreter.GridExecutor.__call__
+
+    inside: list[bool] = []  # the interpreter's own torch ops, while it runs a kernel, do not count
+
+    def record(self, *args, **kwargs):
+        triton_calls.append(self.fn.__name__)
+        inside.append(True)
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in _NO_KERNEL and not inside:
+                aten_calls.append("matmul" if name in _MATMULS else name)
+            return func(*args, **(kwargs or {}))
+
+    graphs = llm.engine.runner.graphs
+    graphs._pad_all()  # batch 1 of the padding row: token 0 at position 0 into the scratch block
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", record)
+    with torch.inference_mode(), Ops():
+        graphs._forward((1, graphs.bounds[0]))
+    return triton_calls, aten_calls
+
+
+@interpreted
+@pytest.mark.parametrize("gemv_rows,per_layer", [(0, 9), (1, 6)])
+def test_decode_step_launch_count(gemv_rows, per_layer, tmp_path, monkeypatch):
+    """A LLaMA layer's batch-1 decode is 9 launches with cuBLAS matmuls (norm, q/k/v, rotary + K/V
+    write, single-pass attention, o_proj, norm, gate/up, SiLU-mul, down) and 6 with GEMV Linears
+    (the norms and SiLU-mul folded in); around the layers only the embedding, the rotary table
+    lookup and the final norm. Launches are a small model's decode time on a GPU: this pins them."""
+    from engine.llm import LLM
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny("llama", tmp_path / "llama")
+    llm = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=2, num_kv_blocks=8,
+              block_size=4, gemv_max_rows=gemv_rows)
+    layers = len(llm.engine.runner.model.model.layers)
+    triton_calls, aten_calls = decode_launches(llm, monkeypatch)
+    assert sorted(aten_calls) == sorted(["embedding", "index"] + ["matmul"] * (4 * layers if not gemv_rows else 0))
+    assert len(triton_calls) + len(aten_calls) == per_layer * layers + 3, (triton_calls, aten_calls)
