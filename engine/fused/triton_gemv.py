@@ -61,25 +61,30 @@ def _gemv_kernel(
             h = h.to(tl.float32)
             squares += h * h
         inv = tl.rsqrt(tl.sum(squares, 0) / K + eps)
-    # one product per weight element, summed over K once after the loop: the weight tile and the
-    # input keep one register layout, with no shuffles inside the loop
+    # one product per weight element, summed over K once after the loop. The input row is loaded
+    # broadcast to the weight tile's shape (each weight row's copy from L1): the tile and the
+    # input then share one register layout, with no shuffle through shared memory in the loop.
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    rows0 = 0 * n[:, None]  # (BLOCK_N, 1) zeros
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < K
+        kk = k[None, :] + rows0  # (BLOCK_N, BLOCK_K) input offsets, equal down the rows
+        mask = n_mask[:, None] & k_mask[None, :]
         if PROLOGUE == 1:
-            h = _norm_input(x_row, res_row, k, k_mask, HAS_RES).to(tl.float32)
+            h = _norm_input(x_row, res_row, kk, mask, HAS_RES).to(tl.float32)
             y = (h * inv).to(x_dtype).to(tl.float32)  # cast back before the weight, as HF
-            nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+            nw = tl.load(nw_ptr + kk, mask=mask, other=0.0).to(tl.float32)
             a = (nw * y).to(x_dtype).to(tl.float32)
         elif PROLOGUE == 2:
-            g = tl.load(x_row + k, mask=k_mask, other=0.0).to(tl.float32)
-            u = tl.load(x_row + K + k, mask=k_mask, other=0.0).to(tl.float32)
+            g = tl.load(x_row + kk, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(x_row + K + kk, mask=mask, other=0.0).to(tl.float32)
             a = (g * tl.sigmoid(g) * u).to(x_dtype).to(tl.float32)
         else:
-            a = tl.load(x_row + k, mask=k_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += a[None, :] * w.to(tl.float32)
+            a = tl.load(x_row + kk, mask=mask, other=0.0).to(tl.float32)
+        # int64 row offsets: a large vocabulary projection passes 2**31 elements
+        w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_w + k[None, :], mask=mask, other=0.0)
+        acc += a * w.to(tl.float32)
     out = tl.sum(acc, 1)
     if HAS_BIAS:
         out += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
