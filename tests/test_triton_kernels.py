@@ -411,12 +411,23 @@ def test_decode_graph_buffers_with_interpreted_kernels_equal_reference(tmp_path)
     assert [o.outputs[0].token_ids for o in ahead_outs] == [o.outputs[0].token_ids for o in torch_outs]
 
 
+def generate_counting_gemv_rows(llm, prompts, params, monkeypatch) -> tuple[list, set[int]]:
+    """The outputs, and the row counts the Triton GEMV was launched with meanwhile."""
+    from engine.fused import triton_gemv
+
+    rows: set[int] = set()
+    launch = triton_gemv._launch
+    with monkeypatch.context() as patch:
+        patch.setattr(triton_gemv, "_launch", lambda x, *a, **kw: rows.add(x.shape[0]) or launch(x, *a, **kw))
+        return llm.generate(prompts, params), rows
+
+
 @interpreted
-def test_engine_with_gemv_linears_equals_reference(tmp_path):
+def test_engine_with_gemv_linears_equals_reference(tmp_path, monkeypatch):
     """Decode batches of up to 2 rows run every Linear of the model as the Triton GEMV, with the
     RMSNorms and SwiGLU products folded in, and the vocabulary projection storing fp32 itself;
     larger batches and prefills keep F.linear. Greedy tokens equal the reference's."""
-    from engine.fused import gemv, triton_gemv
+    from engine.fused import gemv
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
     from tests.tiny_models import save_tiny
@@ -433,14 +444,8 @@ def test_engine_with_gemv_linears_equals_reference(tmp_path):
     assert isinstance(model.lm_head, gemv.GemvLinear)
     assert all(isinstance(m, gemv.GemvLinear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                        layer.mlp.gate_up_proj, layer.mlp.down_proj))
-    rows = []
-    launch = triton_gemv._launch
-    triton_gemv._launch = lambda x, *a, **kw: rows.append(x.shape[0]) or launch(x, *a, **kw)
-    try:
-        outs = llm.generate(prompts, params)
-    finally:
-        triton_gemv._launch = launch
-    assert set(rows) == {1, 2}  # batches of 3 and prefills took F.linear
+    outs, rows = generate_counting_gemv_rows(llm, prompts, params, monkeypatch)
+    assert rows == {1, 2}  # batches of 3 and prefills took F.linear
     assert llm.engine.block_manager.num_free_blocks == 40
     torch_outs = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in torch_outs]
@@ -448,10 +453,10 @@ def test_engine_with_gemv_linears_equals_reference(tmp_path):
 
 @interpreted
 @pytest.mark.parametrize("kind", ["llama_tied", "qwen2", "gpt2"])
-def test_gemv_linears_in_every_decoder_family(kind, tmp_path):
+def test_gemv_linears_in_every_decoder_family(kind, tmp_path, monkeypatch):
     """A tied head (the GEMV reads the embedding), q/k/v biases, GPT-2's LayerNorm and GELU
     (no fold: plain GEMVs), with the reference attention backend so only the GEMV is interpreted."""
-    from engine.fused import gemv, triton_gemv
+    from engine.fused import gemv
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
     from tests.tiny_models import save_tiny
@@ -469,14 +474,8 @@ def test_gemv_linears_in_every_decoder_family(kind, tmp_path):
         embed = next(m for m in llm.engine.runner.model.modules() if isinstance(m, torch.nn.Embedding)
                      and m.num_embeddings == 320)
         assert head.weight is embed.weight
-    rows = []
-    launch = triton_gemv._launch
-    triton_gemv._launch = lambda x, *a, **kw: rows.append(x.shape[0]) or launch(x, *a, **kw)
-    try:
-        outs = llm.generate(prompts, params)
-    finally:
-        triton_gemv._launch = launch
-    assert set(rows) == {1, 2}
+    outs, rows = generate_counting_gemv_rows(llm, prompts, params, monkeypatch)
+    assert rows == {1, 2}
     want = LLM(str(folder), **kwargs).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
 
