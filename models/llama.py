@@ -86,11 +86,6 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = merged_linear(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
-        if self.qkv_proj is not None:
-            return self.attend(self.qkv_proj(x), rope, ctx)
-        return self.attend(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1), rope, ctx)
-
     def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
         """Attention and o_proj from the merged projection's output qkv (T, (Hq + 2 Hkv) D)."""
         t, d = qkv.shape[0], self.head_dim
@@ -118,11 +113,6 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = merged_linear(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            return self.down(self.gate_up_proj(x))
-        return self.down(torch.cat([self.gate_proj(x), self.up_proj(x)], -1))
-
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
         """down_proj(act(gate) * up) from the merged projection's output [gate | up] (T, 2I)."""
         if self.is_silu:
@@ -146,10 +136,7 @@ class LlamaDecoderLayer(nn.Module):
         so each add fuses into the next norm: returns (mlp output, residual before it). Each norm
         goes with the merged matmul after it, which may take it into its own launch."""
         attn, mlp = self.self_attn, self.mlp
-        if attn.qkv_proj is None or mlp.gate_up_proj is None:  # not merged yet (after_load merges)
-            x, residual = self.input_layernorm(x, residual)
-            x, residual = self.post_attention_layernorm(attn(x, rope, ctx), residual)
-            return mlp(x), residual
+        assert attn.qkv_proj is not None and mlp.gate_up_proj is not None, "after_load() merges the projections"
         qkv, residual = self.input_layernorm.then(attn.qkv_proj, x, residual)
         gate_up, residual = self.post_attention_layernorm.then(mlp.gate_up_proj, attn.attend(qkv, rope, ctx), residual)
         return mlp.down(gate_up), residual

@@ -9,8 +9,9 @@ fold the RMSNorm or SwiGLU product in front of such a Linear into its launch; la
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from engine.fused import ref
 
 
 class GemvLinear(nn.Module):
@@ -35,8 +36,7 @@ class GemvLinear(nn.Module):
             from engine.fused import triton_gemv
 
             return triton_gemv.linear(x.contiguous(), self.weight, self.bias, out_dtype)
-        out = F.linear(x, self.weight, self.bias)
-        return out if out_dtype is None else out.to(out_dtype)
+        return ref.linear(x, self.weight, self.bias, out_dtype)
 
 
 def swap_gemv_linears(model: nn.Module, max_rows: int) -> int:
