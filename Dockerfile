@@ -4,10 +4,9 @@
 #   docker build -t kvserve .
 #   docker run -p 8000:8000 kvserve                      # serves smollm2 + minilm on 0.0.0.0:8000
 #   docker run -p 8000:8000 kvserve --model smollm2      # arguments go to `kvserve serve`
-# CUDA: a base with Python 3.11 and the CUDA runtime, the CUDA torch wheel, and the device switch, e.g.
+# CUDA: a base with Python 3.11 and the CUDA runtime, and the CUDA torch wheel, e.g.
 #   docker build --build-arg BASE_IMAGE=<CUDA 12 runtime image with python3.11> \
-#                --build-arg TORCH_INDEX=<torch wheel index for that CUDA version> \
-#                --build-arg DEVICE=cuda -t kvserve:cuda .
+#                --build-arg TORCH_INDEX=<torch wheel index for that CUDA version> -t kvserve:cuda .
 #   docker run --gpus all -p 8000:8000 kvserve:cuda
 # Where packages come from: pip's ordinary settings. Pass PIP_INDEX_URL, PIP_EXTRA_INDEX_URL,
 # PIP_FIND_LINKS, PIP_CERT, PIP_TRUSTED_HOST as build args to use a mirror or local wheels
@@ -16,8 +15,8 @@
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
-# cpu or cuda[:N]: becomes the server's default --device
-ARG DEVICE=cpu
+# The server's default --device: auto (cuda where the container sees a GPU, else cpu), cpu or cuda[:N]
+ARG DEVICE=auto
 # Empty: torch comes from pip's configured index (on CPU machines configured with the CPU wheel).
 # Set to a torch wheel index to pick a build of torch, e.g. the CUDA one.
 ARG TORCH_INDEX=""

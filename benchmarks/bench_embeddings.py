@@ -95,7 +95,9 @@ def run_http(folder: str, texts: list[str], out: str, args: argparse.Namespace) 
     clients = args.clients
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = ["-m", "server.cli", "serve", "--model", folder, "--port", str(port), "--log-level", "warning"]
+    # the peer runs on the CPU, so kvserve does too (the server would take a GPU where it sees one)
+    cmd = ["-m", "server.cli", "serve", "--model", folder, "--port", str(port), "--device", "cpu",
+           "--log-level", "warning"]
     name = Path(folder).name
     with tempfile.TemporaryDirectory() as tmp, \
             subprocess_server(cmd, port, Path(tmp) / "server.log", env=env, timeout=300) as (base, server), \

@@ -96,7 +96,7 @@ def main() -> None:
     commands = {
         "kvserve": lambda port: ["-m", "server.cli", "serve", "--model", folder, "--port", str(port),
                                  "--max-num-seqs", "64", "--max-num-batched-tokens", "1024",
-                                 "--kv-cache-memory-gib", "2", "--log-level", "warning"],
+                                 "--kv-cache-memory-gib", "2", "--device", "cpu", "--log-level", "warning"],
         "hf": lambda port: ["benchmarks/hf_baseline_server.py", "--folder", folder, "--port", str(port)],
     }
     labels = {"kvserve": "kvserve", "hf": "transformers generate() per request"}

@@ -146,7 +146,9 @@ def _serve_and_load(args: list[str], port: int, model: str, texts: list[str], ma
 
 def run_http_kvserve(folder: str, texts: list[str], max_tokens: int, clients: int = 16) -> dict:
     port = free_port()
-    args = ["-m", "server.cli", "serve", "--model", folder, "--port", str(port), "--log-level", "warning"]
+    # CTranslate2 runs on the CPU, so kvserve does too (the server would take a GPU where it sees one)
+    args = ["-m", "server.cli", "serve", "--model", folder, "--port", str(port), "--device", "cpu",
+            "--log-level", "warning"]
     return _serve_and_load(args, port, Path(folder).name, texts, max_tokens, clients)
 
 

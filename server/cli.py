@@ -12,10 +12,12 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any
 
 DEFAULT_MODELS = ("smollm2", "minilm")
+DTYPES = ("float32", "bfloat16", "float16")
 
 log = logging.getLogger("kvserve")
 
@@ -40,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(env_models=env_models.split(",") if env_models else None)
     opt("host", str, "127.0.0.1", "address to bind")
     opt("port", int, 8000, "port to bind")
-    opt("dtype", str, "float32", "model dtype: float32, bfloat16, float16")
-    opt("device", str, "cpu", "cpu or cuda[:N]")
+    opt("dtype", str, "auto", "model dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16")
+    opt("device", str, "auto", "auto (cuda where a GPU is found, else cpu), cpu or cuda[:N]")
     opt("num-kv-blocks", int, None, "KV-cache blocks per model (default: from the memory budget)")
     opt("kv-cache-memory-gib", float, 1.0, "CPU KV-cache budget per model")
     opt("gpu-memory-utilization", float, 0.9, "share of GPU memory for weights + KV cache")
@@ -59,6 +61,36 @@ def build_parser() -> argparse.ArgumentParser:
     opt("shutdown-timeout", float, 10.0, "seconds in-flight requests get on SIGTERM")
     opt("log-level", str, "info", "uvicorn log level")
     return parser
+
+
+def resolve_placement(device: str, dtype: str, cuda_devices: int) -> tuple[str, str]:
+    """The concrete (device, dtype) for the flags, given how many CUDA devices torch sees.
+
+    Like vLLM's defaults: a GPU where one is found, in bfloat16 (the dtype SmolLM2, LLaMA and
+    MiniLM train in; the Triton kernels take it), and CPU in float32 (oneDNN's packed Linears)
+    everywhere else. Raises ValueError with the reason for a value that cannot run here.
+    """
+    if device == "auto":
+        device = "cuda" if cuda_devices else "cpu"
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    if match is None:
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda"):
+        index = int(match.group(1) or 0)
+        if index >= cuda_devices:
+            found = f"{cuda_devices} CUDA device(s)" if cuda_devices else "no CUDA device"
+            raise ValueError(f"--device {device}: torch sees {found}")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return device, dtype
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def engine_config(model: str, args: argparse.Namespace) -> Any:
@@ -141,10 +173,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "serve" and args.gemv_max_rows and not args.device.startswith("cuda"):
+    if args.command != "serve":
+        return
+    try:
+        args.device, args.dtype = resolve_placement(args.device, args.dtype, _cuda_devices())
+    except ValueError as err:
+        parser.error(str(err))
+    if args.gemv_max_rows and not args.device.startswith("cuda"):
         parser.error("--gemv-max-rows runs Triton kernels: it needs --device cuda")
-    if args.command == "serve":
-        serve(args)
+    log.info("serving on %s in %s", args.device, args.dtype)
+    serve(args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ def test_flags_and_environment_build_the_engine_config(monkeypatch):
 
 
 def test_gemv_on_cpu_is_refused_before_anything_loads(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_cuda_devices", lambda: 0)  # so it refuses on a GPU machine too
     monkeypatch.setattr(cli, "serve", lambda args: pytest.fail("serve must not start"))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["serve", "--gemv-max-rows", "2"])
@@ -33,3 +34,40 @@ def test_out_of_range_gemv_rows_are_refused():
 
     with pytest.raises(InvalidRequestError, match="gemv_max_rows"):
         EngineConfig(model="smollm2", device="cuda", gemv_max_rows=MAX_GEMV_ROWS + 1)
+
+
+@pytest.mark.parametrize(("device", "dtype", "gpus", "want"), [
+    ("auto", "auto", 0, ("cpu", "float32")),  # no GPU found: CPU stays the default
+    ("auto", "auto", 1, ("cuda", "bfloat16")),
+    ("cpu", "auto", 2, ("cpu", "float32")),  # an explicit device wins over a GPU being there
+    ("cuda:1", "auto", 2, ("cuda:1", "bfloat16")),
+    ("auto", "float16", 1, ("cuda", "float16")),
+    ("cpu", "bfloat16", 0, ("cpu", "bfloat16")),
+])
+def test_device_and_dtype_resolve_like_vllms_defaults(device, dtype, gpus, want):
+    assert cli.resolve_placement(device, dtype, gpus) == want
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--device", "cuda"], "torch sees no CUDA device"),
+    (["--device", "cuda:3"], "torch sees no CUDA device"),
+    (["--device", "gpu"], "--device must be auto, cpu or cuda[:N]"),
+    (["--dtype", "fp8"], "--dtype must be auto or one of float32, bfloat16, float16"),
+])
+def test_placement_that_cannot_run_here_is_refused_before_anything_loads(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(cli, "_cuda_devices", lambda: 0)
+    monkeypatch.setattr(cli, "serve", lambda args: pytest.fail("serve must not start"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_serve_on_the_cpu_without_a_gpu(monkeypatch):
+    served = []
+    monkeypatch.setattr(cli, "_cuda_devices", lambda: 0)
+    monkeypatch.setattr(cli, "serve", served.append)
+    cli.main(["serve"])
+    assert (served[0].device, served[0].dtype) == ("cpu", "float32")
+    config = cli.engine_config("smollm2", served[0])
+    assert (config.device, config.dtype) == ("cpu", "float32")
