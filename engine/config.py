@@ -13,13 +13,23 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from kv_cache_memory_gib (or GPU memory utilization)
     kv_cache_memory_gib: float = 1.0  # CPU default budget for the KV cache
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = 0.9  # of the GPU's total memory, for weights + KV caches
+    # This engine's part of the GPU memory still free for KV caches when it loads. A server holding
+    # several models gives each cache-holding one an equal part (1/2 to the first of two, then all
+    # the rest to the second), so the first model loaded does not take the whole budget.
+    gpu_kv_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise InvalidRequestError(f"num_blocks must be positive, got {self.num_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise InvalidRequestError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not 0.0 < self.gpu_kv_share <= 1.0:
+            raise InvalidRequestError(f"gpu_kv_share must be in (0, 1], got {self.gpu_kv_share}")
+        if self.kv_cache_memory_gib <= 0.0:
+            raise InvalidRequestError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
 
 
 @dataclass(frozen=True)

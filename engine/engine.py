@@ -36,16 +36,27 @@ class _RequestState:
 
 
 def resolve_num_blocks(loaded: LoadedModel, config: EngineConfig, dtype: torch.dtype) -> int:
-    """Blocks from the explicit count, else from the memory budget (GPU: free memory share)."""
-    if config.cache.num_blocks is not None:
-        return config.cache.num_blocks
-    per_block = kv_block_bytes(loaded.model.kv_cache_spec, config.cache.block_size, dtype)
-    if config.device.startswith("cuda"):
-        free, total = torch.cuda.mem_get_info()
-        budget = free - total * (1.0 - config.cache.gpu_memory_utilization)
-    else:
-        budget = config.cache.kv_cache_memory_gib * 2**30
-    return max(1, int(budget // per_block))
+    """Blocks from the explicit count, else from the memory budget.
+
+    GPU: what is free now (the weights are loaded) less the (1 - gpu_memory_utilization) of the
+    total kept for activations, CUDA graphs and other processes, times this engine's share. A
+    budget that holds no block is an error that names the flags, not a server that can hold nothing.
+    """
+    cache = config.cache
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    per_block = kv_block_bytes(loaded.model.kv_cache_spec, cache.block_size, dtype)
+    if not config.device.startswith("cuda"):
+        return max(1, int(cache.kv_cache_memory_gib * 2**30 // per_block))
+    free, total = torch.cuda.mem_get_info(torch.device(config.device))
+    budget = (free - total * (1.0 - cache.gpu_memory_utilization)) * cache.gpu_kv_share
+    if budget < per_block:
+        raise InvalidRequestError(
+            f"no GPU memory left for {loaded.info.name}'s KV cache: {free / 2**30:.2f} of {total / 2**30:.2f} "
+            f"GiB free, {1.0 - cache.gpu_memory_utilization:.0%} of it kept back, share {cache.gpu_kv_share:.2f}; "
+            "raise --gpu-memory-utilization, serve fewer models, or set --num-kv-blocks"
+        )
+    return int(budget // per_block)
 
 
 class LLMEngine:

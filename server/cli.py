@@ -93,7 +93,7 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def engine_config(model: str, args: argparse.Namespace) -> Any:
+def engine_config(model: str, args: argparse.Namespace, gpu_kv_share: float = 1.0) -> Any:
     from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
     return EngineConfig(
@@ -105,7 +105,7 @@ def engine_config(model: str, args: argparse.Namespace) -> Any:
         run_ahead=False if args.no_run_ahead else None,
         gemv_max_rows=args.gemv_max_rows,
         cache=CacheConfig(num_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
-                          gpu_memory_utilization=args.gpu_memory_utilization),
+                          gpu_memory_utilization=args.gpu_memory_utilization, gpu_kv_share=gpu_kv_share),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs),
     )
@@ -122,9 +122,23 @@ def model_task(model: str) -> str:
     return entry.task.value
 
 
-def build_engine(model: str, args: argparse.Namespace) -> Any:
-    config = engine_config(model, args)
-    task = model_task(model)
+def kv_shares(tasks: list[str]) -> list[float]:
+    """Each model's share of the GPU memory left for KV caches when it loads, in load order.
+
+    Embedding models hold no cache. Of n models that do, the first takes 1/n of what is left, the
+    next 1/(n-1) of what is left then, ..., the last all of it: equal parts, whatever each one's
+    weights took before its cache was sized.
+    """
+    left = sum(task != "embed" for task in tasks)
+    shares = []
+    for task in tasks:
+        shares.append(1.0 / left if task != "embed" else 1.0)
+        left -= task != "embed"
+    return shares
+
+
+def build_engine(model: str, task: str, args: argparse.Namespace, gpu_kv_share: float = 1.0) -> Any:
+    config = engine_config(model, args, gpu_kv_share)
     if task == "generate":
         from engine.engine import LLMEngine
 
@@ -144,6 +158,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from engine.async_engine import AsyncEngine
     from engine.compute_thread import ComputeThread
+    from engine.errors import InvalidRequestError
     from server.app import create_app
     from server.metrics import ServerMetrics
     from server.settings import ServerSettings
@@ -152,8 +167,12 @@ def serve(args: argparse.Namespace) -> None:
     # the thread that loads the engines is the one that steps them (see engine/async_engine.py)
     compute = ComputeThread()
     served: dict[str, Any] = {}
-    for model in models:
-        engine = compute.submit(build_engine, model, args).result()
+    tasks = [model_task(model) for model in models]
+    for model, task, share in zip(models, tasks, kv_shares(tasks)):
+        try:
+            engine = compute.submit(build_engine, model, task, args, share).result()
+        except InvalidRequestError as err:  # a budget or setting that cannot serve: say which, no traceback
+            raise SystemExit(f"kvserve: cannot serve {model}: {err}") from None
         name = engine.info.name
         if name in served:
             raise SystemExit(f"two models would be served as {name!r}; serve one of them")

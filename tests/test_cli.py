@@ -1,6 +1,8 @@
 """`kvserve serve` flags: environment fallbacks, the engine config they build, refused combinations."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from server import cli
@@ -71,3 +73,23 @@ def test_defaults_serve_on_the_cpu_without_a_gpu(monkeypatch):
     assert (served[0].device, served[0].dtype) == ("cpu", "float32")
     config = cli.engine_config("smollm2", served[0])
     assert (config.device, config.dtype) == ("cpu", "float32")
+
+
+def test_models_are_built_with_their_kv_share_and_a_budget_error_exits_cleanly(monkeypatch):
+    from engine.errors import InvalidRequestError
+
+    tasks = {"smol": "generate", "mini": "embed", "marian": "translate"}
+    built = []
+
+    def build(model, task, args, share):
+        built.append((model, task, share))
+        if model == "marian":
+            raise InvalidRequestError("no GPU memory left for marian's KV cache")
+        return SimpleNamespace(info=SimpleNamespace(name=model, task=task, path=model))
+
+    monkeypatch.setattr(cli, "model_task", tasks.__getitem__)
+    monkeypatch.setattr(cli, "build_engine", build)
+    args = cli.build_parser().parse_args(["serve", "--model", "smol", "--model", "mini", "--model", "marian"])
+    with pytest.raises(SystemExit, match="cannot serve marian: no GPU memory left"):
+        cli.serve(args)
+    assert built == [("smol", "generate", 0.5), ("mini", "embed", 1.0), ("marian", "translate", 1.0)]
