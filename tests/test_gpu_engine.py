@@ -149,3 +149,52 @@ def test_tiny_translation_on_gpu_equals_cpu(kind, tmp_path):
         }
         assert tokens["cuda"] == tokens["cpu"], f"num_beams={beams}"
     assert engines["cuda"].block_manager.num_free_blocks == engines["cuda"].num_blocks
+
+
+def test_minilm_in_bf16_on_gpu_is_close_to_the_fp32_cpu_reference():
+    """`kvserve serve` on a GPU defaults to bfloat16 for every model: MiniLM's embeddings there
+    stay within bf16 rounding of the fp32 CPU ones (the Triton varlen kernel, non-causal)."""
+    from engine.config import EngineConfig
+    from engine.embedding_engine import EmbeddingEngine
+
+    texts = PROMPTS + ["A man is playing a guitar.", "word " * 200]
+    ref = EmbeddingEngine.from_config(EngineConfig(model="minilm")).embed(texts)
+    gpu = EmbeddingEngine.from_config(EngineConfig(model="minilm", device="cuda", dtype="bfloat16"))
+    assert gpu.backend.name == "triton"
+    cosine = torch.nn.functional.cosine_similarity(gpu.embed(texts), ref)
+    assert cosine.min() > 0.999, cosine
+
+
+def test_tiny_marian_in_bf16_on_gpu_picks_the_fp32_reference_argmax(tmp_path):
+    """The bfloat16 default on a GPU for translation. Tokens may differ from fp32 at near ties, so
+    every greedy token the GPU picks is checked, under its own prefix, against HF's fp32 model:
+    it must be the reference's argmax or within a near-tie gap of it."""
+    pytest.importorskip("sentencepiece")
+    from transformers import MarianMTModel
+
+    from engine.config import CacheConfig, EngineConfig
+    from engine.translation_engine import TranslationEngine
+    from tests.encdec_fixtures import TRAIN_TOKENS, make_marian_folder, train_reversal
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = train_reversal(make_marian_folder(tmp_path / "marian"))
+    engine = TranslationEngine.from_config(EngineConfig(
+        model=str(folder), device="cuda", dtype="bfloat16", cache=CacheConfig(block_size=16, num_blocks=256)))
+    hf = MarianMTModel.from_pretrained(folder).eval()
+    gen = torch.Generator().manual_seed(7)
+    eos = engine.eos_token_ids[0]
+    srcs = [torch.randint(*TRAIN_TOKENS, (n,), generator=gen).tolist() + [eos] for n in (3, 9, 5, 2, 14, 7)]
+    outs = engine.translate(srcs, engine.default_params(max_tokens=12, num_beams=1))
+    exact = 0
+    for src, out in zip(srcs, outs):
+        tokens = out.outputs[0].token_ids
+        prefix = [engine.decoder_start_token_id] + tokens[:-1]
+        with torch.no_grad():
+            logits = hf(input_ids=torch.tensor([src]), decoder_input_ids=torch.tensor([prefix])).logits[0]
+        logits[:, hf.config.pad_token_id] = float("-inf")  # Marian never emits pad (generation config)
+        logprobs = logits.log_softmax(-1)
+        gaps = logprobs.max(-1).values - logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
+        assert gaps.max() <= 0.15, (src, tokens, gaps)  # 0.033 the largest in bf16 on CPU
+        exact += int((gaps == 0).sum())
+    assert exact >= 0.9 * sum(len(o.outputs[0].token_ids) for o in outs)
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
