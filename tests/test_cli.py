@@ -85,7 +85,8 @@ def test_models_are_built_with_their_kv_share_and_a_budget_error_exits_cleanly(m
         built.append((model, task, share))
         if model == "marian":
             raise InvalidRequestError("no GPU memory left for marian's KV cache")
-        return SimpleNamespace(info=SimpleNamespace(name=model, task=task, path=model))
+        return SimpleNamespace(info=SimpleNamespace(name=model, task=task, path=model),
+                               stats=lambda: SimpleNamespace(num_blocks_total=0))
 
     monkeypatch.setattr(cli, "model_task", tasks.__getitem__)
     monkeypatch.setattr(cli, "build_engine", build)
