@@ -92,3 +92,10 @@ def test_a_budget_that_holds_no_block_is_an_error_naming_the_flags(monkeypatch):
 def test_budget_settings_out_of_range_are_refused(cache):
     with pytest.raises(InvalidRequestError):
         CacheConfig(**cache)
+
+
+def test_offline_llm_takes_the_gpu_budget_setting(tmp_path):
+    from engine.llm import LLM
+
+    with pytest.raises(InvalidRequestError, match="gpu_memory_utilization"):  # checked before any load
+        LLM(str(tmp_path / "never-read"), gpu_memory_utilization=1.5)
