@@ -8,7 +8,7 @@ One process, one GPU, one run:
 3. batch-1 decode tokens/s: kvserve with CUDA graphs (running ahead, and landing each step's
    tokens before the next launch; cuBLAS or the fused GEMV Linears), kvserve eager, transformers,
    against the limit of reading every weight once per token (weight bytes / copy bandwidth),
-   and the GPU time of the graph's forward alone.
+   and the GPU time of the graph's forward alone, with its kernels profiled (to stderr).
 
     python benchmarks/bench_gpu.py [--num-prompts 1000] [--hf-batch 64] [--model smollm2]
 """
@@ -68,6 +68,27 @@ def graph_forward_ms(llm, context: int) -> float:
     return start.elapsed_time(end) / 100
 
 
+def graph_kernel_profile(llm, context: int, replays: int = 20, top: int = 8) -> dict:
+    """Where the batch-1 graph's time goes: per kernel, launches and GPU µs per step (CUPTI traces
+    kernels inside graph replays). Their sum against graph_forward_ms is the time between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = llm.engine.runner.graphs.graph_for(1, context)
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and e.count >= replays]
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    return {
+        "kernels_per_step": sum(e.count for e in kernels) / replays,
+        "kernel_us_per_step": sum(e.device_time_total for e in kernels) / replays,
+        "top": [(e.key[:60], e.count / replays, e.device_time_total / replays) for e in kernels[:top]],
+    }
+
+
 def run_kvserve(model: str, work, prompt: list[int], graphs: bool, throughput: bool, run_ahead: bool | None = None,
                 gemv_max_rows: int = 0) -> dict:
     from engine.llm import LLM
@@ -85,6 +106,10 @@ def run_kvserve(model: str, work, prompt: list[int], graphs: bool, throughput: b
     result = {"startup_s": startup, "decode_tok_s": decode_rate(gen, prompt)}
     if graphs:
         result["graph_forward_ms"] = graph_forward_ms(llm, len(prompt) + 256)
+        try:  # a diagnosis, not a result: a profiler that cannot trace graphs must not end the run
+            result["profile"] = graph_kernel_profile(llm, len(prompt) + 256)
+        except RuntimeError as err:
+            print(f"kernel profile failed: {err}", file=sys.stderr)
     if throughput:
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
         torch.cuda.synchronize()
@@ -200,6 +225,8 @@ def main() -> int:
     print(table(["engine", "tokens/s", "% of limit"], rows))
     print(f"\nThe batch-1 graph's forward alone, replayed back to back: {kv['graph_forward_ms']:.3f} ms "
           f"(cuBLAS Linears), {gemv['graph_forward_ms']:.3f} ms (GEMV Linears).")
+    print_profile("cuBLAS", kv)
+    print_profile("GEMV", gemv)
     return 0
 
 
@@ -213,7 +240,21 @@ def batch1_rows(folder: str, work, prompt: list[int], bandwidth: float) -> list[
             rows.append(["GEMV" if gemv else "cuBLAS", "running ahead" if ahead else "landing", f"{kv['decode_tok_s']:.0f}",
                          f"{100 * kv['decode_tok_s'] / limit:.0f}% of {limit:.0f}", f"{kv['graph_forward_ms']:.3f}"])
             print(rows[-1], file=sys.stderr, flush=True)
+            if ahead:
+                print_profile("GEMV" if gemv else "cuBLAS", kv)
     return rows
+
+
+def print_profile(label: str, kv: dict) -> None:
+    """The graph's kernels, to stderr: what a step's GPU time is made of, and the gaps between."""
+    prof = kv.get("profile")
+    if prof is None:
+        return
+    gaps = 1000 * kv["graph_forward_ms"] - prof["kernel_us_per_step"]
+    print(f"{label}: {prof['kernels_per_step']:.0f} kernels/step, {prof['kernel_us_per_step']:.1f} µs in kernels, "
+          f"{gaps:.1f} µs between them", file=sys.stderr)
+    for name, count, us in prof["top"]:
+        print(f"  {us:8.1f} µs  {count:5.0f}x  {name}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
