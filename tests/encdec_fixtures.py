@@ -154,6 +154,12 @@ def train_reversal(folder: Path, steps: int = 250, seed: int = 0) -> Path:
     return folder
 
 
+def reversal_inputs(lens: list[int] | tuple[int, ...], eos: int, seed: int) -> list[list[int]]:
+    """Source token ids of the reversal task, one sequence per length, each ending in eos."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(*TRAIN_TOKENS, (n,), generator=g).tolist() + [eos] for n in lens]
+
+
 # ---------------------------------------------------------------- loading and running our models
 def load_folder(cls: type, folder: Path) -> torch.nn.Module:
     """The folder through models/loader.py, as the server loads it (merged, packed on CPU)."""

@@ -127,7 +127,7 @@ def test_tiny_translation_on_gpu_equals_cpu(kind, tmp_path):
     pytest.importorskip("sentencepiece")
     from engine.config import CacheConfig, EngineConfig
     from engine.translation_engine import TranslationEngine
-    from tests.encdec_fixtures import TRAIN_TOKENS, make_marian_folder, make_t5_folder, train_reversal
+    from tests.encdec_fixtures import make_marian_folder, make_t5_folder, reversal_inputs, train_reversal
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if kind == "marian":
@@ -140,9 +140,7 @@ def test_tiny_translation_on_gpu_equals_cpu(kind, tmp_path):
         for dev in ("cuda", "cpu")
     }
     assert engines["cuda"].runner.backend.name == "triton"
-    gen = torch.Generator().manual_seed(5)
-    eos = engines["cpu"].eos_token_ids[0]
-    srcs = [torch.randint(*TRAIN_TOKENS, (n,), generator=gen).tolist() + [eos] for n in (3, 9, 5, 14, 7)]
+    srcs = reversal_inputs((3, 9, 5, 14, 7), engines["cpu"].eos_token_ids[0], seed=5)
     for beams in (1, 4):
         tokens = {
             dev: [o.outputs[0].token_ids for o in e.translate(srcs, e.default_params(max_tokens=12, num_beams=beams))]
@@ -177,16 +175,14 @@ def test_tiny_marian_in_bf16_on_gpu_picks_the_fp32_reference_argmax(tmp_path):
 
     from engine.config import CacheConfig, EngineConfig
     from engine.translation_engine import TranslationEngine
-    from tests.encdec_fixtures import TRAIN_TOKENS, make_marian_folder, train_reversal
+    from tests.encdec_fixtures import make_marian_folder, reversal_inputs, train_reversal
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = train_reversal(make_marian_folder(tmp_path / "marian"))
     engine = TranslationEngine.from_config(EngineConfig(
         model=str(folder), device="cuda", dtype="bfloat16", cache=CacheConfig(block_size=16, num_blocks=256)))
     hf = MarianMTModel.from_pretrained(folder).eval()
-    gen = torch.Generator().manual_seed(7)
-    eos = engine.eos_token_ids[0]
-    srcs = [torch.randint(*TRAIN_TOKENS, (n,), generator=gen).tolist() + [eos] for n in (3, 9, 5, 2, 14, 7)]
+    srcs = reversal_inputs((3, 9, 5, 2, 14, 7), engine.eos_token_ids[0], seed=7)
     outs = engine.translate(srcs, engine.default_params(max_tokens=12, num_beams=1))
     exact = 0
     for src, out in zip(srcs, outs):

@@ -10,7 +10,8 @@ import torch
 from models.encdec_tokenizer import MarianTokenizer
 from models.marian import MarianMTModel, sinusoidal_positions
 from tests.encdec_fixtures import (
-    TEST_TEXTS, TRAIN_TOKENS, decoder_logits, encode_batch, greedy_decode, load_folder, make_marian_folder, train_reversal,
+    TEST_TEXTS, decoder_logits, encode_batch, greedy_decode, load_folder, make_marian_folder, reversal_inputs,
+    train_reversal,
 )
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -46,8 +47,7 @@ def _random_seqs(lens: list[int], vocab: int, seed: int) -> list[list[int]]:
 
 def _task_inputs(seed: int) -> list[list[int]]:
     """Sources of the reversal task the trained fixture learnt (eos = 0)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(*TRAIN_TOKENS, (n,), generator=g).tolist() + [0] for n in (3, 6, 5)]
+    return reversal_inputs((3, 6, 5), 0, seed)
 
 
 def test_sinusoid_matches_hf_table():

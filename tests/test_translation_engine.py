@@ -14,7 +14,7 @@ from engine.errors import InvalidRequestError, PromptTooLongError  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.translation_engine import TranslationEngine  # noqa: E402
 from engine.translation_request import TranslationRequest  # noqa: E402
-from tests.encdec_fixtures import TRAIN_TOKENS, make_marian_folder, make_t5_folder, train_reversal  # noqa: E402
+from tests.encdec_fixtures import make_marian_folder, make_t5_folder, reversal_inputs, train_reversal  # noqa: E402
 
 MAX_NEW = 12
 
@@ -25,11 +25,6 @@ def _engine(folder, num_blocks: int = 400, block_size: int = 4, max_tokens: int 
         model=str(folder), cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs),
     ))
-
-
-def _task_inputs(lens: list[int], eos: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(*TRAIN_TOKENS, (n,), generator=g).tolist() + [eos] for n in lens]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +63,7 @@ def _hf_generate(hf, srcs: list[list[int]], eos: int, **kwargs) -> list[list[int
 def _sources(engine: TranslationEngine) -> list[list[int]]:
     eos = engine.eos_token_ids[0]
     texts = ["the quick brown fox", "kamira tosune lope di ba", "a red house on the river!", "city"]
-    return [engine.tokenizer.encode(t) for t in texts] + _task_inputs([3, 6, 5, 8], eos, seed=7)
+    return [engine.tokenizer.encode(t) for t in texts] + reversal_inputs([3, 6, 5, 8], eos, seed=7)
 
 
 @pytest.mark.parametrize("beams,screen", [
@@ -116,7 +111,7 @@ def test_continuous_batching_with_preemption_equals_alone(marian):
     each gets the tokens it gets alone, beams share blocks, and every block is free at the end."""
     engine = _engine(marian, num_blocks=36, block_size=4, max_tokens=48, max_seqs=24)
     eos = engine.eos_token_ids[0]
-    srcs = _task_inputs([2, 7, 4, 9, 3, 6, 8, 5, 2, 9, 7, 3, 6, 4, 8, 5, 9, 2], eos, seed=11)
+    srcs = reversal_inputs([2, 7, 4, 9, 3, 6, 8, 5, 2, 9, 7, 3, 6, 4, 8, 5, 9, 2], eos, seed=11)
     params = [engine.default_params(num_beams=(1, 2, 4)[i % 3], max_tokens=10) for i in range(len(srcs))]
     alone = [engine.translate([s], p)[0].outputs[0].token_ids for s, p in zip(srcs, params)]
     assert engine.scheduler.num_preemptions == 0
@@ -190,7 +185,7 @@ def test_streaming_deltas_and_abort(marian):
 
 def test_seeded_sampling_is_reproducible(marian):
     engine = _engine(marian)
-    srcs = _task_inputs([6, 6, 6], engine.eos_token_ids[0], seed=3)
+    srcs = reversal_inputs([6, 6, 6], engine.eos_token_ids[0], seed=3)
     params = engine.default_params(temperature=1.5, seed=5, max_tokens=10)
     a = [o.outputs[0].token_ids for o in engine.translate(srcs, params)]
     b = [o.outputs[0].token_ids for o in engine.translate(srcs[:1], params)]
