@@ -137,7 +137,7 @@ def kv_shares(tasks: list[str]) -> list[float]:
     return shares
 
 
-def build_engine(model: str, task: str, args: argparse.Namespace, gpu_kv_share: float = 1.0) -> Any:
+def build_engine(model: str, task: str, args: argparse.Namespace, gpu_kv_share: float) -> Any:
     config = engine_config(model, args, gpu_kv_share)
     if task == "generate":
         from engine.engine import LLMEngine
