@@ -161,24 +161,29 @@ def prefill_rows(args, peak: float) -> list[list]:
 
 # (model, layer, out N, in K, what runs before it): a decoder layer's merged matmuls and the head
 GEMV_SHAPES = [
-    ("SmolLM2-135M", "q/k/v", 960, 576, "norm"), ("SmolLM2-135M", "o_proj", 576, 576, None),
+    ("SmolLM2-135M", "q/k/v", 960, 576, "norm"), ("SmolLM2-135M", "q/k/v", 960, 576, "norm+rope"),
+    ("SmolLM2-135M", "o_proj", 576, 576, None),
     ("SmolLM2-135M", "gate/up", 3072, 576, "norm"), ("SmolLM2-135M", "down", 576, 1536, "silu"),
     ("SmolLM2-135M", "lm_head", 49152, 576, None),
-    ("Llama-3.2-1B", "q/k/v", 3072, 2048, "norm"), ("Llama-3.2-1B", "o_proj", 2048, 2048, None),
+    ("Llama-3.2-1B", "q/k/v", 3072, 2048, "norm"), ("Llama-3.2-1B", "q/k/v", 3072, 2048, "norm+rope"),
+    ("Llama-3.2-1B", "o_proj", 2048, 2048, None),
     ("Llama-3.2-1B", "gate/up", 16384, 2048, "norm"), ("Llama-3.2-1B", "down", 2048, 8192, "silu"),
     ("Llama-3.2-1B", "lm_head", 128256, 2048, None),
 ]
+HEADS = {"SmolLM2-135M": (9, 3, 64), "Llama-3.2-1B": (32, 8, 64)}  # q heads, kv heads, head dim
 
 
 def gemv_rows(args, bandwidth: float) -> list[list]:
     """Each decode matmul with the op before it, at batch 1 and 4: add+RMSNorm or SiLU-mul kernel
-    then cuBLAS (what runs without GEMV Linears), against the fused Triton GEMV. Timed inside a
-    CUDA graph over enough weight copies to exceed L2, as a step streams one layer after another."""
+    then cuBLAS (what runs without GEMV Linears), against the fused Triton GEMV; for q/k/v also with
+    the rotary + K/V write after it (norm+rope: 3 launches against the GEMV with its epilogue).
+    Timed inside a CUDA graph over enough weight copies to exceed L2, as a step streams one layer
+    after another."""
     import triton.testing
     import torch.nn.functional as F
 
     from engine import fused
-    from engine.fused import triton_gemv
+    from engine.fused import triton_gemv, triton_qkv
 
     rows = []
     for model, layer, n, k, before in GEMV_SHAPES:
@@ -191,8 +196,15 @@ def gemv_rows(args, bandwidth: float) -> list[list]:
             x = torch.randn(batch, width, dtype=torch.bfloat16, device="cuda")
             res = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda")
             out_dtype = torch.float32 if layer == "lm_head" else None
+            hq, hk, d = HEADS[model]
+            cos, sin = (c[:, None, :] for c in torch.randn(batch, d, device="cuda").bfloat16().chunk(2, -1))
+            caches = [torch.zeros(64, 16, hk, d, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+            slots = torch.arange(batch, device="cuda") * 16 + 3
 
             def cublas(w):
+                if before == "norm+rope":
+                    qkv = F.linear(fused.add_rms_norm(x, res, norm_w, 1e-5)[0], w)
+                    return fused.rotary_store_kv(*fused.split_heads(qkv, hq, hk, d), cos, sin, *caches, slots)
                 if before == "norm":
                     return F.linear(fused.add_rms_norm(x, res, norm_w, 1e-5)[0], w)
                 if before == "silu":
@@ -200,6 +212,10 @@ def gemv_rows(args, bandwidth: float) -> list[list]:
                 return F.linear(x, w).float() if out_dtype else F.linear(x, w)
 
             def gemv(w, **tile):
+                if before == "norm+rope":
+                    tile = dict(tile, block_p=max(1, tile.pop("block_n", 2) // 2)) if tile else tile
+                    return triton_qkv.norm_qkv_rotary_store(x, res, norm_w, 1e-5, w, None, hq, hk, cos, sin,
+                                                            *caches, slots, **tile)
                 if before == "norm":
                     return triton_gemv.norm_linear(x, res, norm_w, 1e-5, w, **tile)
                 if before == "silu":

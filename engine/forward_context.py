@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import fused
 from engine.attention.base import AttentionBackend
 from engine.attention.metadata import AttentionMetadata, RelativePositionBias
 
@@ -39,22 +38,17 @@ class ForwardContext:
             self.backend.store_kv(k, v, k_cache, v_cache, self.meta.slot_mapping)
         return self.backend.paged_attention(q, k_cache, v_cache, self.meta, scale, bias)
 
-    def attend_rotary(
-        self,
-        layer_idx: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        scale: float,
-    ) -> torch.Tensor:
-        """`attend` after rotary positions (cos, sin) on q and k. With a cache to write, one
-        fused op rotates q and k and stores K/V (on a GPU one launch instead of three)."""
+    def write_target(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(k_cache, v_cache, slot_mapping) where this step writes its new K/V into layer_idx's
+        cache, for a fused op that stores them itself before `attend_stored`; else None."""
         if self.kv_caches is None or self.meta.slot_mapping is None:
-            q, k = fused.rotary(q, k, *rope)
-            return self.attend(layer_idx, q, k, v, scale)
+            return None
+        return (*self.kv_caches[layer_idx], self.meta.slot_mapping)
+
+    def attend_stored(self, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of q over layer_idx's cache, the step's new K/V already in it."""
+        assert self.kv_caches is not None
         k_cache, v_cache = self.kv_caches[layer_idx]
-        q = fused.rotary_store_kv(q, k, v, *rope, k_cache, v_cache, self.meta.slot_mapping)
         return self.backend.paged_attention(q, k_cache, v_cache, self.meta, scale)
 
     def attend_cross(self, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -62,9 +56,8 @@ class ForwardContext:
 
         Writes nothing (cross K/V are stored once per request); `meta.seq_lens` are encoder lengths.
         """
-        assert self.kv_caches is not None and not self.meta.causal
-        k_cache, v_cache = self.kv_caches[layer_idx]
-        return self.backend.paged_attention(q, k_cache, v_cache, self.meta, scale)
+        assert not self.meta.causal
+        return self.attend_stored(layer_idx, q, scale)
 
 
 def metadata_for_sequences(

@@ -86,15 +86,27 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = merged_linear(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
-    def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
-        """Attention and o_proj from the merged projection's output qkv (T, (Hq + 2 Hkv) D)."""
-        t, d = qkv.shape[0], self.head_dim
-        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
-        q = q.view(t, self.num_heads, d)  # (T, Hq, D)
-        k = k.view(t, self.num_kv_heads, d)  # (T, Hkv, D)
-        v = v.view(t, self.num_kv_heads, d)
-        out = ctx.attend_rotary(self.layer_idx, q, k, v, rope, self.scale)  # (T, Hq, D)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+        rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(o_proj(attention), x + residual) with the layer's input norm: norm, merged q/k/v, rotary
+        on q and k, attention. Where the step writes the cache, rotary and the K/V write go with
+        the q/k/v matmul (on a GPU one launch with the norm too, where that matmul is a GEMV)."""
+        t = x.shape[0]
+        target = ctx.write_target(self.layer_idx)
+        if target is None:
+            qkv, residual = norm.then(self.qkv_proj, x, residual)
+            q, k, v = fused.split_heads(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
+            q, k = fused.rotary(q, k, *rope)
+            out = ctx.attend(self.layer_idx, q, k, v, self.scale)
+        else:
+            q, residual = fused.norm_qkv_rotary_store(
+                x, residual, norm.weight, norm.variance_epsilon, self.qkv_proj, self.num_heads, self.num_kv_heads,
+                *rope, *target,
+            )
+            out = ctx.attend_stored(self.layer_idx, q, self.scale)  # (T, Hq, D)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -137,8 +149,8 @@ class LlamaDecoderLayer(nn.Module):
         goes with the merged matmul after it, which may take it into its own launch."""
         attn, mlp = self.self_attn, self.mlp
         assert attn.qkv_proj is not None and mlp.gate_up_proj is not None, "after_load() merges the projections"
-        qkv, residual = self.input_layernorm.then(attn.qkv_proj, x, residual)
-        gate_up, residual = self.post_attention_layernorm.then(mlp.gate_up_proj, attn.attend(qkv, rope, ctx), residual)
+        h, residual = attn(x, residual, self.input_layernorm, rope, ctx)
+        gate_up, residual = self.post_attention_layernorm.then(mlp.gate_up_proj, h, residual)
         return mlp.down(gate_up), residual
 
 

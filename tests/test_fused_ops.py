@@ -148,6 +148,49 @@ def test_silu_mul_linear(rows, n, k):
     assert rel(triton_gemv.silu_mul_linear(gate_up, w, None, **SMALL_TILES), ref.silu_mul_linear(gate_up, w)) <= TOL
 
 
+# (rows, q heads, kv heads, head dim, hidden K): ragged on CPU (K not a multiple of the tile, a
+# head dim whose pairs straddle tiles); on the GPU SmolLM2-135M's, Llama-3.2-1B's and Qwen2-0.5B's.
+QKV_SHAPES = [(1, 4, 2, 16, 40), (3, 6, 2, 8, 72), (2, 4, 4, 32, 33)] if DEVICE == "cpu" else [
+    (1, 9, 3, 64, 576), (1, 32, 8, 64, 2048), (4, 14, 2, 64, 896),
+]
+
+
+@skip_interp
+@pytest.mark.parametrize("rows,hq,hk,d,k", QKV_SHAPES)
+def test_norm_qkv_rotary_store(rows, hq, hk, d, k):
+    """The q/k/v GEMV with rotary and the K/V write as its epilogue equals norm_linear followed by
+    rotary_store_kv: rotated q out, x + residual out, rotated k and v in their (scattered) cache
+    slots and every other slot untouched; with and without residual and bias, int32 and int64
+    slots, and tiles down to one rotary pair per program."""
+    from engine.fused import triton_qkv
+
+    gen = torch.Generator().manual_seed(rows * k + hq)
+    n = (hq + 2 * hk) * d
+    x, w, b = gemv_inputs(rows, n, k, gen)
+    res, norm_w = rand(rows, k, gen=gen), rand(k, gen=gen)
+    table = rand(64, d, gen=gen)
+    cos, sin = (c[:, None, :] for c in table[torch.randint(0, 64, (rows,), generator=gen).to(DEVICE)].chunk(2, -1))
+    block_size = 4
+    num_blocks = rows + 3
+    tiles = ({}, dict(block_p=1, block_k=32), dict(block_p=2, block_k=16)) if DEVICE == "cpu" else ({},)
+    for i, ((residual, bias), tile) in enumerate(zip(((res, b), (None, None), (res, None)), tiles * 3)):
+        slots = torch.randperm(num_blocks * block_size, generator=gen)[:rows].to(DEVICE)
+        slots = slots.int() if i == 1 else slots
+        caches = [rand(num_blocks, block_size, hk, d, gen=gen) for _ in range(2)]
+        want_caches = [c.clone() for c in caches]
+        q, new_res = triton_qkv.norm_qkv_rotary_store(x, residual, norm_w, 1e-5, w, bias, hq, hk, cos, sin,
+                                                      *caches, slots, **tile)
+        want_q, want_res = ref.norm_qkv_rotary_store(x, residual, norm_w, 1e-5, w, bias, hq, hk, cos, sin,
+                                                     *want_caches, slots)
+        assert q.shape == (rows, hq, d) and rel(q, want_q) <= TOL and rel(new_res, want_res) <= TOL
+        for got_cache, want_cache in zip(caches, want_caches):
+            flat_got, flat_want = got_cache.view(-1, hk, d), want_cache.view(-1, hk, d)
+            others = torch.ones(flat_got.shape[0], dtype=torch.bool, device=DEVICE)
+            others[slots.long()] = False
+            assert torch.equal(flat_got[others], flat_want[others])
+            assert rel(flat_got[slots.long()], flat_want[slots.long()]) <= TOL
+
+
 @skip_interp
 def test_gemv_linear_takes_only_small_batches(monkeypatch):
     """A swapped Linear keeps its parameters (a tied head stays the embedding's weight); batches up

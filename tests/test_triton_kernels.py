@@ -223,7 +223,7 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from engine.fused import triton_gemv, triton_ops
+    from engine.fused import triton_gemv, triton_ops, triton_qkv
 
     nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "key_ptr": "*bf16",
@@ -244,6 +244,10 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
         # the GEMV's largest tiles: 16 x 256 (SmolLM2's K) and 4 x 1,024 (Llama-1B's)
         "gemv_norm": (triton_gemv._gemv_kernel, dict(gemv, PROLOGUE=1, HAS_RES=True, BLOCK_N=16, BLOCK_K=256)),
         "gemv_silu_mul": (triton_gemv._gemv_kernel, dict(gemv, PROLOGUE=2, HAS_RES=False, BLOCK_N=4, BLOCK_K=1024)),
+        # q/k/v with the rotary epilogue: SmolLM2's largest pair block, Llama-1B's on an H100
+        "gemv_qkv_rotary": (triton_qkv._norm_qkv_rotary_kernel, dict(gemv, HAS_RES=True, BLOCK_P=8, BLOCK_K=256)),
+        "gemv_qkv_rotary_1b": (triton_qkv._norm_qkv_rotary_kernel, dict(HAS_BIAS=True, HAS_RES=True, BLOCK_P=2,
+                                                                         BLOCK_K=1024)),
     }
     report = {}
     for name, (fn, consts) in variants.items():
@@ -254,7 +258,7 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
             for arg in fn.arg_names
         }
         # the launch wrappers' defaults
-        num_warps = {"store_kv": 4, "decode_reduce": 4, "rotary_store_kv": 1, "gemv_norm": 4, "gemv_silu_mul": 4}.get(name, 8)
+        num_warps = 4 if name.startswith("gemv") else {"store_kv": 4, "decode_reduce": 4, "rotary_store_kv": 1}.get(name, 8)
         # a launch specializes pointers, strides and K divisible by 16 (as real tensors' are)
         aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
                    if arg.endswith("_ptr") or arg.startswith("stride") or arg == "K"} if name.startswith("gemv") else None
@@ -281,7 +285,8 @@ def test_kernels_compile_for_hopper_without_register_spills():
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.splitlines()[-1])
     assert report["prefill_paged_causal"]["HGMMA"] > 0  # wgmma, not the pre-Hopper mma path
-    assert report["gemv_norm"]["LDG.E.128"] > 0 and report["gemv_silu_mul"]["LDG.E.128"] > 0  # 16-byte weight loads
+    for name in ("gemv_norm", "gemv_silu_mul", "gemv_qkv_rotary", "gemv_qkv_rotary_1b"):
+        assert report[name]["LDG.E.128"] > 0, name  # 16-byte weight loads
     for name, ops in report.items():
         assert ops["LDL"] + ops["STL"] <= 16, f"{name} spills registers: {ops}"
 
@@ -527,12 +532,13 @@ def decode_launches(llm, monkeypatch) -> tuple[list[str], list[str]]:
 
 
 @interpreted
-@pytest.mark.parametrize("gemv_rows,per_layer", [(0, 9), (1, 6)])
+@pytest.mark.parametrize("gemv_rows,per_layer", [(0, 9), (1, 5)])
 def test_decode_step_launch_count(gemv_rows, per_layer, tmp_path, monkeypatch):
     """A LLaMA layer's batch-1 decode is 9 launches with cuBLAS matmuls (norm, q/k/v, rotary + K/V
-    write, single-pass attention, o_proj, norm, gate/up, SiLU-mul, down) and 6 with GEMV Linears
-    (the norms and SiLU-mul folded in); around the layers only the embedding, the rotary table
-    lookup and the final norm. Launches are a small model's decode time on a GPU: this pins them."""
+    write, single-pass attention, o_proj, norm, gate/up, SiLU-mul, down) and 5 with GEMV Linears
+    (the norms and SiLU-mul folded in, and rotary + K/V write in the q/k/v GEMV's epilogue);
+    around the layers only the embedding, the rotary table lookup and the final norm. Launches
+    are a small model's decode time on a GPU: this pins them."""
     from engine.llm import LLM
     from tests.tiny_models import save_tiny
 
@@ -544,3 +550,5 @@ def test_decode_step_launch_count(gemv_rows, per_layer, tmp_path, monkeypatch):
     triton_calls, aten_calls = decode_launches(llm, monkeypatch)
     assert sorted(aten_calls) == sorted(["embedding", "index"] + ["matmul"] * (4 * layers if not gemv_rows else 0))
     assert len(triton_calls) + len(aten_calls) == per_layer * layers + 3, (triton_calls, aten_calls)
+    fused_qkv = triton_calls.count("_norm_qkv_rotary_kernel")
+    assert fused_qkv == (layers if gemv_rows else 0) and triton_calls.count("_rotary_store_kv_kernel") == layers - fused_qkv

@@ -5,7 +5,8 @@ RMSNorm alone is seven launches). Each op has a pure-torch reference in `ref` wi
 signature, which is the CPU path and the oracle of the Triton version in `triton_ops`; the
 dispatch below picks Triton for CUDA tensors, the reference elsewhere. `norm_linear` and
 `silu_mul_linear` fold the op into the next Linear's launch where that Linear is a `GemvLinear`
-taking the batch (engine/fused/gemv.py; its kernels in `triton_gemv`).
+taking the batch (engine/fused/gemv.py; its kernels in `triton_gemv`), and
+`norm_qkv_rotary_store` folds rotary and the K/V cache write into the q/k/v GEMV too (`triton_qkv`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from engine.fused import ref
 from engine.fused.gemv import GemvLinear
+from engine.fused.ref import split_heads
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
@@ -82,3 +84,22 @@ def silu_mul_linear(gate_up: torch.Tensor, linear: nn.Module) -> torch.Tensor:
         return triton_gemv.silu_mul_linear(gate_up.contiguous(), linear.weight, linear.bias)
     gate, up = gate_up.chunk(2, dim=-1)
     return linear(silu_mul(gate, up))
+
+
+def norm_qkv_rotary_store(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, linear: nn.Module,
+    num_q_heads: int, num_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rotated q, x + residual) where `linear` is the merged q/k/v projection of norm(x + residual):
+    its k rotated and its v are written to their cache slots as `rotary_store_kv` does."""
+    if isinstance(linear, GemvLinear) and linear.takes(x):
+        from engine.fused import triton_qkv
+
+        return triton_qkv.norm_qkv_rotary_store(
+            x.contiguous(), residual, norm_weight, eps, linear.weight, linear.bias, num_q_heads, num_kv_heads,
+            cos, sin, k_cache, v_cache, slot_mapping,
+        )
+    qkv, residual = norm_linear(x, residual, norm_weight, eps, linear)
+    q, k, v = split_heads(qkv, num_q_heads, num_kv_heads, k_cache.shape[-1])
+    return rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping), residual

@@ -53,6 +53,15 @@ def rotary_store_kv(
     return q
 
 
+def split_heads(
+    qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (T, Hq, D), k and v (T, Hkv, D): views of a merged q/k/v matmul's output (T, (Hq + 2 Hkv) D)."""
+    t, d = qkv.shape[0], head_dim
+    q, k, v = qkv.split([num_q_heads * d, num_kv_heads * d, num_kv_heads * d], -1)
+    return q.view(t, num_q_heads, d), k.view(t, num_kv_heads, d), v.view(t, num_kv_heads, d)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     out = F.linear(x, weight, bias)
@@ -72,3 +81,14 @@ def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """linear(silu(gate) * up) where gate_up holds [gate | up] (a merged gate/up matmul's output)."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.linear(silu_mul(gate, up), weight, bias)
+
+
+def norm_qkv_rotary_store(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, bias: torch.Tensor | None, num_q_heads: int, num_kv_heads: int,
+    cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rotary_store_kv of the merged q/k/v matmul of norm(x + residual), x + residual)."""
+    qkv, residual = norm_linear(x, residual, norm_weight, eps, weight, bias)
+    q, k, v = split_heads(qkv, num_q_heads, num_kv_heads, k_cache.shape[-1])
+    return rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping), residual

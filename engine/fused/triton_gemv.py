@@ -4,8 +4,9 @@ A batch-1 decode step reads every weight once and does little else, so on a GPU 
 memory bandwidth. Through cuBLAS each Linear is one launch, and each RMSNorm and SwiGLU product
 in front of one is another: per LLaMA layer, 3 of its 9 launches only move a row of a few KB.
 Here the norm (with its residual add) or the SwiGLU product is computed while the matmul loads
-its input, so a layer is 6 launches. A program multiplies one input row by a block of weight
-rows, and recomputes the norm of its input row: a few KB, read from L2.
+its input, so a layer is 6 launches (5 where engine.fused.triton_qkv also folds rotary and the
+K/V write into the q/k/v GEMV). A program multiplies one input row by a block of weight rows, and
+recomputes the norm of its input row: a few KB, read from L2.
 
 Arithmetic follows engine.fused.ref: fp32 inside, the norm's and SwiGLU's results rounded to the
 model dtype before the matmul (as their own kernels would store them), the output rounded to the
@@ -30,6 +31,42 @@ def _norm_input(x_ptr, res_ptr, k, mask, HAS_RES: tl.constexpr):
 
 
 @triton.jit
+def _inv_rms(x_row, res_row, res_out_row, K, eps, store_sum, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / rms of the input row x + res, in fp32 (a first pass over the row); where `store_sum`,
+    x + res is also stored to res_out_row (one program per row does it)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        h = _norm_input(x_row, res_row, k, k < K, HAS_RES)
+        if HAS_RES:
+            if store_sum:
+                tl.store(res_out_row + k, h, mask=k < K)
+        h = h.to(tl.float32)
+        squares += h * h
+    return tl.rsqrt(tl.sum(squares, 0) / K + eps)
+
+
+@triton.jit
+def _input_tile(x_row, res_row, nw_ptr, kk, mask, inv, K, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr):
+    """The matmul's input at offsets kk, in fp32: x, norm(x + res) * nw (`inv` from `_inv_rms`),
+    or silu(gate) * up where the row holds [gate | up]; each op's result rounded to x's dtype."""
+    x_dtype = x_row.dtype.element_ty
+    if PROLOGUE == 1:
+        h = _norm_input(x_row, res_row, kk, mask, HAS_RES).to(tl.float32)
+        y = (h * inv).to(x_dtype).to(tl.float32)  # cast back before the weight, as HF
+        nw = tl.load(nw_ptr + kk, mask=mask, other=0.0).to(tl.float32)
+        a = (nw * y).to(x_dtype).to(tl.float32)
+    elif PROLOGUE == 2:
+        g = tl.load(x_row + kk, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_row + K + kk, mask=mask, other=0.0).to(tl.float32)
+        a = (g * tl.sigmoid(g) * u).to(x_dtype).to(tl.float32)
+    else:
+        a = tl.load(x_row + kk, mask=mask, other=0.0).to(tl.float32)
+    return a
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
     M, N, K, eps,
@@ -48,19 +85,9 @@ def _gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_row = x_ptr + m * stride_x
     res_row = res_ptr + m * stride_r
-    x_dtype = x_ptr.dtype.element_ty
-    if PROLOGUE == 1:
-        # first pass over the input row: its mean square; the first block also stores x + res
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            h = _norm_input(x_row, res_row, k, k < K, HAS_RES)
-            if HAS_RES:
-                if block == 0:
-                    tl.store(res_out_ptr + m * stride_ro + k, h, mask=k < K)
-            h = h.to(tl.float32)
-            squares += h * h
-        inv = tl.rsqrt(tl.sum(squares, 0) / K + eps)
+    inv = 0.0
+    if PROLOGUE == 1:  # the first block also stores x + res
+        inv = _inv_rms(x_row, res_row, res_out_ptr + m * stride_ro, K, eps, block == 0, HAS_RES, BLOCK_K)
     # one product per weight element, summed over K once after the loop. The input row is loaded
     # broadcast to the weight tile's shape (each weight row's copy from L1): the tile and the
     # input then share one register layout, with no shuffle through shared memory in the loop.
@@ -68,20 +95,9 @@ def _gemv_kernel(
     rows0 = 0 * n[:, None]  # (BLOCK_N, 1) zeros
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
-        k_mask = k < K
         kk = k[None, :] + rows0  # (BLOCK_N, BLOCK_K) input offsets, equal down the rows
-        mask = n_mask[:, None] & k_mask[None, :]
-        if PROLOGUE == 1:
-            h = _norm_input(x_row, res_row, kk, mask, HAS_RES).to(tl.float32)
-            y = (h * inv).to(x_dtype).to(tl.float32)  # cast back before the weight, as HF
-            nw = tl.load(nw_ptr + kk, mask=mask, other=0.0).to(tl.float32)
-            a = (nw * y).to(x_dtype).to(tl.float32)
-        elif PROLOGUE == 2:
-            g = tl.load(x_row + kk, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(x_row + K + kk, mask=mask, other=0.0).to(tl.float32)
-            a = (g * tl.sigmoid(g) * u).to(x_dtype).to(tl.float32)
-        else:
-            a = tl.load(x_row + kk, mask=mask, other=0.0).to(tl.float32)
+        mask = n_mask[:, None] & (k < K)[None, :]
+        a = _input_tile(x_row, res_row, nw_ptr, kk, mask, inv, K, PROLOGUE, HAS_RES)
         # int64 row offsets: a large vocabulary projection passes 2**31 elements
         w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_w + k[None, :], mask=mask, other=0.0)
         acc += a * w.to(tl.float32)
