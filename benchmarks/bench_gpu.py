@@ -6,7 +6,8 @@ One process, one GPU, one run:
    output tokens, EOS ignored) for kvserve and for transformers generate() with requests
    grouped by output length and batched (padding only across prompt lengths);
 3. batch-1 decode tokens/s: kvserve with CUDA graphs (running ahead, and landing each step's
-   tokens before the next launch; cuBLAS or the fused GEMV Linears), kvserve eager, transformers,
+   tokens before the next launch; cuBLAS or the fused GEMV Linears, these also with programmatic
+   dependent launch on Hopper), kvserve eager, transformers,
    against the limit of reading every weight once per token (weight bytes / copy bandwidth),
    and the GPU time of the graph's forward alone, with its kernels profiled (to stderr).
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_kernels import hbm_gbps, matmul_tflops  # noqa: E402
 from benchmarks.common import machine, table  # noqa: E402
+from engine.fused import pdl  # noqa: E402
 
 OUTPUT_LENGTHS = (32, 64, 128, 256, 512)
 
@@ -90,14 +92,14 @@ def graph_kernel_profile(llm, context: int, replays: int = 20, top: int = 8) -> 
 
 
 def run_kvserve(model: str, work, prompt: list[int], graphs: bool, throughput: bool, run_ahead: bool | None = None,
-                gemv_max_rows: int = 0) -> dict:
+                gemv_max_rows: int = 0, enable_pdl: bool = False) -> dict:
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(model, device="cuda", dtype="bfloat16", max_num_seqs=256 if throughput else 8,
               max_num_batched_tokens=8192, max_model_len=2048, decode_graphs=graphs, run_ahead=run_ahead,
-              gemv_max_rows=gemv_max_rows)
+              gemv_max_rows=gemv_max_rows, enable_pdl=enable_pdl)
     startup = time.perf_counter() - t0
 
     def gen(p: list[int], n: int) -> None:
@@ -190,6 +192,10 @@ def main() -> int:
     print("kvserve landing each step:", res["kvserve_landing"], file=sys.stderr, flush=True)
     res["kvserve_gemv"] = run_kvserve(str(folder), work, prompt, graphs=True, throughput=False, gemv_max_rows=4)
     print("kvserve GEMV Linears:", res["kvserve_gemv"], file=sys.stderr, flush=True)
+    if pdl.supported("cuda"):
+        res["kvserve_pdl"] = run_kvserve(str(folder), work, prompt, graphs=True, throughput=False, gemv_max_rows=4,
+                                         enable_pdl=True)
+        print("kvserve GEMV Linears + PDL:", res["kvserve_pdl"], file=sys.stderr, flush=True)
     res["kvserve_eager"] = run_kvserve(str(folder), work, prompt, graphs=False, throughput=False)
     print("kvserve eager:", res["kvserve_eager"], file=sys.stderr, flush=True)
     if not args.skip_hf:
@@ -218,6 +224,8 @@ def main() -> int:
     rows = [["kvserve, CUDA graphs, running ahead", kv["decode_tok_s"], 100 * kv["decode_tok_s"] / limit],
             ["kvserve, CUDA graphs, landing each step", landing["decode_tok_s"], 100 * landing["decode_tok_s"] / limit],
             ["kvserve, CUDA graphs, running ahead, GEMV Linears", gemv["decode_tok_s"], 100 * gemv["decode_tok_s"] / limit],
+            *([["kvserve, CUDA graphs, running ahead, GEMV Linears + PDL", res["kvserve_pdl"]["decode_tok_s"],
+                100 * res["kvserve_pdl"]["decode_tok_s"] / limit]] if "kvserve_pdl" in res else []),
             ["kvserve, eager", res["kvserve_eager"]["decode_tok_s"], 100 * res["kvserve_eager"]["decode_tok_s"] / limit]]
     if "hf" in res:
         rows.append(["transformers generate()", res["hf"]["decode_tok_s"], 100 * res["hf"]["decode_tok_s"] / limit])
@@ -227,21 +235,29 @@ def main() -> int:
           f"(cuBLAS Linears), {gemv['graph_forward_ms']:.3f} ms (GEMV Linears).")
     print_profile("cuBLAS", kv)
     print_profile("GEMV", gemv)
+    if "kvserve_pdl" in res:
+        print(f"With PDL: {res['kvserve_pdl']['graph_forward_ms']:.3f} ms.")
+        print_profile("GEMV + PDL", res["kvserve_pdl"])
     return 0
 
 
 def batch1_rows(folder: str, work, prompt: list[int], bandwidth: float) -> list[list]:
-    """Batch-1 decode with cuBLAS or GEMV Linears, running ahead or landing each step."""
+    """Batch-1 decode with cuBLAS or GEMV Linears, running ahead or landing each step, and the
+    GEMV Linears with programmatic dependent launch where the GPU has it."""
     rows = []
-    for gemv in (0, 4):
-        for ahead in (True, False):
-            kv = run_kvserve(folder, work, prompt, graphs=True, throughput=False, run_ahead=ahead, gemv_max_rows=gemv)
-            limit = bandwidth * 1e9 / kv["weight_bytes"]
-            rows.append(["GEMV" if gemv else "cuBLAS", "running ahead" if ahead else "landing", f"{kv['decode_tok_s']:.0f}",
-                         f"{100 * kv['decode_tok_s'] / limit:.0f}% of {limit:.0f}", f"{kv['graph_forward_ms']:.3f}"])
-            print(rows[-1], file=sys.stderr, flush=True)
-            if ahead:
-                print_profile("GEMV" if gemv else "cuBLAS", kv)
+    configs = [(gemv, ahead, False) for gemv in (0, 4) for ahead in (True, False)]
+    if pdl.supported("cuda"):
+        configs += [(4, True, True), (0, True, True)]
+    for gemv, ahead, with_pdl in configs:
+        kv = run_kvserve(folder, work, prompt, graphs=True, throughput=False, run_ahead=ahead, gemv_max_rows=gemv,
+                         enable_pdl=with_pdl)
+        limit = bandwidth * 1e9 / kv["weight_bytes"]
+        label = ("GEMV" if gemv else "cuBLAS") + (" + PDL" if with_pdl else "")
+        rows.append([label, "running ahead" if ahead else "landing", f"{kv['decode_tok_s']:.0f}",
+                     f"{100 * kv['decode_tok_s'] / limit:.0f}% of {limit:.0f}", f"{kv['graph_forward_ms']:.3f}"])
+        print(rows[-1], file=sys.stderr, flush=True)
+        if ahead:
+            print_profile(label, kv)
     return rows
 
 

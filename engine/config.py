@@ -65,6 +65,10 @@ class EngineConfig:
     # or SwiGLU product before each folded in (engine/fused/gemv.py); 0: off. It replaces the
     # CPU's packed Linears, so on CPU it only serves the interpreter tests.
     gemv_max_rows: int = 0
+    # Programmatic dependent launch for the decoder layers' Triton kernels (the GEMVs above and
+    # decode attention; engine/fused/pdl.py): each launches while the previous one drains. CUDA
+    # compute capability 9.0+ only.
+    enable_pdl: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.gemv_max_rows <= MAX_GEMV_ROWS:

@@ -13,7 +13,7 @@ from engine.config import EngineConfig, SchedulerConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.fused.gemv import swap_gemv_linears
+from engine.fused.gemv import launch_dependent, swap_gemv_linears
 from engine.model_runner import Launched, ModelRunner, allocate_kv_caches, kv_block_bytes
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import EngineStats, GenerationRequest
@@ -59,6 +59,12 @@ def resolve_num_blocks(loaded: LoadedModel, config: EngineConfig, dtype: torch.d
     return int(budget // per_block)
 
 
+def _pdl_supported(device: str) -> bool:
+    from engine.fused import pdl  # imports triton: only where asked for (CPU tests interpret it)
+
+    return pdl.supported(device)
+
+
 class LLMEngine:
     """Decoder-only generation over a paged KV cache with continuous batching.
 
@@ -85,9 +91,14 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(sched_cfg, self.block_manager, frozenset(self.info.eos_token_ids))
         spec = loaded.model.kv_cache_spec
+        if config.enable_pdl and not _pdl_supported(config.device):
+            raise InvalidRequestError("programmatic dependent launch (--enable-pdl) needs a CUDA GPU of compute "
+                                      f"capability 9.0 (Hopper) or newer; device {config.device!r} is not one")
         if config.gemv_max_rows:  # before graph capture: graphs record the GEMV launches
             swap_gemv_linears(loaded.model, config.gemv_max_rows)
-        backend = get_backend(config.device, config.attention_backend)
+            if config.enable_pdl:
+                launch_dependent(loaded.model, skip=getattr(loaded.model, "lm_head", None))
+        backend = get_backend(config.device, config.attention_backend, pdl=config.enable_pdl)
         on_cuda = config.device.startswith("cuda")
         use_graphs = config.decode_graphs
         if use_graphs is None:

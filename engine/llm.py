@@ -32,6 +32,7 @@ class LLM:
         max_graph_batch: int = 256,
         run_ahead: bool | None = None,
         gemv_max_rows: int = 0,
+        enable_pdl: bool = False,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -47,6 +48,7 @@ class LLM:
             max_graph_batch=max_graph_batch,
             run_ahead=run_ahead,
             gemv_max_rows=gemv_max_rows,
+            enable_pdl=enable_pdl,
         )
         self.engine = LLMEngine.from_config(config)
         self.tokenizer = self.engine.tokenizer

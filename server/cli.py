@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CUDA: read each step's tokens before launching the next (env KVSERVE_NO_RUN_AHEAD=1)")
     opt("gemv-max-rows", int, 0, "CUDA: decode batches of up to this many sequences run their matmuls "
         "as fused Triton GEMVs (0: cuBLAS)")
+    serve.add_argument("--enable-pdl", action="store_true", default=_env("enable-pdl", "0") not in ("0", ""),
+                       help="CUDA, Hopper or newer: decoder layers' Triton kernels launch while the previous one "
+                       "drains (programmatic dependent launch; env KVSERVE_ENABLE_PDL=1)")
     opt("max-waiting", int, 256, "waiting requests per model before 503")
     opt("max-body-bytes", int, 4 * 1024 * 1024, "largest request body (413 beyond)")
     opt("shutdown-timeout", float, 10.0, "seconds in-flight requests get on SIGTERM")
@@ -104,6 +107,7 @@ def engine_config(model: str, args: argparse.Namespace, gpu_kv_share: float = 1.
         decode_graphs=False if args.enforce_eager else None,
         run_ahead=False if args.no_run_ahead else None,
         gemv_max_rows=args.gemv_max_rows,
+        enable_pdl=args.enable_pdl,
         cache=CacheConfig(num_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
                           gpu_memory_utilization=args.gpu_memory_utilization, gpu_kv_share=gpu_kv_share),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     if args.gemv_max_rows and not args.device.startswith("cuda"):
         parser.error("--gemv-max-rows runs Triton kernels: it needs --device cuda")
+    if args.enable_pdl and not args.device.startswith("cuda"):
+        parser.error("--enable-pdl launches Triton kernels on a GPU: it needs --device cuda")
     log.info("serving on %s in %s", args.device, args.dtype)
     serve(args)
 

@@ -11,23 +11,28 @@ from server import cli
 def test_flags_and_environment_build_the_engine_config(monkeypatch):
     monkeypatch.setenv("KVSERVE_MAX_NUM_SEQS", "12")
     monkeypatch.setenv("KVSERVE_NO_RUN_AHEAD", "1")
+    monkeypatch.setenv("KVSERVE_ENABLE_PDL", "1")
     args = cli.build_parser().parse_args(["serve", "--device", "cuda", "--gemv-max-rows", "4", "--enforce-eager"])
     config = cli.engine_config("smollm2", args)
-    assert config.device == "cuda" and config.gemv_max_rows == 4
+    assert config.device == "cuda" and config.gemv_max_rows == 4 and config.enable_pdl
     assert config.scheduler.max_num_seqs == 12  # from the environment
     assert config.decode_graphs is False and config.run_ahead is False
     monkeypatch.delenv("KVSERVE_NO_RUN_AHEAD")
+    monkeypatch.delenv("KVSERVE_ENABLE_PDL")
     default = cli.engine_config("smollm2", cli.build_parser().parse_args(["serve"]))
     assert default.gemv_max_rows == 0 and default.decode_graphs is None and default.run_ahead is None
+    assert not default.enable_pdl
 
 
-def test_gemv_on_cpu_is_refused_before_anything_loads(monkeypatch, capsys):
+@pytest.mark.parametrize("flags", [["--gemv-max-rows", "2"], ["--enable-pdl"]])
+def test_gpu_kernel_flags_on_cpu_are_refused_before_anything_loads(flags, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_cuda_devices", lambda: 0)  # so it refuses on a GPU machine too
     monkeypatch.setattr(cli, "serve", lambda args: pytest.fail("serve must not start"))
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["serve", "--gemv-max-rows", "2"])
+        cli.main(["serve", *flags])
     assert exit_info.value.code == 2
-    assert "needs --device cuda" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{flags[0]} " in err and "needs --device cuda" in err
 
 
 def test_out_of_range_gemv_rows_are_refused():

@@ -64,15 +64,16 @@ def test_tiny_llama_graphs_equal_eager_and_cpu(tmp_path):
     landing = LLM(str(folder), device="cuda", run_ahead=False, **kwargs).generate(prompts, params)
     eager_outs = LLM(str(folder), device="cuda", decode_graphs=False, **kwargs).generate(prompts, params)
     gemv_outs = LLM(str(folder), device="cuda", gemv_max_rows=4, **kwargs).generate(prompts, params)
+    pdl_outs = LLM(str(folder), device="cuda", gemv_max_rows=4, enable_pdl=True, **kwargs).generate(prompts, params)
     cpu_outs = LLM(str(folder), device="cpu", **kwargs).generate(prompts, params)
-    outs = (graph_outs, landing, eager_outs, gemv_outs, cpu_outs)
+    outs = (graph_outs, landing, eager_outs, gemv_outs, pdl_outs, cpu_outs)
     tokens = [[o.outputs[0].token_ids for o in run] for run in outs]
     assert all(t == tokens[-1] for t in tokens)
     assert llm.engine.block_manager.num_free_blocks == 96
 
 
-@pytest.mark.parametrize("gemv", [0, 4])
-def test_launching_a_step_never_waits_for_the_gpu(gemv, tmp_path):
+@pytest.mark.parametrize("gemv,pdl", [(0, False), (4, False), (4, True)])
+def test_launching_a_step_never_waits_for_the_gpu(gemv, pdl, tmp_path):
     """Running ahead only overlaps the host with the GPU if launching a step never waits for
     it: every launch (prefill chunks, graph decodes, greedy and sampled rows, batches that change)
     runs under torch's sync debug mode set to raise. Only reading a step's tokens may wait."""
@@ -81,7 +82,7 @@ def test_launching_a_step_never_waits_for_the_gpu(gemv, tmp_path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = save_tiny("llama", tmp_path / "llama")
     llm = LLM(str(folder), device="cuda", num_kv_blocks=96, block_size=16, max_num_batched_tokens=64,
-              gemv_max_rows=gemv)
+              gemv_max_rows=gemv, enable_pdl=pdl)
     engine = llm.engine
     llm.generate([[1, 2, 3]], SamplingParams(temperature=0.8, top_p=0.9, max_tokens=4, ignore_eos=True))  # warm-up
     launch, launches = engine.runner.launch, []
@@ -107,12 +108,14 @@ def test_launching_a_step_never_waits_for_the_gpu(gemv, tmp_path):
     assert engine.block_manager.num_free_blocks == 96
 
 
-@pytest.mark.parametrize("dtype,max_gap,gemv", [("float32", 1e-3, 0), ("bfloat16", 0.5, 0), ("bfloat16", 0.5, 4)])
-def test_smollm2_on_gpu_equals_cpu_reference(dtype, max_gap, gemv):
+@pytest.mark.parametrize("dtype,max_gap,gemv,pdl", [
+    ("float32", 1e-3, 0, False), ("bfloat16", 0.5, 0, False), ("bfloat16", 0.5, 4, False), ("bfloat16", 0.5, 4, True),
+])
+def test_smollm2_on_gpu_equals_cpu_reference(dtype, max_gap, gemv, pdl):
     params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=20)
     cpu = LLM("smollm2", device="cpu", kv_cache_memory_gib=0.5)
     cpu_outs = cpu.generate(PROMPTS, params) + cpu.chat(CHATS, params)
-    gpu = LLM("smollm2", device="cuda", dtype=dtype, num_kv_blocks=512, gemv_max_rows=gemv)
+    gpu = LLM("smollm2", device="cuda", dtype=dtype, num_kv_blocks=512, gemv_max_rows=gemv, enable_pdl=pdl)
     gpu_outs = gpu.generate(PROMPTS, params) + gpu.chat(CHATS, params)
     check_equal_or_near_tie(gpu_outs, cpu_outs, max_gap)
     if dtype == "float32":  # fp32 everywhere: no near tie expected over these prompts

@@ -213,6 +213,17 @@ def test_interpreted_kernels_in_a_subprocess():
     assert "skipped" not in run.stdout.splitlines()[-1]  # the interpreted checks really ran
 
 
+def test_the_engine_and_server_import_no_triton():
+    """Triton reads TRITON_INTERPRET when imported: if the engine or the server imported it, a
+    test module importing them first would compile the kernels, and every interpreted check here
+    and in test_fused_ops would skip. Triton is imported only where a kernel runs."""
+    code = "import sys, engine.engine, engine.llm, server.app, server.cli; print('triton' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["False"]
+
+
 def compile_for_hopper() -> dict[str, dict[str, int]]:
     """Compile the kernels' main variants for sm_90 with triton's bundled ptxas (no GPU needed).
 
@@ -232,22 +243,29 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
                 "sin_ptr": "*bf16", "q_out_ptr": "*bf16", "x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16",
                 "w_ptr": "*bf16", "b_ptr": "*bf16", "res_out_ptr": "*bf16"}
     prefill = dict(GROUP=4, HAS_SEQ_IDS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
-    gemv = dict(HAS_BIAS=False)
-    decode = dict(GROUP=4, SPLIT=True, HAS_SEQ_IDS=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
+    gemv = dict(HAS_BIAS=False, PDL=False)
+    decode = dict(GROUP=4, SPLIT=True, HAS_SEQ_IDS=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32",
+                  PDL=False)
+    reduce = dict(HAS_SEQ_IDS=False, BLOCK_P=64, CHUNK_P=16, BLOCK_D=128, PDL=False)
     variants = {
         "store_kv": (triton_kernels._store_kv_kernel, dict(BLOCK_H=8, BLOCK_D=128)),
         "prefill_paged_causal": (triton_kernels._prefill_kernel, dict(prefill, PAGED=True, CAUSAL=True, HAS_BIAS=False)),
         "prefill_varlen_bias": (triton_kernels._prefill_kernel, dict(prefill, PAGED=False, CAUSAL=False, HAS_BIAS=True)),
         "decode_split_bias": (triton_kernels._decode_kernel, dict(decode, HAS_BIAS=True)),
-        "decode_reduce": (triton_kernels._decode_reduce_kernel, dict(HAS_SEQ_IDS=False, BLOCK_P=64, CHUNK_P=16, BLOCK_D=128)),
+        "decode_reduce": (triton_kernels._decode_reduce_kernel, reduce),
         "rotary_store_kv": (triton_ops._rotary_store_kv_kernel, dict(BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=64)),
         # the GEMV's largest tiles: 16 x 256 (SmolLM2's K) and 4 x 1,024 (Llama-1B's)
         "gemv_norm": (triton_gemv._gemv_kernel, dict(gemv, PROLOGUE=1, HAS_RES=True, BLOCK_N=16, BLOCK_K=256)),
         "gemv_silu_mul": (triton_gemv._gemv_kernel, dict(gemv, PROLOGUE=2, HAS_RES=False, BLOCK_N=4, BLOCK_K=1024)),
         # q/k/v with the rotary epilogue: SmolLM2's largest pair block, Llama-1B's on an H100
         "gemv_qkv_rotary": (triton_qkv._norm_qkv_rotary_kernel, dict(gemv, HAS_RES=True, BLOCK_P=8, BLOCK_K=256)),
-        "gemv_qkv_rotary_1b": (triton_qkv._norm_qkv_rotary_kernel, dict(HAS_BIAS=True, HAS_RES=True, BLOCK_P=2,
+        "gemv_qkv_rotary_1b": (triton_qkv._norm_qkv_rotary_kernel, dict(gemv, HAS_BIAS=True, HAS_RES=True, BLOCK_P=2,
                                                                          BLOCK_K=1024)),
+        # programmatic dependent launch: every decoder-layer kernel that takes it
+        "pdl_gemv": (triton_gemv._gemv_kernel, dict(gemv, PDL=True, PROLOGUE=1, HAS_RES=True, BLOCK_N=16, BLOCK_K=256)),
+        "pdl_qkv": (triton_qkv._norm_qkv_rotary_kernel, dict(gemv, PDL=True, HAS_RES=True, BLOCK_P=8, BLOCK_K=256)),
+        "pdl_decode": (triton_kernels._decode_kernel, dict(decode, PDL=True, SPLIT=False, HAS_BIAS=False)),
+        "pdl_decode_reduce": (triton_kernels._decode_reduce_kernel, dict(reduce, PDL=True)),
     }
     report = {}
     for name, (fn, consts) in variants.items():
@@ -258,10 +276,11 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
             for arg in fn.arg_names
         }
         # the launch wrappers' defaults
-        num_warps = 4 if name.startswith("gemv") else {"store_kv": 4, "decode_reduce": 4, "rotary_store_kv": 1}.get(name, 8)
+        num_warps = 4 if "gemv" in name or "qkv" in name else {
+            "store_kv": 4, "decode_reduce": 4, "pdl_decode_reduce": 4, "rotary_store_kv": 1}.get(name, 8)
         # a launch specializes pointers, strides and K divisible by 16 (as real tensors' are)
         aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
-                   if arg.endswith("_ptr") or arg.startswith("stride") or arg == "K"} if name.startswith("gemv") else None
+                   if arg.endswith("_ptr") or arg.startswith("stride") or arg == "K"} if "gemv" in name or "qkv" in name else None
         kernel = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=aligned), target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=num_warps, num_stages=2))
         with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"kvserve_{name}_{os.getpid()}.cubin", "wb") as f:
@@ -269,6 +288,7 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
         sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
         os.unlink(f.name)
         report[name] = {op: sass.count(op) for op in ("HGMMA", "LDL", "STL", "LDG.E.128")}
+        report[name]["griddepcontrol"] = kernel.asm["ptx"].count("griddepcontrol.")
     return report
 
 
@@ -285,8 +305,10 @@ def test_kernels_compile_for_hopper_without_register_spills():
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.splitlines()[-1])
     assert report["prefill_paged_causal"]["HGMMA"] > 0  # wgmma, not the pre-Hopper mma path
-    for name in ("gemv_norm", "gemv_silu_mul", "gemv_qkv_rotary", "gemv_qkv_rotary_1b"):
+    for name in ("gemv_norm", "gemv_silu_mul", "gemv_qkv_rotary", "gemv_qkv_rotary_1b", "pdl_gemv", "pdl_qkv"):
         assert report[name]["LDG.E.128"] > 0, name  # 16-byte weight loads
+    for name, ops in report.items():  # the wait and the early launch of the next kernel, only where asked
+        assert ops["griddepcontrol"] == (2 if name.startswith("pdl") else 0), (name, ops)
     for name, ops in report.items():
         assert ops["LDL"] + ops["STL"] <= 16, f"{name} spills registers: {ops}"
 
@@ -307,11 +329,16 @@ def test_gpu_paged_prefill_bf16(causal):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("split_k", [True, False])
-def test_gpu_paged_decode_bf16(split_k):
+@pytest.mark.parametrize("split_k,pdl", [(True, False), (False, False), (True, True)])
+def test_gpu_paged_decode_bf16(split_k, pdl):
+    """At real sizes; with PDL where the GPU has it, decode and reduce then launch early and wait."""
+    from engine.fused import pdl as gdc
+
+    if pdl and not gdc.supported("cuda"):
+        pytest.skip("programmatic dependent launch needs sm_90+")
     totals = [8192, 17, 3000, 32768, 511, 1024, 4097, 100]
     q, _, _, kc, vc, meta = paged_step(totals, [1] * 8, 32, 8, 128, 16, True, seed=2, dtype=torch.bfloat16, device="cuda")
-    out = TritonAttentionBackend(split_k=split_k).paged_attention(q, kc, vc, meta, 128**-0.5)
+    out = TritonAttentionBackend(split_k=split_k, pdl=pdl).paged_attention(q, kc, vc, meta, 128**-0.5)
     ref = TorchAttentionBackend().paged_attention(q.float(), kc.float(), vc.float(), meta, 128**-0.5)
     assert rel_err(out, ref) <= 1e-2
 
@@ -483,6 +510,62 @@ def test_gemv_linears_in_every_decoder_family(kind, tmp_path, monkeypatch):
     assert rows == {1, 2}
     want = LLM(str(folder), **kwargs).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
+
+
+@interpreted
+def test_pdl_reaches_every_decoder_layer_kernel_launch(tmp_path, monkeypatch):
+    """With enable_pdl, each GEMV, fused q/k/v and decode-attention launch of the decoder layers
+    asks for programmatic dependent launch (PDL=True, launch_pdl=True); the vocabulary projection,
+    which follows the graph's replay, does not. The interpreter cannot run the wait, so the
+    launches are recorded and then run without it; the tokens equal the reference's."""
+    from engine.attention import triton_kernels
+    from engine.errors import InvalidRequestError
+    from engine.fused import pdl, triton_gemv, triton_qkv
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny("llama", tmp_path / "llama")
+    kwargs = dict(num_kv_blocks=24, block_size=4, max_num_batched_tokens=64)
+    with pytest.raises(InvalidRequestError, match="compute capability 9.0"):
+        LLM(str(folder), attention_backend="triton", gemv_max_rows=2, enable_pdl=True, **kwargs)
+
+    launches: list[tuple[str, int, bool, bool]] = []  # (kernel, N for a GEMV, PDL, launch_pdl)
+
+    class Spy:
+        def __init__(self, kernel) -> None:
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                n = args[8] if self.kernel.fn.__name__ == "_gemv_kernel" else 0
+                launches.append((self.kernel.fn.__name__, n, kw["PDL"], kw["launch_pdl"]))
+                return self.kernel[grid](*args, **dict(kw, PDL=False, launch_pdl=False))
+            return launch
+
+    monkeypatch.setattr(pdl, "supported", lambda device: True)
+    for module, names in ((triton_gemv, ["_gemv_kernel"]), (triton_qkv, ["_norm_qkv_rotary_kernel"]),
+                          (triton_kernels, ["_decode_kernel", "_decode_reduce_kernel"])):
+        monkeypatch.setattr(module, "use_pdl", lambda asked, x: asked)  # as on a GPU
+        for name in names:
+            monkeypatch.setattr(module, name, Spy(getattr(module, name)))
+    llm = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=2, gemv_max_rows=2,
+              enable_pdl=True, **kwargs)
+    llm.engine.runner.model.greedy_screen = None  # the CPU's bf16 screen would pick greedy tokens without the head
+    gen = torch.Generator().manual_seed(16)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (6, 9)]
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    kinds = {name for name, *_ in launches}
+    assert kinds == {"_gemv_kernel", "_norm_qkv_rotary_kernel", "_decode_kernel"}, kinds
+    head = [launch for launch in launches if launch[1] == 320]
+    assert head and all(not pdl_on and not launch_pdl for *_, pdl_on, launch_pdl in head)
+    layers = [launch for launch in launches if launch[1] != 320]
+    assert all(pdl_on and launch_pdl for *_, pdl_on, launch_pdl in layers)
+    want = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
+    assert llm.engine.block_manager.num_free_blocks == 24
 
 
 # aten ops that launch no kernel: views, allocations, metadata

@@ -8,9 +8,10 @@ from engine.attention.metadata import AttentionMetadata, RelativePositionBias
 from engine.attention.ref import TorchAttentionBackend
 
 
-def get_backend(device: str, name: str | None = None) -> AttentionBackend:
+def get_backend(device: str, name: str | None = None, pdl: bool = False) -> AttentionBackend:
     """By default the fused Triton backend on CUDA; on CPU the compiled decode kernel over the
-    torch reference where it builds, else the reference alone. `name` picks one explicitly."""
+    torch reference where it builds, else the reference alone. `name` picks one explicitly.
+    `pdl`: the Triton decode kernels take programmatic dependent launch."""
     if name == "torch":
         return TorchAttentionBackend()
     if name == "cpu" or (name is None and not device.startswith("cuda")):
@@ -22,7 +23,7 @@ def get_backend(device: str, name: str | None = None) -> AttentionBackend:
         return CpuAttentionBackend(lib)
     from engine.attention.triton_backend import TritonAttentionBackend  # needs triton + a GPU
 
-    return TritonAttentionBackend()
+    return TritonAttentionBackend(pdl=pdl)
 
 
 __all__ = [

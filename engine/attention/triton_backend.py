@@ -45,7 +45,8 @@ class TritonAttentionBackend:
     """Attention through engine.attention.triton_kernels. See engine.attention.base for shapes.
 
     On CPU tensors it runs only under TRITON_INTERPRET=1 (the tests). `split_k`: None picks the split-K decode path by a heuristic, True always
-    splits contexts longer than `partition_size`, False never does.
+    splits contexts longer than `partition_size`, False never does. `pdl`: decode kernels launch
+    with programmatic dependent launch (engine/fused/pdl.py).
     """
 
     name = "triton"
@@ -56,8 +57,10 @@ class TritonAttentionBackend:
         partition_size: int = 512,
         block_m: int = 64,
         block_n: int = 64,
+        pdl: bool = False,
     ) -> None:
         self.split_k = split_k
+        self.pdl = pdl
         self.partition_size = partition_size
         self.block_m = block_m
         self.block_n = block_n
@@ -96,7 +99,7 @@ class TritonAttentionBackend:
             kernels.decode_attention(
                 query, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
                 decode.num_seqs, decode.max_seqlen_k, scale, bias=table, seq_ids=decode.seq_ids,
-                split=split, partition_size=self.partition_size, block_n=self.block_n,
+                split=split, partition_size=self.partition_size, block_n=self.block_n, pdl=self.pdl,
             )
         if prefill.num_seqs:
             kernels.prefill_attention(

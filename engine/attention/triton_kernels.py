@@ -7,13 +7,16 @@ every K/V tile is loaded once per group. Softmax runs online (FlashAttention) in
 scores are pre-multiplied by scale * log2(e) so the inner loop uses exp2.
 
 Every launch wrapper here writes into a caller-given `out`; picking which rows go to which kernel
-is the backend's job (engine/attention/triton_backend.py).
+is the backend's job (engine/attention/triton_backend.py). The decode kernels, inside a decode
+step's chain of launches, can take programmatic dependent launch (engine/fused/pdl.py).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from engine.fused.pdl import use_pdl, wait_for_previous
 
 LOG2E = 1.4426950408889634
 
@@ -173,7 +176,7 @@ def _decode_kernel(
     stride_bias_h, bias_radius,
     GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """One query token per sequence: all GROUP query heads of one KV head over one partition.
 
@@ -182,6 +185,7 @@ def _decode_kernel(
     `partition_size` keys and writes its unnormalised accumulator and (max, sum) to scratch that
     `_decode_reduce_kernel` combines: long contexts then use the whole GPU even at batch 1.
     """
+    wait_for_previous(PDL)
     pid_s = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -255,8 +259,10 @@ def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, cu_seqlens_ptr, seq_lens_ptr, seq_ids_ptr,
     stride_ot, stride_oh, head_dim, partition_size, num_q_heads, num_partitions,
     HAS_SEQ_IDS: tl.constexpr, BLOCK_P: tl.constexpr, CHUNK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Combine the partitions of one (sequence, query head): rescale each by exp2(m_p - max)."""
+    wait_for_previous(PDL)
     pid_s = tl.program_id(0)
     h = tl.program_id(1)
     if HAS_SEQ_IDS:
@@ -438,6 +444,7 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
+    pdl: bool = False,
 ) -> None:
     """Paged attention for sequences with one new token each (row cu_seqlens_q[i]), into `out`.
 
@@ -475,7 +482,8 @@ def decode_attention(
         stride_bias_h, radius,
         GROUP=group, SPLIT=split, HAS_SEQ_IDS=seq_ids is not None, HAS_BIAS=bias is not None,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=_precision(query.dtype), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=_precision(query.dtype), PDL=use_pdl(pdl, query), launch_pdl=use_pdl(pdl, query),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
@@ -483,6 +491,7 @@ def decode_attention(
             out.stride(0), out.stride(1), head_dim, partition_size, num_q_heads, num_partitions,
             HAS_SEQ_IDS=seq_ids is not None, BLOCK_P=triton.next_power_of_2(num_partitions),
             CHUNK_P=min(16, triton.next_power_of_2(num_partitions)), BLOCK_D=block_d,
+            PDL=use_pdl(pdl, query), launch_pdl=use_pdl(pdl, query),
         )
 
 

@@ -71,7 +71,8 @@ def norm_linear(
     if isinstance(linear, GemvLinear) and linear.takes(x):
         from engine.fused import triton_gemv
 
-        return triton_gemv.norm_linear(x.contiguous(), residual, norm_weight, eps, linear.weight, linear.bias)
+        return triton_gemv.norm_linear(x.contiguous(), residual, norm_weight, eps, linear.weight, linear.bias,
+                                       pdl=linear.pdl)
     h, residual = add_rms_norm(x, residual, norm_weight, eps)
     return linear(h), residual
 
@@ -81,7 +82,7 @@ def silu_mul_linear(gate_up: torch.Tensor, linear: nn.Module) -> torch.Tensor:
     if isinstance(linear, GemvLinear) and linear.takes(gate_up):
         from engine.fused import triton_gemv
 
-        return triton_gemv.silu_mul_linear(gate_up.contiguous(), linear.weight, linear.bias)
+        return triton_gemv.silu_mul_linear(gate_up.contiguous(), linear.weight, linear.bias, pdl=linear.pdl)
     gate, up = gate_up.chunk(2, dim=-1)
     return linear(silu_mul(gate, up))
 
@@ -98,7 +99,7 @@ def norm_qkv_rotary_store(
 
         return triton_qkv.norm_qkv_rotary_store(
             x.contiguous(), residual, norm_weight, eps, linear.weight, linear.bias, num_q_heads, num_kv_heads,
-            cos, sin, k_cache, v_cache, slot_mapping,
+            cos, sin, k_cache, v_cache, slot_mapping, pdl=linear.pdl,
         )
     qkv, residual = norm_linear(x, residual, norm_weight, eps, linear)
     q, k, v = split_heads(qkv, num_q_heads, num_kv_heads, k_cache.shape[-1])

@@ -15,13 +15,15 @@ from engine.fused import ref
 
 
 class GemvLinear(nn.Module):
-    """nn.Linear's parameters and result; rows <= max_rows go through the Triton GEMV."""
+    """nn.Linear's parameters and result; rows <= max_rows go through the Triton GEMV, with
+    programmatic dependent launch where `pdl` (set by `launch_dependent`)."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, max_rows: int) -> None:
         super().__init__()
         self.weight = weight  # shared, not copied: a tied lm_head stays the embedding's weight
         self.bias = bias
         self.max_rows = max_rows
+        self.pdl = False
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
@@ -35,7 +37,7 @@ class GemvLinear(nn.Module):
         if self.takes(x):
             from engine.fused import triton_gemv
 
-            return triton_gemv.linear(x.contiguous(), self.weight, self.bias, out_dtype)
+            return triton_gemv.linear(x.contiguous(), self.weight, self.bias, out_dtype, pdl=self.pdl)
         return ref.linear(x, self.weight, self.bias, out_dtype)
 
 
@@ -46,3 +48,13 @@ def swap_gemv_linears(model: nn.Module, max_rows: int) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, GemvLinear.from_linear(child, max_rows))
     return len(swaps)
+
+
+def launch_dependent(model: nn.Module, skip: nn.Module | None = None) -> int:
+    """Turn on programmatic dependent launch (engine/fused/pdl.py) for the `GemvLinear`s below
+    `model` but `skip`; returns how many. The engine skips the vocabulary projection: it runs
+    after the decode graph's replay, where there is no kernel of the graph to overlap."""
+    linears = [m for m in model.modules() if isinstance(m, GemvLinear) and m is not skip]
+    for linear in linears:
+        linear.pdl = True
+    return len(linears)

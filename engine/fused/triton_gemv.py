@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.fused.pdl import use_pdl, wait_for_previous
+
 PLAIN, NORM, SILU_MUL = 0, 1, 2  # the prologue applied to the input rows
 
 
@@ -72,8 +74,9 @@ def _gemv_kernel(
     M, N, K, eps,
     stride_x, stride_r, stride_w, stride_o, stride_ro,
     PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     # out[m, n] = sum_k a[m, k] * w[n, k] (+ b[n]) for one input row m and BLOCK_N weight rows;
     # a is x, norm(x + res) * nw, or silu(gate) * up where x holds [gate | up]. The rows of a
     # batch are adjacent programs, so they read a weight block together (the second from L2).
@@ -130,7 +133,7 @@ def _launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, prologue: int,
     k: int, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
     res_out: torch.Tensor | None = None, eps: float = 0.0,
-    block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
+    block_n: int | None = None, block_k: int | None = None, num_warps: int = 4, pdl: bool = False,
 ) -> None:
     rows, n = x.shape[0], weight.shape[0]
     assert x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == k
@@ -146,7 +149,7 @@ def _launch(
         rows, n, k, eps,
         x.stride(0), res.stride(0), weight.stride(0), out.stride(0), res_out.stride(0),
         PROLOGUE=prologue, HAS_RES=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, PDL=use_pdl(pdl, x), launch_pdl=use_pdl(pdl, x), num_warps=num_warps,
     )
 
 

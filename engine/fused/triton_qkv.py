@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.fused.pdl import use_pdl, wait_for_previous
 from engine.fused.triton_gemv import _input_tile, _inv_rms, tiles
 
 
@@ -27,7 +28,9 @@ def _norm_qkv_rotary_kernel(
     stride_x, stride_r, stride_w, stride_qt, stride_qh, stride_ro, stride_ct, stride_st,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     # Program (m, block): input row m and BLOCK_P rotary pairs. Pair p is position j of head h
     # among the q, k and v heads side by side (v "pairs" are only stored, not rotated); it is
     # made of the merged weight's rows h*D + j and h*D + j + D/2.
@@ -92,7 +95,7 @@ def norm_qkv_rotary_store(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
     weight: torch.Tensor, bias: torch.Tensor | None, num_q_heads: int, num_kv_heads: int,
     cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-    block_p: int | None = None, block_k: int | None = None, num_warps: int = 4,
+    block_p: int | None = None, block_k: int | None = None, num_warps: int = 4, pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rotated q (T, Hq, D), x + residual): see engine.fused.norm_qkv_rotary_store."""
     rows, k = x.shape
@@ -115,6 +118,6 @@ def norm_qkv_rotary_store(
             cos.stride(0), sin.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_K=block_k,
-            num_warps=num_warps,
+            PDL=use_pdl(pdl, x), launch_pdl=use_pdl(pdl, x), num_warps=num_warps,
         )
     return q, res_out
