@@ -100,6 +100,9 @@ GEMV_SHAPES = [(1, 37, 72), (3, 64, 96), (4, 130, 200), (2, 5, 33)] if DEVICE ==
     (1, 3072, 2048), (2, 16384, 2048), (1, 2048, 8192), (1, 128256, 2048),
 ]
 SMALL_TILES = dict(block_n=4, block_k=32) if DEVICE == "cpu" else {}  # several K steps on CPU shapes
+# With programmatic dependent launch a GEMV loads each next weight tile a step ahead (the first one
+# before its wait): checked interpreted on CPU, and compiled where the GPU has PDL (sm_90+).
+PDL_MODES = [False, True] if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9 else [False]
 
 
 def gemv_inputs(rows: int, n: int, k: int, gen: torch.Generator):
@@ -109,20 +112,22 @@ def gemv_inputs(rows: int, n: int, k: int, gen: torch.Generator):
 
 @skip_interp
 @pytest.mark.parametrize("rows,n,k", GEMV_SHAPES)
-def test_gemv_linear(rows, n, k):
+@pytest.mark.parametrize("pdl", PDL_MODES)
+def test_gemv_linear(pdl, rows, n, k):
     from engine.fused import triton_gemv
 
     gen = torch.Generator().manual_seed(rows * n + k)
     x, w, b = gemv_inputs(rows, n, k, gen)
-    assert rel(triton_gemv.linear(x, w, b), ref.linear(x, w, b)) <= TOL
-    out = triton_gemv.linear(x, w, None, torch.float32, **SMALL_TILES)  # a vocabulary projection's fp32 logits
+    assert rel(triton_gemv.linear(x, w, b, pdl=pdl), ref.linear(x, w, b)) <= TOL
+    out = triton_gemv.linear(x, w, None, torch.float32, pdl=pdl, **SMALL_TILES)  # a vocabulary projection's fp32 logits
     want = ref.linear(x, w, None, torch.float32)
     assert out.dtype == torch.float32 and rel(out, want) <= TOL
 
 
 @skip_interp
 @pytest.mark.parametrize("rows,n,k", GEMV_SHAPES)
-def test_norm_linear(rows, n, k):
+@pytest.mark.parametrize("pdl", PDL_MODES)
+def test_norm_linear(pdl, rows, n, k):
     """RMSNorm (with and without a residual to add first) folded into the matmul's input load;
     the residual sum is stored once, by the first program, whole."""
     from engine.fused import triton_gemv
@@ -131,7 +136,7 @@ def test_norm_linear(rows, n, k):
     x, w, b = gemv_inputs(rows, n, k, gen)
     res, norm_w = rand(rows, k, gen=gen), rand(k, gen=gen)
     for residual, bias, tile in ((res, b, {}), (None, None, SMALL_TILES), (res, None, SMALL_TILES)):
-        out, new_res = triton_gemv.norm_linear(x, residual, norm_w, 1e-5, w, bias, **tile)
+        out, new_res = triton_gemv.norm_linear(x, residual, norm_w, 1e-5, w, bias, pdl=pdl, **tile)
         want, want_res = ref.norm_linear(x, residual, norm_w, 1e-5, w, bias)
         assert rel(out, want) <= TOL and rel(new_res, want_res) <= TOL
         assert out.shape == (rows, n) and new_res.shape == x.shape
@@ -139,13 +144,14 @@ def test_norm_linear(rows, n, k):
 
 @skip_interp
 @pytest.mark.parametrize("rows,n,k", GEMV_SHAPES)
-def test_silu_mul_linear(rows, n, k):
+@pytest.mark.parametrize("pdl", PDL_MODES)
+def test_silu_mul_linear(pdl, rows, n, k):
     from engine.fused import triton_gemv
 
     gen = torch.Generator().manual_seed(n + k)
     gate_up, w, b = rand(rows, 2 * k, gen=gen), rand(n, k, gen=gen) * k**-0.5, rand(n, gen=gen)
-    assert rel(triton_gemv.silu_mul_linear(gate_up, w, b), ref.silu_mul_linear(gate_up, w, b)) <= TOL
-    assert rel(triton_gemv.silu_mul_linear(gate_up, w, None, **SMALL_TILES), ref.silu_mul_linear(gate_up, w)) <= TOL
+    assert rel(triton_gemv.silu_mul_linear(gate_up, w, b, pdl=pdl), ref.silu_mul_linear(gate_up, w, b)) <= TOL
+    assert rel(triton_gemv.silu_mul_linear(gate_up, w, None, pdl=pdl, **SMALL_TILES), ref.silu_mul_linear(gate_up, w)) <= TOL
 
 
 # (rows, q heads, kv heads, head dim, hidden K): ragged on CPU (K not a multiple of the tile, a
@@ -157,7 +163,8 @@ QKV_SHAPES = [(1, 4, 2, 16, 40), (3, 6, 2, 8, 72), (2, 4, 4, 32, 33)] if DEVICE 
 
 @skip_interp
 @pytest.mark.parametrize("rows,hq,hk,d,k", QKV_SHAPES)
-def test_norm_qkv_rotary_store(rows, hq, hk, d, k):
+@pytest.mark.parametrize("pdl", PDL_MODES)
+def test_norm_qkv_rotary_store(pdl, rows, hq, hk, d, k):
     """The q/k/v GEMV with rotary and the K/V write as its epilogue equals norm_linear followed by
     rotary_store_kv: rotated q out, x + residual out, rotated k and v in their (scattered) cache
     slots and every other slot untouched; with and without residual and bias, int32 and int64
@@ -179,7 +186,7 @@ def test_norm_qkv_rotary_store(rows, hq, hk, d, k):
         caches = [rand(num_blocks, block_size, hk, d, gen=gen) for _ in range(2)]
         want_caches = [c.clone() for c in caches]
         q, new_res = triton_qkv.norm_qkv_rotary_store(x, residual, norm_w, 1e-5, w, bias, hq, hk, cos, sin,
-                                                      *caches, slots, **tile)
+                                                      *caches, slots, pdl=pdl, **tile)
         want_q, want_res = ref.norm_qkv_rotary_store(x, residual, norm_w, 1e-5, w, bias, hq, hk, cos, sin,
                                                      *want_caches, slots)
         assert q.shape == (rows, hq, d) and rel(q, want_q) <= TOL and rel(new_res, want_res) <= TOL

@@ -4,34 +4,42 @@ A small model's decode step on a GPU is a chain of short kernels, each starting 
 one before has drained: the gap between them is part of every launch. With PDL a kernel is
 launched early, while the previous one still runs, and its programs wait in place
 (`griddepcontrol.wait`) until that one has finished and its writes are visible. Each kernel
-that takes PDL waits first thing, before any load or store, so the order of memory accesses is
-the same as without it: only the launch overlaps. A kernel launched without PDL after one of
+that takes PDL waits before it touches memory another kernel writes, so the order of those
+accesses is the same as without it; only the launch overlaps, and a GEMV's first weight tile
+(weights are written by no kernel) is already loading while the previous kernel ends. A kernel launched without PDL after one of
 these waits as usual, so PDL kernels mix freely with torch's and cuBLAS's.
 
 Kernels take a `PDL` constexpr and their launch wrappers a `pdl` flag (off by default); the
-engine turns it on for the kernels of decoder layers (`EngineConfig.launch_pdl`). The
-interpreter cannot run the wait, so CPU tensors never take it (`use_pdl`).
+engine turns it on for the kernels of decoder layers (`EngineConfig.enable_pdl`). Under
+TRITON_INTERPRET=1 (the CPU tests) programs run one after another once the previous kernel has
+returned, so the wait is a no-op there and the PDL variants of the kernels run unchanged
+otherwise: their tests cover them on CPU.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # read when kernels are decorated, as triton does
 
-@triton.jit
-def wait_for_previous(PDL: tl.constexpr):
-    """With PDL: wait for the previous kernel's writes, then let the next kernel launch."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        # The next kernel's programs start once every program here has passed this point; they
-        # then wait for all of this kernel in turn, so signalling this early is safe.
-        tl.extra.cuda.gdc_launch_dependents()
+    @triton.jit
+    def wait_for_previous(PDL: tl.constexpr):
+        """Interpreted: the previous kernel has finished before this one starts."""
+        pass
 
+else:
 
-def use_pdl(pdl: bool, x: torch.Tensor) -> bool:
-    """Whether a launch on x's device takes PDL: asked for, and compiled rather than interpreted."""
-    return pdl and x.is_cuda
+    @triton.jit
+    def wait_for_previous(PDL: tl.constexpr):
+        """With PDL: wait for the previous kernel's writes, then let the next kernel launch."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            # The next kernel's programs start once every program here has passed this point;
+            # they then wait for all of this kernel in turn, so signalling this early is safe.
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 def supported(device: str) -> bool:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.fused.pdl import use_pdl, wait_for_previous
+from engine.fused.pdl import wait_for_previous
 
 PLAIN, NORM, SILU_MUL = 0, 1, 2  # the prologue applied to the input rows
 
@@ -69,6 +69,12 @@ def _input_tile(x_row, res_row, nw_ptr, kk, mask, inv, K, PROLOGUE: tl.constexpr
 
 
 @triton.jit
+def _weight_tile(w_rows, n_mask, k, K):
+    """Weight rows `w_rows` (pointers, (BLOCK_N, 1)) at columns k; past K nothing is read."""
+    return tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
     M, N, K, eps,
@@ -76,7 +82,6 @@ def _gemv_kernel(
     PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    wait_for_previous(PDL)
     # out[m, n] = sum_k a[m, k] * w[n, k] (+ b[n]) for one input row m and BLOCK_N weight rows;
     # a is x, norm(x + res) * nw, or silu(gate) * up where x holds [gate | up]. The rows of a
     # batch are adjacent programs, so they read a weight block together (the second from L2).
@@ -86,6 +91,13 @@ def _gemv_kernel(
     n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     offs_k = tl.arange(0, BLOCK_K)
+    # int64 row offsets: a large vocabulary projection passes 2**31 elements
+    w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
+    if PDL:
+        # No kernel writes weights: with PDL the first tile's load is issued before the wait, so
+        # it is in flight while the previous kernel finishes. Each step then loads the next.
+        w = _weight_tile(w_rows, n_mask, offs_k, K)
+    wait_for_previous(PDL)
     x_row = x_ptr + m * stride_x
     res_row = res_ptr + m * stride_r
     inv = 0.0
@@ -101,9 +113,11 @@ def _gemv_kernel(
         kk = k[None, :] + rows0  # (BLOCK_N, BLOCK_K) input offsets, equal down the rows
         mask = n_mask[:, None] & (k < K)[None, :]
         a = _input_tile(x_row, res_row, nw_ptr, kk, mask, inv, K, PROLOGUE, HAS_RES)
-        # int64 row offsets: a large vocabulary projection passes 2**31 elements
-        w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_w + k[None, :], mask=mask, other=0.0)
+        if not PDL:
+            w = _weight_tile(w_rows, n_mask, k, K)
         acc += a * w.to(tl.float32)
+        if PDL:
+            w = _weight_tile(w_rows, n_mask, k + BLOCK_K, K)  # past K on the last step: no load
     out = tl.sum(acc, 1)
     if HAS_BIAS:
         out += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
@@ -149,7 +163,7 @@ def _launch(
         rows, n, k, eps,
         x.stride(0), res.stride(0), weight.stride(0), out.stride(0), res_out.stride(0),
         PROLOGUE=prologue, HAS_RES=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, PDL=use_pdl(pdl, x), launch_pdl=use_pdl(pdl, x), num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
     )
 
 

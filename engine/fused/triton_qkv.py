@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.fused.pdl import use_pdl, wait_for_previous
-from engine.fused.triton_gemv import _input_tile, _inv_rms, tiles
+from engine.fused.pdl import wait_for_previous
+from engine.fused.triton_gemv import _input_tile, _inv_rms, _weight_tile, tiles
 
 
 @triton.jit
@@ -30,7 +30,6 @@ def _norm_qkv_rotary_kernel(
     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous(PDL)
     # Program (m, block): input row m and BLOCK_P rotary pairs. Pair p is position j of head h
     # among the q, k and v heads side by side (v "pairs" are only stored, not rotated); it is
     # made of the merged weight's rows h*D + j and h*D + j + D/2.
@@ -45,6 +44,12 @@ def _norm_qkv_rotary_kernel(
     n1 = (head * 2 * half + j).to(tl.int64)
     n2 = n1 + half
     offs_k = tl.arange(0, BLOCK_K)
+    rows1 = w_ptr + n1[:, None] * stride_w
+    rows2 = w_ptr + n2[:, None] * stride_w
+    if PDL:  # the first weight tiles load while the previous kernel ends (see _gemv_kernel)
+        w1 = _weight_tile(rows1, p_mask, offs_k, K)
+        w2 = _weight_tile(rows2, p_mask, offs_k, K)
+    wait_for_previous(PDL)
     x_row = x_ptr + m * stride_x
     res_row = res_ptr + m * stride_r
     inv = _inv_rms(x_row, res_row, res_out_ptr + m * stride_ro, K, eps, block == 0, HAS_RES, BLOCK_K)
@@ -56,10 +61,14 @@ def _norm_qkv_rotary_kernel(
         kk = k[None, :] + rows0
         mask = p_mask[:, None] & (k < K)[None, :]
         a = _input_tile(x_row, res_row, nw_ptr, kk, mask, inv, K, 1, HAS_RES)  # computed once for both rows
-        w1 = tl.load(w_ptr + n1[:, None] * stride_w + k[None, :], mask=mask, other=0.0)
-        w2 = tl.load(w_ptr + n2[:, None] * stride_w + k[None, :], mask=mask, other=0.0)
+        if not PDL:
+            w1 = _weight_tile(rows1, p_mask, k, K)
+            w2 = _weight_tile(rows2, p_mask, k, K)
         acc1 += a * w1.to(tl.float32)
         acc2 += a * w2.to(tl.float32)
+        if PDL:
+            w1 = _weight_tile(rows1, p_mask, k + BLOCK_K, K)
+            w2 = _weight_tile(rows2, p_mask, k + BLOCK_K, K)
     x1 = tl.sum(acc1, 1)
     x2 = tl.sum(acc2, 1)
     if HAS_BIAS:
@@ -118,6 +127,6 @@ def norm_qkv_rotary_store(
             cos.stride(0), sin.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_K=block_k,
-            PDL=use_pdl(pdl, x), launch_pdl=use_pdl(pdl, x), num_warps=num_warps,
+            PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
         )
     return q, res_out
