@@ -48,7 +48,8 @@ if [ "$stage" = kernels ]; then
   timeout 200 python3 -m pytest -q -m gpu -k "not smollm2" tests/test_triton_kernels.py tests/test_gpu_engine.py \
     tests/test_cuda_graphs.py 2>&1 | tee "$out/gpu_tests_tiny.log"
   timeout 150 python3 -m pytest -q tests/test_fused_ops.py 2>&1 | tee "$out/gpu_tests_fused.log"
-  [ "${WITH_KERNEL_BENCH:-0}" = 1 ] && timeout $((580 - SECONDS)) python3 benchmarks/bench_kernels.py 2>&1 | tee "$out/kernels.md"
+  [ "${WITH_KERNEL_BENCH:-0}" = 1 ] && timeout $((580 - SECONDS)) python3 benchmarks/bench_kernels.py 2>&1 \
+    | tee "$out/kernels.md"
 elif [ "$stage" = e2e ]; then
   random_llama /tmp/llama1b-random llama1b
   timeout 400 python3 benchmarks/bench_gpu.py --model /tmp/llama1b-random --decode-only 2>&1 | tee "$out/gpu_1b.md"

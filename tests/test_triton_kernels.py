@@ -276,11 +276,12 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
             for arg in fn.arg_names
         }
         # the launch wrappers' defaults
-        num_warps = 4 if "gemv" in name or "qkv" in name else {
+        is_gemv = "gemv" in name or "qkv" in name
+        num_warps = 4 if is_gemv else {
             "store_kv": 4, "decode_reduce": 4, "pdl_decode_reduce": 4, "rotary_store_kv": 1}.get(name, 8)
         # a launch specializes pointers, strides and K divisible by 16 (as real tensors' are)
         aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
-                   if arg.endswith("_ptr") or arg.startswith("stride") or arg == "K"} if "gemv" in name or "qkv" in name else None
+                   if arg.endswith("_ptr") or arg.startswith("stride") or arg == "K"} if is_gemv else None
         kernel = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=aligned), target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=num_warps, num_stages=2))
         with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"kvserve_{name}_{os.getpid()}.cubin", "wb") as f:
@@ -634,4 +635,5 @@ def test_decode_step_launch_count(gemv_rows, per_layer, tmp_path, monkeypatch):
     assert sorted(aten_calls) == sorted(["embedding", "index"] + ["matmul"] * (4 * layers if not gemv_rows else 0))
     assert len(triton_calls) + len(aten_calls) == per_layer * layers + 3, (triton_calls, aten_calls)
     fused_qkv = triton_calls.count("_norm_qkv_rotary_kernel")
-    assert fused_qkv == (layers if gemv_rows else 0) and triton_calls.count("_rotary_store_kv_kernel") == layers - fused_qkv
+    assert fused_qkv == (layers if gemv_rows else 0)
+    assert triton_calls.count("_rotary_store_kv_kernel") == layers - fused_qkv

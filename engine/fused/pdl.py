@@ -6,8 +6,9 @@ launched early, while the previous one still runs, and its programs wait in plac
 (`griddepcontrol.wait`) until that one has finished and its writes are visible. Each kernel
 that takes PDL waits before it touches memory another kernel writes, so the order of those
 accesses is the same as without it; only the launch overlaps, and a GEMV's first weight tile
-(weights are written by no kernel) is already loading while the previous kernel ends. A kernel launched without PDL after one of
-these waits as usual, so PDL kernels mix freely with torch's and cuBLAS's.
+(weights are written by no kernel) is already loading while the previous kernel ends. A kernel
+launched without PDL after one of these waits as usual, so PDL kernels mix freely with torch's
+and cuBLAS's.
 
 Kernels take a `PDL` constexpr and their launch wrappers a `pdl` flag (off by default); the
 engine turns it on for the kernels of decoder layers (`EngineConfig.enable_pdl`). Under
