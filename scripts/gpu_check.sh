@@ -10,11 +10,10 @@
 #   bash scripts/gpu_check.sh serve     # after smollm2 on the same warm machine: `kvserve serve` with
 #                                       # its defaults (cuda + bfloat16), SmolLM2 + a tiny Marian
 #
-# The machine has torch, triton and transformers but no network: the gguf wheel comes in .whl/
-# (with a sentencepiece wheel there too, the tiny Marian/T5 GPU-vs-CPU translation test runs),
-# and the SmolLM2 GGUF (98 MB, over one transfer's limit) in two halves, .gpu/a then .gpu/b,
+# The machine has torch, triton, transformers and sentencepiece but no network: the gguf wheel
+# comes in .whl/ and the SmolLM2 GGUF (98 MB, over one transfer's limit) in two halves, .gpu/a then .gpu/b,
 # on two calls to one warm machine (kernels or e2e first, then smollm2); the first half waits in
-# /root/stash. Outputs go to $OUT.
+# /root/stash. `bash scripts/gpu_prepare.sh` builds .whl/ and .gpu/ here. Outputs go to $OUT.
 set -uo pipefail
 stage=${1:?kernels, e2e, smollm2 or serve}
 out=${OUT:-/tmp/gpu-out}
