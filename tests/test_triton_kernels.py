@@ -542,7 +542,7 @@ def test_pdl_reaches_every_decoder_layer_kernel_launch(tmp_path, monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **kw):
                 n = args[8] if self.kernel.fn.__name__ == "_gemv_kernel" else 0
-                launches.append((self.kernel.fn.__name__, n, kw["PDL"], kw["launch_pdl"]))
+                launches.append((self.kernel.fn.__name__, n, kw["PDL"], kw.get("launch_pdl", False)))
                 return self.kernel[grid](*args, **kw)
             return launch
 

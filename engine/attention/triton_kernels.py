@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.fused.pdl import wait_for_previous
+from engine.fused.pdl import launch_options, wait_for_previous
 
 LOG2E = 1.4426950408889634
 
@@ -482,7 +482,7 @@ def decode_attention(
         stride_bias_h, radius,
         GROUP=group, SPLIT=split, HAS_SEQ_IDS=seq_ids is not None, HAS_BIAS=bias is not None,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=_precision(query.dtype), PDL=pdl, launch_pdl=pdl,
+        PRECISION=_precision(query.dtype), PDL=pdl, **launch_options(pdl),
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:
@@ -491,7 +491,7 @@ def decode_attention(
             out.stride(0), out.stride(1), head_dim, partition_size, num_q_heads, num_partitions,
             HAS_SEQ_IDS=seq_ids is not None, BLOCK_P=triton.next_power_of_2(num_partitions),
             CHUNK_P=min(16, triton.next_power_of_2(num_partitions)), BLOCK_D=block_d,
-            PDL=pdl, launch_pdl=pdl,
+            PDL=pdl, **launch_options(pdl),
         )
 
 

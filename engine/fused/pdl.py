@@ -43,6 +43,12 @@ else:
             tl.extra.cuda.gdc_launch_dependents()
 
 
+def launch_options(pdl: bool) -> dict[str, bool]:
+    """The launch keyword that asks for PDL; none at all without it, so a launch that does not
+    take PDL is the same call on any Triton, whichever launch options it knows."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 def supported(device: str) -> bool:
     """PDL needs a Hopper or newer GPU; the wait instruction does not exist before sm_90."""
     if not device.startswith("cuda") or not torch.cuda.is_available():

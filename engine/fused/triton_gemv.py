@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.fused.pdl import wait_for_previous
+from engine.fused.pdl import launch_options, wait_for_previous
 
 PLAIN, NORM, SILU_MUL = 0, 1, 2  # the prologue applied to the input rows
 
@@ -163,7 +163,7 @@ def _launch(
         rows, n, k, eps,
         x.stride(0), res.stride(0), weight.stride(0), out.stride(0), res_out.stride(0),
         PROLOGUE=prologue, HAS_RES=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, **launch_options(pdl), num_warps=num_warps,
     )
 
 

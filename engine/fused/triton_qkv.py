@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.fused.pdl import wait_for_previous
+from engine.fused.pdl import launch_options, wait_for_previous
 from engine.fused.triton_gemv import _input_tile, _inv_rms, _weight_tile, tiles
 
 
@@ -127,6 +127,6 @@ def norm_qkv_rotary_store(
             cos.stride(0), sin.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_K=block_k,
-            PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+            PDL=pdl, **launch_options(pdl), num_warps=num_warps,
         )
     return q, res_out
