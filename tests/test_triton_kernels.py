@@ -289,7 +289,9 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
         sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
         os.unlink(f.name)
         report[name] = {op: sass.count(op) for op in ("HGMMA", "LDL", "STL", "LDG.E.128")}
-        report[name]["griddepcontrol"] = kernel.asm["ptx"].count("griddepcontrol.")
+        ptx = kernel.asm["ptx"]
+        report[name]["griddepcontrol"] = ptx.count("griddepcontrol.")
+        report[name]["loads_before_wait"] = ptx[:ptx.find("griddepcontrol.wait")].count("ld.global")
     return report
 
 
@@ -310,6 +312,11 @@ def test_kernels_compile_for_hopper_without_register_spills():
         assert report[name]["LDG.E.128"] > 0, name  # 16-byte weight loads
     for name, ops in report.items():  # the wait and the early launch of the next kernel, only where asked
         assert ops["griddepcontrol"] == (2 if name.startswith("pdl") else 0), (name, ops)
+    # nothing another kernel writes is read before the wait: attention reads nothing before it,
+    # GEMVs only their first weight tile (16 x 256 bf16, or two of 8 x 256: 8 KiB over 128 threads,
+    # four 16-byte loads each), a read the wait must not hold back
+    assert report["pdl_decode"]["loads_before_wait"] == report["pdl_decode_reduce"]["loads_before_wait"] == 0
+    assert report["pdl_gemv"]["loads_before_wait"] == report["pdl_qkv"]["loads_before_wait"] == 4
     for name, ops in report.items():
         assert ops["LDL"] + ops["STL"] <= 16, f"{name} spills registers: {ops}"
 
