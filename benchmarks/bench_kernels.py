@@ -6,7 +6,11 @@ Measures the device first (HBM bandwidth from a large copy, bf16 matmul TFLOP/s)
 - prefill: causal varlen FlashAttention and a chunked prefill over paged context; achieved
   TFLOP/s vs the matmul rate, with torch SDPA (cuDNN/flash) on the same shapes for scale;
 - decode matmuls (batch 1 and 4) of SmolLM2 and Llama-1B: the fused Triton GEMV against the
-  add+RMSNorm / SiLU-mul kernel followed by cuBLAS, and weight bytes over time vs the copy bandwidth.
+  add+RMSNorm / SiLU-mul kernel followed by cuBLAS, and weight bytes over time vs the copy bandwidth;
+- decode attention of one layer at batch 1 and 4 over short contexts, with SmolLM2's and Llama-1B's
+  heads, timed inside a CUDA graph (as a decode step runs it; the tables above time eager
+  launches, which at these sizes mostly measures the host): what one layer's attention costs a
+  small batch, by key tile and partition size.
 Prints markdown tables headed by the GPU name.
 
     python benchmarks/bench_kernels.py            # Llama-3-8B-like heads: 32 q / 8 kv, head_dim 128
@@ -244,6 +248,45 @@ def gemv_rows(args, bandwidth: float) -> list[list]:
     return rows
 
 
+SMALL_DECODE_HEADS = {"SmolLM2-135M": (9, 3, 64), "Llama-3.2-1B": (32, 8, 64)}  # q heads, kv heads, dim
+
+
+def small_decode_rows(args) -> list[list]:
+    """Single-pass decode by key tile, and split-K by partition (+ the reduce launch), in µs of
+    GPU time per call (replayed in a graph); the backend's own pick first."""
+    import triton.testing
+
+    from engine.attention import triton_kernels as K
+    from engine.attention.triton_backend import TritonAttentionBackend
+
+    rows = []
+    for model, (hq, hk, d) in SMALL_DECODE_HEADS.items():
+        for num_seqs in (1, 4):
+            for ctx in (128, 384, 1024):
+                kc, vc, tables = paged_cache(num_seqs, ctx, hk, d, args.block_size)
+                meta = meta_for([1] * num_seqs, [ctx] * num_seqs, tables, causal=True)
+                q = torch.randn(num_seqs, hq, d, dtype=torch.bfloat16, device="cuda")
+                out = torch.empty_like(q)
+                backend = TritonAttentionBackend()
+
+                def us(fn) -> float:
+                    fn()  # compile outside the graph
+                    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=20)
+
+                def decode(split: bool, **kw):
+                    return lambda: K.decode_attention(q, kc, vc, out, meta.cu_seqlens_q, meta.seq_lens, tables,
+                                                      num_seqs, ctx, d**-0.5, split=split, **kw)
+
+                picked = us(lambda: backend.paged_attention(q, kc, vc, meta, d**-0.5))
+                single = {n: us(decode(False, block_n=n)) for n in (32, 64, 128, 256)}
+                split = {p: us(decode(True, partition_size=p, block_n=min(p, 64))) for p in (64, 128, 256)
+                         if p < ctx}
+                rows.append([model, num_seqs, ctx, f"{picked:.1f}", " ".join(f"n{n}: {t:.1f}" for n, t in single.items()),
+                             " ".join(f"p{p}: {t:.1f}" for p, t in split.items()) or "-"])
+                del kc, vc
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-heads", type=int, default=32)
@@ -273,6 +316,9 @@ def main() -> int:
     print("\n### Decode matmuls: the op before them + cuBLAS vs the fused GEMV (weights over L2, in a graph)\n")
     print(table(["model", "matmul", "fused op", "rows", "weights MiB", "op + cuBLAS us", "GEMV us",
                  "GEMV of copy BW", "sweep best us", "tiles"], gemv_rows(args, bandwidth)))
+    print("\n### Decode attention of one layer, small batches, in a CUDA graph (µs of GPU time)\n")
+    print(table(["model", "seqs", "context", "backend's pick", "single-pass by keys per tile",
+                 "split-K by partition (+ reduce)"], small_decode_rows(args)))
     return 0
 
 
