@@ -521,12 +521,13 @@ def test_gemv_linears_in_every_decoder_family(kind, tmp_path, monkeypatch):
 
 
 @interpreted
-def test_pdl_reaches_every_decoder_layer_kernel_launch(tmp_path, monkeypatch):
-    """With enable_pdl, each GEMV, fused q/k/v and decode-attention launch of the decoder layers
-    asks for programmatic dependent launch (PDL=True, launch_pdl=True); the vocabulary projection,
-    which follows the graph's replay, does not. Interpreted, the wait is a no-op and the rest of
-    the PDL variants runs (GEMVs loading each weight tile a step ahead): the tokens equal the
-    reference's."""
+@pytest.mark.parametrize("gemv_rows", [2, 0])
+def test_pdl_reaches_every_decoder_layer_kernel_launch(gemv_rows, tmp_path, monkeypatch):
+    """With enable_pdl, each GEMV, fused q/k/v and decode-attention launch (split-K and its reduce
+    too) of the decoder layers asks for programmatic dependent launch (PDL=True, launch_pdl=True);
+    the vocabulary projection, which follows the graph's replay, does not; without GEMV Linears
+    only attention takes it. Interpreted, the wait is a no-op and the rest of the PDL variants
+    runs (GEMVs loading each weight tile a step ahead): the tokens equal the reference's."""
     from engine.attention import triton_kernels
     from engine.errors import InvalidRequestError
     from engine.fused import pdl, triton_gemv, triton_qkv
@@ -558,17 +559,24 @@ def test_pdl_reaches_every_decoder_layer_kernel_launch(tmp_path, monkeypatch):
                           (triton_kernels, ["_decode_kernel", "_decode_reduce_kernel"])):
         for name in names:
             monkeypatch.setattr(module, name, Spy(getattr(module, name)))
-    llm = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=2, gemv_max_rows=2,
-              enable_pdl=True, **kwargs)
+    defaults = TritonAttentionBackend.__init__.__defaults__
+    TritonAttentionBackend.__init__.__defaults__ = (True, 16) + defaults[2:]  # split-K past 16 keys
+    try:
+        llm = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=2,
+                  gemv_max_rows=gemv_rows, enable_pdl=True, **kwargs)
+    finally:
+        TritonAttentionBackend.__init__.__defaults__ = defaults
     llm.engine.runner.model.greedy_screen = None  # the CPU's bf16 screen would pick greedy tokens without the head
     gen = torch.Generator().manual_seed(16)
-    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (6, 9)]
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (6, 19)]
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     outs = llm.generate(prompts, params)
     kinds = {name for name, *_ in launches}
-    assert kinds == {"_gemv_kernel", "_norm_qkv_rotary_kernel", "_decode_kernel"}, kinds
+    attention = {"_decode_kernel", "_decode_reduce_kernel"}
+    assert kinds == (attention | {"_gemv_kernel", "_norm_qkv_rotary_kernel"} if gemv_rows else attention), kinds
     head = [launch for launch in launches if launch[1] == 320]
-    assert head and all(not pdl_on and not launch_pdl for *_, pdl_on, launch_pdl in head)
+    assert bool(head) == bool(gemv_rows)
+    assert all(not pdl_on and not launch_pdl for *_, pdl_on, launch_pdl in head)
     layers = [launch for launch in launches if launch[1] != 320]
     assert all(pdl_on and launch_pdl for *_, pdl_on, launch_pdl in layers)
     want = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params)
