@@ -75,38 +75,29 @@ def _weight_tile(w_rows, n_mask, k, K):
 
 
 @triton.jit
-def _gemv_kernel(
-    x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
-    M, N, K, eps,
-    stride_x, stride_r, stride_w, stride_o, stride_ro,
-    PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+def _gemv_rows(
+    x_row, res_row, res_out_row, nw_ptr, w_ptr, b_ptr, n, n_mask, K, eps, stride_w, store_sum,
+    PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    # out[m, n] = sum_k a[m, k] * w[n, k] (+ b[n]) for one input row m and BLOCK_N weight rows;
-    # a is x, norm(x + res) * nw, or silu(gate) * up where x holds [gate | up]. The rows of a
-    # batch are adjacent programs, so they read a weight block together (the second from L2).
-    pid = tl.program_id(0)
-    m = (pid % M).to(tl.int64)
-    block = pid // M
-    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    """sum_k a[k] * w[n, k] (+ b[n]) for one input row and the weight rows n, in fp32 after
+    rounding to the weight dtype (as F.linear returns it); a is x, norm(x + res) * nw (x + res
+    stored to res_out_row where `store_sum`), or silu(gate) * up where x holds [gate | up]."""
     # int64 row offsets: a large vocabulary projection passes 2**31 elements
     w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
+    offs_k = tl.arange(0, BLOCK_K)
     if PDL:
         # No kernel writes weights: with PDL the first tile's load is issued before the wait, so
         # it is in flight while the previous kernel finishes. Each step then loads the next.
         w = _weight_tile(w_rows, n_mask, offs_k, K)
     wait_for_previous(PDL)
-    x_row = x_ptr + m * stride_x
-    res_row = res_ptr + m * stride_r
     inv = 0.0
-    if PROLOGUE == 1:  # the first block also stores x + res
-        inv = _inv_rms(x_row, res_row, res_out_ptr + m * stride_ro, K, eps, block == 0, HAS_RES, BLOCK_K)
+    if PROLOGUE == 1:
+        inv = _inv_rms(x_row, res_row, res_out_row, K, eps, store_sum, HAS_RES, BLOCK_K)
     # one product per weight element, summed over K once after the loop. The input row is loaded
     # broadcast to the weight tile's shape (each weight row's copy from L1): the tile and the
     # input then share one register layout, with no shuffle through shared memory in the loop.
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((n.shape[0], BLOCK_K), dtype=tl.float32)
     rows0 = 0 * n[:, None]  # (BLOCK_N, 1) zeros
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
@@ -121,8 +112,28 @@ def _gemv_kernel(
     out = tl.sum(acc, 1)
     if HAS_BIAS:
         out += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
-    out = out.to(w_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + m * stride_o + n, out, mask=n_mask)
+    return out.to(w_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
+    M, N, K, eps,
+    stride_x, stride_r, stride_w, stride_o, stride_ro,
+    PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    # Program (m, block): input row m and BLOCK_N weight rows. The rows of a batch are adjacent
+    # programs, so they read a weight block together (the second from L2); the first block also
+    # stores x + res.
+    pid = tl.program_id(0)
+    m = (pid % M).to(tl.int64)
+    block = pid // M
+    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    out = _gemv_rows(x_ptr + m * stride_x, res_ptr + m * stride_r, res_out_ptr + m * stride_ro, nw_ptr, w_ptr, b_ptr,
+                     n, n_mask, K, eps, stride_w, block == 0, PROLOGUE, HAS_RES, HAS_BIAS, BLOCK_K, PDL)
+    tl.store(out_ptr + m * stride_o + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 def _num_sms(device: torch.device) -> int:

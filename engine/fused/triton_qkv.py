@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.fused.pdl import launch_options, wait_for_previous
-from engine.fused.triton_gemv import _input_tile, _inv_rms, _weight_tile, tiles
+from engine.fused.pdl import launch_options
+from engine.fused.triton_gemv import _gemv_rows, tiles
 
 
 @triton.jit
@@ -32,51 +32,25 @@ def _norm_qkv_rotary_kernel(
 ):
     # Program (m, block): input row m and BLOCK_P rotary pairs. Pair p is position j of head h
     # among the q, k and v heads side by side (v "pairs" are only stored, not rotated); it is
-    # made of the merged weight's rows h*D + j and h*D + j + D/2.
+    # made of the merged weight's rows h*D + j and h*D + j + D/2, taken as one tile of 2 * BLOCK_P
+    # rows (all first rows, then all second ones) by the GEMV.
     pid = tl.program_id(0)
     m = (pid % M).to(tl.int64)
     block = pid // M
     p = block * BLOCK_P + tl.arange(0, BLOCK_P)
     num_rot = num_q_heads + num_kv_heads
-    p_mask = p < (num_rot + num_kv_heads) * half
+    num_pairs = (num_rot + num_kv_heads) * half
+    p_mask = p < num_pairs
     head = p // half
     j = p % half
-    n1 = (head * 2 * half + j).to(tl.int64)
-    n2 = n1 + half
-    offs_k = tl.arange(0, BLOCK_K)
-    rows1 = w_ptr + n1[:, None] * stride_w
-    rows2 = w_ptr + n2[:, None] * stride_w
-    if PDL:  # the first weight tiles load while the previous kernel ends (see _gemv_kernel)
-        w1 = _weight_tile(rows1, p_mask, offs_k, K)
-        w2 = _weight_tile(rows2, p_mask, offs_k, K)
-    wait_for_previous(PDL)
-    x_row = x_ptr + m * stride_x
-    res_row = res_ptr + m * stride_r
-    inv = _inv_rms(x_row, res_row, res_out_ptr + m * stride_ro, K, eps, block == 0, HAS_RES, BLOCK_K)
-    acc1 = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-    rows0 = 0 * p[:, None]
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        kk = k[None, :] + rows0
-        mask = p_mask[:, None] & (k < K)[None, :]
-        a = _input_tile(x_row, res_row, nw_ptr, kk, mask, inv, K, 1, HAS_RES)  # computed once for both rows
-        if not PDL:
-            w1 = _weight_tile(rows1, p_mask, k, K)
-            w2 = _weight_tile(rows2, p_mask, k, K)
-        acc1 += a * w1.to(tl.float32)
-        acc2 += a * w2.to(tl.float32)
-        if PDL:
-            w1 = _weight_tile(rows1, p_mask, k + BLOCK_K, K)
-            w2 = _weight_tile(rows2, p_mask, k + BLOCK_K, K)
-    x1 = tl.sum(acc1, 1)
-    x2 = tl.sum(acc2, 1)
-    if HAS_BIAS:
-        x1 += tl.load(b_ptr + n1, mask=p_mask, other=0.0).to(tl.float32)
-        x2 += tl.load(b_ptr + n2, mask=p_mask, other=0.0).to(tl.float32)
+    r = tl.arange(0, 2 * BLOCK_P)
+    pr = block * BLOCK_P + r % BLOCK_P  # the pair of tile row r
+    n = (pr // half) * 2 * half + pr % half + (r // BLOCK_P) * half
+    n_mask = pr < num_pairs
+    out = _gemv_rows(x_ptr + m * stride_x, res_ptr + m * stride_r, res_out_ptr + m * stride_ro, nw_ptr, w_ptr, b_ptr,
+                     n, n_mask, K, eps, stride_w, block == 0, 1, HAS_RES, HAS_BIAS, BLOCK_K, PDL)
+    x1, x2 = tl.split(tl.trans(tl.reshape(out, (2, BLOCK_P))))  # the merged matmul's output, paired
     w_dtype = w_ptr.dtype.element_ty
-    x1 = x1.to(w_dtype).to(tl.float32)  # the merged matmul's output, as F.linear returns it
-    x2 = x2.to(w_dtype).to(tl.float32)
     cos = tl.load(cos_ptr + m * stride_ct + j, mask=p_mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + m * stride_st + j, mask=p_mask, other=0.0).to(tl.float32)
     rot = head < num_rot
