@@ -103,7 +103,11 @@ class DecodeGraphs:
         (benchmarks time it alone: the GPU's share of a step, without the host's)."""
         size = padded_size(self.sizes, batch)
         assert size is not None and self._graphs, "no graph captured for that batch"
-        return self._graphs[(size, next(bound for bound in self.bounds if bound >= longest))][0]
+        return self._graphs[self._key(size, longest)][0]
+
+    def _key(self, size: int, longest: int) -> tuple[int, int]:
+        """(padded batch, the smallest context bound that holds `longest`): a graph's key."""
+        return size, next(bound for bound in self.bounds if bound >= longest)
 
     def _context(self, b: int, bound: int) -> ForwardContext:
         # The host lengths are the graph's bound, not a step's: the decode kernel sizes its
@@ -189,7 +193,7 @@ class DecodeGraphs:
             else:
                 self.vec[0].index_copy_(0, rows, carried_tokens.to(torch.int32))
         longest = max(positions) + 1
-        key = (size, next(bound for bound in self.bounds if bound >= longest))
+        key = self._key(size, longest)
         if self._graphs:
             graph, hidden = self._graphs[key]
             graph.replay()
