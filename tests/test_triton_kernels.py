@@ -14,6 +14,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,18 @@ def test_store_kv_writes_the_reference_slots():
     TorchAttentionBackend().store_kv(k, v, kr, vr, slots)
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
     assert not torch.equal(kc, torch.zeros_like(kc))
+
+
+@contextmanager
+def engine_backend_split(split_k: bool | None, partition_size: int) -> Iterator[None]:
+    """Engines built inside take a TritonAttentionBackend with these split-K settings (the
+    engine builds its own backend): small partitions let tiny contexts take the split-K path."""
+    defaults = TritonAttentionBackend.__init__.__defaults__
+    TritonAttentionBackend.__init__.__defaults__ = (split_k, partition_size) + defaults[2:]
+    try:
+        yield
+    finally:
+        TritonAttentionBackend.__init__.__defaults__ = defaults
 
 
 def count_launches(monkeypatch) -> dict[str, int]:
@@ -434,13 +448,9 @@ def test_decode_graph_buffers_with_interpreted_kernels_equal_reference(tmp_path)
     # run ahead: decode inputs still in flight are copied into the static token buffer on the
     # device; with 32-key partitions, short contexts take the single-pass graphs, longer ones the
     # split-K graphs (max_model_len bound)
-    defaults = TritonAttentionBackend.__init__.__defaults__
-    TritonAttentionBackend.__init__.__defaults__ = (None, 32) + defaults[2:]
-    try:
+    with engine_backend_split(None, 32):
         ahead = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=5, run_ahead=True,
                     **kwargs)
-    finally:
-        TritonAttentionBackend.__init__.__defaults__ = defaults
     assert ahead.engine.runner.graphs.bounds == [32, 160]
     carried, longest = [], []
     run = ahead.engine.runner.graphs.run
@@ -559,13 +569,9 @@ def test_pdl_reaches_every_decoder_layer_kernel_launch(gemv_rows, tmp_path, monk
                           (triton_kernels, ["_decode_kernel", "_decode_reduce_kernel"])):
         for name in names:
             monkeypatch.setattr(module, name, Spy(getattr(module, name)))
-    defaults = TritonAttentionBackend.__init__.__defaults__
-    TritonAttentionBackend.__init__.__defaults__ = (True, 16) + defaults[2:]  # split-K past 16 keys
-    try:
+    with engine_backend_split(True, 16):  # split-K past 16 keys
         llm = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=2,
                   gemv_max_rows=gemv_rows, enable_pdl=True, **kwargs)
-    finally:
-        TritonAttentionBackend.__init__.__defaults__ = defaults
     llm.engine.runner.model.greedy_screen = None  # the CPU's bf16 screen would pick greedy tokens without the head
     gen = torch.Generator().manual_seed(16)
     prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (6, 19)]
