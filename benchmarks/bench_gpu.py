@@ -221,14 +221,12 @@ def main() -> int:
         ratio = (kv["tokens"] / kv["seconds"]) / (res["hf"]["tokens"] / res["hf"]["seconds"])
         print(f"\nkvserve / transformers: {ratio:.1f}x output tokens/s (target 10x)\n")
     gemv = res["kvserve_gemv"]
-    rows = [["kvserve, CUDA graphs, running ahead", kv["decode_tok_s"], 100 * kv["decode_tok_s"] / limit],
-            ["kvserve, CUDA graphs, landing each step", landing["decode_tok_s"], 100 * landing["decode_tok_s"] / limit],
-            ["kvserve, CUDA graphs, running ahead, GEMV Linears", gemv["decode_tok_s"], 100 * gemv["decode_tok_s"] / limit],
-            *([["kvserve, CUDA graphs, running ahead, GEMV Linears + PDL", res["kvserve_pdl"]["decode_tok_s"],
-                100 * res["kvserve_pdl"]["decode_tok_s"] / limit]] if "kvserve_pdl" in res else []),
-            ["kvserve, eager", res["kvserve_eager"]["decode_tok_s"], 100 * res["kvserve_eager"]["decode_tok_s"] / limit]]
-    if "hf" in res:
-        rows.append(["transformers generate()", res["hf"]["decode_tok_s"], 100 * res["hf"]["decode_tok_s"] / limit])
+    labels = {"kvserve": "kvserve, CUDA graphs, running ahead", "kvserve_landing": "kvserve, CUDA graphs, landing each step",
+              "kvserve_gemv": "kvserve, CUDA graphs, running ahead, GEMV Linears",
+              "kvserve_pdl": "kvserve, CUDA graphs, running ahead, GEMV Linears + PDL",
+              "kvserve_eager": "kvserve, eager", "hf": "transformers generate()"}
+    rows = [[label, res[key]["decode_tok_s"], 100 * res[key]["decode_tok_s"] / limit]
+            for key, label in labels.items() if key in res]
     print(f"Batch-1 decode (128-token prompt, 256 tokens); weights-read limit {limit:.0f} tokens/s:\n")
     print(table(["engine", "tokens/s", "% of limit"], rows))
     print(f"\nThe batch-1 graph's forward alone, replayed back to back: {kv['graph_forward_ms']:.3f} ms "

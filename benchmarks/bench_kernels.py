@@ -248,9 +248,6 @@ def gemv_rows(args, bandwidth: float) -> list[list]:
     return rows
 
 
-SMALL_DECODE_HEADS = {"SmolLM2-135M": (9, 3, 64), "Llama-3.2-1B": (32, 8, 64)}  # q heads, kv heads, dim
-
-
 def small_decode_rows(args) -> list[list]:
     """Single-pass decode by key tile, and split-K by partition (+ the reduce launch), in µs of
     GPU time per call (replayed in a graph); the backend's own pick first."""
@@ -260,7 +257,7 @@ def small_decode_rows(args) -> list[list]:
     from engine.attention.triton_backend import TritonAttentionBackend
 
     rows = []
-    for model, (hq, hk, d) in SMALL_DECODE_HEADS.items():
+    for model, (hq, hk, d) in HEADS.items():
         for num_seqs in (1, 4):
             for ctx in (128, 384, 1024):
                 kc, vc, tables = paged_cache(num_seqs, ctx, hk, d, args.block_size)
