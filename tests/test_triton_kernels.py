@@ -175,6 +175,28 @@ def test_varlen_attention(causal, hq, hk):
 
 
 @interpreted
+@pytest.mark.parametrize("block_m, block_n, hq, hk, d", [(16, 8, 4, 1, 16), (32, 16, 2, 2, 24), (16, 32, 6, 2, 16)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_tiles_every_row_sees_then_the_masked_rest(block_m, block_n, hq, hk, d, causal, monkeypatch):
+    # The prefill kernel runs whole key tiles that every row of its row tile sees without masks,
+    # then the rest masked. Chunks starting deep in earlier context, a fresh prompt of several row
+    # tiles, two new tokens, lengths off the tile grid; 3 query heads per KV head (hq 6, hk 2)
+    # split tokens across row tiles; head_dim 24 leaves part of a 32-wide tile masked.
+    totals, news = [75, 40, 33, 19], [37, 40, 2, 13]
+    q, k, v, kc, vc, meta = paged_step(totals, news, hq, hk, d, 4, causal, seed=block_m + block_n + hq)
+    calls = count_launches(monkeypatch)
+    triton_backend, ref_backend = TritonAttentionBackend(block_m=block_m, block_n=block_n), TorchAttentionBackend()
+    out = triton_backend.paged_attention(q, kc, vc, meta, 0.3)
+    assert rel_err(out, ref_backend.paged_attention(q, kc, vc, meta, 0.3)) < 1e-3
+    assert calls == {"decode_attention": 0, "prefill_attention": 1}
+    # the same tokens attending only among themselves (flat K/V), with and without a T5 bias
+    flat = metadata_for_sequences(news, causal=causal)
+    for bias in (None, t5_bias(hq, bidirectional=not causal, seed=block_n)):
+        out = triton_backend.varlen_attention(q, k, v, flat, 0.3, bias)
+        assert rel_err(out, ref_backend.varlen_attention(q, k, v, flat, 0.3, bias)) < 1e-3
+
+
+@interpreted
 def test_t5_bias_in_encoder_prefill_and_decode():
     torch.manual_seed(4)
     hq, hk, d = 4, 4, 16

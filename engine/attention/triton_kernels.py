@@ -4,7 +4,7 @@ Layouts (see engine.attention.base): q (T, Hq, D); k, v (T, Hk, D); caches
 (num_blocks, block_size, Hk, D) with the last dim contiguous. Grouped-query attention never
 repeats K/V: one program owns one KV head and all GROUP = Hq // Hk query heads that read it, so
 every K/V tile is loaded once per group. Softmax runs online (FlashAttention) in the log2 domain:
-scores are pre-multiplied by scale * log2(e) so the inner loop uses exp2.
+scores are scaled by scale * log2(e) so the inner loop uses exp2.
 
 Every launch wrapper here writes into a caller-given `out`; picking which rows go to which kernel
 is the backend's job (engine/attention/triton_backend.py). The decode kernels, inside a decode
@@ -75,6 +75,56 @@ def _bias_tile(bias_ptr, head, q_pos, n, mask, stride_bias_h, bias_radius):
 
 
 @triton.jit
+def _prefill_tile(
+    acc, m_i, l_i, q, start, kv_end, q_pos, head, row_mask, d_mask, kvh, seq, q_start,
+    k_ptr, v_ptr, block_tables_ptr, bias_ptr, scale_log2,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_bt, block_size, stride_bias_h, bias_radius,
+    PAGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key tile of the online softmax: (acc, m_i, l_i) updated with keys start..start+BLOCK_N.
+
+    MASKED=False is for tiles whose keys all exist and are visible to every row (before the
+    causal diagonal and the last key): the (rows x keys) score tile then takes no compare and
+    no select, which on tensor cores is most of the work besides the two dots and the exp2.
+    """
+    n = start + tl.arange(0, BLOCK_N)
+    n_mask = n < kv_end
+    d = tl.arange(0, BLOCK_D)
+    if MASKED:
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :]
+    k_off = _kv_offsets(n, n_mask, seq, q_start, block_tables_ptr, stride_bt, block_size, stride_kb, stride_ks, PAGED)
+    k = tl.load(k_ptr + k_off[:, None] + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # (M, N), unscaled
+    if MASKED:
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & (n[None, :] <= q_pos[:, None])
+    else:
+        visible = row_mask[:, None]  # only bounds the bias table's lanes
+    if HAS_BIAS:
+        s = s * scale_log2 + _bias_tile(bias_ptr, head, q_pos, n, visible & row_mask[:, None], stride_bias_h,
+                                        bias_radius)
+        scale = 1.0
+    else:
+        scale = scale_log2  # applied inside the exp2's argument: one FMA per score instead of a multiply and a subtract
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    # scale > 0, so the row max of scaled scores is the scaled row max (the same float, rounding is monotonic)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_off = _kv_offsets(n, n_mask, seq, q_start, block_tables_ptr, stride_bt, block_size, stride_vb, stride_vs, PAGED)
+    v = tl.load(v_ptr + v_off[:, None] + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, seq_ids_ptr, bias_ptr,
@@ -125,37 +175,33 @@ def _prefill_kernel(
     if CAUSAL:
         last_tok = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1)
         kv_end = tl.minimum(seq_len, seq_len - q_len + last_tok + 1)
+        # every row of the tile sees the keys up to its first token's position
+        full_end = seq_len - q_len + (pid_m * BLOCK_M) // GROUP + 1
     else:
         kv_end = seq_len
+        full_end = seq_len
+    full_end = full_end // BLOCK_N * BLOCK_N
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Key 0 is visible to every row (causal or not), so after the first tile m_i is finite
-    # and exp2(m_i - m_new) never sees -inf - -inf.
-    for start in range(0, kv_end, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_mask = n < kv_end
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k_off = _kv_offsets(n, n_mask, seq, q_start, block_tables_ptr, stride_bt, block_size,
-                            stride_kb, stride_ks, PAGED)
-        k = tl.load(k_ptr + k_off[:, None] + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2  # (M, N)
-        visible = n_mask[None, :]
-        if CAUSAL:
-            visible = visible & (n[None, :] <= q_pos[:, None])
-        if HAS_BIAS:
-            s += _bias_tile(bias_ptr, head, q_pos, n, visible & row_mask[:, None], stride_bias_h, bias_radius)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_off = _kv_offsets(n, n_mask, seq, q_start, block_tables_ptr, stride_bt, block_size,
-                            stride_vb, stride_vs, PAGED)
-        v = tl.load(v_ptr + v_off[:, None] + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-        m_i = m_new
+    # Whole tiles every row sees, then the rest (the causal diagonal and the last partial tile)
+    # with masks. Key 0 is visible to every row (causal or not), so after the first tile m_i
+    # is finite and exp2(m_i - m_new) never sees -inf - -inf.
+    for start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(
+            acc, m_i, l_i, q, start, kv_end, q_pos, head, row_mask, d_mask, kvh, seq, q_start,
+            k_ptr, v_ptr, block_tables_ptr, bias_ptr, scale_log2,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_bt, block_size, stride_bias_h, bias_radius,
+            PAGED, CAUSAL, HAS_BIAS, False, BLOCK_N, BLOCK_D, PRECISION)
+    for start in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(
+            acc, m_i, l_i, q, start, kv_end, q_pos, head, row_mask, d_mask, kvh, seq, q_start,
+            k_ptr, v_ptr, block_tables_ptr, bias_ptr, scale_log2,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_bt, block_size, stride_bias_h, bias_radius,
+            PAGED, CAUSAL, HAS_BIAS, True, BLOCK_N, BLOCK_D, PRECISION)
 
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (an empty encoder output) gives zeros
     o = acc / l_i[:, None]
