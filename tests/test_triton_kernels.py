@@ -315,16 +315,16 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
         is_gemv = "gemv" in name or "qkv" in name
         num_warps = 4 if is_gemv else {
             "store_kv": 4, "decode_reduce": 4, "pdl_decode_reduce": 4, "rotary_store_kv": 1}.get(name, 8)
-        # a launch specializes pointers, strides and K divisible by 16 (as real tensors' are)
+        # a launch specializes pointers, strides, K and head_dim divisible by 16 (as real tensors' are)
         aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
-                   if arg.endswith("_ptr") or arg.startswith("stride") or arg == "K"} if is_gemv else None
+                   if arg.endswith("_ptr") or arg.startswith("stride") or arg in ("K", "head_dim")}
         kernel = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=aligned), target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=num_warps, num_stages=2))
         with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"kvserve_{name}_{os.getpid()}.cubin", "wb") as f:
             f.write(kernel.asm["cubin"])
         sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
         os.unlink(f.name)
-        report[name] = {op: sass.count(op) for op in ("HGMMA", "LDL", "STL", "LDG.E.128")}
+        report[name] = {op: sass.count(op) for op in ("HGMMA", "LDL", "STL", "LDG.E.128", "LDGSTS.E.BYPASS.128")}
         ptx = kernel.asm["ptx"]
         report[name]["griddepcontrol"] = ptx.count("griddepcontrol.")
         report[name]["loads_before_wait"] = ptx[:ptx.find("griddepcontrol.wait")].count("ld.global")
@@ -346,6 +346,8 @@ def test_kernels_compile_for_hopper_without_register_spills():
     assert report["prefill_paged_causal"]["HGMMA"] > 0  # wgmma, not the pre-Hopper mma path
     for name in ("gemv_norm", "gemv_silu_mul", "gemv_qkv_rotary", "gemv_qkv_rotary_1b", "pdl_gemv", "pdl_qkv"):
         assert report[name]["LDG.E.128"] > 0, name  # 16-byte weight loads
+    for name in ("prefill_paged_causal", "prefill_varlen_bias", "decode_split_bias", "pdl_decode"):
+        assert report[name]["LDGSTS.E.BYPASS.128"] > 0, name  # K/V tiles copied 16 bytes at a time, pipelined
     for name, ops in report.items():  # the wait and the early launch of the next kernel, only where asked
         assert ops["griddepcontrol"] == (2 if name.startswith("pdl") else 0), (name, ops)
     # nothing another kernel writes is read before the wait: attention reads nothing before it,

@@ -437,8 +437,10 @@ def prefill_attention(
     prefill over earlier context, or cross-attention with causal=False). Without: `key`/`value`
     are flat (T, Hk, D) like `query` and each sequence attends within its own new tokens.
     `bias`: a `bias_table`. `seq_ids` (int32, num_seqs) picks which sequences of the metadata
-    to run; None means all. Default tiles: compiled for sm_90 at head_dim 128 in bf16, 64x64 with
-    4 warps spills ~500 registers to local memory (the gathered K/V pointer tiles), 8 warps none.
+    to run; None means all. Default tiles: 64 x 64 with 8 warps, the best of an H100 sweep at
+    head_dim 128 (docs/benchmarks.md) before whole tiles ran unmasked. Its SASS has each of the
+    two warpgroups compute the tile's whole QK^T (wgmma rows come 64 per warpgroup); 128-row
+    tiles or 4 warps do not, and `benchmarks/bench_kernels.py` times them against it.
     """
     if num_seqs == 0 or max_seqlen_q == 0:
         return
