@@ -14,38 +14,7 @@ from engine.forward_context import ForwardContext, metadata_for_sequences  # noq
 from models.loader import load_model  # noqa: E402
 from models.registry import Task  # noqa: E402
 from models.weights import ModelLoadError  # noqa: E402
-
-TINY = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-
-
-def _save(kind: str, folder, **overrides):
-    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel
-
-    torch.manual_seed(0)
-    if kind == "bert":
-        cfg = BertConfig(max_position_embeddings=64, type_vocab_size=2, **TINY)
-        cls = BertModel
-    elif kind == "roberta":
-        cfg = RobertaConfig(max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, **TINY)
-        cls = RobertaModel
-    else:
-        cfg = XLMRobertaConfig(max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, **TINY)
-        cls = XLMRobertaModel
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    model = cls(cfg).eval()
-    with torch.no_grad():  # HF's init (std 0.02) makes near-constant layers; spread values so bugs show
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name:
-                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else torch.randn_like(p) * 0.1)
-            elif p.dim() > 1:
-                p.normal_(0.0, 0.3)
-            else:
-                p.normal_(0.0, 0.1)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    return model
-
+from tests.tiny_models import TINY_ENCODER, save_tiny_encoder  # noqa: E402
 
 def _flat(seqs: list[torch.Tensor]):
     lens = [len(s) for s in seqs]
@@ -58,20 +27,20 @@ def _flat(seqs: list[torch.Tensor]):
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta"])
 def test_hidden_states_match_transformers_on_ragged_batch(kind, tmp_path):
-    hf = _save(kind, tmp_path / kind)
+    hf = save_tiny_encoder(kind, tmp_path / kind)
     ours = load_model(str(tmp_path / kind))
     assert ours.info.task == Task.EMBED
     assert ours.model.kv_cache_spec.num_layers == 0  # an encoder allocates no KV cache
     g = torch.Generator().manual_seed(1)
     lens = [7, 1, 23, 60 if kind == "bert" else 64, 12]  # up to the full position table
     # ids >= 2 so RoBERTa's padding id (1) never appears inside a sequence
-    seqs = [torch.randint(2, TINY["vocab_size"], (n,), generator=g) for n in lens]
+    seqs = [torch.randint(2, TINY_ENCODER["vocab_size"], (n,), generator=g) for n in lens]
     types = [torch.randint(0, 2 if kind == "bert" else 1, (n,), generator=g) for n in lens]
     ids, positions, ctx, _ = _flat(seqs)
     token_types = torch.cat(types) if kind == "bert" else None
     with torch.inference_mode():
         got = ours.model(ids, positions, ctx, token_type_ids=token_types)
-        assert got.shape == (sum(lens), TINY["hidden_size"])
+        assert got.shape == (sum(lens), TINY_ENCODER["hidden_size"])
         start = 0
         for seq, tt in zip(seqs, types):
             kwargs = {"token_type_ids": tt[None]} if kind == "bert" else {}
@@ -81,9 +50,9 @@ def test_hidden_states_match_transformers_on_ragged_batch(kind, tmp_path):
 
 
 def test_default_token_type_is_zero(tmp_path):
-    hf = _save("bert", tmp_path / "bert")
+    hf = save_tiny_encoder("bert", tmp_path / "bert")
     ours = load_model(str(tmp_path / "bert"))
-    seq = torch.randint(0, TINY["vocab_size"], (9,), generator=torch.Generator().manual_seed(2))
+    seq = torch.randint(0, TINY_ENCODER["vocab_size"], (9,), generator=torch.Generator().manual_seed(2))
     ids, positions, ctx, _ = _flat([seq])
     with torch.inference_mode():
         torch.testing.assert_close(ours.model(ids, positions, ctx), hf(input_ids=seq[None]).last_hidden_state[0],
@@ -94,11 +63,11 @@ def test_task_checkpoint_prefix_is_stripped(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
-    cfg = BertConfig(max_position_embeddings=32, **TINY)
+    cfg = BertConfig(max_position_embeddings=32, **TINY_ENCODER)
     mlm = BertForMaskedLM(cfg).eval()
     mlm.save_pretrained(tmp_path / "mlm")
     ours = load_model(str(tmp_path / "mlm"))
-    seq = torch.randint(0, TINY["vocab_size"], (11,), generator=torch.Generator().manual_seed(3))
+    seq = torch.randint(0, TINY_ENCODER["vocab_size"], (11,), generator=torch.Generator().manual_seed(3))
     ids, positions, ctx, _ = _flat([seq])
     with torch.inference_mode():
         want = mlm.bert(input_ids=seq[None]).last_hidden_state[0]
@@ -106,7 +75,7 @@ def test_task_checkpoint_prefix_is_stripped(tmp_path):
 
 
 def test_limits_and_pooling_info_from_folder(tmp_path):
-    _save("roberta", tmp_path / "r")
+    save_tiny_encoder("roberta", tmp_path / "r")
     info = load_model(str(tmp_path / "r")).info
     assert info.max_model_len == 66 - 2  # positions start at padding_idx + 1
     assert (info.pooling, info.normalize) == ("mean", True)  # no modules.json: the default
@@ -121,6 +90,6 @@ def test_limits_and_pooling_info_from_folder(tmp_path):
 
 
 def test_unsupported_position_embedding_type_is_refused(tmp_path):
-    _save("bert", tmp_path / "b", position_embedding_type="relative_key")
+    save_tiny_encoder("bert", tmp_path / "b", position_embedding_type="relative_key")
     with pytest.raises(ModelLoadError, match="relative_key"):
         load_model(str(tmp_path / "b"))

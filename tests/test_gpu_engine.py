@@ -153,6 +153,30 @@ def test_tiny_translation_on_gpu_equals_cpu(kind, tmp_path):
     assert engines["cuda"].block_manager.num_free_blocks == engines["cuda"].num_blocks
 
 
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_tiny_encoders_on_gpu_equal_cpu(kind, tmp_path):
+    """Encoder-only on the Triton backend (flat varlen batches, non-causal): in fp32 the pooled
+    embeddings equal the CPU reference's; in bf16 (`serve`'s GPU default) they stay within its
+    rounding. Built here from configs, so no weights need carrying to the GPU."""
+    from engine.config import EngineConfig
+    from engine.embedding_engine import EmbeddingEngine
+    from tests.tiny_models import TINY_ENCODER, save_tiny_encoder
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    save_tiny_encoder(kind, tmp_path / kind)
+    gen = torch.Generator().manual_seed(3)
+    ids = [torch.randint(3, TINY_ENCODER["vocab_size"], (n,), generator=gen).tolist() for n in (1, 7, 30, 62, 15, 40)]
+    ref = EmbeddingEngine.from_config(EngineConfig(model=str(tmp_path / kind))).embed(ids)
+    for dtype in ("float32", "bfloat16"):
+        gpu = EmbeddingEngine.from_config(EngineConfig(model=str(tmp_path / kind), device="cuda", dtype=dtype))
+        assert gpu.backend.name == "triton"
+        out = gpu.embed(ids, max_batch_tokens=64)  # several batches, each a ragged flat one
+        if dtype == "float32":
+            assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), dtype
+        else:
+            assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.999, dtype
+
+
 def test_minilm_in_bf16_on_gpu_is_close_to_the_fp32_cpu_reference():
     """`kvserve serve` on a GPU defaults to bfloat16 for every model: MiniLM's embeddings there
     stay within bf16 rounding of the fp32 CPU ones (the Triton varlen kernel, non-causal)."""

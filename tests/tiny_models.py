@@ -53,3 +53,36 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
     model.save_pretrained(folder)
     byte_level_tokenizer_json(folder, cfg.vocab_size)
     return folder
+
+
+TINY_ENCODER = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def save_tiny_encoder(kind: str, folder: Path, **overrides):
+    """kind: bert, roberta, xlm-roberta; returns the HF model (eval) saved to `folder` (no tokenizer)."""
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = BertConfig(max_position_embeddings=64, type_vocab_size=2, **TINY_ENCODER)
+        cls = BertModel
+    elif kind == "roberta":
+        cfg = RobertaConfig(max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, **TINY_ENCODER)
+        cls = RobertaModel
+    else:
+        cfg = XLMRobertaConfig(max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, **TINY_ENCODER)
+        cls = XLMRobertaModel
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # HF's init (std 0.02) makes near-constant layers; spread values so bugs show
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name:
+                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else torch.randn_like(p) * 0.1)
+            elif p.dim() > 1:
+                p.normal_(0.0, 0.3)
+            else:
+                p.normal_(0.0, 0.1)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    return model
