@@ -72,6 +72,29 @@ def test_tiny_llama_graphs_equal_eager_and_cpu(tmp_path):
     assert llm.engine.block_manager.num_free_blocks == 96
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_tiny_decoder_families_on_gpu_equal_cpu(kind, tmp_path):
+    """The other decoder families through the GPU runner: Qwen2 (q/k/v bias, GQA 4:1) and GPT-2
+    (learned positions, LayerNorm, GELU, no fused RMSNorm path), with graphs and running ahead,
+    and with GEMV Linears, give the CPU reference's greedy tokens in fp32."""
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny(kind, tmp_path / kind)
+    gen = torch.Generator().manual_seed(22)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (4, 50, 19, 7)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (20, 12, 25, 9)]
+    kwargs = dict(num_kv_blocks=64, block_size=16, max_num_batched_tokens=64)
+    llm = LLM(str(folder), device="cuda", **kwargs)
+    assert llm.engine.runner.graphs is not None
+    runs = [llm.generate(prompts, params),
+            LLM(str(folder), device="cuda", gemv_max_rows=4, **kwargs).generate(prompts, params),
+            LLM(str(folder), device="cpu", **kwargs).generate(prompts, params)]
+    tokens = [[o.outputs[0].token_ids for o in run] for run in runs]
+    assert tokens[0] == tokens[2] and tokens[1] == tokens[2]
+    assert llm.engine.block_manager.num_free_blocks == 64
+
+
 @pytest.mark.parametrize("gemv,pdl", [(0, False), (4, False), (4, True)])
 def test_launching_a_step_never_waits_for_the_gpu(gemv, pdl, tmp_path):
     """Running ahead only overlaps the host with the GPU if launching a step never waits for
