@@ -100,9 +100,11 @@ def _prefill_tile(
     k = tl.load(k_ptr + k_off[:, None] + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # (M, N), unscaled
     if MASKED:
-        visible = n_mask[None, :]
         if CAUSAL:
-            visible = visible & (n[None, :] <= q_pos[:, None])
+            # a stored row's position is below kv_end, so its causal bound also drops the keys past it
+            visible = n[None, :] <= q_pos[:, None]
+        else:
+            visible = n_mask[None, :]
     else:
         visible = row_mask[:, None]  # only bounds the bias table's lanes
     if HAS_BIAS:
