@@ -187,23 +187,21 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Whole tiles every row sees, then the rest (the causal diagonal and the last partial tile)
-    # with masks. Key 0 is visible to every row (causal or not), so after the first tile m_i
-    # is finite and exp2(m_i - m_new) never sees -inf - -inf.
-    for start in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(
-            acc, m_i, l_i, q, start, kv_end, q_pos, head, row_mask, d_mask, kvh, seq, q_start,
-            k_ptr, v_ptr, block_tables_ptr, bias_ptr, scale_log2,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            stride_bt, block_size, stride_bias_h, bias_radius,
-            PAGED, CAUSAL, HAS_BIAS, False, BLOCK_N, BLOCK_D, PRECISION)
-    for start in range(full_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(
-            acc, m_i, l_i, q, start, kv_end, q_pos, head, row_mask, d_mask, kvh, seq, q_start,
-            k_ptr, v_ptr, block_tables_ptr, bias_ptr, scale_log2,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            stride_bt, block_size, stride_bias_h, bias_radius,
-            PAGED, CAUSAL, HAS_BIAS, True, BLOCK_N, BLOCK_D, PRECISION)
+    # Stage 0: whole tiles every row sees, unmasked; stage 1: the rest (the causal diagonal and
+    # the last partial tile), masked. Key 0 is visible to every row (causal or not), so after the
+    # first tile m_i is finite and exp2(m_i - m_new) never sees -inf - -inf.
+    for stage in tl.static_range(2):
+        if stage == 0:
+            lo, hi = 0, full_end
+        else:
+            lo, hi = full_end, kv_end
+        for start in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _prefill_tile(
+                acc, m_i, l_i, q, start, kv_end, q_pos, head, row_mask, d_mask, kvh, seq, q_start,
+                k_ptr, v_ptr, block_tables_ptr, bias_ptr, scale_log2,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_bt, block_size, stride_bias_h, bias_radius,
+                PAGED, CAUSAL, HAS_BIAS, stage == 1, BLOCK_N, BLOCK_D, PRECISION)
 
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (an empty encoder output) gives zeros
     o = acc / l_i[:, None]
