@@ -283,10 +283,13 @@ def small_decode_rows(args) -> list[list]:
                                                       num_seqs, ctx, d**-0.5, split=split, **kw)
 
                 picked = us(lambda: backend.paged_attention(q, kc, vc, meta, d**-0.5))
-                single = {n: us(decode(False, block_n=n)) for n in (32, 64, 128, 256)}
+                # 8 warps (the default) split a tile's keys, so each tile's row max and sum cross
+                # warps through shared memory; 4 warps cross fewer, which may pay at short contexts
+                single = {f"n{n}": us(decode(False, block_n=n)) for n in (32, 64, 128, 256)}
+                single |= {f"n{n} w4": us(decode(False, block_n=n, num_warps=4)) for n in (64, 128)}
                 split = {p: us(decode(True, partition_size=p, block_n=min(p, 64))) for p in (64, 128, 256)
                          if p < ctx}
-                rows.append([model, num_seqs, ctx, f"{picked:.1f}", " ".join(f"n{n}: {t:.1f}" for n, t in single.items()),
+                rows.append([model, num_seqs, ctx, f"{picked:.1f}", " ".join(f"{n}: {t:.1f}" for n, t in single.items()),
                              " ".join(f"p{p}: {t:.1f}" for p, t in split.items()) or "-"])
                 del kc, vc
     return rows
