@@ -1,7 +1,6 @@
 """Reference backend: paged attention over blocks equals plain causal attention per sequence."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from engine.attention import TorchAttentionBackend
 from engine.attention.metadata import RelativePositionBias

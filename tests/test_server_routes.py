@@ -1,7 +1,6 @@
 """The OpenAI-compatible routes against a live uvicorn, on a deterministic fake engine."""
 from __future__ import annotations
 
-import base64
 import json
 import os
 import threading
