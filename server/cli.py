@@ -22,8 +22,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 log = logging.getLogger("kvserve")
 
 
+def _env_name(flag: str) -> str:
+    return "KVSERVE_" + flag.upper().replace("-", "_")
+
+
 def _env(flag: str, default: Any) -> Any:
-    return os.environ.get("KVSERVE_" + flag.upper().replace("-", "_"), default)
+    return os.environ.get(_env_name(flag), default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
 
     def opt(flag: str, typ: type, default: Any, help_: str) -> None:
-        serve.add_argument(f"--{flag}", type=typ, default=_env(flag, default), help=f"{help_} (env KVSERVE_"
-                           f"{flag.upper().replace('-', '_')})")
+        serve.add_argument(f"--{flag}", type=typ, default=_env(flag, default), help=f"{help_} (env {_env_name(flag)})")
+
+    def switch(flag: str, help_: str) -> None:
+        """Off unless given, or unless its environment variable is set to anything but 0."""
+        serve.add_argument(f"--{flag}", action="store_true", default=_env(flag, "0") not in ("0", ""),
+                           help=f"{help_} (env {_env_name(flag)}=1)")
 
     env_models = _env("model", None)
     serve.add_argument("--model", action="append", default=None,
@@ -50,15 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt("max-num-batched-tokens", int, 2048, "token budget of one engine step")
     opt("max-num-seqs", int, 64, "sequences running at once")
     opt("max-model-len", int, None, "context limit (default: the model's own)")
-    serve.add_argument("--enforce-eager", action="store_true", default=_env("enforce-eager", "0") not in ("0", ""),
-                       help="CUDA: run decode steps eagerly, no CUDA graphs (env KVSERVE_ENFORCE_EAGER=1)")
-    serve.add_argument("--no-run-ahead", action="store_true", default=_env("no-run-ahead", "0") not in ("0", ""),
-                       help="CUDA: read each step's tokens before launching the next (env KVSERVE_NO_RUN_AHEAD=1)")
+    switch("enforce-eager", "CUDA: run decode steps eagerly, no CUDA graphs")
+    switch("no-run-ahead", "CUDA: read each step's tokens before launching the next")
     opt("gemv-max-rows", int, 0, "CUDA: decode batches of up to this many sequences run their matmuls "
         "as fused Triton GEMVs (0: cuBLAS)")
-    serve.add_argument("--enable-pdl", action="store_true", default=_env("enable-pdl", "0") not in ("0", ""),
-                       help="CUDA, Hopper or newer: decoder layers' Triton kernels launch while the previous one "
-                       "drains (programmatic dependent launch; env KVSERVE_ENABLE_PDL=1)")
+    switch("enable-pdl", "CUDA, Hopper or newer: decoder layers' Triton kernels launch while the previous one "
+           "drains (programmatic dependent launch)")
     opt("max-waiting", int, 256, "waiting requests per model before 503")
     opt("max-body-bytes", int, 4 * 1024 * 1024, "largest request body (413 beyond)")
     opt("shutdown-timeout", float, 10.0, "seconds in-flight requests get on SIGTERM")
