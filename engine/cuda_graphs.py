@@ -15,7 +15,9 @@ path runs eagerly, which is how CPU tests check the padding under the interprete
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +26,8 @@ from torch import nn
 from engine.attention.base import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
 from engine.forward_context import ForwardContext
+
+K = TypeVar("K", bound=tuple)
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -43,6 +47,45 @@ def padded_size(sizes: Seq[int], batch: int) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
+def wanted(decode_graphs: bool | None, device: str, backend: AttentionBackend) -> bool:
+    """Whether an engine runs its decode steps through graphs: `decode_graphs` (the config's) if
+    set, else on CUDA with the fused backend (the only one a graph can capture)."""
+    if decode_graphs is not None:
+        return decode_graphs
+    return device.startswith("cuda") and backend.name == "triton"
+
+
+def context_bounds(partition_size: int | None, limit: int) -> list[int]:
+    """The context bounds graphs are captured for: under the backend's split-K partition decode
+    runs single-pass (one launch per layer); up to `limit` it may split long contexts."""
+    return ([partition_size] if partition_size is not None and partition_size < limit else []) + [limit]
+
+
+@torch.inference_mode()
+def capture(
+    keys: Iterable[K], forward: Callable[[K], torch.Tensor]
+) -> dict[K, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+    """A graph of `forward(key)` for each key, with the output tensor it writes. The static
+    inputs must hold padding (rows that write only a scratch block) while this runs."""
+    graphs = {}
+    pool = None
+    # largest first (batch, then bounds): smaller graphs reuse its pool memory
+    for key in sorted(keys, reverse=True):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compiles kernels and settles allocations off-graph
+            for _ in range(2):
+                forward(key)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            hidden = forward(key)
+        pool = graph.pool()
+        graphs[key] = (graph, hidden)
+    torch.cuda.synchronize()
+    return graphs
+
+
 class DecodeGraphs:
     """Static inputs and captured forwards per batch size, for steps of one token per sequence.
 
@@ -55,6 +98,8 @@ class DecodeGraphs:
     splits long contexts (two launches per layer). A step replays the smallest bound that holds
     its longest context.
     """
+
+    VEC_ROWS = 4
 
     def __init__(
         self,
@@ -78,21 +123,23 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_batch)
         n = self.sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
-        # rows: token ids, positions, slots, sequence lengths; int32 keeps one copy per step
-        self.vec = torch.zeros((4, n), dtype=torch.int32, device=device)
+        # rows: token ids, positions, slots, sequence lengths (and a subclass's own); int32
+        # keeps one copy per step
+        self.vec = torch.zeros((self.VEC_ROWS, n), dtype=torch.int32, device=device)
         self.tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
         pin = device.startswith("cuda")
         # Two sets of pinned host inputs, used in turn: a step run ahead fills one while the
         # previous step's copies from the other may still be queued (engine.engine).
-        self._host = [_HostInputs(n, self.max_blocks, pin) for _ in range(2)]
+        self._host = [HostInputs(n, self.max_blocks, pin, self.VEC_ROWS) for _ in range(2)]
         self._turn = 0
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
-        short = getattr(backend, "partition_size", None)
-        self.bounds = ([short] if short is not None and short < max_model_len else []) + [max_model_len]
-        self._ctx = {(b, bound): self._context(b, bound) for b in self.sizes for bound in self.bounds}
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.bounds = context_bounds(getattr(backend, "partition_size", None), max_model_len)
+        self._more_buffers(n, pin)
+        self._ctx = {key: self._context(*key) for key in self._keys()}
+        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if capture:
-            self._capture()
+            self._pad_all()  # warm-up and capture write only the scratch block
+            self._graphs = capture(self._ctx, self._forward)
 
     @property
     def max_batch(self) -> int:
@@ -105,9 +152,19 @@ class DecodeGraphs:
         assert size is not None and self._graphs, "no graph captured for that batch"
         return self._graphs[self._key(size, longest)][0]
 
+    def _bound(self, longest: int) -> int:
+        """The smallest context bound that holds `longest` keys."""
+        return next(bound for bound in self.bounds if bound >= longest)
+
     def _key(self, size: int, longest: int) -> tuple[int, int]:
-        """(padded batch, the smallest context bound that holds `longest`): a graph's key."""
-        return size, next(bound for bound in self.bounds if bound >= longest)
+        """(padded batch, the context bound of the step's longest context): a graph's key."""
+        return size, self._bound(longest)
+
+    def _more_buffers(self, rows: int, pin: bool) -> None:
+        """A subclass's own static inputs, made before its contexts refer to them."""
+
+    def _keys(self) -> list[tuple[int, ...]]:
+        return [(b, bound) for b in self.sizes for bound in self.bounds]
 
     def _context(self, b: int, bound: int) -> ForwardContext:
         # The host lengths are the graph's bound, not a step's: the decode kernel sizes its
@@ -130,30 +187,9 @@ class DecodeGraphs:
         return self.model(self.vec[0, :b], self.vec[1, :b], self._ctx[key])
 
     def _pad_all(self) -> None:
-        self.vec[0].zero_()
-        self.vec[1].zero_()
+        self.vec.zero_()
         self.vec[2].fill_(self.scratch_slot)
-        self.vec[3].zero_()
         self.tables.zero_()
-
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        self._pad_all()  # warm-up and capture write only the scratch block
-        pool = None
-        # largest first (batch, then bound): smaller graphs reuse its pool memory
-        for key in sorted(self._ctx, reverse=True):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compiles kernels and settles allocations off-graph
-                for _ in range(2):
-                    self._forward(key)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self._forward(key)
-            pool = graph.pool()
-            self._graphs[key] = (graph, hidden)
-        torch.cuda.synchronize()
 
     def run(
         self,
@@ -169,10 +205,23 @@ class DecodeGraphs:
 
         The host side is on the critical path of every step (the GPU waits for it), so the
         buffers are filled through numpy views from the Python lists, with no torch op per row."""
+        size, _ = self._fill(tokens, positions, block_tables)
+        self._upload(size)
+        if carried is not None:
+            rows, carried_tokens = carried
+            if rows is None:
+                self.vec[0, : carried_tokens.shape[0]].copy_(carried_tokens)
+            else:
+                self.vec[0].index_copy_(0, rows, carried_tokens.to(torch.int32))
+        return self._replay(self._key(size, max(positions) + 1), len(tokens))
+
+    def _fill(self, tokens: Seq[int], positions: Seq[int], block_tables: Seq[list[int]]) -> tuple[int, int]:
+        """Rows 0-3 and block tables of the next pinned host set; (padded size, that set's turn)."""
         b = len(tokens)
         size = padded_size(self.sizes, b)
         assert size is not None, f"batch {b} over the largest captured size {self.max_batch}"
-        host = self._host[self._turn]
+        turn = self._turn
+        host = self._host[turn]
         self._turn ^= 1
         bs = self.block_size
         vec = host.np_vec
@@ -180,20 +229,19 @@ class DecodeGraphs:
         vec[1, :b] = positions
         vec[2, :b] = [table[p // bs] * bs + p % bs for table, p in zip(block_tables, positions)]
         np.add(vec[1, :b], 1, out=vec[3, :b])
-        if size > b:  # padding rows: token 0 at position 0, K/V into the scratch block, length 0
+        if size > b:  # padding rows: token 0 at position 0, K/V into the scratch block, lengths 0
             vec[:, b:size] = 0
             vec[2, b:size] = self.scratch_slot
         host.write_tables(block_tables)
+        return size, turn
+
+    def _upload(self, size: int) -> None:
+        """The last filled host set's rows to the device, queued (pinned memory: no wait)."""
+        host = self._host[self._turn ^ 1]
         self.vec[:, :size].copy_(host.vec[:, :size], non_blocking=True)
         self.tables[:size].copy_(host.tables[:size], non_blocking=True)
-        if carried is not None:
-            rows, carried_tokens = carried
-            if rows is None:
-                self.vec[0, : carried_tokens.shape[0]].copy_(carried_tokens)
-            else:
-                self.vec[0].index_copy_(0, rows, carried_tokens.to(torch.int32))
-        longest = max(positions) + 1
-        key = self._key(size, longest)
+
+    def _replay(self, key: tuple[int, ...], b: int) -> torch.Tensor:
         if self._graphs:
             graph, hidden = self._graphs[key]
             graph.replay()
@@ -206,11 +254,12 @@ class DecodeGraphs:
         return hidden[:b]
 
 
-class _HostInputs:
-    """Pinned host copies of DecodeGraphs' inputs, with numpy views to fill them from lists."""
+class HostInputs:
+    """Pinned host copies of a graph's inputs (`vec_rows` int32 vectors and block tables), with
+    numpy views to fill them from lists."""
 
-    def __init__(self, rows: int, max_blocks: int, pin: bool) -> None:
-        self.vec = torch.zeros((4, rows), dtype=torch.int32, pin_memory=pin)
+    def __init__(self, rows: int, max_blocks: int, pin: bool, vec_rows: int = 4) -> None:
+        self.vec = torch.zeros((vec_rows, rows), dtype=torch.int32, pin_memory=pin)
         self.tables = torch.zeros((rows, max_blocks), dtype=torch.int32, pin_memory=pin)
         self.np_vec, self.np_tables = self.vec.numpy(), self.tables.numpy()
         self.written: list[tuple[list[int] | None, int]] = [(None, 0)] * rows  # per row: table, entries written

@@ -11,6 +11,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
+from engine.encdec_graphs import EncDecGraphs
 from engine.forward_context import ForwardContext, metadata_for_sequences
 from engine.input_prep import prepare_inputs
 from engine.model_runner import copy_blocks
@@ -29,8 +30,10 @@ class EncDecRunner:
         block_size: int,
         backend: AttentionBackend,
         device: str,
+        graphs: EncDecGraphs | None = None,
     ) -> None:
         self.model = model
+        self.graphs = graphs  # decoder steps of at most graphs.max_batch beams replay these
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.backend = backend
@@ -46,6 +49,12 @@ class EncDecRunner:
         if encoding:
             self._encode([g.cross.token_ids for g in encoding], [g.cross.block_table for g in encoding])
         beams = [b for g in batch.groups for b in g.beams]
+        enc_lens = [g.source_len for g in batch.groups for _ in g.beams]
+        cross_tables = [g.cross.block_table for g in batch.groups for _ in g.beams]
+        graphable = self.graphs is not None and len(beams) <= self.graphs.max_batch
+        if graphable and all(len(b.token_ids) - b.num_computed_tokens == 1 for b in beams):
+            return self.graphs.run([b.token_ids[-1] for b in beams], [b.num_computed_tokens for b in beams],
+                                   [b.block_table for b in beams], enc_lens, cross_tables)
         inputs = prepare_inputs(
             token_chunks=[b.token_ids[b.num_computed_tokens :] for b in beams],
             starts=[b.num_computed_tokens for b in beams],
@@ -54,8 +63,6 @@ class EncDecRunner:
             block_size=self.block_size,
             device=self.device,
         )
-        enc_lens = [g.source_len for g in batch.groups for _ in g.beams]
-        cross_tables = [g.cross.block_table for g in batch.groups for _ in g.beams]
         self_ctx = ForwardContext(inputs.meta, self.backend, self.kv_caches)
         cross_ctx = ForwardContext(self._cross_meta(inputs.meta, enc_lens, cross_tables), self.backend, self.kv_caches)
         hidden = self.model.decode(inputs.input_ids, inputs.positions, self_ctx, cross_ctx)

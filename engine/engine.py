@@ -10,6 +10,7 @@ import torch
 from engine.attention import get_backend
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SchedulerConfig
+from engine import cuda_graphs
 from engine.cuda_graphs import DecodeGraphs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
@@ -100,9 +101,7 @@ class LLMEngine:
                 launch_dependent(loaded.model, skip=getattr(loaded.model, "lm_head", None))
         backend = get_backend(config.device, config.attention_backend, pdl=config.enable_pdl)
         on_cuda = config.device.startswith("cuda")
-        use_graphs = config.decode_graphs
-        if use_graphs is None:
-            use_graphs = on_cuda and backend.name == "triton"
+        use_graphs = cuda_graphs.wanted(config.decode_graphs, config.device, backend)
         # Graphs pad batches with rows whose K/V land in one extra block nobody else owns.
         caches = allocate_kv_caches(spec, num_blocks + int(use_graphs), block_size, dtype, config.device)
         graphs = None

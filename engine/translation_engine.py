@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from engine import cuda_graphs
 from engine.attention import get_backend
 from engine.beam_search import BeamSearch, BeamStep, Constraints, beam_steps
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.encdec_graphs import EncDecGraphs
 from engine.encdec_runner import EncDecRunner
 from engine.engine import resolve_num_blocks
 from engine.errors import InvalidRequestError, PromptTooLongError
@@ -101,9 +103,20 @@ class TranslationEngine:
         self.scheduler = TranslationScheduler(
             self.block_manager, config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs
         )
-        caches = allocate_kv_caches(loaded.model.kv_cache_spec, self.num_blocks, self.block_size, dtype, config.device)
         backend = get_backend(config.device, config.attention_backend)
-        self.runner = EncDecRunner(loaded.model, caches, self.block_size, backend, config.device)
+        use_graphs = cuda_graphs.wanted(config.decode_graphs, config.device, backend)
+        # Graphs pad batches with rows whose K/V land in one extra block nobody else owns.
+        caches = allocate_kv_caches(loaded.model.kv_cache_spec, self.num_blocks + int(use_graphs), self.block_size,
+                                    dtype, config.device)
+        graphs = None
+        if use_graphs:
+            graphs = EncDecGraphs(
+                loaded.model, caches, backend, self.block_size,
+                max_batch=min(config.scheduler.max_num_seqs, config.max_graph_batch),
+                max_model_len=self.max_model_len, scratch_block=self.num_blocks, device=config.device,
+                capture=config.device.startswith("cuda"),
+            )
+        self.runner = EncDecRunner(loaded.model, caches, self.block_size, backend, config.device, graphs)
         self.sampler = Sampler(torch.Generator(device=config.device).manual_seed(config.seed))
         defaults = loaded.info.generation_defaults or {}
         self.generation_params = _generation_params(defaults)

@@ -154,6 +154,14 @@ def train_reversal(folder: Path, steps: int = 250, seed: int = 0) -> Path:
     return folder
 
 
+def tiny_translation_folder(kind: str, root: Path, steps: int = 100) -> Path:
+    """A tiny Marian trained to reverse (input-dependent tokens that stop), or a random gated T5
+    with an untied head: the two families' engine checks against a reference."""
+    if kind == "marian":
+        return train_reversal(make_marian_folder(root / "marian"), steps=steps)
+    return make_t5_folder(root / "t5", gated=True, tie=False)
+
+
 def reversal_inputs(lens: list[int] | tuple[int, ...], eos: int, seed: int) -> list[list[int]]:
     """Source token ids of the reversal task, one sequence per length, each ending in eos."""
     g = torch.Generator().manual_seed(seed)

@@ -149,23 +149,21 @@ def test_smollm2_on_gpu_equals_cpu_reference(dtype, max_gap, gemv, pdl):
 @pytest.mark.parametrize("kind", ["marian", "t5"])
 def test_tiny_translation_on_gpu_equals_cpu(kind, tmp_path):
     """Encoder-decoder on the Triton backend (varlen encoder, paged self- and cross-attention,
-    T5's bias) gives the CPU reference's tokens, greedy and with 4 beams, in fp32."""
+    T5's bias, decoder steps replayed in CUDA graphs) gives the CPU reference's tokens, greedy
+    and with 4 beams, in fp32."""
     pytest.importorskip("sentencepiece")
     from engine.config import CacheConfig, EngineConfig
     from engine.translation_engine import TranslationEngine
-    from tests.encdec_fixtures import make_marian_folder, make_t5_folder, reversal_inputs, train_reversal
+    from tests.encdec_fixtures import reversal_inputs, tiny_translation_folder
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if kind == "marian":
-        folder = train_reversal(make_marian_folder(tmp_path / "marian"), steps=100)
-    else:
-        folder = make_t5_folder(tmp_path / "t5", gated=True, tie=False)
+    folder = tiny_translation_folder(kind, tmp_path)
     engines = {
         dev: TranslationEngine.from_config(EngineConfig(
             model=str(folder), device=dev, cache=CacheConfig(block_size=16, num_blocks=256)))
         for dev in ("cuda", "cpu")
     }
-    assert engines["cuda"].runner.backend.name == "triton"
+    assert engines["cuda"].runner.backend.name == "triton" and engines["cuda"].runner.graphs is not None
     srcs = reversal_inputs((3, 9, 5, 14, 7), engines["cpu"].eos_token_ids[0], seed=5)
     for beams in (1, 4):
         tokens = {

@@ -485,6 +485,46 @@ def test_decode_graph_buffers_with_interpreted_kernels_equal_reference(tmp_path)
     assert [o.outputs[0].token_ids for o in ahead_outs] == [o.outputs[0].token_ids for o in torch_outs]
 
 
+@interpreted
+@pytest.mark.parametrize("kind", ["marian", "t5"])
+def test_translation_graph_buffers_with_interpreted_kernels_equal_reference(kind, tmp_path):
+    """The encoder-decoder graph path without capture: decoder steps of padded batches (3 -> 4)
+    through static buffers for both attentions (the target's own blocks, the source's), 8-key
+    partitions so short and long contexts take different bounds, T5's bias, beams forking
+    blocks, and eager steps above the largest size, give the torch reference's tokens."""
+    pytest.importorskip("sentencepiece")
+    from engine.config import CacheConfig, EngineConfig
+    from engine.translation_engine import TranslationEngine
+    from tests.encdec_fixtures import reversal_inputs, tiny_translation_folder
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = tiny_translation_folder(kind, tmp_path, steps=60)
+
+    def engine(**kwargs) -> TranslationEngine:
+        cache = CacheConfig(block_size=4, num_blocks=160)
+        return TranslationEngine.from_config(EngineConfig(model=str(folder), cache=cache, **kwargs))
+
+    with engine_backend_split(None, 8):
+        graphed = engine(attention_backend="triton", decode_graphs=True, max_graph_batch=5)
+    reference = engine(attention_backend="torch")
+    graphs = graphed.runner.graphs
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 5] and graphs.bounds[0] == 8
+    assert graphs.scratch_slot == 160 * 4
+    replays: list[tuple[int, int, int]] = []
+    run = graphs.run
+    graphs.run = lambda *a: replays.append((len(a[0]), max(a[1]) + 1, max(a[3]))) or run(*a)
+    srcs = reversal_inputs((3, 5, 11, 14, 7, 4), reference.eos_token_ids[0], seed=5)
+    for batch, beams in ((srcs[:3], 1), (srcs[:2], 2), (srcs, 1)):
+        tokens = [[o.outputs[0].token_ids for o in e.translate(batch, e.default_params(max_tokens=10, num_beams=beams))]
+                  for e in (graphed, reference)]
+        assert tokens[0] == tokens[1], (len(batch), beams)
+    sizes = {n for n, _, _ in replays}
+    assert 3 in sizes and 4 in sizes and max(sizes) <= 5  # padded and exact; the batch of 6 ran eagerly
+    assert any(t <= 8 for _, t, _ in replays) and any(t > 8 for _, t, _ in replays)  # both target bounds
+    assert any(s <= 8 for _, _, s in replays) and any(s > 8 for _, _, s in replays)  # both source bounds
+    assert graphed.block_manager.num_free_blocks == 160
+
+
 def generate_counting_gemv_rows(llm, prompts, params, monkeypatch) -> tuple[list, set[int]]:
     """The outputs, and the row counts the Triton GEMV was launched with meanwhile."""
     from engine.fused import triton_gemv

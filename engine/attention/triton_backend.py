@@ -68,7 +68,9 @@ class TritonAttentionBackend:
         # Decode/prefill split of a step's sequences: built once per step, reused by every layer.
         self._plans: StepCache[tuple[_Rows, _Rows]] = StepCache()
         # T5 bias tables, keyed by the weight's identity (kept alive by the entry) and radius;
-        # a table serves every layer and step until the context outgrows it.
+        # a table serves every layer and step until the context outgrows it. Never evicted: a
+        # captured graph reads the table it was captured with, and there are at most a model's
+        # bias weights (two in T5) times log2 of its longest context.
         self._bias_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def store_kv(
@@ -159,7 +161,5 @@ class TritonAttentionBackend:
         if hit is not None and hit[0] is bias.weight:
             return hit[1]
         table = kernels.bias_table(bias.weight, bias.bidirectional, bias.num_buckets, bias.max_distance, radius)
-        if len(self._bias_tables) >= 8:
-            self._bias_tables.clear()
         self._bias_tables[key] = (bias.weight, table)
         return table
