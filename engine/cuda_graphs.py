@@ -62,7 +62,7 @@ def context_bounds(partition_size: int | None, limit: int) -> list[int]:
 
 
 @torch.inference_mode()
-def capture(
+def capture_graphs(
     keys: Iterable[K], forward: Callable[[K], torch.Tensor]
 ) -> dict[K, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
     """A graph of `forward(key)` for each key, with the output tensor it writes. The static
@@ -139,7 +139,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if capture:
             self._pad_all()  # warm-up and capture write only the scratch block
-            self._graphs = capture(self._ctx, self._forward)
+            self._graphs = capture_graphs(self._ctx, self._forward)
 
     @property
     def max_batch(self) -> int:

@@ -85,3 +85,31 @@ def test_a_step_replays_the_smallest_context_bound_that_holds_it():
     wide, _ = _graphs_without_capture(max_batch=2, max_model_len=8, block_size=4,
                                       backend=SimpleNamespace(partition_size=8))
     assert wide.bounds == [8]
+
+
+def test_capture_pads_the_inputs_then_captures_every_key(monkeypatch):
+    """The capture branch (GPU only) up to the CUDA calls: buffers padded first (K/V into the
+    scratch block, lengths 0), then one graph per (batch size, bound); for the encoder-decoder
+    graphs, per (batch size, target bound, source bound)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine import cuda_graphs
+    from engine.encdec_graphs import EncDecGraphs
+
+    captured = []
+
+    def fake_capture(keys, forward):
+        graphs = list(keys)
+        captured.append((graphs, forward.__self__.vec.clone()))
+        return {key: (None, torch.zeros(key[0], 2)) for key in graphs}
+
+    monkeypatch.setattr(cuda_graphs, "capture_graphs", fake_capture)
+    backend = SimpleNamespace(partition_size=8)
+    for cls, keys_per_size in ((cuda_graphs.DecodeGraphs, 2), (EncDecGraphs, 4)):
+        graphs = cls(None, [], backend=backend, block_size=4, max_batch=4, max_model_len=64, scratch_block=9,
+                     device="cpu", capture=True)
+        keys, vec = captured[-1]
+        assert len(keys) == keys_per_size * len(graphs.sizes) and set(keys) == set(graphs._ctx)
+        assert vec[2].eq(9 * 4).all() and vec[[0, 1, 3]].eq(0).all() and vec.shape[0] == cls.VEC_ROWS
