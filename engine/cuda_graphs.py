@@ -166,20 +166,18 @@ class DecodeGraphs:
     def _keys(self) -> list[tuple[int, ...]]:
         return [(b, bound) for b in self.sizes for bound in self.bounds]
 
-    def _context(self, b: int, bound: int) -> ForwardContext:
+    def _meta(self, b: int, lengths: torch.Tensor, tables: torch.Tensor, slots: torch.Tensor | None,
+              bound: int, causal: bool) -> AttentionMetadata:
         # The host lengths are the graph's bound, not a step's: the decode kernel sizes its
         # split-K grid from max_seqlen_k, and programs past a sequence's end return at once.
-        meta = AttentionMetadata(
-            cu_seqlens_q=self.cu_seqlens[: b + 1],
-            seq_lens=self.vec[3, :b],
-            slot_mapping=self.vec[2, :b],
-            block_tables=self.tables[:b],
-            max_seqlen_q=1,
-            max_seqlen_k=bound,
-            query_lens=(1,) * b,
-            seq_lens_host=(bound,) * b,
-            causal=True,
+        return AttentionMetadata(
+            cu_seqlens_q=self.cu_seqlens[: b + 1], seq_lens=lengths[:b], slot_mapping=slots,
+            block_tables=tables[:b], max_seqlen_q=1, max_seqlen_k=bound, query_lens=(1,) * b,
+            seq_lens_host=(bound,) * b, causal=causal,
         )
+
+    def _context(self, b: int, bound: int) -> ForwardContext:
+        meta = self._meta(b, self.vec[3], self.tables, self.vec[2, :b], bound, causal=True)
         return ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
 
     def _forward(self, key: tuple[int, int]) -> torch.Tensor:

@@ -16,7 +16,6 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata
 from engine.cuda_graphs import DecodeGraphs, HostInputs
 from engine.forward_context import ForwardContext
 
@@ -38,15 +37,6 @@ class EncDecGraphs(DecodeGraphs):
 
     def _keys(self) -> list[tuple[int, ...]]:
         return [(b, t, s) for b in self.sizes for t in self.bounds for s in self.bounds]
-
-    def _meta(self, b: int, lengths: torch.Tensor, tables: torch.Tensor, slots: torch.Tensor | None,
-              bound: int, causal: bool) -> AttentionMetadata:
-        # host lengths are the bound, as in DecodeGraphs: the decode kernel sizes its grid from them
-        return AttentionMetadata(
-            cu_seqlens_q=self.cu_seqlens[: b + 1], seq_lens=lengths[:b], slot_mapping=slots,
-            block_tables=tables[:b], max_seqlen_q=1, max_seqlen_k=bound, query_lens=(1,) * b,
-            seq_lens_host=(bound,) * b, causal=causal,
-        )
 
     def _context(  # type: ignore[override]
         self, b: int, target: int, source: int

@@ -10,12 +10,11 @@ import torch
 from engine.attention import get_backend
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SchedulerConfig
-from engine import cuda_graphs
 from engine.cuda_graphs import DecodeGraphs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.fused.gemv import launch_dependent, swap_gemv_linears
-from engine.model_runner import Launched, ModelRunner, allocate_kv_caches, kv_block_bytes
+from engine.model_runner import Launched, ModelRunner, caches_and_graphs, kv_block_bytes
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import EngineStats, GenerationRequest
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -101,19 +100,10 @@ class LLMEngine:
                 launch_dependent(loaded.model, skip=getattr(loaded.model, "lm_head", None))
         backend = get_backend(config.device, config.attention_backend, pdl=config.enable_pdl)
         on_cuda = config.device.startswith("cuda")
-        use_graphs = cuda_graphs.wanted(config.decode_graphs, config.device, backend)
-        # Graphs pad batches with rows whose K/V land in one extra block nobody else owns.
-        caches = allocate_kv_caches(spec, num_blocks + int(use_graphs), block_size, dtype, config.device)
-        graphs = None
-        if use_graphs:
-            graphs = DecodeGraphs(
-                loaded.model, caches, backend, block_size,
-                max_batch=min(config.scheduler.max_num_seqs, config.max_graph_batch),
-                max_model_len=self.max_model_len, scratch_block=num_blocks, device=config.device,
-                capture=on_cuda,
-            )
+        caches, graphs = caches_and_graphs(DecodeGraphs, loaded.model, spec, num_blocks, block_size, dtype, backend,
+                                           config, self.max_model_len)
         self.runner = ModelRunner(loaded.model, caches, block_size, backend, config.device, config.seed, graphs)
-        self.run_ahead = config.run_ahead if config.run_ahead is not None else (use_graphs and on_cuda)
+        self.run_ahead = config.run_ahead if config.run_ahead is not None else (graphs is not None and on_cuda)
         self._inflight: Launched | None = None  # a step run ahead of: launched, its tokens not yet read
         self._requests: dict[str, _RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborts, reported at the next step

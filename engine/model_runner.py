@@ -5,10 +5,14 @@ Performance tricks (CUDA graphs, pinned copies) belong here and in the attention
 """
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
 
+from engine import cuda_graphs
 from engine.attention.base import AttentionBackend
+from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.forward_context import ForwardContext
 from engine.host_copy import to_device
@@ -19,6 +23,8 @@ from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.workspace import Workspace
 from models.spec import KVCacheSpec
+
+Graphs = TypeVar("Graphs", bound=DecodeGraphs)
 
 
 def kv_block_bytes(spec: KVCacheSpec, block_size: int, dtype: torch.dtype) -> int:
@@ -35,6 +41,25 @@ def allocate_kv_caches(
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(spec.num_layers)
     ]
+
+
+def caches_and_graphs(
+    graphs_cls: type[Graphs], model: nn.Module, spec: KVCacheSpec, num_blocks: int, block_size: int,
+    dtype: torch.dtype, backend: AttentionBackend, config: EngineConfig, max_model_len: int,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], Graphs | None]:
+    """The KV caches of a pool of `num_blocks` blocks and, where the config wants graphs
+    (cuda_graphs.wanted), `graphs_cls` over them: their padding rows write into one extra block
+    past the pool, which the block manager never hands out. Captured on CUDA only."""
+    use_graphs = cuda_graphs.wanted(config.decode_graphs, config.device, backend)
+    caches = allocate_kv_caches(spec, num_blocks + int(use_graphs), block_size, dtype, config.device)
+    if not use_graphs:
+        return caches, None
+    graphs = graphs_cls(
+        model, caches, backend, block_size, max_batch=min(config.scheduler.max_num_seqs, config.max_graph_batch),
+        max_model_len=max_model_len, scratch_block=num_blocks, device=config.device,
+        capture=config.device.startswith("cuda"),
+    )
+    return caches, graphs
 
 
 def copy_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]],

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from engine import cuda_graphs
 from engine.attention import get_backend
 from engine.beam_search import BeamSearch, BeamStep, Constraints, beam_steps
 from engine.block_manager import BlockManager
@@ -26,7 +25,7 @@ from engine.encdec_graphs import EncDecGraphs
 from engine.encdec_runner import EncDecRunner
 from engine.engine import resolve_num_blocks
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.model_runner import allocate_kv_caches
+from engine.model_runner import caches_and_graphs
 from engine.outputs import CompletionOutput
 from engine.request import EngineStats
 from engine.sampler import Sampler, SamplingRow
@@ -104,18 +103,8 @@ class TranslationEngine:
             self.block_manager, config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs
         )
         backend = get_backend(config.device, config.attention_backend)
-        use_graphs = cuda_graphs.wanted(config.decode_graphs, config.device, backend)
-        # Graphs pad batches with rows whose K/V land in one extra block nobody else owns.
-        caches = allocate_kv_caches(loaded.model.kv_cache_spec, self.num_blocks + int(use_graphs), self.block_size,
-                                    dtype, config.device)
-        graphs = None
-        if use_graphs:
-            graphs = EncDecGraphs(
-                loaded.model, caches, backend, self.block_size,
-                max_batch=min(config.scheduler.max_num_seqs, config.max_graph_batch),
-                max_model_len=self.max_model_len, scratch_block=self.num_blocks, device=config.device,
-                capture=config.device.startswith("cuda"),
-            )
+        caches, graphs = caches_and_graphs(EncDecGraphs, loaded.model, loaded.model.kv_cache_spec, self.num_blocks,
+                                           self.block_size, dtype, backend, config, self.max_model_len)
         self.runner = EncDecRunner(loaded.model, caches, self.block_size, backend, config.device, graphs)
         self.sampler = Sampler(torch.Generator(device=config.device).manual_seed(config.seed))
         defaults = loaded.info.generation_defaults or {}
