@@ -145,12 +145,21 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return self.sizes[-1]
 
-    def graph_for(self, batch: int, longest: int) -> torch.cuda.CUDAGraph:
-        """The captured forward a step of `batch` rows with contexts up to `longest` replays
-        (benchmarks time it alone: the GPU's share of a step, without the host's)."""
+    def forward_alone(self, batch: int, longest: int) -> Callable[[], object]:
+        """The forward a step of `batch` rows with contexts up to `longest` runs, as a call on the
+        inputs the last step left: the captured graph's replay, or the static-buffer forward
+        where none was captured. Benchmarks time it alone: the GPU's share of a step."""
         size = padded_size(self.sizes, batch)
-        assert size is not None and self._graphs, "no graph captured for that batch"
-        return self._graphs[self._key(size, longest)][0]
+        assert size is not None, f"batch {batch} over the largest captured size {self.max_batch}"
+        key = self._key(size, longest)
+        if self._graphs:
+            return self._graphs[key][0].replay
+
+        def forward() -> torch.Tensor:
+            with torch.inference_mode():
+                return self._forward(key)
+
+        return forward
 
     def _bound(self, longest: int) -> int:
         """The smallest context bound that holds `longest` keys."""
