@@ -87,6 +87,22 @@ def test_a_step_replays_the_smallest_context_bound_that_holds_it():
     assert wide.bounds == [8]
 
 
+def test_tokens_in_flight_override_their_rows_and_forward_alone_reruns_the_last_inputs():
+    """Running ahead: rows whose input token is still on the device (sampled by the step before)
+    take it from there, as the first rows or at given rows; the host's value for them is a
+    placeholder. `forward_alone` (what benchmarks time) runs the step's key on the same inputs."""
+    import torch
+
+    graphs, seen = _graphs_without_capture(max_batch=4, max_model_len=64, block_size=4)
+    table = list(range(16))
+    graphs.run([0, 0, 7], [5, 6, 7], [table] * 3, (None, torch.tensor([11, 12])))
+    assert seen[-1]["ids"] == [11, 12, 7, 0]
+    graphs.run([3, 0, 0], [5, 6, 7], [table] * 3, (torch.tensor([1, 2]), torch.tensor([21, 22])))
+    assert seen[-1]["ids"] == [3, 21, 22, 0]
+    graphs.forward_alone(3, 8)()
+    assert seen[-1]["ids"] == [3, 21, 22, 0] and seen[-1]["bound"] == 64 and len(seen) == 3
+
+
 def test_capture_pads_the_inputs_then_captures_every_key(monkeypatch):
     """The capture branch (GPU only) up to the CUDA calls: buffers padded first (K/V into the
     scratch block, lengths 0), then one graph per (batch size, bound); for the encoder-decoder
