@@ -36,6 +36,23 @@ def generation_defaults(folder: Path, config: dict) -> dict:
     return {k: config[k] for k in GENERATION_KEYS if k in config}
 
 
+def translation_info(folder: str | Path, config: dict | object, cfg: object, max_model_len: int) -> dict:
+    """ModelInfo fields of an encoder-decoder folder (config.json as a raw dict or as the family's
+    parsed `cfg`): its start and end tokens, where generation_config.json overrides config.json,
+    and its generation defaults."""
+    raw = config if isinstance(config, dict) else json.loads((Path(folder) / "config.json").read_text())
+    defaults = generation_defaults(Path(folder), raw)
+    eos = defaults.get("eos_token_id", cfg.eos_token_id)
+    return {
+        "decoder_start_token_id": defaults.get("decoder_start_token_id", cfg.decoder_start_token_id),
+        "eos_token_ids": tuple(eos) if isinstance(eos, list) else (eos,),
+        "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": None,
+        "max_model_len": max_model_len,
+        "generation_defaults": defaults,
+    }
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 

@@ -17,7 +17,6 @@ Encoder-decoder interface (shared with models/t5.py; the engine drives it, flat 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import nn
 from engine.forward_context import ForwardContext
 from engine.greedy_screen import GreedyScreen
 from engine.workspace import Workspace
-from models.encdec_tokenizer import MarianTokenizer, generation_defaults
+from models.encdec_tokenizer import MarianTokenizer, translation_info
 from models.layers import merged_linear, tied_head, vocab_logits
 from models.spec import KVCacheSpec
 
@@ -323,14 +322,4 @@ class MarianMTModel(nn.Module):
     def extra_info(cls, folder: str | Path, config: dict | MarianConfig) -> dict:
         """ModelInfo fields read from config.json (raw dict or parsed) and generation_config.json."""
         cfg = config if isinstance(config, MarianConfig) else MarianConfig.from_hf(config)
-        raw = config if isinstance(config, dict) else json.loads((Path(folder) / "config.json").read_text())
-        defaults = generation_defaults(Path(folder), raw)
-        eos = defaults.get("eos_token_id", cfg.eos_token_id)
-        return {
-            "decoder_start_token_id": defaults.get("decoder_start_token_id", cfg.decoder_start_token_id),
-            "eos_token_ids": tuple(eos) if isinstance(eos, list) else (eos,),
-            "pad_token_id": cfg.pad_token_id,
-            "bos_token_id": None,
-            "max_model_len": cfg.max_position_embeddings,
-            "generation_defaults": defaults,
-        }
+        return translation_info(folder, config, cfg, cfg.max_position_embeddings)

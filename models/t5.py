@@ -8,7 +8,6 @@ backend derives positions from the metadata, so `positions` is unused). Attentio
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from engine.attention.metadata import RelativePositionBias
 from engine.forward_context import ForwardContext
 from engine.greedy_screen import GreedyScreen
 from engine.workspace import Workspace
-from models.encdec_tokenizer import JsonTokenizer, T5Tokenizer, generation_defaults
+from models.encdec_tokenizer import JsonTokenizer, T5Tokenizer, translation_info
 from models.layers import tied_head, vocab_logits
 from models.spec import KVCacheSpec
 
@@ -306,14 +305,4 @@ class T5ForConditionalGeneration(nn.Module):
     def extra_info(cls, folder: str | Path, config: dict | T5Config) -> dict:
         """ModelInfo fields read from config.json (raw dict or parsed) and generation_config.json."""
         cfg = config if isinstance(config, T5Config) else T5Config.from_hf(config)
-        raw = config if isinstance(config, dict) else json.loads((Path(folder) / "config.json").read_text())
-        defaults = generation_defaults(Path(folder), raw)
-        eos = defaults.get("eos_token_id", cfg.eos_token_id)
-        return {
-            "decoder_start_token_id": defaults.get("decoder_start_token_id", cfg.decoder_start_token_id),
-            "eos_token_ids": tuple(eos) if isinstance(eos, list) else (eos,),
-            "pad_token_id": cfg.pad_token_id,
-            "bos_token_id": None,
-            "max_model_len": cfg.max_model_len,
-            "generation_defaults": defaults,
-        }
+        return translation_info(folder, config, cfg, cfg.max_model_len)
