@@ -26,25 +26,6 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 KVSERVE_CAC
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
-random_llama() {  # a LLaMA of a real model's shape, random weights: speed does not depend on values
-  python3 - "$@" <<'EOF'
-import sys, torch
-from pathlib import Path
-from transformers import LlamaConfig, LlamaForCausalLM
-from tests.tiny_models import byte_level_tokenizer_json
-shapes = {  # SmolLM2-135M, and Llama-3.2-1B for a model whose weights dominate a decode step
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5),
-    "llama1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                    num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5),
-}
-cfg = LlamaConfig(max_position_embeddings=8192, tie_word_embeddings=True, **shapes[sys.argv[2]])
-folder = Path(sys.argv[1]); folder.mkdir(parents=True, exist_ok=True)
-LlamaForCausalLM(cfg).save_pretrained(folder)
-byte_level_tokenizer_json(folder, cfg.vocab_size)
-EOF
-}
-
 if [ "$stage" = kernels ]; then
   timeout 200 python3 -m pytest -q -m gpu -k "not smollm2" tests/test_triton_kernels.py tests/test_gpu_engine.py \
     tests/test_cuda_graphs.py 2>&1 | tee "$out/gpu_tests_tiny.log"
@@ -52,11 +33,11 @@ if [ "$stage" = kernels ]; then
   [ "${WITH_KERNEL_BENCH:-0}" = 1 ] && timeout $((580 - SECONDS)) python3 benchmarks/bench_kernels.py 2>&1 \
     | tee "$out/kernels.md"
 elif [ "$stage" = e2e ]; then
-  random_llama /tmp/llama1b-random llama1b
+  python3 benchmarks/random_llama.py /tmp/llama1b-random llama1b
   timeout 400 python3 benchmarks/bench_gpu.py --model /tmp/llama1b-random --decode-only 2>&1 | tee "$out/gpu_1b.md"
   left=$((570 - SECONDS))  # one call runs 600 s at most; the smollm2 stage benches the real weights anyway
   if [ "$left" -gt 90 ]; then
-    random_llama /tmp/smollm2-random smollm2
+    python3 benchmarks/random_llama.py /tmp/smollm2-random smollm2
     timeout $((570 - SECONDS)) python3 benchmarks/bench_gpu.py --model /tmp/smollm2-random --decode-only 2>&1 \
       | tee "$out/gpu_random.md"
   fi

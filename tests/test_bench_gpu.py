@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_models import save_tiny
+from benchmarks.random_llama import save_random_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def table_rows(out: str, header: str) -> list[str]:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark itself runs")
 def test_e2e_benchmark_runs_dry_on_cpu(tmp_path):
-    folder = save_tiny("llama_tied", tmp_path / "tiny")
+    folder = save_random_llama(tmp_path / "tiny", "tiny")  # what the GPU run builds, at a tiny shape
 
     out = dry_run(folder, "--num-prompts", "3")
     assert table_rows(out, "engine")[:3] == [

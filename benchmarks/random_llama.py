@@ -1,0 +1,41 @@
+"""A LLaMA of a real model's shape with random weights, saved as an HF folder that kvserve and
+transformers both load. Decode speed does not depend on the values, so the GPU benchmarks time
+shapes no package ships (Llama-3.2-1B's: weights that dominate a decode step) this way.
+
+    python benchmarks/random_llama.py FOLDER {smollm2,llama1b,tiny}
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.tiny_models import byte_level_tokenizer_json  # noqa: E402
+
+SHAPES = {
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5),
+    "llama1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5),
+    # the dry run's (tests/test_bench_gpu.py): GQA, tied embeddings, like the two above
+    "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def save_random_llama(folder: Path, shape: str) -> Path:
+    """Saved in bf16, what the benchmarks serve: half the bytes to write and read back of fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(max_position_embeddings=8192, tie_word_embeddings=True, **SHAPES[shape])
+    folder.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
+    byte_level_tokenizer_json(folder, cfg.vocab_size)
+    return folder
+
+
+if __name__ == "__main__":
+    save_random_llama(Path(sys.argv[1]), sys.argv[2])
