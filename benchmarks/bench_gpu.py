@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_kernels import hbm_gbps, matmul_tflops  # noqa: E402
+from benchmarks.bench_kernels import Timer, device_limits  # noqa: E402
 from benchmarks.common import machine, table  # noqa: E402
 from engine.fused import pdl  # noqa: E402
 
@@ -63,8 +63,10 @@ class Setup:
         if not self.dry:
             torch.cuda.synchronize()
 
-    def ms_per_call(self, fn: Callable[[], object], reps: int) -> float:
-        """Milliseconds per fn() called back to back: CUDA events on a GPU (its time alone)."""
+    def ms_per_call(self, fn: Callable[[], object]) -> float:
+        """Milliseconds per fn() called `replays` times back to back: CUDA events on a GPU (its
+        time alone)."""
+        reps = self.replays
         fn()
         if self.dry:
             t0 = time.perf_counter()
@@ -116,7 +118,7 @@ def decode_rate(setup: Setup, generate, prompt: list[int]) -> float:
 def graph_forward_ms(setup: Setup, llm, context: int) -> float:
     """Milliseconds of the batch-1 decode graph replayed back to back: the GPU's time for a
     step's forward, with no host work between (logits and sampling run outside the graph)."""
-    return setup.ms_per_call(llm.engine.runner.graphs.forward_alone(1, context), setup.replays)
+    return setup.ms_per_call(llm.engine.runner.graphs.forward_alone(1, context))
 
 
 def graph_kernel_profile(setup: Setup, llm, context: int, top: int = 8) -> dict:
@@ -240,7 +242,7 @@ def main() -> int:
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     work = workload(setup, args.num_prompts, vocab)
     prompt = workload(setup, 1, vocab, seed=99)[0][0][: setup.batch1_prompt]
-    bandwidth, peak = (1.0, 1.0) if setup.dry else (hbm_gbps(), matmul_tflops())
+    bandwidth, peak = device_limits(Timer(dry=setup.dry))
     res = {"bandwidth_gbps": bandwidth, "matmul_tflops": peak}
     if args.decode_only:
         print(f"Batch-1 decode, {folder.name}, {setup.dtype}, CUDA graphs ({bandwidth:.0f} GB/s copy bandwidth):\n")

@@ -138,18 +138,23 @@ class Timer:
         return ms / len(inputs)
 
 
-def hbm_gbps(timer: Timer = Timer()) -> float:
+def hbm_gbps(timer: Timer) -> float:
     x = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB, far past L2
     y = torch.empty_like(x)
     ms = timer.eager(lambda: y.copy_(x))
     return 2 * x.numel() * 4 / ms / 1e6  # read + write
 
 
-def matmul_tflops(timer: Timer = Timer()) -> float:
+def matmul_tflops(timer: Timer) -> float:
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     ms = timer.eager(lambda: a @ b)
     return 2 * 8192**3 / ms / 1e9
+
+
+def device_limits(timer: Timer) -> tuple[float, float]:
+    """(copy GB/s, bf16 matmul TFLOP/s) measured on the GPU; a dry run has none and reports 1.0."""
+    return (1.0, 1.0) if timer.dry else (hbm_gbps(timer), matmul_tflops(timer))
 
 
 def paged_cache(plan: Plan, num_seqs: int, total: int, num_kv_heads: int, head_dim: int, copies: int = 1):
@@ -396,7 +401,7 @@ def main() -> int:
         return 2
     torch.manual_seed(0)
     plan, timer = (dry_plan(), Timer(dry=True)) if args.dry_run else (gpu_plan(args), Timer())
-    bandwidth, peak = (1.0, 1.0) if timer.dry else (hbm_gbps(timer), matmul_tflops(timer))
+    bandwidth, peak = device_limits(timer)
     hq, hk, d = plan.heads
     name = "CPU (dry run)" if timer.dry else torch.cuda.get_device_name()
     print(f"## Attention kernels on {name}\n\n{machine()}\n")

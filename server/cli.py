@@ -208,10 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         args.device, args.dtype = resolve_placement(args.device, args.dtype, _cuda_devices())
     except ValueError as err:
         parser.error(str(err))
-    if args.gemv_max_rows and not args.device.startswith("cuda"):
-        parser.error("--gemv-max-rows runs Triton kernels: it needs --device cuda")
-    if args.enable_pdl and not args.device.startswith("cuda"):
-        parser.error("--enable-pdl launches Triton kernels on a GPU: it needs --device cuda")
+    for flag, given in (("--gemv-max-rows", args.gemv_max_rows), ("--enable-pdl", args.enable_pdl)):
+        if given and not args.device.startswith("cuda"):
+            parser.error(f"{flag} runs Triton kernels on a GPU: it needs --device cuda")
     log.info("serving on %s in %s", args.device, args.dtype)
     serve(args)
 
