@@ -212,8 +212,8 @@ class DecodeGraphs:
 
         The host side is on the critical path of every step (the GPU waits for it), so the
         buffers are filled through numpy views from the Python lists, with no torch op per row."""
-        size, _ = self._fill(tokens, positions, block_tables)
-        self._upload(size)
+        size, turn = self._fill(tokens, positions, block_tables)
+        self._upload(size, turn)
         if carried is not None:
             rows, carried_tokens = carried
             if rows is None:
@@ -242,9 +242,9 @@ class DecodeGraphs:
         host.write_tables(block_tables)
         return size, turn
 
-    def _upload(self, size: int) -> None:
-        """The last filled host set's rows to the device, queued (pinned memory: no wait)."""
-        host = self._host[self._turn ^ 1]
+    def _upload(self, size: int, turn: int) -> None:
+        """Host set `turn`'s first `size` rows to the device, queued (pinned memory: no wait)."""
+        host = self._host[turn]
         self.vec[:, :size].copy_(host.vec[:, :size], non_blocking=True)
         self.tables[:size].copy_(host.tables[:size], non_blocking=True)
 

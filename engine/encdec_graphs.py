@@ -69,6 +69,6 @@ class EncDecGraphs(DecodeGraphs):
         self._host[turn].np_vec[4, :b] = source_lens  # padding rows' are 0 already
         source_host = self._source_host[turn]
         source_host.write_tables(source_tables)
-        self._upload(size)
+        self._upload(size, turn)
         self.source_tables[:size].copy_(source_host.tables[:size], non_blocking=True)
         return self._replay((size, self._bound(max(positions) + 1), self._bound(max(source_lens))), b)
