@@ -1,12 +1,20 @@
-"""Fixed-size KV blocks: a free list and reference counts. Ints only, no torch.
+"""Fixed-size KV blocks: a free list, reference counts and the prefix cache. No torch.
 
 Blocks are opaque ids to the scheduler; only the model runner turns them into cache slots.
 Allocation takes from the front of the free list and freeing appends to the back, so block ids
 are reused in a predictable order (tests assert exact ids).
+
+Prefix caching (vLLM's automatic prefix caching): a full block is named by a digest of its
+tokens and of every token before it, so equal digests mean equal K/V. A freed block keeps its
+digest while it waits on the free list; a new sequence whose leading blocks' digests are known
+takes those blocks back instead of computing them, and only a block taken for new tokens loses
+its digest. Free blocks are reused oldest-freed first, so the cache evicts least recently used.
 """
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict
 
 from engine.sequence import Sequence
 
@@ -18,11 +26,15 @@ def cdiv(a: int, b: int) -> int:
 class BlockManager:
     """Owns which KV blocks are free and how many sequences share each used one."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        # an ordered set: a cache hit takes a block out of the middle, allocation pops the front
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_counts = [0] * num_blocks
+        self._digest_of: list[bytes | None] = [None] * num_blocks
+        self._cached: dict[bytes, int] = {}  # digest -> the block holding that K/V
         # (src, dst) block copies that copy-on-write decided; the runner applies them before the step
         self.pending_copies: list[tuple[int, int]] = []
 
@@ -55,6 +67,7 @@ class BlockManager:
         table = seq.block_table
         last = (seq.num_computed_tokens + num_new_tokens - 1) // self.block_size
         if num_new_tokens == 1 and last < len(table) and self._ref_counts[table[last]] == 1:
+            self._cache_full_blocks(seq, num_new_tokens)
             return True  # most decodes: the token goes into a block it owns alone, nothing to do
         if self.num_blocks_needed(seq, num_new_tokens) > len(self._free):
             return False
@@ -67,7 +80,61 @@ class BlockManager:
         total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
         while len(seq.block_table) < total:
             seq.block_table.append(self._take())
+        self._cache_full_blocks(seq, num_new_tokens)
         return True
+
+    # ---- prefix cache -------------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a sequence that holds no blocks the cached blocks of its longest cached prefix, as
+        computed tokens; returns how many. Its last token is always left to compute: the step
+        that computes it samples the next one."""
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        for digest in self._digests(seq, (seq.num_tokens - 1) // bs):
+            block_id = self._cached.get(digest)
+            if block_id is None:
+                break
+            if self._ref_counts[block_id] == 0:
+                del self._free[block_id]
+            self._ref_counts[block_id] += 1
+            seq.block_table.append(block_id)
+        seq.num_cached_blocks = len(seq.block_table)
+        seq.num_computed_tokens = len(seq.block_table) * bs
+        return seq.num_computed_tokens
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every digest (a failed step may have left blocks named but never written)."""
+        self._cached.clear()
+        self._digest_of = [None] * self.num_blocks
+
+    def _cache_full_blocks(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Name the blocks this step fills whose tokens are all known (a token sampled on the device
+        but not yet on the host waits for a later step). They are named when scheduled, before the
+        step writes them: a sequence admitted in the same step reads them only after the layer that
+        writes them, and every later step runs after this one."""
+        if not self.enable_prefix_caching:
+            return
+        full = min(seq.num_computed_tokens + num_new_tokens, seq.num_tokens) // self.block_size
+        if full <= seq.num_cached_blocks:
+            return
+        digests = self._digests(seq, full)
+        for i in range(seq.num_cached_blocks, full):
+            block_id = seq.block_table[i]
+            if digests[i] not in self._cached and self._digest_of[block_id] is None:
+                self._cached[digests[i]] = block_id
+                self._digest_of[block_id] = digests[i]
+        seq.num_cached_blocks = full
+
+    def _digests(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The sequence's first `num_blocks` block digests, each over the one before and its tokens
+        (SHA-256: a collision would hand one request another's K/V, so no weak hash)."""
+        digests, bs = seq.block_digests, self.block_size
+        for i in range(len(digests), num_blocks):
+            parent = digests[i - 1] if i else b""
+            digests.append(hashlib.sha256(parent + array("q", seq.token_ids[i * bs : (i + 1) * bs]).tobytes()).digest())
+        return digests[:num_blocks]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let `child` share all of `parent`'s blocks (beams, parallel samples); writes copy later."""
@@ -78,25 +145,31 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks; a block returns to the free list when no one shares it."""
-        for block_id in reversed(seq.block_table):
+        for block_id in reversed(seq.block_table):  # the tail first: it is evicted first
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
-                self._free.append(block_id)
+                self._free[block_id] = None
         seq.block_table = []
+        seq.num_cached_blocks = 0
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies
 
     def _take(self) -> int:
-        block_id = self._free.popleft()
+        block_id, _ = self._free.popitem(last=False)
         assert self._ref_counts[block_id] == 0
         self._ref_counts[block_id] = 1
+        digest = self._digest_of[block_id]
+        if digest is not None:  # evicted: its K/V is about to be overwritten
+            self._digest_of[block_id] = None
+            del self._cached[digest]
         return block_id
 
     def check_integrity(self) -> None:
-        """Every block is either free with count 0 or used with a positive count, never both."""
-        free = set(self._free)
-        assert len(free) == len(self._free), "a block is on the free list twice"
+        """Every block is either free with count 0 or used with a positive count, never both; the
+        digest index and each block's digest agree."""
         for block_id, count in enumerate(self._ref_counts):
-            assert (count == 0) == (block_id in free), f"block {block_id}: count {count}"
+            assert (count == 0) == (block_id in self._free), f"block {block_id}: count {count}"
+        assert all(self._digest_of[b] == d for d, b in self._cached.items()), "digest index out of date"
+        assert sum(d is not None for d in self._digest_of) == len(self._cached), "a digest outside the index"

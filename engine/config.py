@@ -18,6 +18,9 @@ class CacheConfig:
     # several models gives each cache-holding one an equal part (1/2 to the first of two, then all
     # the rest to the second), so the first model loaded does not take the whole budget.
     gpu_kv_share: float = 1.0
+    # Reuse the K/V of cached full blocks for prompts that start the same way (a shared system
+    # prompt, a chat's earlier turns, n samples, a preempted sequence). Decoder-only generation.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

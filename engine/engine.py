@@ -83,7 +83,7 @@ class LLMEngine:
         self.max_model_len = min(
             loaded.info.max_model_len, config.max_model_len or 10**9, num_blocks * block_size
         )
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         sched_cfg = SchedulerConfig(
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_num_seqs=config.scheduler.max_num_seqs,
@@ -206,7 +206,11 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         launched = None
         if not sched.is_empty:
-            launched = self.runner.launch(sched, self._inflight, defer=self.run_ahead)
+            try:
+                launched = self.runner.launch(sched, self._inflight, defer=self.run_ahead)
+            except Exception:
+                self.block_manager.reset_prefix_cache()  # it named blocks this step never wrote
+                raise
             self.scheduler.advance(sched)
         landed, self._inflight = self._inflight, None
         outputs, self._pending_outputs = self._pending_outputs, []  # aborts since the last step
@@ -285,6 +289,7 @@ class LLMEngine:
             prompt_token_ids=state.prompt_token_ids,
             outputs=samples,
             finished=finished,
+            num_cached_tokens=state.seqs[0].num_cached_tokens,
             arrival_time=state.arrival_time,
             first_scheduled_time=state.first_scheduled_time,
             first_token_time=state.first_token_time,
@@ -300,4 +305,6 @@ class LLMEngine:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
             num_blocks_total=self.block_manager.num_blocks,
+            num_prefix_queried_tokens=self.scheduler.num_prefix_queried_tokens,
+            num_prefix_hit_tokens=self.scheduler.num_prefix_hit_tokens,
         )

@@ -33,6 +33,7 @@ class LLM:
         run_ahead: bool | None = None,
         gemv_max_rows: int = 0,
         enable_pdl: bool = False,
+        enable_prefix_caching: bool = True,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -41,7 +42,8 @@ class LLM:
             attention_backend=attention_backend,
             max_model_len=max_model_len,
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory_gib=kv_cache_memory_gib,
-                              gpu_memory_utilization=gpu_memory_utilization),
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
             seed=seed,
             decode_graphs=decode_graphs,

@@ -23,3 +23,5 @@ class EngineStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     num_blocks_total: int = 0
+    num_prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    num_prefix_hit_tokens: int = 0  # of those, found there

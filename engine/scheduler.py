@@ -2,8 +2,10 @@
 
 Each step every running sequence asks for the tokens it has not computed yet (a decode asks
 for 1, a prompt for as many as the budget allows: chunked prefill), then waiting sequences
-are admitted while budget, blocks and `max_num_seqs` last. When blocks run out, the newest
-running sequence is preempted by recompute and goes back to the front of the queue.
+are admitted while budget, blocks and `max_num_seqs` last. An admitted sequence starts from the
+longest prefix the block manager has cached, as tokens already computed. When blocks run out,
+the newest running sequence is preempted by recompute and goes back to the front of the queue
+(and, its blocks being cached, mostly finds them again).
 
 A step's bookkeeping has two halves: `advance` (its chunks are computed, its sampling rows have
 a token in flight) when it is launched, and `land` (the tokens are appended, stop rules applied)
@@ -59,6 +61,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_prefix_queried_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.num_prefix_hit_tokens = 0  # of those, found there
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,9 +97,16 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
+            cached = self.block_manager.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.allocate_slots(seq, n):
+                self.block_manager.free(seq)  # the cached blocks too: they wait on the free list
+                seq.num_computed_tokens = 0
                 break
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = cached
+                self.num_prefix_queried_tokens += seq.num_tokens
+                self.num_prefix_hit_tokens += cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -45,6 +45,11 @@ class Sequence:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     num_inflight: int = 0
+    # prefix cache (engine.block_manager): digests of its full blocks, computed once (tokens are
+    # only ever appended), and how many leading blocks of `block_table` are named by them
+    block_digests: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    num_cached_tokens: int = 0  # of its prompt, found in the prefix cache when first scheduled
 
     @property
     def num_tokens(self) -> int:

@@ -72,3 +72,86 @@ def test_usage_fraction():
     a = make_seq(0, 3)
     bm.allocate_slots(a, 3)
     assert bm.usage == 0.5
+
+
+def seq_of(seq_id: int, tokens: list[int]) -> Sequence:
+    return Sequence(seq_id, f"r{seq_id}", list(tokens), len(tokens), SamplingParams(), 16)
+
+
+def computed(bm: BlockManager, seq: Sequence) -> None:
+    """Allocate and compute all of `seq`'s tokens, as one step would."""
+    n = seq.num_tokens - seq.num_computed_tokens
+    assert bm.allocate_slots(seq, n)
+    seq.num_computed_tokens += n
+
+
+def test_prefix_cache_hands_back_full_blocks_and_leaves_the_last_token():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = seq_of(0, list(range(10)))
+    assert bm.match_prefix(a) == 0
+    computed(bm, a)  # blocks 0, 1 full and named; block 2 holds 2 tokens, unnamed
+    b = seq_of(1, list(range(9)) + [50, 51, 52])  # the same first 9 tokens
+    assert bm.match_prefix(b) == 8 and b.block_table == [0, 1] and b.num_computed_tokens == 8
+    assert bm.ref_count(0) == bm.ref_count(1) == 2
+    c = seq_of(2, list(range(8)))  # fully cached: its last block is computed again for the logits
+    assert bm.match_prefix(c) == 4 and c.block_table == [0]
+    computed(bm, b)
+    assert b.block_table == [0, 1, 3] and b.num_cached_blocks == 3
+    bm.check_integrity()
+
+
+def test_prefix_digest_covers_every_token_before_the_block():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    computed(bm, seq_of(0, [1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    # same second block, different first block: nothing matches
+    assert bm.match_prefix(seq_of(1, [0, 2, 3, 4, 5, 6, 7, 8, 9])) == 0
+    assert bm.match_prefix(seq_of(2, [1, 2, 3, 4, 5, 6, 7, 0, 9])) == 4
+
+
+def test_freed_blocks_stay_cached_until_evicted_least_recently_used_first():
+    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    a = seq_of(0, [1, 2, 3, 4, 5])
+    computed(bm, a)
+    assert a.block_table == [0, 1, 2]
+    bm.free(a)  # free list: 3, then a's blocks tail first: 2, 1, 0
+    assert bm.num_free_blocks == 4 and bm.usage == 0.0
+    b = seq_of(1, [1, 2, 3, 4, 9])
+    assert bm.match_prefix(b) == 4 and b.block_table == [0, 1] and bm.num_free_blocks == 2
+    bm.free(b)
+    # a new prompt takes never-named 3, then 2 (a's partial block, freed before b took 0 and 1
+    # back), then evicts b's blocks tail first, so a prefix loses its end before its start
+    c = seq_of(2, [7] * 7)
+    computed(bm, c)
+    assert c.block_table == [3, 2, 1, 0]
+    bm.check_integrity()
+    assert bm.match_prefix(seq_of(3, [1, 2, 3, 4, 5])) == 0  # a's prefix was evicted
+
+
+def test_prefix_cache_off_matches_nothing():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    computed(bm, seq_of(0, list(range(10))))
+    b = seq_of(1, list(range(10)))
+    assert bm.match_prefix(b) == 0 and b.block_table == []
+
+
+def test_reset_forgets_every_digest():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    computed(bm, seq_of(0, list(range(10))))
+    bm.reset_prefix_cache()
+    bm.check_integrity()
+    assert bm.match_prefix(seq_of(1, list(range(10)))) == 0
+
+
+def test_a_token_not_yet_on_the_host_names_its_block_later():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = seq_of(0, [1, 2, 3])
+    computed(bm, a)
+    a.num_inflight = 1  # running ahead: the 4th token is sampled on the device, its id unknown here
+    assert bm.allocate_slots(a, 1)
+    a.num_computed_tokens += 1
+    assert a.num_cached_blocks == 0  # block 0 is full but its last id is not known
+    a.token_ids.append(4)
+    a.num_inflight = 0
+    assert bm.allocate_slots(a, 1)
+    assert a.num_cached_blocks == 1
+    assert bm.match_prefix(seq_of(1, [1, 2, 3, 4, 5])) == 4

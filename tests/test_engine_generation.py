@@ -174,3 +174,30 @@ def test_screened_greedy_rows_beside_sampled_and_logprob_rows(tmp_path, monkeypa
     assert [o.token_ids for o in results["1"]] == [o.token_ids for o in results["0"]]
     assert results["1"][3].logprobs is not None
     assert len({tuple(o.token_ids) for o in results["1"]}) == 6
+
+
+def test_prefix_cache_hits_give_the_tokens_of_a_full_prefill(tmp_path):
+    """Prompts sharing a system-prompt-like stem, n samples and a preempting pool: with prefix
+    caching, the same greedy and seeded tokens as without it, most of the prompt found cached,
+    and the cached blocks free (KV usage 0) at the end."""
+    folder = save_tiny("llama", tmp_path / "m")
+    stem = random_prompts(1, 23, 23, seed=8)[0]
+    prompts = [stem + tail for tail in random_prompts(8, 1, 9, seed=9)] + [stem[:13], stem]
+    params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)] * 5 + \
+             [SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=i, n=2) for i in range(5)]
+    off = LLM(str(folder), num_kv_blocks=40, block_size=4, max_num_batched_tokens=24, enable_prefix_caching=False)
+    expected = [[c.token_ids for c in o.outputs] for o in off.generate(prompts, params)]
+    assert off.engine.scheduler.num_prefix_hit_tokens == 0
+    assert expected[0][0] == hf_greedy(folder, prompts[0], 6)
+
+    on = LLM(str(folder), num_kv_blocks=40, block_size=4, max_num_batched_tokens=24)
+    engine = on.engine
+    for _ in range(2):  # the second round finds every prompt's full blocks cached
+        outs = on.generate(prompts, params)
+        assert [[c.token_ids for c in o.outputs] for o in outs] == expected
+        engine.block_manager.check_integrity()
+        assert engine.block_manager.usage == 0.0
+    assert outs[-1].num_cached_tokens == 20  # 23 tokens: 5 full blocks, the last recomputed
+    stats = engine.stats()
+    assert stats.num_prefix_queried_tokens == 2 * sum(len(p) * sp.n for p, sp in zip(prompts, params))
+    assert stats.num_prefix_hit_tokens > stats.num_prefix_queried_tokens // 2

@@ -159,3 +159,33 @@ def test_landing_drops_the_token_of_a_sequence_finished_meanwhile():
     sched.advance(out)
     sched.finish(a, "abort")
     assert sched.land(out, [7]) == [] and a.num_tokens == 4 and bm.num_free_blocks == 16
+
+
+def test_admission_starts_from_the_cached_prefix():
+    bm = BlockManager(16, 4, enable_prefix_caching=True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8, max_model_len=64), bm,
+                      frozenset({EOS}))
+    a, b = make_seq(0, 10), make_seq(1, 10)  # the same 10 tokens
+    sched.add(a)
+    sched.add(b)
+    out, _ = step(sched)
+    # a computes all 10; b, admitted in the same step, finds a's two full blocks named already
+    assert out.num_new_tokens == [10, 2] and b.block_table[:2] == a.block_table[:2]
+    assert (b.num_cached_tokens, a.num_cached_tokens) == (8, 0)
+    assert (sched.num_prefix_queried_tokens, sched.num_prefix_hit_tokens) == (20, 8)
+    bm.check_integrity()
+
+
+def test_admission_that_does_not_fit_gives_the_cached_blocks_back():
+    bm = BlockManager(4, 4, enable_prefix_caching=True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8, max_model_len=64), bm,
+                      frozenset({EOS}))
+    a = make_seq(0, 9, max_tokens=4)
+    sched.add(a)
+    step(sched)  # a holds 3 blocks, 2 of them named
+    b = make_seq(1, 20)  # shares a's 2 named blocks, needs 3 more: only 1 is free
+    sched.add(b)
+    out, _ = step(sched)
+    assert out.seqs == [a] and b.block_table == [] and b.num_computed_tokens == 0
+    assert bm.ref_count(a.block_table[0]) == 1 and sched.num_prefix_hit_tokens == 0
+    bm.check_integrity()
