@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("max-num-batched-tokens", int, 2048, "token budget of one engine step")
     opt("max-num-seqs", int, 64, "sequences running at once")
     opt("max-model-len", int, None, "context limit (default: the model's own)")
+    switch("no-enable-prefix-caching", "compute every prompt in full, even where its start is cached "
+           "(prefix caching is on by default for generation)")
     switch("enforce-eager", "CUDA: run decode steps eagerly, no CUDA graphs")
     switch("no-run-ahead", "CUDA: read each step's tokens before launching the next")
     opt("gemv-max-rows", int, 0, "CUDA: decode batches of up to this many sequences run their matmuls "
@@ -114,7 +116,8 @@ def engine_config(model: str, args: argparse.Namespace, gpu_kv_share: float = 1.
         gemv_max_rows=args.gemv_max_rows,
         enable_pdl=args.enable_pdl,
         cache=CacheConfig(num_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
-                          gpu_memory_utilization=args.gpu_memory_utilization, gpu_kv_share=gpu_kv_share),
+                          gpu_memory_utilization=args.gpu_memory_utilization, gpu_kv_share=gpu_kv_share,
+                          enable_prefix_caching=not args.no_enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs),
     )

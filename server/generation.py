@@ -207,7 +207,11 @@ def chat_logprobs(entries: list[TokenLogprob], text_of: TokenText, num_top: int)
     return {"content": content}
 
 
-def usage(outputs: list[RequestOutput]) -> dict:
+def usage(outputs: list[RequestOutput], cached: bool = True) -> dict:
+    """OpenAI's usage; `cached` adds how many prompt tokens the prefix cache held (generation)."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    body: dict = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached:
+        body["prompt_tokens_details"] = {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}
+    return body

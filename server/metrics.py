@@ -41,6 +41,14 @@ class ServerMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.num_preemptions = counter("num_preemptions", "Requests preempted for lack of KV blocks.")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        # engine counters (totals since start) and the Prometheus counters they feed, as increments
+        self._counters = (("num_prompt_tokens", self.prompt_tokens),
+                          ("num_generation_tokens", self.generation_tokens),
+                          ("num_preemptions", self.num_preemptions),
+                          ("num_prefix_queried_tokens", self.prefix_cache_queries),
+                          ("num_prefix_hit_tokens", self.prefix_cache_hits))
         self.request_success = counter(
             "request_success", "Finished requests by finish reason.", ["model_name", "finished_reason"]
         )
@@ -83,20 +91,13 @@ class ServerMetrics:
         self.kv_cache_usage_perc.labels(name).set(stats.kv_cache_usage)
         last = self._last_stats.get(name)
         self._last_stats[name] = stats
-        if last is None:
-            d_prompt, d_gen, d_pre = stats.num_prompt_tokens, stats.num_generation_tokens, stats.num_preemptions
-        else:
-            d_prompt = stats.num_prompt_tokens - last.num_prompt_tokens
-            d_gen = stats.num_generation_tokens - last.num_generation_tokens
-            d_pre = stats.num_preemptions - last.num_preemptions
-        if d_prompt > 0:
-            self.prompt_tokens.labels(name).inc(d_prompt)
-        if d_gen > 0:
-            self.generation_tokens.labels(name).inc(d_gen)
-        if d_pre > 0:
-            self.num_preemptions.labels(name).inc(d_pre)
-        if d_prompt + d_gen > 0:
-            self.iteration_tokens.labels(name).observe(d_prompt + d_gen)
+        deltas = {f: getattr(stats, f) - (getattr(last, f) if last is not None else 0) for f, _ in self._counters}
+        for field, metric in self._counters:
+            if deltas[field] > 0:
+                metric.labels(name).inc(deltas[field])
+        step_tokens = deltas["num_prompt_tokens"] + deltas["num_generation_tokens"]
+        if step_tokens > 0:
+            self.iteration_tokens.labels(name).observe(step_tokens)
 
     def _record_generation(self, name: str, outputs: list[Any]) -> None:
         now = time.monotonic()
@@ -140,6 +141,7 @@ class ServerMetrics:
             return
         for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
                        self.prompt_tokens, self.generation_tokens, self.num_preemptions,
+                       self.prefix_cache_queries, self.prefix_cache_hits,
                        self.time_to_first_token, self.inter_token_latency, self.e2e_request_latency,
                        self.request_queue_time, self.iteration_tokens):
             metric.labels(name)

@@ -79,7 +79,7 @@ async def translations(body: TranslationRequest, request: Request) -> Any:
     data = [{"index": i, "translation": out.outputs[0].text, "finish_reason": out.outputs[0].finish_reason}
             for i, out in enumerate(finals)]
     return JSONResponse({"id": request_id, "object": "translation", "created": int(time.time()), "model": name,
-                         "data": data, "usage": gen.usage(finals)})
+                         "data": data, "usage": gen.usage(finals, cached=False)})
 
 
 async def _events(merged: AsyncIterator[tuple[int, RequestOutput]], request_id: str,
@@ -95,4 +95,4 @@ async def _events(merged: AsyncIterator[tuple[int, RequestOutput]], request_id: 
                     "data": [{"index": 0, "delta": c.new_text, "finish_reason": c.finish_reason}]})
     if final is not None:
         yield _sse({"id": request_id, "object": "translation.chunk", "created": created, "model": model,
-                    "data": [], "usage": gen.usage([final])})
+                    "data": [], "usage": gen.usage([final], cached=False)})

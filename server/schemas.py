@@ -117,10 +117,15 @@ class _Answer(_Response):
     model: str
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int = Field(description="Prompt tokens whose K/V came from the prefix cache.")
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # completions and chat
 
 
 # ---- /v1/completions --------------------------------------------------------------------

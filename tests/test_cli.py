@@ -12,16 +12,18 @@ def test_flags_and_environment_build_the_engine_config(monkeypatch):
     monkeypatch.setenv("KVSERVE_MAX_NUM_SEQS", "12")
     monkeypatch.setenv("KVSERVE_NO_RUN_AHEAD", "1")
     monkeypatch.setenv("KVSERVE_ENABLE_PDL", "1")
-    args = cli.build_parser().parse_args(["serve", "--device", "cuda", "--gemv-max-rows", "4", "--enforce-eager"])
+    args = cli.build_parser().parse_args(["serve", "--device", "cuda", "--gemv-max-rows", "4", "--enforce-eager",
+                                          "--no-enable-prefix-caching"])
     config = cli.engine_config("smollm2", args)
     assert config.device == "cuda" and config.gemv_max_rows == 4 and config.enable_pdl
+    assert not config.cache.enable_prefix_caching
     assert config.scheduler.max_num_seqs == 12  # from the environment
     assert config.decode_graphs is False and config.run_ahead is False
     monkeypatch.delenv("KVSERVE_NO_RUN_AHEAD")
     monkeypatch.delenv("KVSERVE_ENABLE_PDL")
     default = cli.engine_config("smollm2", cli.build_parser().parse_args(["serve"]))
     assert default.gemv_max_rows == 0 and default.decode_graphs is None and default.run_ahead is None
-    assert not default.enable_pdl
+    assert not default.enable_pdl and default.cache.enable_prefix_caching
 
 
 @pytest.mark.parametrize("flags", [["--gemv-max-rows", "2"], ["--enable-pdl"]])

@@ -204,3 +204,23 @@ def test_tokenize_detokenize_roundtrip(base_url, engine):
     assert tok["max_model_len"] == engine.info.max_model_len
     text = httpx.post(f"{base_url}/detokenize", json={"model": MODEL, "tokens": tok["tokens"]}).json()["prompt"]
     assert text.endswith("round trip")
+
+
+def test_a_repeated_chat_prefix_is_served_from_the_prefix_cache(base_url, client, engine):
+    before = httpx.get(f"{base_url}/metrics").text
+    system = {"role": "system", "content": "You are a terse assistant who answers in one short line, always."}
+    kwargs = dict(model=MODEL, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    first = client.chat.completions.create(messages=[system, {"role": "user", "content": "hi"}], **kwargs)
+    second = client.chat.completions.create(messages=[system, {"role": "user", "content": "bye"}], **kwargs)
+    after = httpx.get(f"{base_url}/metrics").text
+
+    def delta(name: str) -> float:
+        return metric_value(after, name, model_name=MODEL) - (metric_value(before, name, model_name=MODEL) or 0)
+
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # the system prompt's full blocks, never the whole prompt
+    assert BLOCK_SIZE * 4 <= cached < second.usage.prompt_tokens and cached % BLOCK_SIZE == 0
+    assert delta("kvserve:prefix_cache_queries_total") == first.usage.prompt_tokens + second.usage.prompt_tokens
+    assert delta("kvserve:prefix_cache_hits_total") == cached
+    assert engine.stats().kv_cache_usage == 0.0
