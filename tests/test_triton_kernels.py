@@ -414,12 +414,16 @@ def test_gpu_tiny_llama_greedy_equals_cpu_reference(tmp_path):
     folder = save_tiny("llama", tmp_path / "llama")
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (3, 40, 17, 90)]
+    prompts.append(prompts[3][:50] + [7, 8])  # shares 3 blocks with the 90-token prompt
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     # a small step budget forces chunked prefill next to decodes
     kwargs = dict(num_kv_blocks=64, block_size=16, max_num_batched_tokens=32)
-    gpu_outs = LLM(str(folder), device="cuda", **kwargs).generate(prompts, params)
-    cpu_outs = LLM(str(folder), device="cpu", **kwargs).generate(prompts, params)
-    assert [o.outputs[0].token_ids for o in gpu_outs] == [o.outputs[0].token_ids for o in cpu_outs]
+    gpu = LLM(str(folder), device="cuda", **kwargs)
+    cpu_outs = LLM(str(folder), device="cpu", enable_prefix_caching=False, **kwargs).generate(prompts, params)
+    for _ in range(2):  # the second round prefills every prompt from cached blocks
+        gpu_outs = gpu.generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in gpu_outs] == [o.outputs[0].token_ids for o in cpu_outs]
+    assert gpu.engine.stats().num_prefix_hit_tokens >= 48 + 32 + 16 + 80 + 48
 
 
 @interpreted
@@ -440,6 +444,9 @@ def test_engine_greedy_with_interpreted_kernels_equals_reference(tmp_path):
     triton_outs = llm.generate(prompts, params)
     torch_outs = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in triton_outs] == [o.outputs[0].token_ids for o in torch_outs]
+    # prefix-cache hits: the 21-token prompt's first 4 blocks are context the prefill kernel reads
+    again = llm.generate([prompts[1]], params)[0]
+    assert again.num_cached_tokens == 20 and again.outputs[0].token_ids == torch_outs[1].outputs[0].token_ids
 
 
 @interpreted
