@@ -10,13 +10,22 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.errors import KVServeError, QueueFullError
 
 log = logging.getLogger("kvserve.server")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left first; it never reaches anyone
+
+
+class ClientDisconnected(Exception):
+    """The client of a non-streaming request went away; its engine requests are aborted.
+
+    An Exception, not asyncio.CancelledError: a CancelledError escapes every handler and reaches
+    uvicorn, which logs an ordinary disconnect as an ERROR with a traceback."""
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -100,6 +109,11 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         # keep Starlette's headers: a 405 must list the allowed methods in `Allow` (RFC 9110)
         return error_response(exc.status_code, str(exc.detail), code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _disconnected(request: Request, _: ClientDisconnected) -> Response:
+        log.info("client disconnected from %s %s; its requests were aborted", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

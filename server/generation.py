@@ -17,6 +17,7 @@ from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import GenerationRequest
 from engine.sampling_params import SamplingParams
+from server.errors import ClientDisconnected
 from server.schemas import ChatMessage, _SamplingFields
 
 T = TypeVar("T")
@@ -99,7 +100,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T], poll_s: flo
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
-                raise asyncio.CancelledError("client disconnected")
+                raise ClientDisconnected()
     finally:
         if not task.done():
             task.cancel()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -345,3 +346,40 @@ def test_sse_wire_format(base_url):
     payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]
     assert all(p["object"] == "chat.completion.chunk" for p in payloads)
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_client_leaving_a_non_streaming_request_aborts_it_without_an_error_log():
+    """Not streamed, the server notices the client left by polling; the request is aborted (its
+    blocks freed) and logged at INFO, not raised into uvicorn as an ASGI error with a traceback."""
+    slow = FakeEngine(step_delay_s=0.05)  # 60 tokens take 3 s
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(level=logging.INFO)
+    loggers = [logging.getLogger("uvicorn.error"), logging.getLogger("kvserve.server")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(keep)
+        lg.setLevel(logging.INFO)
+    try:
+        with serve({"fake": slow}) as url:
+            for route, body in (("completions", {"prompt": "leave"}),
+                                ("chat/completions", {"messages": [{"role": "user", "content": "leave"}]})):
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(f"{url}/v1/{route}", json={"model": "fake", "max_tokens": 60, **body}, timeout=0.3)
+                deadline = time.monotonic() + 5
+                while slow.has_unfinished_requests() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert not slow.has_unfinished_requests() and slow.stats().kv_cache_usage == 0.0
+            deadline = time.monotonic() + 5
+            while sum("client disconnected" in r.getMessage() for r in records) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(keep)
+            lg.setLevel(level)
+    assert sum("client disconnected" in r.getMessage() for r in records) == 2
+    assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]
