@@ -67,8 +67,10 @@ class BlockManager:
         table = seq.block_table
         last = (seq.num_computed_tokens + num_new_tokens - 1) // self.block_size
         if num_new_tokens == 1 and last < len(table) and self._ref_counts[table[last]] == 1:
-            self._cache_full_blocks(seq, num_new_tokens)
-            return True  # most decodes: the token goes into a block it owns alone, nothing to do
+            # most decodes: the token goes into a block it owns alone; at most a block to name
+            if self.enable_prefix_caching and len(seq.token_ids) // self.block_size > seq.num_cached_blocks:
+                self._cache_full_blocks(seq, num_new_tokens)
+            return True
         if self.num_blocks_needed(seq, num_new_tokens) > len(self._free):
             return False
         for i in self._shared_written(seq, num_new_tokens):
