@@ -25,6 +25,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
+from engine.errors import InvalidRequestError
 from engine.forward_context import ForwardContext
 
 K = TypeVar("K", bound=tuple)
@@ -49,7 +50,14 @@ def padded_size(sizes: Seq[int], batch: int) -> int | None:
 
 def wanted(decode_graphs: bool | None, device: str, backend: AttentionBackend) -> bool:
     """Whether an engine runs its decode steps through graphs: `decode_graphs` (the config's) if
-    set, else on CUDA with the fused backend (the only one a graph can capture)."""
+    set, else on CUDA with the fused backend (the only one a graph can capture).
+
+    Asked for with another backend, it is refused. A graph's host-side lengths are its context
+    bound (`DecodeGraphs._meta`); only the fused kernels read each sequence's own length on the
+    device. The torch and CPU backends would attend over the whole bound."""
+    if decode_graphs and backend.name != "triton":
+        raise InvalidRequestError(f"decode graphs need the triton attention backend, not {backend.name!r}: "
+                                  "it reads sequence lengths on the host, which a graph fixes at its bound")
     if decode_graphs is not None:
         return decode_graphs
     return device.startswith("cuda") and backend.name == "triton"

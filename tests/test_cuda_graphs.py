@@ -129,3 +129,19 @@ def test_capture_pads_the_inputs_then_captures_every_key(monkeypatch):
         keys, vec = captured[-1]
         assert len(keys) == keys_per_size * len(graphs.sizes) and set(keys) == set(graphs._ctx)
         assert vec[2].eq(9 * 4).all() and vec[[0, 1, 3]].eq(0).all() and vec.shape[0] == cls.VEC_ROWS
+
+
+def test_graphs_asked_for_with_a_backend_that_reads_host_lengths_are_refused():
+    """The torch and CPU backends take each sequence's length from the host, which a graph fixes at
+    its context bound: they would attend over the whole bound and give wrong tokens."""
+    import pytest
+
+    from engine.attention import get_backend
+    from engine.cuda_graphs import wanted
+    from engine.errors import InvalidRequestError
+
+    for name in ("torch", "cpu"):
+        backend = get_backend("cpu", name)
+        with pytest.raises(InvalidRequestError, match="triton"):
+            wanted(True, "cpu", backend)
+        assert wanted(None, "cpu", backend) is False and wanted(False, "cpu", backend) is False
