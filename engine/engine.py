@@ -29,6 +29,8 @@ class _RequestState:
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
     logprobs: list[list[TokenLogprob]] | None
+    # prompt position -> its token's logprobs (None at 0, nothing predicts it), for echo
+    prompt_logprobs: list[TokenLogprob | None] | None
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -171,6 +173,7 @@ class LLMEngine:
                 IncrementalDetokenizer(params.stop, params.include_stop_str_in_output) for _ in seqs
             ],
             logprobs=[[] for _ in seqs] if params.logprobs is not None else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             arrival_time=now,
             sent_tokens=[0] * len(seqs),
         )
@@ -228,7 +231,19 @@ class LLMEngine:
         # a sequence stopped by the step before (or aborted) drops the token it sampled since
         sampled = [None if seq.is_finished else t for seq, t in zip(sched.seqs, sampled)]
         finished = self.scheduler.land(sched, sampled)
+        self._keep_prompt_logprobs(launched)
         return self._process(sched, sampled, logprobs, finished)
+
+    def _keep_prompt_logprobs(self, launched: Launched) -> None:
+        """Append the step's scored prompt positions to their requests. A sequence preempted and
+        recomputed scores its prompt again; the scores already kept stay."""
+        for i, (first, entries) in launched.prompt_logprobs.items():
+            state = self._requests.get(launched.sched.seqs[i].request_id)
+            if state is None or state.prompt_logprobs is None:
+                continue
+            have = len(state.prompt_logprobs)
+            if first <= have:
+                state.prompt_logprobs += entries[have - first :]
 
     def _process(
         self,
@@ -260,6 +275,8 @@ class LLMEngine:
             touched[seq.request_id] = state
         for state in touched.values():
             done = all(s.is_finished for s in state.seqs)
+            if not done and state.prompt_logprobs is not None and len(state.prompt_logprobs) < len(state.prompt_token_ids):
+                continue  # a sample found the prompt cached ahead of the one scoring it: report both later
             outputs.append(self._output(state, finished=done))
             if done:
                 del self._requests[state.request_id]
@@ -290,6 +307,7 @@ class LLMEngine:
             outputs=samples,
             finished=finished,
             num_cached_tokens=state.seqs[0].num_cached_tokens,
+            prompt_logprobs=list(state.prompt_logprobs) if state.prompt_logprobs is not None else None,
             arrival_time=state.arrival_time,
             first_scheduled_time=state.first_scheduled_time,
             first_token_time=state.first_token_time,

@@ -5,6 +5,7 @@ Performance tricks (CUDA graphs, pinned copies) belong here and in the attention
 """
 from __future__ import annotations
 
+import itertools
 from typing import TypeVar
 
 import torch
@@ -18,11 +19,14 @@ from engine.forward_context import ForwardContext
 from engine.host_copy import to_device
 from engine.input_prep import prepare_inputs
 from engine.outputs import TokenLogprob
+from engine.prompt_logprobs import PromptRows, prompt_rows, score
 from engine.sampler import Sampler, SamplingRow
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.workspace import Workspace
 from models.spec import KVCacheSpec
+
+PROMPT_LOGITS_ROWS = 256  # prompt rows scored per vocabulary projection (echo + logprobs)
 
 Graphs = TypeVar("Graphs", bound=DecodeGraphs)
 
@@ -124,7 +128,8 @@ class ModelRunner:
         seqs = out.seqs
         carried = self._carried(seqs, prev)
         rows = [i for i, samples in enumerate(out.sampling) if samples]
-        graphable = self.graphs is not None and len(seqs) <= self.graphs.max_batch
+        scored = prompt_rows(seqs, out.num_new_tokens, list(itertools.accumulate(out.num_new_tokens, initial=0)))
+        graphable = self.graphs is not None and len(seqs) <= self.graphs.max_batch and not scored
         if graphable and all(n == 1 for n in out.num_new_tokens):
             hidden = self.graphs.run(
                 [s.token_ids[s.num_computed_tokens] if s.num_computed_tokens < s.num_tokens else 0 for s in seqs],
@@ -151,10 +156,31 @@ class ModelRunner:
                 firsts = inputs.meta.cu_seqlens_q[:-1].long()
                 inputs.input_ids.index_copy_(0, firsts[: len(in_flight)] if at is None else firsts[at], in_flight)
             ctx = ForwardContext(meta=inputs.meta, backend=self.backend, kv_caches=self.kv_caches)
-            hidden = self.model(inputs.input_ids, inputs.positions, ctx)[inputs.sample_rows]
+            flat = self.model(inputs.input_ids, inputs.positions, ctx)
+            hidden = flat[inputs.sample_rows]
         tokens, logprobs = self._sample(hidden, seqs, rows)
         host_first = not all(seqs[i].params.is_plain for i in rows)
-        return Launched(out, tokens, rows, logprobs, deferred=defer and not host_first)
+        launched = Launched(out, tokens, rows, logprobs, deferred=defer and not host_first)
+        if scored:
+            launched.prompt_logprobs = self._score_prompts(flat, seqs, scored)
+        return launched
+
+    def _score_prompts(self, flat: torch.Tensor, seqs: list[Sequence],
+                       scored: list[PromptRows]) -> dict[int, tuple[int, list[TokenLogprob]]]:
+        """seq index -> (prompt position of the first scored token, its and the next ones' logprobs).
+        The vocabulary logits are made a few hundred rows at a time: a whole 2k-token chunk's
+        would be hundreds of MB."""
+        found = {}
+        for part in scored:
+            seq = seqs[part.seq_index]
+            entries: list[TokenLogprob] = []
+            for lo in range(0, len(part.rows), PROMPT_LOGITS_ROWS):
+                rows = part.rows[lo : lo + PROMPT_LOGITS_ROWS]
+                logits = self.model.compute_logits(flat[rows.start : rows.stop])
+                first = part.first_target + lo
+                entries += score(logits, seq.token_ids[first : first + len(rows)], seq.params.prompt_logprobs or 0)
+            found[part.seq_index] = (part.first_target, entries)
+        return found
 
     def _carried(self, seqs: list[Sequence], prev: Launched | None) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """(rows of this step, their input tokens) for inputs sampled by `prev` and not yet on
@@ -221,6 +247,8 @@ class Launched:
         self.rows = rows
         self.logprobs = logprobs
         self.deferred = deferred
+        # seq index -> (first prompt position scored, logprobs): rows scoring their prompt (echo)
+        self.prompt_logprobs: dict[int, tuple[int, list[TokenLogprob]]] = {}
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
         if deferred and tokens.is_cuda:

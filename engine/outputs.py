@@ -36,6 +36,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token; None at position 0
     # timings (time.monotonic seconds) for metrics
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None

@@ -42,6 +42,7 @@ BOUNDS: dict[str, Bound] = {
     "frequency_penalty": Bound(-2.0, 2.0),
     "repetition_penalty": Bound(0.0, 2.0, low_open=True),
     "logprobs": Bound(0, MAX_LOGPROBS),
+    "prompt_logprobs": Bound(0, MAX_LOGPROBS),
     "num_beams": Bound(1, MAX_BEAMS),
     # beam scores divide by gen_len ** length_penalty in fp32: finite for any length up to 4,096
     # within +-10 (HF leaves it open; 3e111 overflowed in the step, failing every beam request in it)
@@ -71,6 +72,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per sampled token (0: only the sampled one)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
     include_stop_str_in_output: bool = False
     # beam search (encoder-decoder path)
     num_beams: int = 1

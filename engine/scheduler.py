@@ -97,7 +97,7 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
-            cached = self.block_manager.match_prefix(seq)
+            cached = 0 if seq.wants_prompt_logprobs else self.block_manager.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.allocate_slots(seq, n):
                 self.block_manager.free(seq)  # the cached blocks too: they wait on the free list

@@ -68,5 +68,11 @@ class Sequence:
         return len(self.token_ids) + self.num_inflight - self.num_computed_tokens
 
     @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt is scored (one sample of a request is enough): it cannot start from the
+        prefix cache, since a cached token has no hidden state to score it from."""
+        return self.params.prompt_logprobs is not None and self.sample_index == 0
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

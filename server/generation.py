@@ -192,6 +192,18 @@ def completion_logprobs(entries: list[TokenLogprob], text_of: TokenText, start_o
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
+def echo_logprobs(prompt_ids: list[int], scored: list[TokenLogprob | None], text_of: TokenText,
+                  completion: dict | None) -> dict:
+    """`echo` with `logprobs`: the prompt's tokens first, as OpenAI answers. Its first token has no
+    logprob (nothing predicts it); `completion`'s entries, if any, follow."""
+    head = completion_logprobs([e for e in scored[1:] if e is not None], text_of, len(text_of(prompt_ids[0])))
+    tail = completion or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    return {"tokens": [text_of(prompt_ids[0])] + head["tokens"] + tail["tokens"],
+            "token_logprobs": [None] + head["token_logprobs"] + tail["token_logprobs"],
+            "top_logprobs": [None] + head["top_logprobs"] + tail["top_logprobs"],
+            "text_offset": [0] + head["text_offset"] + tail["text_offset"]}
+
+
 def chat_logprobs(entries: list[TokenLogprob], text_of: TokenText, num_top: int) -> dict:
     content = []
     for e in entries:

@@ -1,6 +1,7 @@
 """POST /v1/completions and /v1/chat/completions (OpenAI shapes, SSE streaming)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -53,6 +54,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise InvalidRequestError(f"best_of must equal n ({body.n}): extra samples are not ranked on the server",
                                   "best_of")
     params = gen.sampling_params(body, body.max_tokens, body.logprobs)
+    if body.echo and body.logprobs is not None:  # the prompt's tokens are scored too
+        params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
     prompts = gen.completion_prompts(
         body.prompt, engine.tokenizer, engine.info.vocab_size, state.settings.max_prompts_per_request
     )
@@ -79,6 +82,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             logprobs = None
             if body.logprobs is not None and c.logprobs is not None:
                 logprobs = gen.completion_logprobs(c.logprobs, text_of, len(echo[p]))
+                if out.prompt_logprobs is not None:
+                    logprobs = gen.echo_logprobs(out.prompt_token_ids, out.prompt_logprobs, text_of, logprobs)
             choices.append({"index": p * n + c.index, "text": echo[p] + c.text, "logprobs": logprobs,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     return JSONResponse({"id": request_id, "object": "text_completion", "created": int(time.time()),
@@ -90,7 +95,10 @@ async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], r
                              include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
     sent_lp: dict[int, int] = {}  # choice index -> logprob entries already sent
-    offsets: dict[int, int] = {}  # choice index -> text length already sent (for text_offset)
+    # choice index -> text_offset of its next logprob entry: summed token texts, as the whole
+    # answer counts them (the text streamed so far lags where the detokenizer holds bytes back)
+    lp_offsets: dict[int, int] = {}
+    started: set[int] = set()  # choices whose echo went out
     done: set[int] = set()
     finals: dict[int, RequestOutput] = {}
 
@@ -106,17 +114,21 @@ async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], r
             if idx in done:
                 continue
             text = c.new_text
-            if idx not in offsets:
+            first = idx not in started
+            if first:
                 text = echo[p] + text
-                offsets[idx] = 0
+                started.add(idx)
             lp = None
             if logprobs is not None and c.logprobs is not None:
                 fresh = c.logprobs[sent_lp.get(idx, 0):]
                 sent_lp[idx] = len(c.logprobs)
-                lp = gen.completion_logprobs(fresh, text_of, offsets[idx])
+                start = lp_offsets.get(idx, len(echo[p]))
+                lp = gen.completion_logprobs(fresh, text_of, start)
+                lp_offsets[idx] = start + sum(map(len, lp["tokens"]))
+                if first and out.prompt_logprobs is not None:
+                    lp = gen.echo_logprobs(out.prompt_token_ids, out.prompt_logprobs, text_of, lp)
             if not text and c.finish_reason is None and not (lp and lp["tokens"]):
                 continue
-            offsets[idx] += len(text)
             if c.finish_reason is not None:
                 done.add(idx)
             choices.append({"index": idx, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,

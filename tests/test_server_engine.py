@@ -1,6 +1,7 @@
 """The server on the real LLMEngine with a tiny random Llama: routes, streaming, errors, KV freeing."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -223,4 +224,28 @@ def test_a_repeated_chat_prefix_is_served_from_the_prefix_cache(base_url, client
     assert BLOCK_SIZE * 4 <= cached < second.usage.prompt_tokens and cached % BLOCK_SIZE == 0
     assert delta("kvserve:prefix_cache_queries_total") == first.usage.prompt_tokens + second.usage.prompt_tokens
     assert delta("kvserve:prefix_cache_hits_total") == cached
+    assert engine.stats().kv_cache_usage == 0.0
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_openai(base_url, offline, engine):
+    """How evaluation harnesses score text: the prompt's tokens come first in `logprobs`, the
+    first with no logprob, then the completion's; streamed, the first chunk carries them."""
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = offline.tokenizer.encode(prompt)
+    ref = offline.generate([ids], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True,
+                                                 prompt_logprobs=2))[0].prompt_logprobs
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "echo": True, "logprobs": 2}
+    r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == r["usage"]["prompt_tokens"] + 3 == len(ids) + 3
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1 : len(ids)] == [e.logprob for e in ref[1:]]
+    assert all(0 < len(top) <= 2 for top in lp["top_logprobs"][1:])  # two ids may read as one text
+    assert r["choices"][0]["text"].startswith(prompt)
+    with httpx.stream("POST", f"{base_url}/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [v for part in streamed for v in part["token_logprobs"]] == lp["token_logprobs"]
+    assert [v for part in streamed for v in part["text_offset"]] == lp["text_offset"]
     assert engine.stats().kv_cache_usage == 0.0

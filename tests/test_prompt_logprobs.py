@@ -1,0 +1,47 @@
+"""Prompt logprobs (OpenAI's `echo` with `logprobs`) against transformers' logits: every prompt
+token after the first scored, across prefill chunks, with the prefix cache holding the prompt."""
+from __future__ import annotations
+
+import torch
+
+from engine.llm import LLM
+from engine.prompt_logprobs import prompt_rows
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from tests.tiny_models import save_tiny
+
+
+def test_rows_score_the_next_prompt_token_and_stop_before_the_last():
+    seq = Sequence(0, "r", list(range(10)), 10, SamplingParams(prompt_logprobs=0), 4)
+    other = Sequence(1, "s", list(range(5)), 5, SamplingParams(), 4)
+    seq.num_computed_tokens = 4
+    # a chunk of positions 4..9: rows 4..8 predict prompt tokens 5..9; row 9 predicts an output
+    (part,) = prompt_rows([other, seq], [5, 6], [0, 5])
+    assert part.seq_index == 1 and part.first_target == 5 and part.rows == range(5, 10)
+    seq.num_computed_tokens = 9
+    assert prompt_rows([seq], [1], [0]) == []  # the last position: nothing of the prompt left
+
+
+def test_prompt_logprobs_equal_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny("llama", tmp_path / "m")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (37, 9)]
+    prompts.append(prompts[0][:21] + [3, 4, 5])
+    llm = LLM(str(folder), num_kv_blocks=64, block_size=4, max_num_batched_tokens=8)  # chunks of 8
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1))  # the prompts' blocks are cached now
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3, n=2))
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        scored = out.prompt_logprobs
+        assert len(scored) == len(prompt) and scored[0] is None and out.num_cached_tokens == 0
+        for p in range(1, len(prompt)):
+            assert scored[p].token_id == prompt[p]
+            assert abs(scored[p].logprob - ref[p - 1, prompt[p]].item()) < 1e-4
+            assert list(scored[p].top) == ref[p - 1].topk(3).indices.tolist()
+    assert llm.engine.block_manager.usage == 0.0
+    # without the field nothing is scored
+    assert llm.generate(prompts[:1], SamplingParams(max_tokens=1))[0].prompt_logprobs is None
