@@ -201,6 +201,11 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True  # vLLM extra
     tools: unsupported(list[dict[str, Any]], "tool calling is not supported", {"maxItems": 0}) | None = None
     tool_choice: Literal["none", "auto"] | None = None  # with no tools, both mean a text answer
+    # OpenAI's older function calling, and audio output: refused like tools, never ignored
+    functions: unsupported(list[dict[str, Any]], "function calling is not supported", {"maxItems": 0}) | None = None
+    function_call: Literal["none", "auto"] | None = None  # with no functions, both mean a text answer
+    modalities: list[Literal["text"]] | None = None
+    audio: unsupported(dict[str, Any], "audio output is not supported", {"maxProperties": 0}) | None = None
     response_format: ResponseFormat | None = None
 
 

@@ -203,6 +203,14 @@ BAD_CHATS = [
       "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"50": 5}}, 400,
      "logit_bias"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}],
+      "functions": [{"name": "f", "parameters": {}}]}, 400, "functions"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "function_call": {"name": "f"}}, 400,
+     "function_call"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "modalities": ["text", "audio"]}, 400,
+     "modalities"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}],
+      "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio"),
 ]
 
 
@@ -217,7 +225,8 @@ def test_unsupported_fields_in_their_neutral_form_are_accepted(client):
     plain = client.chat.completions.create(model="fake", messages=messages, max_tokens=3, temperature=0)
     neutral = client.chat.completions.create(model="fake", messages=messages, max_tokens=3, temperature=0,
                                              tools=[], tool_choice="none", response_format={"type": "text"},
-                                             logit_bias={})
+                                             logit_bias={}, modalities=["text"],
+                                             extra_body={"functions": [], "function_call": "none"})
     assert neutral.choices[0].message.content == plain.choices[0].message.content
     r = client.completions.create(model="fake", prompt="x", max_tokens=3, n=2, best_of=2, suffix="", temperature=1)
     assert len(r.choices) == 2
