@@ -5,7 +5,6 @@ Performance tricks (CUDA graphs, pinned copies) belong here and in the attention
 """
 from __future__ import annotations
 
-import itertools
 from typing import TypeVar
 
 import torch
@@ -128,7 +127,7 @@ class ModelRunner:
         seqs = out.seqs
         carried = self._carried(seqs, prev)
         rows = [i for i, samples in enumerate(out.sampling) if samples]
-        scored = prompt_rows(seqs, out.num_new_tokens, list(itertools.accumulate(out.num_new_tokens, initial=0)))
+        scored = prompt_rows(seqs, out.num_new_tokens)
         graphable = self.graphs is not None and len(seqs) <= self.graphs.max_batch and not scored
         if graphable and all(n == 1 for n in out.num_new_tokens):
             hidden = self.graphs.run(

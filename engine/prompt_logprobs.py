@@ -22,17 +22,19 @@ class PromptRows:
     rows: range  # into the step's flat token rows
 
 
-def prompt_rows(seqs: list[Sequence], num_new_tokens: list[int], chunk_starts: list[int]) -> list[PromptRows]:
-    """For each scheduled sequence that wants its prompt scored, the rows of its chunk that
-    predict a prompt token. `chunk_starts[i]`: sequence i's first row in the step's flat rows."""
+def prompt_rows(seqs: list[Sequence], num_new_tokens: list[int]) -> list[PromptRows]:
+    """For each scheduled sequence that wants its prompt scored, the rows of its chunk (in the
+    step's flat rows, chunks end to end) that predict a prompt token. Every step asks, so the
+    common case is one attribute test per sequence."""
     found = []
+    row = 0
     for i, (seq, n) in enumerate(zip(seqs, num_new_tokens)):
-        if not seq.wants_prompt_logprobs:
-            continue
-        start = seq.num_computed_tokens
-        end = min(start + n, seq.num_prompt_tokens - 1)  # the last prompt position predicts an output
-        if end > start:
-            found.append(PromptRows(i, start + 1, range(chunk_starts[i], chunk_starts[i] + end - start)))
+        if seq.params.prompt_logprobs is not None and seq.wants_prompt_logprobs:
+            start = seq.num_computed_tokens
+            end = min(start + n, seq.num_prompt_tokens - 1)  # the last prompt position predicts an output
+            if end > start:
+                found.append(PromptRows(i, start + 1, range(row, row + end - start)))
+        row += n
     return found
 
 

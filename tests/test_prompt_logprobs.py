@@ -16,10 +16,10 @@ def test_rows_score_the_next_prompt_token_and_stop_before_the_last():
     other = Sequence(1, "s", list(range(5)), 5, SamplingParams(), 4)
     seq.num_computed_tokens = 4
     # a chunk of positions 4..9: rows 4..8 predict prompt tokens 5..9; row 9 predicts an output
-    (part,) = prompt_rows([other, seq], [5, 6], [0, 5])
+    (part,) = prompt_rows([other, seq], [5, 6])
     assert part.seq_index == 1 and part.first_target == 5 and part.rows == range(5, 10)
     seq.num_computed_tokens = 9
-    assert prompt_rows([seq], [1], [0]) == []  # the last position: nothing of the prompt left
+    assert prompt_rows([seq], [1]) == []  # the last position: nothing of the prompt left
 
 
 def test_prompt_logprobs_equal_transformers(tmp_path):
