@@ -201,3 +201,26 @@ def test_prefix_cache_hits_give_the_tokens_of_a_full_prefill(tmp_path):
     stats = engine.stats()
     assert stats.num_prefix_queried_tokens == 2 * sum(len(p) * sp.n for p, sp in zip(prompts, params))
     assert stats.num_prefix_hit_tokens > stats.num_prefix_queried_tokens // 2
+
+
+def test_a_step_that_raises_leaves_no_named_blocks_behind(tmp_path, monkeypatch):
+    """Blocks are named when scheduled; a launch that raises never wrote them, so every name is
+    dropped and a later prompt with the same start computes it again (same tokens as alone)."""
+    folder = save_tiny("llama", tmp_path / "m")
+    llm = LLM(str(folder), num_kv_blocks=64, block_size=4)
+    engine = llm.engine
+    prompt = random_prompts(1, 21, 21, seed=6)[0]
+    expected = llm.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    engine.block_manager.reset_prefix_cache()
+    launch = engine.runner.launch
+    monkeypatch.setattr(engine.runner, "launch", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("device lost")))
+    engine.add_request("x", GenerationRequest(prompt, GREEDY))
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    engine.abort_request("x")
+    engine.step()
+    monkeypatch.setattr(engine.runner, "launch", launch)
+    out = llm.generate([prompt], GREEDY)[0]
+    assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == expected
+    assert engine.block_manager.num_free_blocks == 64
+    engine.block_manager.check_integrity()
