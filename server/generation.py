@@ -170,6 +170,16 @@ class TokenText:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.cache: dict[int, str] = {}
+        self.widths: dict[int, int] = {}
+
+    def width(self, token_id: int) -> int:
+        """Characters the token adds to the answer's text, which skips special tokens: what a
+        `text_offset` advances by (a special token shows in `tokens` but takes no room)."""
+        width = self.widths.get(token_id)
+        if width is None:
+            width = len(self.tokenizer.decode([token_id], skip_special_tokens=True))
+            self.widths[token_id] = width
+        return width
 
     def __call__(self, token_id: int) -> str:
         text = self.cache.get(token_id)
@@ -188,7 +198,7 @@ def completion_logprobs(entries: list[TokenLogprob], text_of: TokenText, start_o
         token_logprobs.append(e.logprob)
         tops.append({text_of(t): lp for t, lp in sorted(e.top.items(), key=lambda kv: -kv[1])} or None)
         offsets.append(offset)
-        offset += len(tok)
+        offset += text_of.width(e.token_id)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -196,7 +206,7 @@ def echo_logprobs(prompt_ids: list[int], scored: list[TokenLogprob | None], text
                   completion: dict | None) -> dict:
     """`echo` with `logprobs`: the prompt's tokens first, as OpenAI answers. Its first token has no
     logprob (nothing predicts it); `completion`'s entries, if any, follow."""
-    head = completion_logprobs([e for e in scored[1:] if e is not None], text_of, len(text_of(prompt_ids[0])))
+    head = completion_logprobs([e for e in scored[1:] if e is not None], text_of, text_of.width(prompt_ids[0]))
     tail = completion or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     return {"tokens": [text_of(prompt_ids[0])] + head["tokens"] + tail["tokens"],
             "token_logprobs": [None] + head["token_logprobs"] + tail["token_logprobs"],

@@ -95,7 +95,7 @@ async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], r
                              include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
     sent_lp: dict[int, int] = {}  # choice index -> logprob entries already sent
-    # choice index -> text_offset of its next logprob entry: summed token texts, as the whole
+    # choice index -> text_offset of its next logprob entry: summed token widths, as the whole
     # answer counts them (the text streamed so far lags where the detokenizer holds bytes back)
     lp_offsets: dict[int, int] = {}
     started: set[int] = set()  # choices whose echo went out
@@ -124,7 +124,7 @@ async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], r
                 sent_lp[idx] = len(c.logprobs)
                 start = lp_offsets.get(idx, len(echo[p]))
                 lp = gen.completion_logprobs(fresh, text_of, start)
-                lp_offsets[idx] = start + sum(map(len, lp["tokens"]))
+                lp_offsets[idx] = start + sum(text_of.width(e.token_id) for e in fresh)
                 if first and out.prompt_logprobs is not None:
                     lp = gen.echo_logprobs(out.prompt_token_ids, out.prompt_logprobs, text_of, lp)
             if not text and c.finish_reason is None and not (lp and lp["tokens"]):

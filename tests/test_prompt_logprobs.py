@@ -45,3 +45,20 @@ def test_prompt_logprobs_equal_transformers(tmp_path):
     assert llm.engine.block_manager.usage == 0.0
     # without the field nothing is scored
     assert llm.generate(prompts[:1], SamplingParams(max_tokens=1))[0].prompt_logprobs is None
+
+
+def test_echo_offsets_index_the_answer_text_where_special_tokens_take_no_room():
+    from engine.outputs import TokenLogprob
+    from server import generation as gen
+    from tests.server_helpers import BOS, OFFSET, FakeTokenizer
+
+    tok = FakeTokenizer()  # BOS is special: "<s>" as a token, nothing in the text
+    text_of = gen.TokenText(tok)
+    prompt = [BOS] + [ord(c) + OFFSET for c in "ab"]
+    echo = tok.decode(prompt, skip_special_tokens=True)
+    scored = [None, TokenLogprob(prompt[1], -1.0), TokenLogprob(prompt[2], -2.0)]
+    completion = gen.completion_logprobs([TokenLogprob(ord("c") + OFFSET, -0.5)], text_of, len(echo))
+    lp = gen.echo_logprobs(prompt, scored, text_of, completion)
+    assert lp["tokens"] == ["<s>", "a", "b", "c"] and echo == "ab"
+    assert lp["token_logprobs"] == [None, -1.0, -2.0, -0.5] and lp["top_logprobs"] == [None] * 4
+    assert lp["text_offset"] == [0, 0, 1, 2]  # into "abc": BOS takes no room

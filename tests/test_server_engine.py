@@ -243,6 +243,8 @@ def test_echo_with_logprobs_scores_the_prompt_like_openai(base_url, offline, eng
     assert lp["token_logprobs"][1 : len(ids)] == [e.logprob for e in ref[1:]]
     assert all(0 < len(top) <= 2 for top in lp["top_logprobs"][1:])  # two ids may read as one text
     assert r["choices"][0]["text"].startswith(prompt)
+    # offsets index the answer's text: the completion's first token starts where the prompt ends
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][len(ids)] == len(prompt)
     with httpx.stream("POST", f"{base_url}/v1/completions", json={**body, "stream": True}, timeout=60) as s:
         chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
