@@ -13,6 +13,7 @@ its digest. Free blocks are reused oldest-freed first, so the cache evicts least
 from __future__ import annotations
 
 import hashlib
+import itertools
 from array import array
 from collections import OrderedDict
 
@@ -94,7 +95,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
-        for digest in self._digests(seq, (seq.num_tokens - 1) // bs):
+        wanted = (seq.num_tokens - 1) // bs
+        self._extend_digests(seq, wanted)
+        for digest in itertools.islice(seq.block_digests, wanted):
             block_id = self._cached.get(digest)
             if block_id is None:
                 break
@@ -121,7 +124,8 @@ class BlockManager:
         full = min(seq.num_computed_tokens + num_new_tokens, seq.num_tokens) // self.block_size
         if full <= seq.num_cached_blocks:
             return
-        digests = self._digests(seq, full)
+        self._extend_digests(seq, full)
+        digests = seq.block_digests
         for i in range(seq.num_cached_blocks, full):
             block_id = seq.block_table[i]
             if digests[i] not in self._cached and self._digest_of[block_id] is None:
@@ -129,14 +133,14 @@ class BlockManager:
                 self._digest_of[block_id] = digests[i]
         seq.num_cached_blocks = full
 
-    def _digests(self, seq: Sequence, num_blocks: int) -> list[bytes]:
-        """The sequence's first `num_blocks` block digests, each over the one before and its tokens
-        (SHA-256: a collision would hand one request another's K/V, so no weak hash)."""
+    def _extend_digests(self, seq: Sequence, num_blocks: int) -> None:
+        """Make `seq.block_digests` cover its first `num_blocks` blocks, each digest over the one
+        before and the block's tokens (SHA-256: a collision would hand one request another's K/V,
+        so no weak hash). Each is computed once: tokens are only ever appended."""
         digests, bs = seq.block_digests, self.block_size
         for i in range(len(digests), num_blocks):
             parent = digests[i - 1] if i else b""
             digests.append(hashlib.sha256(parent + array("q", seq.token_ids[i * bs : (i + 1) * bs]).tobytes()).digest())
-        return digests[:num_blocks]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let `child` share all of `parent`'s blocks (beams, parallel samples); writes copy later."""

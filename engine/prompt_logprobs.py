@@ -24,12 +24,11 @@ class PromptRows:
 
 def prompt_rows(seqs: list[Sequence], num_new_tokens: list[int]) -> list[PromptRows]:
     """For each scheduled sequence that wants its prompt scored, the rows of its chunk (in the
-    step's flat rows, chunks end to end) that predict a prompt token. Every step asks, so the
-    common case is one attribute test per sequence."""
+    step's flat rows, chunks end to end) that predict a prompt token."""
     found = []
     row = 0
     for i, (seq, n) in enumerate(zip(seqs, num_new_tokens)):
-        if seq.params.prompt_logprobs is not None and seq.wants_prompt_logprobs:
+        if seq.wants_prompt_logprobs:
             start = seq.num_computed_tokens
             end = min(start + n, seq.num_prompt_tokens - 1)  # the last prompt position predicts an output
             if end > start:

@@ -189,7 +189,8 @@ class TokenText:
         return text
 
 
-def completion_logprobs(entries: list[TokenLogprob], text_of: TokenText, start_offset: int) -> dict:
+def completion_logprobs(entries: list[TokenLogprob], text_of: TokenText, start_offset: int) -> tuple[dict, int]:
+    """The legacy completions `logprobs` object for `entries`, and the text offset after them."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     offset = start_offset
     for e in entries:
@@ -199,14 +200,14 @@ def completion_logprobs(entries: list[TokenLogprob], text_of: TokenText, start_o
         tops.append({text_of(t): lp for t, lp in sorted(e.top.items(), key=lambda kv: -kv[1])} or None)
         offsets.append(offset)
         offset += text_of.width(e.token_id)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}, offset
 
 
 def echo_logprobs(prompt_ids: list[int], scored: list[TokenLogprob | None], text_of: TokenText,
                   completion: dict | None) -> dict:
     """`echo` with `logprobs`: the prompt's tokens first, as OpenAI answers. Its first token has no
     logprob (nothing predicts it); `completion`'s entries, if any, follow."""
-    head = completion_logprobs([e for e in scored[1:] if e is not None], text_of, text_of.width(prompt_ids[0]))
+    head, _ = completion_logprobs([e for e in scored[1:] if e is not None], text_of, text_of.width(prompt_ids[0]))
     tail = completion or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     return {"tokens": [text_of(prompt_ids[0])] + head["tokens"] + tail["tokens"],
             "token_logprobs": [None] + head["token_logprobs"] + tail["token_logprobs"],

@@ -81,7 +81,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         for c in out.outputs:
             logprobs = None
             if body.logprobs is not None and c.logprobs is not None:
-                logprobs = gen.completion_logprobs(c.logprobs, text_of, len(echo[p]))
+                logprobs, _ = gen.completion_logprobs(c.logprobs, text_of, len(echo[p]))
                 if out.prompt_logprobs is not None:
                     logprobs = gen.echo_logprobs(out.prompt_token_ids, out.prompt_logprobs, text_of, logprobs)
             choices.append({"index": p * n + c.index, "text": echo[p] + c.text, "logprobs": logprobs,
@@ -122,9 +122,7 @@ async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], r
             if logprobs is not None and c.logprobs is not None:
                 fresh = c.logprobs[sent_lp.get(idx, 0):]
                 sent_lp[idx] = len(c.logprobs)
-                start = lp_offsets.get(idx, len(echo[p]))
-                lp = gen.completion_logprobs(fresh, text_of, start)
-                lp_offsets[idx] = start + sum(text_of.width(e.token_id) for e in fresh)
+                lp, lp_offsets[idx] = gen.completion_logprobs(fresh, text_of, lp_offsets.get(idx, len(echo[p])))
                 if first and out.prompt_logprobs is not None:
                     lp = gen.echo_logprobs(out.prompt_token_ids, out.prompt_logprobs, text_of, lp)
             if not text and c.finish_reason is None and not (lp and lp["tokens"]):

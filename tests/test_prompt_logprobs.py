@@ -57,8 +57,8 @@ def test_echo_offsets_index_the_answer_text_where_special_tokens_take_no_room():
     prompt = [BOS] + [ord(c) + OFFSET for c in "ab"]
     echo = tok.decode(prompt, skip_special_tokens=True)
     scored = [None, TokenLogprob(prompt[1], -1.0), TokenLogprob(prompt[2], -2.0)]
-    completion = gen.completion_logprobs([TokenLogprob(ord("c") + OFFSET, -0.5)], text_of, len(echo))
+    completion, end = gen.completion_logprobs([TokenLogprob(ord("c") + OFFSET, -0.5)], text_of, len(echo))
     lp = gen.echo_logprobs(prompt, scored, text_of, completion)
     assert lp["tokens"] == ["<s>", "a", "b", "c"] and echo == "ab"
     assert lp["token_logprobs"] == [None, -1.0, -2.0, -0.5] and lp["top_logprobs"] == [None] * 4
-    assert lp["text_offset"] == [0, 0, 1, 2]  # into "abc": BOS takes no room
+    assert lp["text_offset"] == [0, 0, 1, 2] and end == 3  # into "abc": BOS takes no room
