@@ -14,6 +14,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.fused.gemv import launch_dependent, swap_gemv_linears
+from engine.guided import Guides
 from engine.model_runner import Launched, ModelRunner, caches_and_graphs, kv_block_bytes
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import EngineStats, GenerationRequest
@@ -107,6 +108,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, caches, block_size, backend, config.device, config.seed, graphs)
         self.run_ahead = config.run_ahead if config.run_ahead is not None else (graphs is not None and on_cuda)
         self._inflight: Launched | None = None  # a step run ahead of: launched, its tokens not yet read
+        self.guides = Guides(loaded.tokenizer, self.info.vocab_size, self.info.eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborts, reported at the next step
         self._seq_ids = itertools.count()
@@ -165,6 +167,8 @@ class LLMEngine:
             )
             for i in range(params.n)
         ]
+        if params.structured is not None:  # before any state: a grammar the vocabulary refuses is a 400
+            self.guides.start([s.seq_id for s in seqs], params.structured)
         state = _RequestState(
             request_id=request_id,
             prompt_token_ids=prompt,
@@ -191,6 +195,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
             self.runner.release(seq)
+        self.guides.release([s.seq_id for s in state.seqs])
         self._pending_outputs.append(self._output(state, finished=True))
 
     def has_unfinished_requests(self) -> bool:
@@ -210,7 +215,10 @@ class LLMEngine:
         launched = None
         if not sched.is_empty:
             try:
-                launched = self.runner.launch(sched, self._inflight, defer=self.run_ahead)
+                allowed = self.guides.bitmask(
+                    [seq.seq_id if samples else None for seq, samples in zip(sched.seqs, sched.sampling)]
+                ) if len(self.guides) else None
+                launched = self.runner.launch(sched, self._inflight, defer=self.run_ahead, allowed=allowed)
             except Exception:
                 self.block_manager.reset_prefix_cache()  # it named blocks this step never wrote
                 raise
@@ -272,6 +280,8 @@ class LLMEngine:
             if stop is not None and not seq.is_finished:
                 seq.stop_reason = stop
                 self.scheduler.finish(seq, "stop")
+            if seq.seq_id in self.guides and self.guides.advance(seq.seq_id, token) and not seq.is_finished:
+                self.scheduler.finish(seq, "stop")  # the grammar is complete: only EOS could follow
             touched[seq.request_id] = state
         for state in touched.values():
             done = all(s.is_finished for s in state.seqs)
@@ -285,6 +295,7 @@ class LLMEngine:
                 del self._requests[state.request_id]
                 for seq in state.seqs:
                     self.runner.release(seq)
+                self.guides.release([s.seq_id for s in state.seqs])
         return outputs
 
     def _output(self, state: _RequestState, finished: bool) -> RequestOutput:

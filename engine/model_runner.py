@@ -15,6 +15,7 @@ from engine.attention.base import AttentionBackend
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.forward_context import ForwardContext
+from engine.guided import apply_bitmask
 from engine.host_copy import to_device
 from engine.input_prep import prepare_inputs
 from engine.outputs import TokenLogprob
@@ -118,11 +119,13 @@ class ModelRunner:
         self._generators.pop(seq.seq_id, None)
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, prev: Launched | None = None, defer: bool = False) -> Launched:
+    def launch(self, out: SchedulerOutput, prev: Launched | None = None, defer: bool = False,
+               allowed: torch.Tensor | None = None) -> Launched:
         """Queue the step's forward and sampling. Inputs still in flight (a decode fed the token
         `prev` sampled) are taken from `prev`'s device tokens. With `defer`, the tokens stay on
         the device until `Launched.result()`, unless a row needs them on the host first
-        (logprobs, or penalties over its own outputs next step)."""
+        (logprobs, penalties over its own outputs next step, or a grammar). `allowed`: a bitmask
+        row per scheduled sequence (engine/guided.py) for steps with constrained rows."""
         self.copy_blocks(out.block_copies)
         seqs = out.seqs
         carried = self._carried(seqs, prev)
@@ -157,7 +160,7 @@ class ModelRunner:
             ctx = ForwardContext(meta=inputs.meta, backend=self.backend, kv_caches=self.kv_caches)
             flat = self.model(inputs.input_ids, inputs.positions, ctx)
             hidden = flat[inputs.sample_rows]
-        tokens, logprobs = self._sample(hidden, seqs, rows)
+        tokens, logprobs = self._sample(hidden, seqs, rows, allowed)
         host_first = not all(seqs[i].params.is_plain for i in rows)
         launched = Launched(out, tokens, rows, logprobs, deferred=defer and not host_first)
         if scored:
@@ -199,10 +202,11 @@ class ModelRunner:
         return to_device(rows, self.device), tokens
 
     def _sample(
-        self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int]
+        self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int], allowed: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
         """One token per sampling row (`rows`: their sequences' indices; `hidden` holds their
-        states in that order) as a device tensor, and logprobs for the rows that asked."""
+        states in that order) as a device tensor, and logprobs for the rows that asked (of the
+        distribution a grammar leaves, as the token is drawn from it)."""
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         if not rows:
             return torch.empty(0, dtype=torch.int64, device=self.device), logprobs
@@ -215,6 +219,8 @@ class ModelRunner:
             if not rest:
                 return screened, logprobs
         logits = self.model.compute_logits(hidden[rest] if plain else hidden, self._logits)
+        if allowed is not None:  # constrained rows are never plain: all of them are in `rest`
+            apply_bitmask(logits, allowed[[rows[j] for j in rest]])
         sampling_rows = [
             SamplingRow(
                 params=seqs[i].params,

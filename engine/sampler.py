@@ -126,6 +126,8 @@ class Sampler:
             logprobs[i] = TokenLogprob(
                 token_id=token_list[i],
                 logprob=float(raw_logprobs[i, token_list[i]]),
-                top=dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {},
+                # a grammar's -inf tokens are not candidates: fewer than n may be listed
+                top={t: v for t, v in zip(top.indices.tolist(), top.values.tolist()) if v != float("-inf")}
+                if top is not None else {},
             )
         return tokens, logprobs

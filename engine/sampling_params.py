@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
+from engine.structured_output import StructuredOutput
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per sampled token (0: only the sampled one)
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
     include_stop_str_in_output: bool = False
+    structured: StructuredOutput | None = None  # output constrained to a grammar (engine/guided.py)
     # beam search (encoder-decoder path)
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -94,9 +96,9 @@ class SamplingParams:
 
     @property
     def is_plain(self) -> bool:
-        """No penalties and no logprobs: the token is all a step owes the host, and the row needs
-        none of the sequence's own tokens on the host first."""
-        return not self.needs_penalties and self.logprobs is None
+        """No penalties, logprobs or grammar: the token is all a step owes the host, and the row
+        needs none of the sequence's own tokens on the host first."""
+        return not self.needs_penalties and self.logprobs is None and self.structured is None
 
     @property
     def is_plain_greedy(self) -> bool:

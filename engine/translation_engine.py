@@ -160,6 +160,8 @@ class TranslationEngine:
             raise InvalidRequestError("logprobs are not supported for translations", param="logprobs")
         if params.stop:
             raise InvalidRequestError("stop strings are not supported for translations", param="stop")
+        if params.structured is not None:
+            raise InvalidRequestError("structured outputs are not supported for translations", param="structured_outputs")
         if params.num_beams > 1:
             if not params.is_greedy:
                 raise InvalidRequestError("beam search is deterministic: use temperature 0 with num_beams > 1",

@@ -17,6 +17,7 @@ from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import GenerationRequest
 from engine.sampling_params import SamplingParams
+from engine.structured_output import StructuredOutput
 from server.errors import ClientDisconnected
 from server.schemas import ChatMessage, _SamplingFields
 
@@ -45,7 +46,31 @@ def sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int 
     if req.stop_token_ids is not None:
         fields["stop_token_ids"] = tuple(req.stop_token_ids)
     kwargs = {k: v for k, v in fields.items() if v is not None or k in ("max_tokens", "logprobs", "seed")}
-    return SamplingParams(**kwargs)  # validates ranges, raising InvalidRequestError -> 400
+    return SamplingParams(**kwargs, structured=structured_output(req))  # checks ranges: InvalidRequestError -> 400
+
+
+def structured_output(req: _SamplingFields) -> StructuredOutput | None:
+    """OpenAI's `response_format` or vLLM's `structured_outputs` -> the compiled constraint (a bad
+    schema, pattern or grammar is a 400 naming the field)."""
+    fmt, so = req.response_format, req.structured_outputs
+    wants_format = fmt is not None and fmt.type != "text"
+    if wants_format and so is not None:
+        raise InvalidRequestError("give response_format or structured_outputs, not both", "structured_outputs")
+    if wants_format:
+        if fmt.type == "json_object":
+            return StructuredOutput.json_object("response_format")
+        return StructuredOutput.json_schema(fmt.json_schema.schema_, "response_format")
+    if so is None:
+        return None
+    if so.json_ is not None:
+        return StructuredOutput.json_schema(so.json_)
+    if so.regex is not None:
+        return StructuredOutput.regex(so.regex)
+    if so.choice is not None:
+        return StructuredOutput.choice(so.choice)
+    if so.grammar is not None:
+        return StructuredOutput.lark(so.grammar)
+    return StructuredOutput.json_object()
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:

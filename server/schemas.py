@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from engine.sampling_params import BOUNDS
 
@@ -84,6 +84,43 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(None, alias="schema", description="The JSON Schema the output follows")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's output format: free text, any JSON object (JSON mode), or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = Field(None, description="Required with type `json_schema`")
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's structured outputs: exactly one constraint on the output."""
+
+    json_: dict[str, Any] | bool | str = Field(None, alias="json", description="A JSON Schema (object or text)")
+    regex: str = Field(None, description="A regular expression the whole output matches (Rust regex syntax)")
+    choice: list[str] = Field(None, min_length=1, description="The output is one of these strings")
+    grammar: str = Field(None, description="A Lark or llama.cpp GBNF grammar")
+    json_object: Literal[True] = Field(None, description="Any JSON object")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [name for name in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+
 class _SamplingFields(_Request):
     """Fields common to completions and chat (OpenAI's plus vLLM's extras)."""
 
@@ -105,6 +142,9 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputs | None = None
+    # OpenAI's, for chat; vLLM takes it for completions too
+    response_format: ResponseFormat | None = None
     # OpenAI fields kvserve does not implement, refused rather than ignored
     logit_bias: unsupported(dict[str, float], "logit_bias is not supported", {"maxProperties": 0}) | None = None
 
@@ -188,10 +228,6 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(_Request):
-    type: Literal["text"] = Field(description="Only `text`: JSON mode and JSON schemas are not supported")
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = bounded("max_tokens")
@@ -206,7 +242,6 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: Literal["none", "auto"] | None = None  # with no functions, both mean a text answer
     modalities: list[Literal["text"]] | None = None
     audio: unsupported(dict[str, Any], "audio output is not supported", {"maxProperties": 0}) | None = None
-    response_format: ResponseFormat | None = None
 
 
 class TopLogprob(_Response):

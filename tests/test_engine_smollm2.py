@@ -70,3 +70,32 @@ def test_chat_api_stops_at_end_of_turn():
     out = llm.chat([CHATS[0]], SamplingParams(temperature=0.0, max_tokens=64))[0].outputs[0]
     assert out.finish_reason in ("stop", "length")
     assert "<|im_end|>" not in out.text and "Everest" in out.text
+
+
+def test_json_schema_chat_equals_transformers_under_the_same_grammar(hf):
+    """The real model asked for JSON: with a schema, its greedy tokens equal transformers' masked by
+    the same grammar over HF's own tokenizer (llguidance.hf), and the answer parses and fits."""
+    import json
+
+    import llguidance
+    import llguidance.hf
+
+    from engine.structured_output import StructuredOutput
+    from tests.test_structured_output import hf_guided
+
+    model, tok = hf
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+              "required": ["name", "age"], "additionalProperties": False}
+    chat = [{"role": "user", "content": "Describe a person named Bob who is 42 years old, as JSON."}]
+    llm = LLM("smollm2", num_kv_blocks=256)
+    constraint = StructuredOutput.json_schema(schema)
+    free, out = (llm.chat([chat], SamplingParams(temperature=0.0, max_tokens=48, structured=s))[0].outputs[0]
+                 for s in (None, constraint))
+    prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(chat), add_special_tokens=False)
+    lltok = llguidance.hf.from_tokenizer(tok, n_vocab=model.config.vocab_size, eos_token=2)
+    ref = hf_guided(model, lltok, prompt, constraint.grammar, 48, [2])
+    assert out.finish_reason == "stop" and ref == out.token_ids + [2]  # ended by the grammar: HF adds <|im_end|>
+    assert json.loads(out.text) == {"name": "Bob", "age": 42}
+    assert free.text.startswith("```json") and free.finish_reason == "length"  # unguided: a fence, extra keys
+    assert llm.engine.block_manager.usage == 0.0

@@ -251,3 +251,44 @@ def test_echo_with_logprobs_scores_the_prompt_like_openai(base_url, offline, eng
     assert [v for part in streamed for v in part["token_logprobs"]] == lp["token_logprobs"]
     assert [v for part in streamed for v in part["text_offset"]] == lp["text_offset"]
     assert engine.stats().kv_cache_usage == 0.0
+
+
+def test_structured_outputs_over_http(base_url, client, offline, engine):
+    """OpenAI's response_format and vLLM's structured_outputs give the offline engine's guided
+    tokens, streamed or not; a bad constraint is a 400 naming its field."""
+    from engine.structured_output import StructuredOutput as SO
+
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "yz"]}}, "required": ["a"],
+              "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    messages = [{"role": "user", "content": "Answer in JSON"}]
+    prompt = offline.tokenizer.encode(offline.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    greedy = dict(temperature=0.0, max_tokens=12)
+    cases = [  # (chat request extras, the same constraint offline)
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}, SO.json_schema(schema)),
+        ({"response_format": {"type": "json_object"}}, SO.json_object()),
+        ({"extra_body": {"structured_outputs": {"choice": ["red", "green"]}}}, SO.choice(["red", "green"])),
+        ({"extra_body": {"structured_outputs": {"regex": "[a-z]{3}[0-9]"}}}, SO.regex("[a-z]{3}[0-9]")),
+    ]
+    for extra, constraint in cases:
+        ref = offline.generate([prompt], SamplingParams(**greedy, structured=constraint))[0].outputs[0]
+        got = client.chat.completions.create(model=MODEL, messages=messages, **greedy, **extra).choices[0]
+        assert (got.message.content, got.finish_reason) == (ref.text, ref.finish_reason), extra
+        streamed = client.chat.completions.create(model=MODEL, messages=messages, stream=True, **greedy, **extra)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == ref.text
+    assert json.loads(client.chat.completions.create(model=MODEL, messages=messages, **greedy, **cases[0][0])
+                      .choices[0].message.content) in ({"a": "x"}, {"a": "yz"})
+    r = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=8, temperature=0, n=3,
+                                  extra_body={"structured_outputs": {"choice": ["red", "green"]}, "seed": 1})
+    assert all(c.text.rstrip("#") in ("red", "green") for c in r.choices)  # "#" is this vocabulary's EOS
+    bad = [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nope"}}}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, "response_format"),
+        ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {"grammar": "start: ??"}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs"),
+    ]
+    for extra, param in bad:
+        r = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": messages, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    assert engine.stats().kv_cache_usage == 0.0 and len(engine.guides) == 0

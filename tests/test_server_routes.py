@@ -176,6 +176,7 @@ BAD_COMPLETIONS = [
     ({"model": "fake", "prompt": "x", "logit_bias": {"50": 5}}, 400, "logit_bias"),
     ({"model": "fake", "prompt": "x", "suffix": "end"}, 400, "suffix"),
     ({"model": "fake", "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": "fake", "prompt": "x", "structured_outputs": {"regex": "(", "choice": ["a"]}}, 400, "structured_outputs"),
 ]
 
 
@@ -200,7 +201,8 @@ BAD_CHATS = [
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
      "tool_choice"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}],
-      "response_format": {"type": "json_object"}}, 400, "response_format"),
+      "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nope"}}}}, 400,
+     "response_format"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"50": 5}}, 400,
      "logit_bias"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}],
