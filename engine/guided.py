@@ -20,9 +20,6 @@ from engine.structured_output import StructuredOutput
 
 logger = logging.getLogger(__name__)
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
-
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
@@ -34,7 +31,8 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     if covered < logits.shape[1]:  # logits past the vocabulary (padding): never a token
         logits[:, covered:] = float("-inf")
     words = bitmask.to(logits.device, non_blocking=True)
-    allowed = ((words.unsqueeze(-1) >> _BITS.to(logits.device)) & 1).flatten(1)[:, :covered]
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words.unsqueeze(-1) >> bits) & 1).flatten(1)[:, :covered]
     logits[:, :covered].masked_fill_(allowed == 0, float("-inf"))
 
 
