@@ -25,8 +25,9 @@ class IncrementalDetokenizer:
     _read_offset: int = 0
     _ids: list[int] = field(default_factory=list)
 
-    def add(self, decoder: Decoder, token_id: int) -> str | None:
-        """Append one token; returns the stop string if the text now contains one."""
+    def add(self, decoder: Decoder, token_id: int, check_stop: bool = True) -> str | None:
+        """Append one token; returns the stop string if the text now contains one (and
+        `check_stop`: no stop string counts before a request's min_tokens)."""
         self._ids.append(token_id)
         prefix = decoder.decode(self._ids[self._prefix_offset : self._read_offset])
         full = decoder.decode(self._ids[self._prefix_offset :])
@@ -36,7 +37,7 @@ class IncrementalDetokenizer:
             self._read_offset = len(self._ids)
             start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
             self.text += new
-            return self._match_stop(start)
+            return self._match_stop(start) if check_stop else None
         return None
 
     def _match_stop(self, search_from: int) -> str | None:

@@ -105,7 +105,8 @@ class LLMEngine:
         on_cuda = config.device.startswith("cuda")
         caches, graphs = caches_and_graphs(DecodeGraphs, loaded.model, spec, num_blocks, block_size, dtype, backend,
                                            config, self.max_model_len)
-        self.runner = ModelRunner(loaded.model, caches, block_size, backend, config.device, config.seed, graphs)
+        self.runner = ModelRunner(loaded.model, caches, block_size, backend, config.device, config.seed, graphs,
+                                  eos_token_ids=self.info.eos_token_ids)
         self.run_ahead = config.run_ahead if config.run_ahead is not None else (graphs is not None and on_cuda)
         self._inflight: Launched | None = None  # a step run ahead of: launched, its tokens not yet read
         self.guides = Guides(loaded.tokenizer, self.info.vocab_size, self.info.eos_token_ids)
@@ -129,6 +130,8 @@ class LLMEngine:
         vocab = self.info.vocab_size
         if min(payload.prompt_token_ids) < 0 or max(payload.prompt_token_ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if any(token >= vocab for token, _ in payload.params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         limit = self.max_model_len
         max_tokens = payload.params.max_tokens
         if num_prompt >= limit:
@@ -276,7 +279,9 @@ class LLMEngine:
                 state.first_token_time = now
             if state.logprobs is not None and lp is not None:
                 state.logprobs[seq.sample_index].append(lp)
-            stop = state.detokenizers[seq.sample_index].add(self.tokenizer, token)
+            # before min_tokens no stop string ends it (EOS and stop ids were never allowed)
+            stop = state.detokenizers[seq.sample_index].add(self.tokenizer, token,
+                                                            check_stop=seq.num_output_tokens >= seq.params.min_tokens)
             if stop is not None and not seq.is_finished:
                 seq.stop_reason = stop
                 self.scheduler.finish(seq, "stop")

@@ -91,8 +91,10 @@ class ModelRunner:
         device: str,
         seed: int = 0,
         graphs: DecodeGraphs | None = None,
+        eos_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.model = model
+        self.eos_token_ids = tuple(eos_token_ids)  # held back, with stop ids, before min_tokens
         self.graphs = graphs  # decode steps of at most graphs.max_batch sequences replay these
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -227,6 +229,7 @@ class ModelRunner:
                 prompt_ids=seqs[i].token_ids[: seqs[i].num_prompt_tokens] if seqs[i].params.needs_penalties else [],
                 output_ids=seqs[i].output_token_ids if seqs[i].params.needs_penalties else [],
                 generator=self.generator_for(seqs[i]),
+                banned=self._banned(seqs[i]),
             )
             for i in (rows[j] for j in rest)
         ]
@@ -239,6 +242,15 @@ class ModelRunner:
         tokens[plain] = screened.to(tokens.device, torch.int64)
         tokens[rest] = sampled
         return tokens, logprobs
+
+
+    def _banned(self, seq: Sequence) -> tuple[int, ...]:
+        """EOS and stop ids while the token sampled now would come before min_tokens. Tokens still
+        in flight count: this step samples output token num_output_tokens + num_inflight."""
+        params = seq.params
+        if seq.num_output_tokens + seq.num_inflight >= params.min_tokens:
+            return ()
+        return params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
 
 
 class Launched:

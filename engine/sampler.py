@@ -23,6 +23,7 @@ class SamplingRow:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None
+    banned: tuple[int, ...] = ()  # tokens that may not come yet (EOS and stop ids before min_tokens)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -44,6 +45,19 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     logits = logits - presence * (counts > 0) - frequency * counts
     penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
     return torch.where(seen & (repetition != 1.0), penalised, logits)
+
+
+def apply_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """OpenAI's logit_bias, then -inf for each row's banned tokens; one scatter per row."""
+    logits = logits.clone()
+    for i, row in enumerate(rows):
+        if row.params.logit_bias:
+            ids, bias = zip(*row.params.logit_bias)
+            logits[i].index_add_(0, torch.tensor(ids, device=logits.device),
+                                 torch.tensor(bias, dtype=logits.dtype, device=logits.device))
+        if row.banned:
+            logits[i, torch.tensor(row.banned, device=logits.device)] = float("-inf")
+    return logits
 
 
 def filter_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -94,6 +108,8 @@ class Sampler:
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
         if any(r.params.needs_penalties for r in rows):
             logits = apply_penalties(logits, rows)
+        if any(r.params.logit_bias or r.banned for r in rows):
+            logits = apply_bias(logits, rows)
         tokens = argmax(logits)
         sampling = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if sampling:

@@ -31,10 +31,12 @@ class Bound:
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_BEAMS = 16
+LOGIT_BIAS = Bound(-100.0, 100.0)  # OpenAI's range: -100 bans a token, +100 all but forces it
 
 BOUNDS: dict[str, Bound] = {
     "n": Bound(1, MAX_N),
     "max_tokens": Bound(1),
+    "min_tokens": Bound(0),
     "temperature": Bound(0.0, 2.0),
     "top_p": Bound(0.0, 1.0, low_open=True),
     "top_k": Bound(-1),  # -1 and 0 both mean off
@@ -75,6 +77,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per sampled token (0: only the sampled one)
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
     include_stop_str_in_output: bool = False
+    min_tokens: int = 0  # no EOS, stop token or stop string ends the output before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
     structured: StructuredOutput | None = None  # output constrained to a grammar (engine/guided.py)
     # beam search (encoder-decoder path)
     num_beams: int = 1
@@ -89,6 +93,13 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name} must be {bound}, got {value}", param=name)
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop must not contain empty strings", param="stop")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                                      param="min_tokens")
+        for token, bias in self.logit_bias:
+            if token < 0 or not LOGIT_BIAS.holds(bias):
+                raise InvalidRequestError(f"logit_bias maps token ids >= 0 to values {LOGIT_BIAS}, got {token}: {bias}",
+                                          param="logit_bias")
 
     @property
     def is_greedy(self) -> bool:
@@ -103,7 +114,13 @@ class SamplingParams:
     @property
     def is_plain_greedy(self) -> bool:
         """Greedy with nothing that needs the whole row of logits: the argmax is the token."""
-        return self.is_greedy and self.is_plain
+        return self.is_greedy and self.is_plain and not self.adjusts_logits
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Logits changed before sampling by the request itself (bias, EOS held back): the row
+        needs its whole row of logits, though not its tokens on the host."""
+        return bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def needs_penalties(self) -> bool:

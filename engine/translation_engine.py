@@ -160,6 +160,8 @@ class TranslationEngine:
             raise InvalidRequestError("logprobs are not supported for translations", param="logprobs")
         if params.stop:
             raise InvalidRequestError("stop strings are not supported for translations", param="stop")
+        if params.logit_bias or params.min_tokens:
+            raise InvalidRequestError("logit_bias and min_tokens are not supported for translations", param="logit_bias")
         if params.structured is not None:
             raise InvalidRequestError("structured outputs are not supported for translations", param="structured_outputs")
         if params.num_beams > 1:

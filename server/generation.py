@@ -40,9 +40,12 @@ def sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int 
         "logprobs": logprobs,
         "ignore_eos": req.ignore_eos,
         "include_stop_str_in_output": req.include_stop_str_in_output,
+        "min_tokens": req.min_tokens,
     }
     if req.stop is not None:
         fields["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    if req.logit_bias:
+        fields["logit_bias"] = tuple((int(token), bias) for token, bias in req.logit_bias.items())
     if req.stop_token_ids is not None:
         fields["stop_token_ids"] = tuple(req.stop_token_ids)
     kwargs = {k: v for k, v in fields.items() if v is not None or k in ("max_tokens", "logprobs", "seed")}

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from engine.sampling_params import BOUNDS
+from engine.sampling_params import BOUNDS, LOGIT_BIAS
 
 
 def bounded(name: str, default: Any = None) -> Any:
@@ -142,11 +142,13 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    min_tokens: int = bounded("min_tokens", 0)
     structured_outputs: StructuredOutputs | None = None
     # OpenAI's, for chat; vLLM takes it for completions too
     response_format: ResponseFormat | None = None
-    # OpenAI fields kvserve does not implement, refused rather than ignored
-    logit_bias: unsupported(dict[str, float], "logit_bias is not supported", {"maxProperties": 0}) | None = None
+    logit_bias: dict[Annotated[str, StringConstraints(pattern=r"^[0-9]+$")],
+                     Annotated[float, Field(ge=LOGIT_BIAS.low, le=LOGIT_BIAS.high)]] | None = Field(
+        None, description="Token id (as a string) -> a value in [-100, 100] added to its logit before sampling")
 
 
 class _Answer(_Response):

@@ -292,3 +292,20 @@ def test_structured_outputs_over_http(base_url, client, offline, engine):
         r = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": messages, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
     assert engine.stats().kv_cache_usage == 0.0 and len(engine.guides) == 0
+
+
+def test_logit_bias_and_min_tokens_over_http(client, offline, engine):
+    """Both reach the engine: the offline engine's tokens for the same fields (token ids as JSON keys)."""
+    ids = offline.tokenizer.encode("Hello there")
+    extra = {"logit_bias": {"2": 12, "100": 3.5}, "min_tokens": 5}
+    ref = offline.generate([ids], SamplingParams(temperature=0.0, max_tokens=9, logit_bias=((2, 12.0), (100, 3.5)),
+                                                 min_tokens=5))[0].outputs[0]
+    assert len(ref.token_ids) == 6 and ref.token_ids[-1] == 2  # EOS (id 2, favoured) held back 5 tokens
+    r = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=9, temperature=0,
+                                  logprobs=0, extra_body=extra)
+    assert r.choices[0].text == ref.text and r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "stop"
+    (a,) = offline.tokenizer.encode("a")
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                          temperature=0, logit_bias={str(a): 100})
+    assert chat.choices[0].message.content == "aaaa"
+    assert engine.stats().kv_cache_usage == 0.0
