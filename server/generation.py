@@ -20,6 +20,7 @@ from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutput
 from server.errors import ClientDisconnected
 from server.schemas import ChatMessage, _SamplingFields
+from server.tools import template_messages
 
 T = TypeVar("T")
 
@@ -104,11 +105,14 @@ def completion_prompts(prompt: str | list, tokenizer: Any, vocab_size: int, max_
     return out
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer: Any, add_generation_prompt: bool) -> list[int]:
-    """Render the model's chat template, then tokenize (the template already adds BOS)."""
-    convo = [{"role": m.role, "content": m.text()} for m in messages]
+def chat_prompt(messages: list[ChatMessage], tokenizer: Any, add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Render the model's chat template, then tokenize (the template already adds BOS). `tools`
+    reach the template as HF's `tools` (a template without tool support ignores them)."""
+    convo = template_messages(messages)
+    extra = {"tools": tools} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, **extra)
     except Exception as exc:  # no template, or the template itself raised (e.g. role order)
         raise InvalidRequestError(f"cannot apply the model's chat template: {exc}", "messages") from exc
     ids = tokenizer.encode(text, add_special_tokens=False)

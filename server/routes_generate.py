@@ -14,6 +14,7 @@ from engine.errors import InvalidRequestError, KVServeError
 from engine.outputs import RequestOutput
 from engine.request import GenerationRequest
 from server import generation as gen
+from server import tools
 from server.errors import error_body
 from server.openapi import ENGINE_ERRORS, answers
 from server.schemas import (
@@ -149,7 +150,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     num_top = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = gen.sampling_params(body, max_tokens, num_top if body.logprobs else None)
-    prompt = gen.chat_prompt(body.messages, engine.tokenizer, body.add_generation_prompt)
+    tool_plan = tools.plan(body.tools, body.tool_choice, state.settings.tool_call_parser)
+    forced = tool_plan.constraint(body.tools or [], body.parallel_tool_calls)
+    if forced is not None:
+        if params.structured is not None:
+            raise InvalidRequestError("a tool_choice that forces a call takes no response_format or structured_outputs",
+                                      "tool_choice")
+        params = dataclasses.replace(params, structured=forced)
+    tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    prompt = gen.chat_prompt(body.messages, engine.tokenizer, body.add_generation_prompt, tool_defs)
     payloads = [GenerationRequest(prompt, params)]
     request_id = new_request_id("chatcmpl")
     text_of = gen.TokenText(engine.tokenizer)
@@ -157,7 +166,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.stream:
         merged = await gen.open_streams(state.async_engine, name, request_id, payloads)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _chat_events(merged, request_id, name, body.logprobs, num_top, text_of, include_usage)
+        events = _chat_events(merged, request_id, name, body.logprobs, num_top, text_of, include_usage, tool_plan)
         return StreamingResponse(_sse_guard(events, state, request_id), media_type="text/event-stream",
                                  headers=_SSE_HEADERS)
 
@@ -169,16 +178,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     choices = []
     for c in out.outputs:
         logprobs = gen.chat_logprobs(c.logprobs, text_of, num_top) if body.logprobs and c.logprobs is not None else None
-        choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        message, finish = tools.chat_message(tool_plan, c.text, c.finish_reason)
+        choices.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish,
+                        "stop_reason": c.stop_reason})
     return JSONResponse({"id": request_id, "object": "chat.completion", "created": int(time.time()),
                          "model": name, "choices": choices, "usage": gen.usage(finals)})
 
 
 async def _chat_events(merged: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str,
                        logprobs: bool, num_top: int, text_of: gen.TokenText,
-                       include_usage: bool) -> AsyncIterator[str]:
+                       include_usage: bool, tool_plan: tools.ToolPlan) -> AsyncIterator[str]:
     created = int(time.time())
+    streams: dict[int, tools.ToolStream] = {}  # per choice, where tools may be called
     sent_lp: dict[int, int] = {}
     started: set[int] = set()
     done: set[int] = set()
@@ -203,12 +214,16 @@ async def _chat_events(merged: AsyncIterator[tuple[int, RequestOutput]], request
                 fresh = c.logprobs[sent_lp.get(c.index, 0):]
                 sent_lp[c.index] = len(c.logprobs)
                 lp = gen.chat_logprobs(fresh, text_of, num_top) if fresh else None
-            if not c.new_text and c.finish_reason is None and lp is None:
+            if tool_plan.calls_tools:
+                delta, finish = streams.setdefault(c.index, tools.ToolStream(tool_plan)).feed(c.new_text, c.finish_reason)
+                delta = delta or {}
+            else:
+                delta, finish = ({"content": c.new_text} if c.new_text else {}), c.finish_reason
+            if not delta and finish is None and lp is None:
                 continue
-            if c.finish_reason is not None:
+            if finish is not None:
                 done.add(c.index)
-            delta = {"content": c.new_text} if c.new_text else {}
-            choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason,
+            choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish,
                             "stop_reason": c.stop_reason})
         if choices:
             yield chunk(choices)

@@ -217,10 +217,25 @@ class TextPart(_Request):
     text: str
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str = Field(description="JSON text")
+
+
+class ToolCallIn(_Request):
+    """A call an earlier assistant turn made, sent back in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call this result answers
 
     def text(self) -> str:
         if self.content is None:
@@ -230,6 +245,27 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDef(_Request):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = bounded("max_tokens")
@@ -237,8 +273,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = bounded("logprobs")
     add_generation_prompt: bool = True  # vLLM extra
-    tools: unsupported(list[dict[str, Any]], "tool calling is not supported", {"maxItems": 0}) | None = None
-    tool_choice: Literal["none", "auto"] | None = None  # with no tools, both mean a text answer
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="auto (the default with tools) needs the server's --tool-call-parser")
+    parallel_tool_calls: bool = True
     # OpenAI's older function calling, and audio output: refused like tools, never ignored
     functions: unsupported(list[dict[str, Any]], "function calling is not supported", {"maxItems": 0}) | None = None
     function_call: Literal["none", "auto"] | None = None  # with no functions, both mean a text answer
@@ -263,9 +301,21 @@ class ChatLogprobs(_Response):
     content: list[TokenLogprobEntry] | None = None
 
 
+class ToolCallFunctionOut(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunctionOut
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class _ChatChoiceFields(_Response):
@@ -286,9 +336,22 @@ class ChatCompletionResponse(_Answer):
     system_fingerprint: str | None = None
 
 
+class ToolCallFunctionDelta(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Response):
+    index: int
+    id: str | None = None  # in each call's first event only
+    type: Literal["function"] | None = None
+    function: ToolCallFunctionDelta
+
+
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = None  # in each choice's first event only
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_ChatChoiceFields):

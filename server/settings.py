@@ -16,11 +16,14 @@ class ServerSettings:
     shutdown_timeout_s: float = 10.0  # in-flight requests get this long on SIGTERM, then are aborted
     max_prompts_per_request: int = 64  # /v1/completions accepts a list of prompts
     max_embedding_inputs: int = 2048  # OpenAI's limit on inputs per /v1/embeddings call
+    tool_call_parser: str | None = None  # how `tool_choice: auto` answers are read (server/tools.py); None: refused
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.tool_call_parser not in (None, "hermes"):
+            raise ValueError(f"tool_call_parser must be hermes, got {self.tool_call_parser!r}")
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be positive, got {self.max_waiting}")

@@ -48,8 +48,11 @@ class FakeTokenizer:
         special = {EOS: "</s>", BOS: "<s>"}
         return "".join(chr(i - OFFSET) if i >= OFFSET else ("" if skip_special_tokens else special[i]) for i in ids)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         text = "<s>" + "".join(f"[{m['role']}]{m['content']}\n" for m in messages)
+        if tools:  # as HF templates with tool support do: the tools come first
+            text = "<s>[tools]" + ",".join(t["function"]["name"] for t in tools) + "\n" + text[3:]
         return text + "[assistant]" if add_generation_prompt else text
 
 
@@ -68,7 +71,8 @@ class FakeEngine:
     BLOCK = 4
 
     def __init__(self, name: str = "fake", max_model_len: int = 96, num_blocks: int = 256,
-                 step_delay_s: float = 0.002, max_running: int = 64) -> None:
+                 step_delay_s: float = 0.002, max_running: int = 64, script: str | None = None) -> None:
+        self.script = script  # if set, every sample writes this text, then stops
         self.tokenizer = FakeTokenizer()
         self.info = ModelInfo(name=name, path=f"/models/{name}", architecture="Fake", task=Task.GENERATE,
                               max_model_len=max_model_len, vocab_size=FakeTokenizer.vocab_size,
@@ -117,6 +121,8 @@ class FakeEngine:
 
     def _next_token(self, seq: _Seq, sample: CompletionOutput) -> int:
         params = seq.req.params
+        if self.script is not None:
+            return min(ord(self.script[len(sample.token_ids)]), 127) + OFFSET
         salt = 0 if params.is_greedy else sample.index * 7 + (params.seed or 0) * 13
         return ord("a") + OFFSET + (sum(seq.req.prompt_token_ids) + 3 * len(sample.token_ids) + salt) % 26
 
@@ -148,6 +154,8 @@ class FakeEngine:
                     c.finish_reason, c.stop_reason = "stop", hit
                 elif params.max_tokens is not None and len(c.token_ids) >= params.max_tokens:
                     c.finish_reason = "length"
+                elif self.script is not None and len(c.token_ids) == len(self.script):
+                    c.finish_reason = "stop"
                 c.new_text = full[len(c.text):]
                 c.text = full
             if seq.first_token_time is None:

@@ -19,6 +19,7 @@ from tests.server_helpers import metric_value, serve  # noqa: E402
 from tests.tiny_models import save_tiny  # noqa: E402
 
 CHAT_TEMPLATE = (
+    "{% if tools %}<|tools|>{% for t in tools %}{{ t['function']['name'] }} {% endfor %}\n{% endif %}"
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
@@ -309,3 +310,44 @@ def test_logit_bias_and_min_tokens_over_http(client, offline, engine):
                                           temperature=0, logit_bias={str(a): 100})
     assert chat.choices[0].message.content == "aaaa"
     assert engine.stats().kv_cache_usage == 0.0
+
+
+def test_forced_tool_calls_on_the_real_engine(base_url, client, offline, engine):
+    """A named function's arguments and `required` calls come out of the grammar: they parse, name
+    given tools, fit the parameters, and equal the offline engine under the same constraint with
+    the tools in the prompt."""
+    from server import tools as tool_calls
+    from server.schemas import ChatCompletionRequest
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1,
+                                                                                   "maximum": 7}},
+        "required": ["city", "days"], "additionalProperties": False}}}
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}, "additionalProperties": False}}}
+    messages = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+    fields = dict(model=MODEL, messages=messages, tools=[weather, clock], max_tokens=80, temperature=0)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(tool_choice=named, **fields).choices[0]
+    assert r.finish_reason == "stop" and r.message.content is None  # forced: "stop", as OpenAI answers
+    (call,) = r.message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7
+    request = ChatCompletionRequest.model_validate({"messages": messages, "tools": [weather, clock], "tool_choice": named})
+    plan = tool_calls.plan(request.tools, request.tool_choice, None)
+    text = offline.tokenizer.apply_chat_template(messages, tools=[weather, clock])
+    assert text.startswith("<|tools|>get_weather get_time <|user|>")  # the tools reach the template
+    ref = offline.generate([offline.tokenizer.encode(text, add_special_tokens=False)], SamplingParams(
+        temperature=0.0, max_tokens=80, structured=plan.constraint(request.tools, True)))[0].outputs[0]
+    assert call.function.arguments == ref.text
+    streamed = "".join(d.function.arguments or "" for chunk in client.chat.completions.create(
+        tool_choice=named, stream=True, **fields) for c in chunk.choices for d in (c.delta.tool_calls or []))
+    assert streamed == ref.text
+    r = client.chat.completions.create(tool_choice="required", parallel_tool_calls=False, **fields).choices[0]
+    assert r.finish_reason == "tool_calls" and len(r.message.tool_calls) == 1
+    assert r.message.tool_calls[0].function.name in ("get_weather", "get_time")
+    json.loads(r.message.tool_calls[0].function.arguments)
+    bad = httpx.post(f"{base_url}/v1/chat/completions", json={**fields, "tool_choice": "required",
+                                                                "response_format": {"type": "json_object"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+    assert engine.stats().kv_cache_usage == 0.0 and len(engine.guides) == 0

@@ -1,0 +1,214 @@
+"""Tool calling for /v1/chat/completions: which constraint a `tool_choice` asks for, and how a
+model's text becomes OpenAI `tool_calls`.
+
+- a named function: the output is constrained to that function's parameter schema and is the call's
+  arguments (streamed as argument deltas);
+- `required`: the output is constrained to a JSON array of {"name", "parameters"} objects, one of the
+  given tools each (one item without `parallel_tool_calls`), as vLLM does;
+- `auto`: the model decides, in its own format, read by the server's `--tool-call-parser` (`hermes`:
+  `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, as Qwen2.5, Hermes and many others write);
+  a server without one refuses `auto` rather than return a call as plain text.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import InvalidRequestError
+from engine.structured_output import StructuredOutput
+
+PARSERS = ("hermes",)
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+    id: str = ""
+
+    def to_openai(self, index: int | None = None) -> dict[str, Any]:
+        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return call if index is None else {"index": index, **call}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _parameters(tool: Any) -> dict[str, Any]:
+    return tool.function.parameters if tool.function.parameters is not None else {"type": "object", "properties": {}}
+
+
+def _compact(schema: dict[str, Any]) -> dict[str, Any]:
+    # llguidance's top-level options; the client's own x-guidance wins
+    return {**schema, "x-guidance": {"whitespace_flexible": False, **schema.get("x-guidance", {})}}
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a chat request's tools mean for its generation and its answer."""
+
+    mode: str  # "none", "named", "required", "auto"
+    named: str | None = None  # the function, with mode "named"
+    parser: str | None = None  # with mode "auto"
+
+    @property
+    def calls_tools(self) -> bool:
+        return self.mode != "none"
+
+    def constraint(self, tools: list[Any], parallel: bool) -> StructuredOutput | None:
+        """Forced calls are compact JSON (no free whitespace): programs read them, and a small model
+        given free whitespace can spend its tokens on newlines."""
+        if self.mode == "named":
+            tool = next(t for t in tools if t.function.name == self.named)
+            return StructuredOutput.json_schema(_compact(_parameters(tool)), "tool_choice")
+        if self.mode == "required":
+            items = [{"type": "object", "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
+                      "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
+            schema = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+            return StructuredOutput.json_schema(_compact(schema if parallel else {**schema, "maxItems": 1}), "tool_choice")
+        return None
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) of a finished answer; text that does not parse stays content."""
+        if self.mode == "named":
+            return None, [ToolCall(self.named or "", text, new_call_id())]
+        if self.mode == "required":
+            try:
+                items = json.loads(text)
+                calls = [ToolCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False), new_call_id()) for i in items]
+            except (ValueError, TypeError, KeyError):  # cut off by max_tokens or a stop string
+                return text, []
+            return None, calls
+        if self.mode == "auto" and _OPEN in text:
+            return parse_hermes(text)
+        return text, []
+
+
+def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
+    calls = []
+    for body in _HERMES_CALL.findall(text):
+        try:
+            call = json.loads(body)
+            arguments = call.get("arguments", call.get("parameters", {}))
+            calls.append(ToolCall(call["name"], arguments if isinstance(arguments, str)
+                                  else json.dumps(arguments, ensure_ascii=False), new_call_id()))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return text, []  # not the format after all: all of it is content
+    content = text[: text.index(_OPEN)].strip()
+    return content or None, calls
+
+
+def held_back(text: str) -> int:
+    """Where streamed content must stop for `auto`: at a tool call's opening tag, or before a tail
+    that could still become one."""
+    at = text.find(_OPEN)
+    if at >= 0:
+        return at
+    for k in range(min(len(_OPEN) - 1, len(text)), 0, -1):
+        if _OPEN.startswith(text[-k:]):
+            return len(text) - k
+    return len(text)
+
+
+def plan(tools: list[Any] | None, tool_choice: Any, parser: str | None) -> ToolPlan:
+    """The request's tool mode; a choice the server cannot honour is a 400."""
+    if not tools:
+        if tool_choice not in (None, "none", "auto"):
+            raise InvalidRequestError("tool_choice needs tools", "tool_choice")
+        return ToolPlan("none")
+    if tool_choice == "none":
+        return ToolPlan("none")
+    if tool_choice == "required":
+        return ToolPlan("required")
+    if tool_choice is None or tool_choice == "auto":
+        if parser is None:
+            raise InvalidRequestError(
+                "tool_choice \"auto\" (the default with tools) needs a server started with --tool-call-parser "
+                "(e.g. hermes); use \"required\" or name a function instead", "tool_choice")
+        return ToolPlan("auto", parser=parser)
+    name = tool_choice.function.name
+    if name not in {t.function.name for t in tools}:
+        raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
+    return ToolPlan("named", named=name)
+
+
+def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """Chat messages as chat templates read them: an assistant's tool calls with their arguments as
+    objects (templates write them with tojson), and a tool result's call id."""
+    out = []
+    for m in messages:
+        entry: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.name is not None:
+            entry["name"] = m.name
+        if m.tool_call_id is not None:
+            entry["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            entry["tool_calls"] = [{"id": c.id, "type": "function",
+                                    "function": {"name": c.function.name, "arguments": _loads_or_text(c.function.arguments)}}
+                                   for c in m.tool_calls]
+        out.append(entry)
+    return out
+
+
+def _loads_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def finish_reason(tool_plan: ToolPlan, reason: str | None, called: bool) -> str | None:
+    """OpenAI's: "tool_calls" when the model chose to call (auto, required); a forced named call
+    ends with "stop"."""
+    return "tool_calls" if called and reason == "stop" and tool_plan.mode != "named" else reason
+
+
+def chat_message(tool_plan: ToolPlan, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+    """A finished choice's assistant message and finish reason."""
+    content, calls = tool_plan.parse(text) if tool_plan.calls_tools else (text, [])
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [c.to_openai() for c in calls]
+    return message, finish_reason(tool_plan, reason, bool(calls))
+
+
+class ToolStream:
+    """One streamed choice's deltas under a tool plan, fed the engine's text deltas (which already
+    hold back what a stop string may still take away). Named: the text is the arguments, streamed
+    as they come. Required: one delta with every call at the end. Auto: content until a tool call
+    opens, then the calls at the end."""
+
+    def __init__(self, tool_plan: ToolPlan) -> None:
+        self.plan = tool_plan
+        self.text = ""
+        self.sent = 0  # auto: characters of `text` sent as content
+        self.call_id: str | None = None  # named: the call's id once its first delta is out
+
+    def feed(self, new_text: str, reason: str | None) -> tuple[dict[str, Any] | None, str | None]:
+        """(delta or None, finish reason) for this event."""
+        self.text += new_text
+        mode = self.plan.mode
+        if mode == "named":
+            if self.call_id is None and (new_text or reason is not None):
+                self.call_id = new_call_id()
+                call = ToolCall(self.plan.named or "", new_text, self.call_id).to_openai(0)
+                return {"tool_calls": [call]}, reason
+            return ({"tool_calls": [{"index": 0, "function": {"arguments": new_text}}]} if new_text else None), reason
+        if reason is None:
+            if mode != "auto":
+                return None, None
+            safe = held_back(self.text)
+            content, self.sent = self.text[self.sent : max(safe, self.sent)], max(safe, self.sent)
+            return ({"content": content} if content else None), None
+        content, calls = self.plan.parse(self.text)
+        if not calls:
+            rest, self.sent = self.text[self.sent :], len(self.text)
+            return ({"content": rest} if rest else None), reason
+        delta: dict[str, Any] = {"tool_calls": [c.to_openai(i) for i, c in enumerate(calls)]}
+        return delta, finish_reason(self.plan, reason, True)

@@ -1,0 +1,122 @@
+"""Tool calling: the choice -> constraint -> OpenAI tool_calls path, in pieces and over HTTP.
+
+`auto` answers come from a scripted fake engine (a random model never writes <tool_call>); named and
+required calls run on the real engine in tests/test_server_engine.py, where the grammar makes them."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from engine.errors import InvalidRequestError
+from server import tools
+from server.schemas import ChatCompletionRequest
+from server.settings import ServerSettings
+from tests.server_helpers import FakeEngine, free_port, serve
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+HERMES = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+          '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+
+
+def _request(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], **fields})
+
+
+def test_plan_follows_tool_choice_and_refuses_what_it_cannot_do():
+    tl = _request(tools=[WEATHER, TIME]).tools
+    assert tools.plan(tl, "none", None).mode == "none"
+    assert tools.plan(None, None, None).mode == "none"
+    assert tools.plan(tl, "required", None).mode == "required"
+    assert tools.plan(tl, None, "hermes").mode == "auto"
+    named = _request(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert tools.plan(named.tools, named.tool_choice, None).named == "get_weather"
+    for tools_, choice, parser, needle in [(tl, None, None, "--tool-call-parser"), (None, "required", None, "needs tools"),
+                                           (tl, named.tool_choice.model_copy(update={"function": named.tool_choice.function.model_copy(update={"name": "nope"})}), None, "not in tools")]:
+        with pytest.raises(InvalidRequestError, match=needle):
+            tools.plan(tools_, choice, parser)
+
+
+def test_hermes_parsing_and_held_back_content():
+    content, calls = tools.parse_hermes(HERMES)
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+    assert tools.parse_hermes('<tool_call>{"name": "f", "argu')[1] == []  # cut off: all of it is content
+    assert tools.parse_hermes("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    assert tools.held_back("Hello <tool") == len("Hello ")  # might become a tag: hold it
+    assert tools.held_back("Hello <b>") == len("Hello <b>")
+    assert tools.held_back("a<tool_call>{") == 1
+
+
+def test_required_output_becomes_calls_and_a_cut_off_one_stays_text():
+    plan = tools.ToolPlan("required")
+    tl = _request(tools=[WEATHER, TIME]).tools
+    schema = json.loads(plan.constraint(tl, parallel=False).grammar)["grammars"][0]["json_schema"]
+    assert schema["maxItems"] == 1 and len(schema["items"]["anyOf"]) == 2
+    assert schema["x-guidance"] == {"whitespace_flexible": False}
+    assert "maxItems" not in json.loads(plan.constraint(tl, parallel=True).grammar)["grammars"][0]["json_schema"]
+    message, finish = tools.chat_message(plan, '[{"name": "get_weather", "parameters": {"city": "Oslo"}}]', "stop")
+    assert finish == "tool_calls" and message["content"] is None
+    assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    message, finish = tools.chat_message(plan, '[{"name": "get_wea', "length")
+    assert finish == "length" and message == {"role": "assistant", "content": '[{"name": "get_wea'}
+
+
+def test_streams_reassemble_to_the_whole_answer():
+    pieces = [HERMES[i : i + 5] for i in range(0, len(HERMES), 5)]
+    stream = tools.ToolStream(tools.ToolPlan("auto", parser="hermes"))
+    events = [stream.feed(p, None) for p in pieces[:-1]] + [stream.feed(pieces[-1], "stop")]
+    content = "".join(d["content"] for d, _ in events if d and "content" in d)
+    assert content == "Let me check.\n" and events[-1][1] == "tool_calls"
+    assert [c["function"]["name"] for c in events[-1][0]["tool_calls"]] == ["get_weather", "get_time"]
+    named = tools.ToolStream(tools.ToolPlan("named", named="get_weather"))
+    deltas = [named.feed(p, r) for p, r in (('{"ci', None), ('', None), ('ty": "Rome"}', "stop"))]
+    assert deltas[0][0]["tool_calls"][0]["id"].startswith("call_") and deltas[1][0] is None
+    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d, _ in deltas if d) == '{"city": "Rome"}'
+    assert deltas[-1][1] == "stop"  # a forced call ends with stop, as OpenAI's do
+    plain = tools.ToolStream(tools.ToolPlan("auto", parser="hermes"))
+    assert [plain.feed("Hi <to", None), plain.feed("ast>", "stop")] == [({"content": "Hi "}, None), ({"content": "<toast>"}, "stop")]
+
+
+@pytest.fixture(scope="module")
+def hermes_url():
+    port = free_port()
+    settings = ServerSettings(port=port, shutdown_timeout_s=2.0, tool_call_parser="hermes")
+    with serve({"fake": FakeEngine(max_model_len=400, script=HERMES)}, settings) as url:
+        yield url
+
+
+def test_auto_tool_calls_over_http_like_openai(hermes_url):
+    client = openai.OpenAI(base_url=f"{hermes_url}/v1", api_key="unused", max_retries=0, timeout=30)
+    kwargs = dict(model="fake", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER, TIME],
+                  max_tokens=300)
+    r = client.chat.completions.create(**kwargs)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {})]
+    calls: dict[int, dict] = {}
+    content, finish = "", None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for call in c.delta.tool_calls or []:  # the OpenAI client's way of assembling them
+                slot = calls.setdefault(call.index, {"name": "", "arguments": ""})
+                slot["name"] += call.function.name or ""
+                slot["arguments"] += call.function.arguments or ""
+            finish = c.finish_reason or finish
+    assert content.strip() == "Let me check." and finish == "tool_calls"
+    assert [c["name"] for c in calls.values()] == ["get_weather", "get_time"]
+    # a conversation carrying the calls and their results renders and answers
+    history = [{"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+    r = httpx.post(f"{hermes_url}/v1/chat/completions", json={"model": "fake", "messages": history, "tools": [WEATHER],
+                                                               "tool_choice": "none", "max_tokens": 300}, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == HERMES  # none: text as written
