@@ -41,7 +41,23 @@ def new_call_id() -> str:
 
 
 def _parameters(tool: Any) -> dict[str, Any]:
-    return tool.function.parameters if tool.function.parameters is not None else {"type": "object", "properties": {}}
+    """The function's parameter schema with its objects closed: a declared parameter list is the whole
+    signature (as OpenAI's strict mode requires), so a forced call never invents keys."""
+    return _closed(tool.function.parameters if tool.function.parameters is not None else {"type": "object", "properties": {}})
+
+
+def _closed(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (_closed(v) if k in ("items", "prefixItems", "anyOf", "oneOf", "allOf") else v) for k, v in schema.items()}
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: _closed(sub) for name, sub in schema[key].items()}
+    if "properties" in schema and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
 
 
 def _compact(schema: dict[str, Any]) -> dict[str, Any]:

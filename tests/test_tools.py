@@ -53,6 +53,18 @@ def test_hermes_parsing_and_held_back_content():
     assert tools.held_back("a<tool_call>{") == 1
 
 
+def test_forced_calls_close_the_declared_objects():
+    nested = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "c": {"type": "array", "items": {"properties": {"d": {}}}},
+                                               "e": {"type": "object", "additionalProperties": True}}}
+    tl = _request(tools=[{"type": "function", "function": {"name": "f", "parameters": nested}}]).tools
+    schema = json.loads(tools.ToolPlan("named", named="f").constraint(tl, True).grammar)["grammars"][0]["json_schema"]
+    assert schema["additionalProperties"] is False and schema["properties"]["a"]["additionalProperties"] is False
+    assert schema["properties"]["c"]["items"]["additionalProperties"] is False
+    assert schema["properties"]["e"]["additionalProperties"] is True  # stated: kept
+    assert "additionalProperties" not in nested  # the request's own schema is not changed
+
+
 def test_required_output_becomes_calls_and_a_cut_off_one_stays_text():
     plan = tools.ToolPlan("required")
     tl = _request(tools=[WEATHER, TIME]).tools
