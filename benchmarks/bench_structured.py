@@ -78,14 +78,13 @@ def run_kvserve(batch: int, max_tokens: int) -> list[list]:
 
 
 def run_hf(max_tokens: int) -> list[list]:
-    import llguidance
     import llguidance.hf
-    import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
     from engine.structured_output import StructuredOutput
     from models.loader import resolve
+    from tests.hf_grammar import GrammarMask  # the tests' oracle: the same masks
 
     folder = resolve("smollm2")[1]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -99,8 +98,7 @@ def run_hf(max_tokens: int) -> list[list]:
         for chat in chats(4):  # batch 1, four prompts
             prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
             prompt = list(prompt["input_ids"]) if isinstance(prompt, dict) else list(prompt)
-            processors = LogitsProcessorList([_Mask(llguidance.LLMatcher(lltok, grammar, log_level=0), len(prompt), np)]
-                                             if guided else [])
+            processors = LogitsProcessorList([GrammarMask(lltok, grammar, len(prompt))] if guided else [])
             with torch.inference_mode():
                 out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
                                      eos_token_id=2, pad_token_id=0, logits_processor=processors)
@@ -110,23 +108,6 @@ def run_hf(max_tokens: int) -> list[list]:
         seconds = time.perf_counter() - start
         rows.append([f"transformers {label}", 1, tokens, f"{seconds:.2f}", f"{tokens / seconds:.1f}", "-", f"{valid}/4"])
     return rows
-
-
-class _Mask:
-    def __init__(self, matcher, prompt_len: int, np) -> None:
-        self.matcher, self.prompt_len, self.np = matcher, prompt_len, np
-        self.words = np.full(49152 // 32, -1, dtype=np.int32)
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        out = input_ids[0, self.prompt_len:].tolist()
-        if out:
-            self.matcher.consume_token(out[-1])
-        self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
-        allowed = self.np.unpackbits(self.words.view(self.np.uint8), bitorder="little")[: scores.shape[1]]
-        scores[0, torch.from_numpy(allowed == 0)] = float("-inf")
-        return scores
 
 
 def _valid(text: str) -> bool:

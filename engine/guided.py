@@ -20,6 +20,7 @@ from engine.structured_output import StructuredOutput
 
 logger = logging.getLogger(__name__)
 
+
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 

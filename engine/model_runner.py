@@ -243,7 +243,6 @@ class ModelRunner:
         tokens[rest] = sampled
         return tokens, logprobs
 
-
     def _banned(self, seq: Sequence) -> tuple[int, ...]:
         """EOS and stop ids while the token sampled now would come before min_tokens. Tokens still
         in flight count: this step samples output token num_output_tokens + num_inflight."""

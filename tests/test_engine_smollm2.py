@@ -81,7 +81,7 @@ def test_json_schema_chat_equals_transformers_under_the_same_grammar(hf):
     import llguidance.hf
 
     from engine.structured_output import StructuredOutput
-    from tests.test_structured_output import hf_guided
+    from tests.hf_grammar import hf_guided
 
     model, tok = hf
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},

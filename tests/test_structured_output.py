@@ -1,7 +1,7 @@
 """Structured outputs (JSON schema, JSON object, regex, choice, grammar) against transformers.
 
-The oracle is transformers' greedy `generate()` with a logits processor that masks each step by a
-fresh llguidance matcher, its bitmask unpacked with numpy (not engine/guided.py's shifts): our
+The oracle is transformers' greedy `generate()` masked by a fresh llguidance matcher
+(tests/hf_grammar.py, its bitmask unpacked with numpy, not engine/guided.py's shifts): our
 engine, batching constrained and free requests with chunked prefill, preemption, the prefix cache
 and running ahead, must give the same tokens, less the EOS that HF samples once the grammar is
 complete (kvserve ends the sequence there).
@@ -22,6 +22,7 @@ from engine.llm import LLM
 from engine.request import GenerationRequest
 from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutput as SO
+from tests.hf_grammar import hf_guided
 from tests.test_engine_generation import random_prompts
 from tests.tiny_models import save_tiny
 
@@ -47,30 +48,6 @@ def hf(tiny):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
-
-
-def hf_guided(hf, lltok, prompt: list[int], grammar: str, max_tokens: int, eos: list[int]) -> list[int]:
-    """transformers' greedy tokens under `grammar` (llguidance tokenizer `lltok`)."""
-    import llguidance
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
-    words = np.full((lltok.vocab_size + 31) // 32, -1, dtype=np.int32)
-
-    class Mask(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            out = input_ids[0, len(prompt):].tolist()
-            if out:
-                assert matcher.consume_token(out[-1])
-            matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
-            allowed = np.unpackbits(words.view(np.uint8), bitorder="little")[: scores.shape[1]].astype(bool)
-            scores[0, torch.from_numpy(~allowed)] = float("-inf")
-            return scores
-
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
-                          pad_token_id=0, logits_processor=LogitsProcessorList([Mask()]))
-    return ref[0, len(prompt):].tolist()
 
 
 def test_bad_constraints_are_refused_with_the_param():
