@@ -1,5 +1,8 @@
 """The embedding engine: token-budget batches of whole inputs, one flat unpadded forward per step.
 
+It serves encoder-only models of both kinds: embedding models (pooled, maybe normalised vectors)
+and sequence classifiers (per-input logits; one label is a cross-encoder scoring a text pair).
+
 Batching follows text-embeddings-inference's queue: each step takes waiting inputs FIFO until
 `max_num_batched_tokens` is filled, concatenates them (`input_ids` + `cu_seqlens`, no padding),
 runs the encoder once, pools, and hands each request its rows. The unit of scheduling is one
@@ -35,13 +38,15 @@ class EmbeddingRequest:
     """What the server hands the engine: inputs already tokenized (special tokens included)."""
 
     inputs: list[list[int]]
+    token_type_ids: list[list[int]] | None = None  # per input; text pairs for cross-encoders (BERT: 0..0 1..1)
     truncate: bool = False  # cut over-long inputs to the model's limit instead of refusing them
     dimensions: int | None = None  # keep the first d values (then renormalise unit-norm models)
 
 
 @dataclass
 class EmbeddingOutput:
-    """One finished request: a float32 CPU vector per input, in input order."""
+    """One finished request: a float32 CPU vector per input, in input order (a classifier's are
+    its logits, one per label)."""
 
     request_id: str
     embeddings: list[torch.Tensor]
@@ -56,6 +61,7 @@ class EmbeddingOutput:
 class _Pending:
     request_id: str
     inputs: list[list[int]]  # after truncation
+    token_type_ids: list[list[int]] | None
     dimensions: int | None
     arrival_time: float
     results: list[torch.Tensor] = field(default_factory=list)  # embedded inputs, a prefix of `inputs`
@@ -120,11 +126,13 @@ class EmbeddingEngine:
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(config.device)
         self.backend = get_backend(config.device, config.attention_backend)
-        self.pooling = PoolingConfig.from_folder(loaded.info.path)
         self.max_model_len = loaded.info.max_model_len
         self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
+        # A classifier's rows are its logits; an embedding model's, its pooled hidden states.
+        self.is_classifier = hasattr(self.model, "classify")
+        self.pooling = PoolingConfig(normalize=False) if self.is_classifier else PoolingConfig.from_folder(loaded.info.path)
         hidden = self.model.config.hidden_size
-        self.embedding_dim = hidden * len(self.pooling.modes)
+        self.embedding_dim = len(loaded.info.labels) if self.is_classifier else hidden * len(self.pooling.modes)
         self.suffix = special_suffix(self.tokenizer)
         self.queue: collections.deque[_Pending] = collections.deque()
         self.num_prompt_tokens = 0
@@ -141,6 +149,11 @@ class EmbeddingEngine:
             raise InvalidRequestError("input must not be empty", param="input")
         vocab = self.info.vocab_size
         limit = self.max_model_len
+        types = payload.token_type_ids
+        if types is not None and [len(t) for t in types] != [len(ids) for ids in payload.inputs]:
+            raise InvalidRequestError("token_type_ids must match the inputs, one per token", param="input")
+        if types is not None and payload.truncate:  # cutting would misalign them: pairs are cut when tokenized
+            raise InvalidRequestError("truncate with token_type_ids: cut text pairs when tokenizing", param="truncate")
         for i, ids in enumerate(payload.inputs):
             if not ids:
                 raise InvalidRequestError(f"input {i} is empty", param="input")
@@ -153,6 +166,8 @@ class EmbeddingEngine:
                     param="input",
                 )
         dims = payload.dimensions
+        if dims is not None and self.is_classifier:
+            raise InvalidRequestError("dimensions applies to embedding models, not classifiers", param="dimensions")
         if dims is not None and not 1 <= dims <= self.embedding_dim:
             raise InvalidRequestError(
                 f"dimensions must be in [1, {self.embedding_dim}] for this model, got {dims}", param="dimensions"
@@ -163,7 +178,7 @@ class EmbeddingEngine:
         if any(p.request_id == request_id for p in self.queue):
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         inputs = [truncate_ids(list(ids), self.max_model_len, self.suffix) for ids in payload.inputs]
-        self.queue.append(_Pending(request_id, inputs, payload.dimensions, time.monotonic()))
+        self.queue.append(_Pending(request_id, inputs, payload.token_type_ids, payload.dimensions, time.monotonic()))
 
     def abort_request(self, request_id: str) -> None:
         """Drop the request (its client left); inputs already embedded are discarded."""
@@ -194,7 +209,8 @@ class EmbeddingEngine:
         if not chosen:
             return []
         now = time.monotonic()
-        vectors = self._embed_batch([p.inputs[j] for p, j in chosen])
+        vectors = self._embed_batch([p.inputs[j] for p, j in chosen],
+                                    [p.token_type_ids[j] if p.token_type_ids else None for p, j in chosen])
         for (pending, _), vec in zip(chosen, vectors):
             if pending.first_scheduled_time is None:
                 pending.first_scheduled_time = now
@@ -212,15 +228,21 @@ class EmbeddingEngine:
         return outputs
 
     @torch.inference_mode()
-    def _embed_batch(self, seqs: list[list[int]]) -> torch.Tensor:
+    def _embed_batch(self, seqs: list[list[int]], types: list[list[int] | None] | None = None) -> torch.Tensor:
         """One flat, unpadded forward over whole sequences -> (B, D) float32 on the CPU."""
         lens = torch.tensor([len(s) for s in seqs])
         input_ids = torch.cat([torch.tensor(s) for s in seqs]).to(self.device)
         starts = torch.cumsum(lens, 0) - lens
         positions = torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens)
+        token_types = None  # the model then adds type 0's embedding, as HF does without them
+        if types is not None and any(t is not None for t in types):
+            token_types = torch.cat([torch.tensor(t if t is not None else [0] * len(s)) for s, t in zip(seqs, types)])
+            token_types = token_types.to(self.device)
         meta = metadata_for_sequences(lens.tolist(), causal=False, device=self.device)
         ctx = ForwardContext(meta, self.backend)
-        hidden = self.model(input_ids, positions.to(self.device), ctx)
+        hidden = self.model(input_ids, positions.to(self.device), ctx, token_type_ids=token_types)
+        if self.is_classifier:
+            return self.model.classify(hidden, meta.cu_seqlens_q).cpu()
         return sentence_embeddings(hidden, meta.cu_seqlens_q, self.pooling).cpu()
 
     # ---- offline API ------------------------------------------------------------------
@@ -244,14 +266,32 @@ class EmbeddingEngine:
         request = EmbeddingRequest(inputs=token_ids, truncate=truncate, dimensions=dimensions)
         self.validate(request)
         token_ids = [truncate_ids(ids, self.max_model_len, self.suffix) for ids in token_ids]
+        out = self._run_offline(token_ids, None, max_batch_tokens or OFFLINE_BATCH_TOKENS)
+        return truncate_dimensions(out, dimensions, self.pooling.normalize)
+
+    def score(self, first: str | list[str], second: str | list[str], truncate: bool = False,
+              raw: bool = False) -> list[float]:
+        """vLLM's LLM.score: one score per pair (one first text against each second text, or
+        pairwise); a cross-encoder's activated logit (`raw`: the logit), or an embedding model's
+        cosine similarity."""
+        from engine.scoring import read_scores, score_job  # scoring builds on this module
+
+        job = score_job(self, [first] if isinstance(first, str) else list(first),
+                        [second] if isinstance(second, str) else list(second), truncate)
+        self.validate(job.payload)
+        out = self._run_offline(job.payload.inputs, job.payload.token_type_ids, OFFLINE_BATCH_TOKENS)
+        return read_scores(job, list(out), self.info.activation, raw)
+
+    def _run_offline(self, token_ids: list[list[int]], types: list[list[int]] | None, budget: int) -> torch.Tensor:
+        """Rows for many inputs, sorted by length into token-budget batches, back in input order."""
         lengths = [len(ids) for ids in token_ids]
         order = sorted(range(len(token_ids)), key=lengths.__getitem__)
-        budget = max_batch_tokens or OFFLINE_BATCH_TOKENS
         out = torch.empty(len(token_ids), self.embedding_dim)
         for batch in pack_batches(lengths, order, budget):
-            out[torch.tensor(batch)] = self._embed_batch([token_ids[i] for i in batch])
+            out[torch.tensor(batch)] = self._embed_batch([token_ids[i] for i in batch],
+                                                         [types[i] for i in batch] if types else None)
         self.num_prompt_tokens += sum(lengths)
-        return truncate_dimensions(out, dimensions, self.pooling.normalize)
+        return out
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         if any(not t for t in texts):

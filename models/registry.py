@@ -13,7 +13,8 @@ from torch import nn
 
 class Task(str, Enum):
     GENERATE = "generate"  # decoder-only: /v1/completions, /v1/chat/completions
-    EMBED = "embed"  # encoder-only: /v1/embeddings
+    EMBED = "embed"  # encoder-only: /v1/embeddings (and bi-encoder /v1/score, /v1/rerank)
+    CLASSIFY = "classify"  # encoder + classifier: /classify; one label (a cross-encoder): /v1/score, /v1/rerank
     TRANSLATE = "translate"  # encoder-decoder: /v1/translations
 
 
@@ -33,6 +34,12 @@ _ENTRIES: dict[str, ModelEntry] = {
     "BertForMaskedLM": ModelEntry("models.bert", "BertModel", Task.EMBED),
     "RobertaModel": ModelEntry("models.bert", "RobertaModel", Task.EMBED),
     "XLMRobertaModel": ModelEntry("models.bert", "RobertaModel", Task.EMBED),
+    "BertForSequenceClassification": ModelEntry(
+        "models.bert_classification", "BertForSequenceClassification", Task.CLASSIFY),
+    "RobertaForSequenceClassification": ModelEntry(
+        "models.bert_classification", "RobertaForSequenceClassification", Task.CLASSIFY),
+    "XLMRobertaForSequenceClassification": ModelEntry(
+        "models.bert_classification", "RobertaForSequenceClassification", Task.CLASSIFY),
     "MarianMTModel": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),
     "T5ForConditionalGeneration": ModelEntry("models.t5", "T5ForConditionalGeneration", Task.TRANSLATE),
 }

@@ -34,3 +34,5 @@ class ModelInfo:
     generation_defaults: dict = field(default_factory=dict)
     pooling: str | None = None  # embeddings: "mean" | "cls" | "lasttoken"
     normalize: bool = False
+    labels: tuple[str, ...] = ()  # classifiers: label names in id order (one label: a cross-encoder)
+    activation: str | None = None  # classifiers: "sigmoid" | "identity", applied to logits for scores

@@ -110,6 +110,19 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_pairs(
+        self, pairs: list[tuple[str, str]], max_length: int | None = None, direction: str = "right",
+    ) -> list[tuple[list[int], list[int]]]:
+        """(ids, token_type_ids) per text pair, joined by the post-processor's pair template
+        ([CLS] a [SEP] b [SEP] with types 0..0 1..1 for BERT; <s> a </s></s> b </s> for RoBERTa),
+        as HF's tokenizer(a, b) gives. `max_length` cuts the longer text first until the pair
+        fits, HF's truncation="longest_first", on a private copy so `encode` stays uncut."""
+        backend = self.backend
+        if max_length is not None:
+            backend = BackendTokenizer.from_str(self.backend.to_str())
+            backend.enable_truncation(max_length, strategy="longest_first", direction=direction)
+        return [(e.ids, e.type_ids) for e in backend.encode_batch(pairs, add_special_tokens=True)]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up else text

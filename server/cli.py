@@ -18,6 +18,7 @@ from typing import Any
 
 DEFAULT_MODELS = ("smollm2", "minilm")
 DTYPES = ("float32", "bfloat16", "float16")
+ENCODER_TASKS = ("embed", "classify")  # served by the embedding engine; no KV cache
 
 log = logging.getLogger("kvserve")
 
@@ -143,11 +144,12 @@ def kv_shares(tasks: list[str]) -> list[float]:
     next 1/(n-1) of what is left then, ..., the last all of it: equal parts, whatever each one's
     weights took before its cache was sized.
     """
-    left = sum(task != "embed" for task in tasks)
+    caches = [task not in ENCODER_TASKS for task in tasks]
+    left = sum(caches)
     shares = []
-    for task in tasks:
-        shares.append(1.0 / left if task != "embed" else 1.0)
-        left -= task != "embed"
+    for cache in caches:
+        shares.append(1.0 / left if cache else 1.0)
+        left -= cache
     return shares
 
 
@@ -157,7 +159,7 @@ def build_engine(model: str, task: str, args: argparse.Namespace, gpu_kv_share: 
         from engine.engine import LLMEngine
 
         return LLMEngine.from_config(config)
-    if task == "embed":
+    if task in ENCODER_TASKS:  # embeddings and classifiers: one flat encoder pass per step
         from engine.embedding_engine import EmbeddingEngine
 
         return EmbeddingEngine.from_config(config)

@@ -134,7 +134,7 @@ class ServerMetrics:
 
     def register_model(self, name: str, task: str) -> None:
         """Create the label children up front so /metrics lists every series from the start."""
-        if task == "embed":
+        if task in ("embed", "classify"):  # encoder-only engines: no KV cache, no tokens generated
             for metric in (self.embedding_requests, self.embedding_tokens, self.embedding_batch_size,
                            self.embedding_request_latency):
                 metric.labels(name)

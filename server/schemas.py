@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, StringConstraints, model_validator
 
 from engine.sampling_params import BOUNDS, LOGIT_BIAS
 
@@ -386,6 +386,105 @@ class EmbeddingResponse(_Response):
     object: Literal["list"] = "list"
     data: list[EmbeddingData]
     model: str
+    usage: Usage
+
+
+# ---- /v1/score, /v1/rerank (vLLM; Jina/Cohere shapes), /rerank (TEI), /classify (vLLM) ----
+Texts = NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)]
+
+
+class ScoreRequest(_Request):
+    model: str | None = None
+    text_1: Texts = Field(description="One text scored against each `text_2`, or as many texts as `text_2`")
+    text_2: Texts
+    truncate: bool = False  # extension, as on /v1/embeddings: cut over-long inputs instead of a 400
+    user: str | None = None
+
+
+class ScoreData(_Response):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(_Answer):
+    object: Literal["list"] = "list"
+    data: list[ScoreData]
+    usage: Usage
+
+
+class RerankDocument(_Request):
+    text: NonEmptyStr
+
+
+class RerankRequest(_Request):
+    model: str | None = None
+    query: NonEmptyStr
+    documents: Annotated[list[NonEmptyStr | RerankDocument], Field(min_length=1)]
+    top_n: int | None = Field(None, ge=1, description="Return the n most relevant documents; all when absent")
+    return_documents: bool = True
+    truncate: bool = False  # extension, as on /v1/embeddings
+    user: str | None = None
+
+
+class RerankDocumentOut(_Response):
+    text: str
+
+
+class RerankResult(_Response):
+    index: int
+    relevance_score: float
+    document: RerankDocumentOut | None = None
+
+
+class RerankUsage(_Response):
+    total_tokens: int
+
+
+class RerankResponse(_Response):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
+
+
+class TeiRerankRequest(_Request):
+    model: str | None = None  # extension: TEI serves one model; here the first reranker when absent
+    query: NonEmptyStr
+    texts: Annotated[list[NonEmptyStr], Field(min_length=1)]
+    raw_scores: bool = False
+    return_text: bool = False
+    truncate: bool = False
+    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
+
+
+class TeiRank(_Response):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class TeiRerankResponse(RootModel[list[TeiRank]]):
+    """Ranks, most relevant first (TEI answers a bare list)."""
+
+
+class ClassifyRequest(_Request):
+    model: str | None = None
+    input: Texts
+    truncate: bool = False
+    user: str | None = None
+
+
+class ClassifyData(_Response):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassifyResponse(_Answer):
+    object: Literal["list"] = "list"
+    data: list[ClassifyData]
     usage: Usage
 
 

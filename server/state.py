@@ -14,7 +14,7 @@ from server.settings import ServerSettings
 
 
 def task_of(engine: Any) -> str:
-    """"generate" | "embed" | "translate" (the engine's ModelInfo.task, a str enum)."""
+    """"generate" | "embed" | "classify" | "translate" (the engine's ModelInfo.task, a str enum)."""
     task = engine.info.task
     return getattr(task, "value", task)
 
@@ -33,18 +33,20 @@ class ServerState:
             raise ModelNotFoundError(f"The model `{model}` does not exist. Served: {sorted(self.served)}", "model")
         return engine
 
-    def resolve(self, model: str | None, task: str) -> tuple[str, Any]:
-        """The (name, engine) a request addresses; `None` picks the first model of the task."""
+    def resolve(self, model: str | None, task: str | tuple[str, ...]) -> tuple[str, Any]:
+        """The (name, engine) a request addresses; `None` picks the first model of the first task
+        (in the order given) that one serves."""
+        tasks = (task,) if isinstance(task, str) else task
+        wanted = " or ".join(repr(t) for t in tasks)
         if model is None:
-            for name, engine in self.served.items():
-                if task_of(engine) == task:
-                    return name, engine
-            raise ModelNotFoundError(f"no model serving {task!r} is loaded; see GET /v1/models", "model")
+            for t in tasks:
+                for name, engine in self.served.items():
+                    if task_of(engine) == t:
+                        return name, engine
+            raise ModelNotFoundError(f"no model serving {wanted} is loaded; see GET /v1/models", "model")
         engine = self.engine(model)
-        if task_of(engine) != task:
-            raise InvalidRequestError(
-                f"model {model!r} serves {task_of(engine)!r} requests, not {task!r}", "model"
-            )
+        if task_of(engine) not in tasks:
+            raise InvalidRequestError(f"model {model!r} serves {task_of(engine)!r} requests, not {wanted}", "model")
         return model, engine
 
 

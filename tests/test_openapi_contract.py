@@ -1,5 +1,5 @@
 """The published OpenAPI document is the contract: schemathesis generates requests from it (valid and
-invalid ones) against a server with one model of each family, and every answer must be documented:
+invalid ones) against a server with one model of each family (and a reranker), and every answer must be documented:
 no 5xx, a declared status and content type, a body that fits the declared schema, a 4xx for bad
 data, a 405 with `Allow` for undeclared methods. Afterwards every KV block is free again.
 
@@ -27,7 +27,7 @@ from engine.translation_engine import TranslationEngine  # noqa: E402
 from server.openapi import stream_chunk_models  # noqa: E402
 from tests.encdec_fixtures import make_marian_folder  # noqa: E402
 from tests.server_helpers import serve  # noqa: E402
-from tests.tiny_models import save_tiny  # noqa: E402
+from tests.tiny_models import make_classifier, save_tiny  # noqa: E402
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
 
@@ -38,6 +38,7 @@ def engines(tmp_path_factory) -> dict:
     llama = save_tiny("llama", root / "tiny-llama")
     (llama / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     marian = make_marian_folder(root / "tiny-marian")
+    make_classifier("bert", root / "tiny-reranker")
     cache = CacheConfig(block_size=4, num_blocks=128)
     return {
         # a short context keeps the longest generated answers (max_tokens up to it, n up to 16) quick
@@ -45,6 +46,8 @@ def engines(tmp_path_factory) -> dict:
         "tiny-marian": TranslationEngine.from_config(EngineConfig(model=str(marian), cache=cache)),
         # an embedding model: MiniLM's shape is small enough, and it is what the server ships
         "minilm": EmbeddingEngine.from_config(EngineConfig(model="minilm")),
+        # a cross-encoder (one-label classifier): /v1/score, /v1/rerank, /rerank and /classify
+        "tiny-reranker": EmbeddingEngine.from_config(EngineConfig(model=str(root / "tiny-reranker"))),
     }
 
 

