@@ -146,6 +146,24 @@ class EmbeddingUser(KvserveUser):
         self.post_json("/v1/embeddings", "embeddings", {"model": self.model, "input": inputs}, check)
 
 
+class RerankUser(KvserveUser):
+    served_task = "classify"  # a cross-encoder (one label); a multi-label classifier refuses reranking
+
+    @task
+    def rerank(self) -> None:
+        docs = [sentence(self.rng) for _ in range(self.rng.randint(2, 8))]
+        body = {"model": self.model, "query": sentence(self.rng, 3, 8), "documents": docs}
+
+        def check(reply: dict) -> str | None:
+            results = reply["results"]
+            if sorted(r["index"] for r in results) != list(range(len(docs))):
+                return f"expected a ranking of {len(docs)} documents, got {[r['index'] for r in results]}"
+            scores = [r["relevance_score"] for r in results]
+            return None if scores == sorted(scores, reverse=True) else f"not ranked: {scores}"
+
+        self.post_json("/v1/rerank", "rerank", body, check)
+
+
 class TranslationUser(KvserveUser):
     served_task = "translate"
 

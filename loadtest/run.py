@@ -23,6 +23,7 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 CLASSES_BY_TASK = {
     "generate": ("ChatStreamUser", "CompletionUser"),
     "embed": ("EmbeddingUser",),
+    "classify": ("RerankUser",),
     "translate": ("TranslationUser",),
 }
 TTFT_NAME = "chat_stream TTFT"

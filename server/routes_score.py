@@ -48,7 +48,8 @@ async def _score(request: Request, state: ServerState, model: str | None, first:
     name, engine = _scorer(state, model)
     limit = state.settings.max_embedding_inputs
     if max(len(first), len(second)) > limit:
-        raise InvalidRequestError(f"at most {limit} texts to score per request, got {len(second)}", param)
+        raise InvalidRequestError(f"at most {limit} texts to score per request, got {max(len(first), len(second))}",
+                                  param)
     job = score_job(engine, first, second, truncate, param, direction)
     out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("score"), job.payload))
     return name, engine, job, out.embeddings
@@ -124,6 +125,8 @@ async def classify(body: ClassifyRequest, request: Request) -> Any:
     state, start = get_state(request), time.monotonic()
     name, engine = state.resolve(body.model, "classify")
     texts = _texts(body.input)
+    if engine.tokenizer is None:
+        raise InvalidRequestError(f"model {name!r} has no tokenizer; /classify takes text", "model")
     limit = state.settings.max_embedding_inputs
     if len(texts) > limit:
         raise InvalidRequestError(f"at most {limit} inputs per request, got {len(texts)}", "input")

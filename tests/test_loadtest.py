@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from loadtest.run import CLASSES_BY_TASK, LOCUSTFILE, percentile, summarise  # noqa: E402
 from tests.encdec_fixtures import make_marian_folder  # noqa: E402
 from tests.server_helpers import free_port, metric_value, subprocess_server  # noqa: E402
-from tests.tiny_models import save_tiny  # noqa: E402
+from tests.tiny_models import make_classifier, save_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = (
@@ -41,10 +41,13 @@ def server(tmp_path_factory):
     folder = save_tiny("llama", tmp_path_factory.mktemp("tiny") / "tiny-llama")
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     marian = make_marian_folder(tmp_path_factory.mktemp("marian") / "tiny-marian")
+    reranker = tmp_path_factory.mktemp("reranker") / "tiny-reranker"
+    make_classifier("bert", reranker)
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVSERVE_NUM_KV_BLOCKS": str(NUM_BLOCKS)}
-    args = ["-m", "server.cli", "serve", "--model", str(folder), "--model", str(marian), "--port", str(port),
+    args = ["-m", "server.cli", "serve", "--model", str(folder), "--model", str(marian), "--model", str(reranker),
+            "--port", str(port),
             "--log-level", "warning"]
     with subprocess_server(args, port, log, env=env, timeout=60) as (url, _):
         yield url
@@ -61,10 +64,10 @@ def test_load_run_has_no_failures_and_frees_kv(server, tmp_path):
 
     summary = json.loads(Path(f"{prefix}_summary.json").read_text())
     # chosen from the tasks in /v1/models
-    assert summary["classes"] == ["ChatStreamUser", "CompletionUser", "TranslationUser"]
+    assert summary["classes"] == ["RerankUser", "ChatStreamUser", "CompletionUser", "TranslationUser"]  # by task
     assert summary["failures"] == 0
     assert summary["requests"] > 20 and summary["requests_per_s"] > 0
-    endpoints = ("chat_stream", "completions", "translations")
+    endpoints = ("chat_stream", "completions", "rerank", "translations")
     assert set(summary["endpoints"]) == {"/v1/models", *endpoints}
     assert all(summary["endpoints"][n]["requests"] > 0 for n in endpoints)
     assert 0 < summary["ttft_requests"] <= summary["endpoints"]["chat_stream"]["requests"]
