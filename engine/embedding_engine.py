@@ -24,7 +24,7 @@ from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.forward_context import ForwardContext, metadata_for_sequences
 from engine.request import EngineStats
 from models.loader import LoadedModel, load_model
-from models.pooling import PoolingConfig, sentence_embeddings, truncate_dimensions
+from models.pooling import PoolingConfig, finish_embedding, pool
 
 
 # Offline batches: past ~1k rows the GEMMs run no faster (measured on 2 cores), and bigger
@@ -41,6 +41,7 @@ class EmbeddingRequest:
     token_type_ids: list[list[int]] | None = None  # per input; text pairs for cross-encoders (BERT: 0..0 1..1)
     truncate: bool = False  # cut over-long inputs to the model's limit instead of refusing them
     dimensions: int | None = None  # keep the first d values (then renormalise unit-norm models)
+    normalize: bool | None = None  # L2-normalise the vectors; None: as the model folder says (TEI's `normalize`)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class _Pending:
     inputs: list[list[int]]  # after truncation
     token_type_ids: list[list[int]] | None
     dimensions: int | None
+    normalize: bool
     arrival_time: float
     results: list[torch.Tensor] = field(default_factory=list)  # embedded inputs, a prefix of `inputs`
     first_scheduled_time: float | None = None
@@ -168,6 +170,8 @@ class EmbeddingEngine:
         dims = payload.dimensions
         if dims is not None and self.is_classifier:
             raise InvalidRequestError("dimensions applies to embedding models, not classifiers", param="dimensions")
+        if payload.normalize and self.is_classifier:
+            raise InvalidRequestError("normalize applies to embedding models, not classifiers", param="normalize")
         if dims is not None and not 1 <= dims <= self.embedding_dim:
             raise InvalidRequestError(
                 f"dimensions must be in [1, {self.embedding_dim}] for this model, got {dims}", param="dimensions"
@@ -178,7 +182,8 @@ class EmbeddingEngine:
         if any(p.request_id == request_id for p in self.queue):
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         inputs = [truncate_ids(list(ids), self.max_model_len, self.suffix) for ids in payload.inputs]
-        self.queue.append(_Pending(request_id, inputs, payload.token_type_ids, payload.dimensions, time.monotonic()))
+        self.queue.append(_Pending(request_id, inputs, payload.token_type_ids, payload.dimensions,
+                                   self._normalize(payload.normalize), time.monotonic()))
 
     def abort_request(self, request_id: str) -> None:
         """Drop the request (its client left); inputs already embedded are discarded."""
@@ -214,7 +219,7 @@ class EmbeddingEngine:
         for (pending, _), vec in zip(chosen, vectors):
             if pending.first_scheduled_time is None:
                 pending.first_scheduled_time = now
-            pending.results.append(truncate_dimensions(vec, pending.dimensions, self.pooling.normalize))
+            pending.results.append(finish_embedding(vec, pending.dimensions, pending.normalize))
         self.num_steps += 1
         self.num_prompt_tokens += sum(len(p.inputs[j]) for p, j in chosen)
         outputs = []
@@ -229,7 +234,8 @@ class EmbeddingEngine:
 
     @torch.inference_mode()
     def _embed_batch(self, seqs: list[list[int]], types: list[list[int] | None] | None = None) -> torch.Tensor:
-        """One flat, unpadded forward over whole sequences -> (B, D) float32 on the CPU."""
+        """One flat, unpadded forward over whole sequences -> (B, D) float32 on the CPU: pooled rows
+        (not yet normalised) or a classifier's logits."""
         lens = torch.tensor([len(s) for s in seqs])
         input_ids = torch.cat([torch.tensor(s) for s in seqs]).to(self.device)
         starts = torch.cumsum(lens, 0) - lens
@@ -243,7 +249,7 @@ class EmbeddingEngine:
         hidden = self.model(input_ids, positions.to(self.device), ctx, token_type_ids=token_types)
         if self.is_classifier:
             return self.model.classify(hidden, meta.cu_seqlens_q).cpu()
-        return sentence_embeddings(hidden, meta.cu_seqlens_q, self.pooling).cpu()
+        return pool(hidden, meta.cu_seqlens_q, self.pooling.modes).cpu()  # normalised per request, after
 
     # ---- offline API ------------------------------------------------------------------
     def embed(
@@ -252,6 +258,7 @@ class EmbeddingEngine:
         truncate: bool = False,
         dimensions: int | None = None,
         max_batch_tokens: int | None = None,
+        normalize: bool | None = None,
     ) -> torch.Tensor:
         """Embed many inputs at once -> (N, D) float32, rows in input order.
 
@@ -263,11 +270,15 @@ class EmbeddingEngine:
             token_ids = self._tokenize(inputs)  # type: ignore[arg-type]
         else:
             token_ids = [list(ids) for ids in inputs]  # type: ignore[arg-type]
-        request = EmbeddingRequest(inputs=token_ids, truncate=truncate, dimensions=dimensions)
+        request = EmbeddingRequest(inputs=token_ids, truncate=truncate, dimensions=dimensions, normalize=normalize)
         self.validate(request)
         token_ids = [truncate_ids(ids, self.max_model_len, self.suffix) for ids in token_ids]
         out = self._run_offline(token_ids, None, max_batch_tokens or OFFLINE_BATCH_TOKENS)
-        return truncate_dimensions(out, dimensions, self.pooling.normalize)
+        return finish_embedding(out, dimensions, self._normalize(normalize))
+
+    def _normalize(self, asked: bool | None) -> bool:
+        """Whether rows are L2-normalised: as asked, else as the folder says; never a classifier's logits."""
+        return not self.is_classifier and (self.pooling.normalize if asked is None else asked)
 
     def score(self, first: str | list[str], second: str | list[str], truncate: bool = False,
               raw: bool = False) -> list[float]:

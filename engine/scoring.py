@@ -68,13 +68,41 @@ def score_job(engine: Any, first: list[str], second: list[str], truncate: bool =
         if truncate:
             inputs = [truncate_ids(ids, limit, engine.suffix) for ids in inputs]
         types = None
+    _check_lengths(inputs, limit, param)
+    payload = EmbeddingRequest(inputs=inputs, token_type_ids=types)
+    return ScoreJob(payload=payload, pairs=pairs, cross=engine.is_classifier, num_first=len(first))
+
+
+def classify_request(engine: Any, items: list[str | tuple[str, str]], truncate: bool = False,
+                     param: str = "input", direction: str = "right") -> EmbeddingRequest:
+    """Texts and text pairs for a classifier, one input each: a pair joined by the tokenizer's pair
+    template (cut longest-first under `truncate`), a text cut at its end."""
+    tokenizer, limit = engine.tokenizer, engine.max_model_len
+    if tokenizer is None:
+        raise InvalidRequestError(f"model {engine.info.name!r} has no tokenizer; classification takes text", "model")
+    pairs = [i for i, item in enumerate(items) if not isinstance(item, str)]
+    encoded = dict(zip(pairs, tokenizer.encode_pairs([tuple(items[i]) for i in pairs],
+                                                     max_length=limit if truncate else None, direction=direction)))
+    inputs, types = [], []
+    for i, item in enumerate(items):
+        if i in encoded:
+            ids, type_ids = encoded[i]
+        else:
+            ids = tokenizer.encode(item)
+            ids = truncate_ids(ids, limit, engine.suffix) if truncate else ids
+            type_ids = [0] * len(ids)
+        inputs.append(ids)
+        types.append(type_ids)
+    _check_lengths(inputs, limit, param)
+    return EmbeddingRequest(inputs=inputs, token_type_ids=types if pairs else None)
+
+
+def _check_lengths(inputs: list[list[int]], limit: int, param: str) -> None:
     for i, ids in enumerate(inputs):
         if len(ids) > limit:
             raise PromptTooLongError(
                 f"This model's maximum context length is {limit} tokens. However, input {i} has {len(ids)} "
                 "tokens. Shorten it or pass truncate.", param)
-    payload = EmbeddingRequest(inputs=inputs, token_type_ids=types)
-    return ScoreJob(payload=payload, pairs=pairs, cross=engine.is_classifier, num_first=len(first))
 
 
 def activate(logits: torch.Tensor, activation: str | None) -> torch.Tensor:

@@ -110,16 +110,10 @@ def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, modes: tuple[str, ...])
     return torch.cat(out, dim=-1)
 
 
-def sentence_embeddings(hidden: torch.Tensor, cu_seqlens: torch.Tensor, config: PoolingConfig) -> torch.Tensor:
-    """Pool, then L2-normalise when the folder says so: (B, D) float32."""
-    emb = pool(hidden, cu_seqlens, config.modes)
-    return F.normalize(emb, p=2, dim=-1) if config.normalize else emb
-
-
-def truncate_dimensions(emb: torch.Tensor, dimensions: int | None, renormalize: bool) -> torch.Tensor:
-    """Matryoshka-style `dimensions`: keep the first d values and, for unit-norm models, renormalise
-    (a truncated unit vector is no longer unit; cosine users expect unit vectors back)."""
-    if dimensions is None or dimensions >= emb.shape[-1]:
-        return emb
-    emb = emb[..., :dimensions]
-    return F.normalize(emb, p=2, dim=-1) if renormalize else emb
+def finish_embedding(emb: torch.Tensor, dimensions: int | None, normalize: bool) -> torch.Tensor:
+    """Pooled rows -> what a request gets: Matryoshka-style `dimensions` keeps the first d values,
+    then L2-normalisation where asked (after the cut: a cut unit vector is no longer unit, and
+    cosine users expect unit vectors back)."""
+    if dimensions is not None and dimensions < emb.shape[-1]:
+        emb = emb[..., :dimensions]
+    return F.normalize(emb, p=2, dim=-1) if normalize else emb

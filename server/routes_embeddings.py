@@ -18,7 +18,7 @@ from server.state import get_state, new_request_id
 router = APIRouter()
 
 
-def _payload_class() -> type:
+def payload_class() -> type:
     """The engine's EmbeddingRequest, imported when first needed (its module loads torch models)."""
     try:
         from engine.embedding_engine import EmbeddingRequest as Payload
@@ -27,7 +27,7 @@ def _payload_class() -> type:
     return Payload
 
 
-def _inputs(raw: str | list, tokenizer: Any, vocab_size: int, max_inputs: int) -> list[list[int]]:
+def embedding_inputs(raw: str | list, tokenizer: Any, vocab_size: int, max_inputs: int) -> list[list[int]]:
     """Empty lists and strings never get here: the request schema refuses them."""
     if isinstance(raw, str):
         items: list = [raw]
@@ -57,8 +57,8 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     state = get_state(request)
     start = time.monotonic()
     name, engine = state.resolve(body.model, "embed")
-    inputs = _inputs(body.input, engine.tokenizer, engine.info.vocab_size, state.settings.max_embedding_inputs)
-    payload = _payload_class()(inputs=inputs, truncate=body.truncate, dimensions=body.dimensions)
+    inputs = embedding_inputs(body.input, engine.tokenizer, engine.info.vocab_size, state.settings.max_embedding_inputs)
+    payload = payload_class()(inputs=inputs, truncate=body.truncate, dimensions=body.dimensions)
     request_id = new_request_id("embd")
     out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, request_id, payload))
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}

@@ -1,5 +1,5 @@
-"""Scoring routes: /v1/score (vLLM), /v1/rerank and /v2/rerank (vLLM's Jina/Cohere shape), /rerank
-(text-embeddings-inference's shape) and /classify (vLLM).
+"""Scoring routes: /v1/score (vLLM), /v1/rerank and /v2/rerank (vLLM's Jina/Cohere shape) and /classify
+(vLLM); TEI's /rerank is in routes_tei.py, on the same helpers.
 
 Score and rerank take a cross-encoder (a classifier with one label: each pair is one input) or an
 embedding model (cosine similarity of the two embeddings); engine/scoring.py does both. With no
@@ -18,7 +18,6 @@ from server import generation as gen
 from server.openapi import ENGINE_ERRORS, answers
 from server.schemas import (
     ClassifyRequest, ClassifyResponse, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse,
-    TeiRerankRequest, TeiRerankResponse,
 )
 from server.state import ServerState, get_state, new_request_id, task_of
 
@@ -40,7 +39,7 @@ def _scorer(state: ServerState, model: str | None) -> tuple[str, Any]:
     return state.resolve(model, SCORE_TASKS)
 
 
-async def _score(request: Request, state: ServerState, model: str | None, first: list[str], second: list[str],
+async def run_score(request: Request, state: ServerState, model: str | None, first: list[str], second: list[str],
                  truncate: bool, param: str, direction: str = "right") -> tuple[str, Any, Any, Any]:
     """Run one score job: (served name, engine, job, output rows)."""
     from engine.scoring import score_job  # loads torch models' modules, as the embeddings route does
@@ -55,7 +54,7 @@ async def _score(request: Request, state: ServerState, model: str | None, first:
     return name, engine, job, out.embeddings
 
 
-def _ranked(scores: list[float], top_n: int | None) -> list[int]:
+def ranked(scores: list[float], top_n: int | None) -> list[int]:
     order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
     return order[:top_n] if top_n is not None else order
 
@@ -66,7 +65,7 @@ async def score(body: ScoreRequest, request: Request) -> Any:
     from engine.scoring import read_scores
 
     state, start = get_state(request), time.monotonic()
-    name, engine, job, rows = await _score(request, state, body.model, _texts(body.text_1), _texts(body.text_2),
+    name, engine, job, rows = await run_score(request, state, body.model, _texts(body.text_1), _texts(body.text_2),
                                            body.truncate, "text_2")
     scores = read_scores(job, rows, engine.info.activation)
     state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
@@ -84,11 +83,11 @@ async def rerank(body: RerankRequest, request: Request) -> Any:
 
     state, start = get_state(request), time.monotonic()
     docs = [d if isinstance(d, str) else d.text for d in body.documents]
-    name, engine, job, rows = await _score(request, state, body.model, [body.query], docs, body.truncate,
+    name, engine, job, rows = await run_score(request, state, body.model, [body.query], docs, body.truncate,
                                            "documents")
     scores = read_scores(job, rows, engine.info.activation)
     results = []
-    for i in _ranked(scores, body.top_n):
+    for i in ranked(scores, body.top_n):
         result: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
         if body.return_documents:
             result["document"] = {"text": docs[i]}
@@ -98,39 +97,17 @@ async def rerank(body: RerankRequest, request: Request) -> Any:
                          "usage": {"total_tokens": job.num_tokens}, "results": results})
 
 
-@router.post("/rerank", responses=answers(TeiRerankResponse, ENGINE_ERRORS))
-async def rerank_tei(body: TeiRerankRequest, request: Request) -> Any:
-    """TEI's /rerank: scores through a sigmoid unless `raw_scores` (an embedding model's are cosines)."""
-    from engine.scoring import read_scores
-
-    state, start = get_state(request), time.monotonic()
-    name, engine, job, rows = await _score(request, state, body.model, [body.query], body.texts, body.truncate,
-                                           "texts", body.truncation_direction.lower())
-    scores = read_scores(job, rows, "sigmoid", raw=body.raw_scores)
-    ranks = []
-    for i in _ranked(scores, None):
-        rank: dict[str, Any] = {"index": i, "score": scores[i]}
-        if body.return_text:
-            rank["text"] = body.texts[i]
-        ranks.append(rank)
-    state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
-    return JSONResponse(ranks)
-
-
 @router.post("/classify", responses=answers(ClassifyResponse, ENGINE_ERRORS))
 async def classify(body: ClassifyRequest, request: Request) -> Any:
-    from engine.embedding_engine import EmbeddingRequest as Payload
-    from engine.scoring import class_probabilities
+    from engine.scoring import class_probabilities, classify_request
 
     state, start = get_state(request), time.monotonic()
     name, engine = state.resolve(body.model, "classify")
     texts = _texts(body.input)
-    if engine.tokenizer is None:
-        raise InvalidRequestError(f"model {name!r} has no tokenizer; /classify takes text", "model")
     limit = state.settings.max_embedding_inputs
     if len(texts) > limit:
         raise InvalidRequestError(f"at most {limit} inputs per request, got {len(texts)}", "input")
-    payload = Payload(inputs=[engine.tokenizer.encode(t) for t in texts], truncate=body.truncate)
+    payload = classify_request(engine, list(texts), body.truncate)
     out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("cls"), payload))
     probs = class_probabilities(out.embeddings, engine.info.activation)
     labels = engine.info.labels

@@ -468,6 +468,42 @@ class TeiRerankResponse(RootModel[list[TeiRank]]):
     """Ranks, most relevant first (TEI answers a bare list)."""
 
 
+class TeiEmbedRequest(_Request):
+    model: str | None = None  # extension: TEI serves one model; here the first embedding model when absent
+    inputs: TextsOrTokens
+    normalize: bool = True
+    truncate: bool = False
+    truncation_direction: Literal["Right", "right"] = Field(
+        "Right", description="Only right: an input is cut at its end, its trailing special tokens kept")
+    dimensions: int | None = Field(None, ge=1)
+    prompt_name: unsupported(str | None, "prompt_name: kvserve applies no sentence-transformers prompts",
+                             {"maxLength": 0}) = None
+
+
+class TeiEmbedResponse(RootModel[list[list[float]]]):
+    """One vector per input, in input order (TEI answers bare arrays)."""
+
+
+Pair = Annotated[list[NonEmptyStr], Field(min_length=2, max_length=2)]
+
+
+class TeiPredictRequest(_Request):
+    model: str | None = None  # extension: the first classifier when absent
+    # TEI's forms: a text, a pair [a, b] (two strings are one pair), or a batch of texts and pairs
+    inputs: NonEmptyStr | Pair | Annotated[list[NonEmptyStr | Pair], Field(min_length=1)]
+    raw_scores: bool = False
+    truncate: bool = False
+
+
+class TeiPrediction(_Response):
+    label: str
+    score: float
+
+
+class TeiPredictResponse(RootModel[list[TeiPrediction] | list[list[TeiPrediction]]]):
+    """Labels by score, highest first; a batch gets one such list per input."""
+
+
 class ClassifyRequest(_Request):
     model: str | None = None
     input: Texts

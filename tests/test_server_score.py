@@ -1,5 +1,6 @@
-"""/v1/score, /v1/rerank, /v2/rerank, /rerank (TEI) and /classify over HTTP: a tiny cross-encoder,
-a tiny 3-label classifier and the shipped MiniLM (bi-encoder), against the offline engines."""
+"""/v1/score, /v1/rerank, /v2/rerank, /classify and TEI's /rerank, /embed, /predict over HTTP: a tiny
+cross-encoder, a tiny 3-label classifier and the shipped MiniLM (bi-encoder), against the offline
+engines and transformers."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,7 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.embedding_engine import EmbeddingEngine  # noqa: E402
-from server.schemas import ClassifyResponse, RerankResponse, ScoreResponse, TeiRerankResponse  # noqa: E402
+from server.schemas import (  # noqa: E402
+    ClassifyResponse, RerankResponse, ScoreResponse, TeiEmbedResponse, TeiPredictResponse, TeiRerankResponse,
+)
 from server.settings import ServerSettings  # noqa: E402
 from tests.server_helpers import metric_value, serve  # noqa: E402
 from tests.test_scoring import DOCS, QUERY  # noqa: E402
@@ -114,6 +117,47 @@ def test_classify_labels_and_probabilities(http, engines):
     assert one["model"] == "clf" and len(one["data"]) == 1
 
 
+def test_tei_embed_normalize_and_dimensions(http, engines):
+    minilm = engines["minilm"]
+    texts = DOCS[:3]
+    r = _post(http, "/embed", {"inputs": texts})
+    assert r.status_code == 200, r.text
+    got = torch.tensor(TeiEmbedResponse.model_validate(r.json()).root)
+    torch.testing.assert_close(got, minilm.embed(texts), atol=1e-6, rtol=0)
+    raw = torch.tensor(_post(http, "/embed", {"inputs": texts[0], "normalize": False}).json())
+    pooled = minilm.embed(texts[:1], normalize=False)  # MiniLM's folder normalises; TEI's flag wins
+    torch.testing.assert_close(raw, pooled, atol=1e-6, rtol=0)
+    assert abs(float(raw.norm()) - 1) > 0.1
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), got[:1], atol=1e-6, rtol=0)
+    cut = torch.tensor(_post(http, "/embed", {"inputs": texts, "dimensions": 16}).json())
+    torch.testing.assert_close(cut, torch.nn.functional.normalize(got[:, :16], dim=-1), atol=1e-6, rtol=0)
+
+
+def test_tei_predict_texts_pairs_and_batches(http, engines):
+    hf, tok = engines["hf_clf"]
+
+    def want(*text: str) -> torch.Tensor:
+        with torch.inference_mode():
+            return hf(**tok(*text, return_tensors="pt")).logits[0]
+
+    def check(answer: list[dict], logits: torch.Tensor, raw: bool = False) -> None:
+        scores = logits if raw else torch.softmax(logits, -1)
+        order = sorted(range(3), key=lambda j: -float(scores[j]))
+        assert [p["label"] for p in answer] == [f"class_{j}" for j in order]
+        assert [p["score"] for p in answer] == pytest.approx([float(scores[j]) for j in order], abs=1e-5)
+
+    r = _post(http, "/predict", {"inputs": DOCS[0]})
+    assert r.status_code == 200, r.text
+    TeiPredictResponse.model_validate(r.json())
+    check(r.json(), want(DOCS[0]))
+    check(_post(http, "/predict", {"inputs": [QUERY, DOCS[0]]}).json(), want(QUERY, DOCS[0]))  # two strings: a pair
+    check(_post(http, "/predict", {"inputs": DOCS[1], "raw_scores": True}).json(), want(DOCS[1]), raw=True)
+    batch = _post(http, "/predict", {"inputs": [DOCS[0], [QUERY, DOCS[1]], DOCS[2]]}).json()
+    TeiPredictResponse.model_validate(batch)
+    for answer, logits in zip(batch, [want(DOCS[0]), want(QUERY, DOCS[1]), want(DOCS[2])]):
+        check(answer, logits)
+
+
 @pytest.mark.parametrize("path, body, status, param", [
     ("/v1/rerank", {"model": "clf", "query": "q", "documents": ["d"]}, 400, "model"),  # 3 labels: not a reranker
     ("/v1/score", {"model": "nope", "text_1": "q", "text_2": "d"}, 404, "model"),
@@ -125,6 +169,12 @@ def test_classify_labels_and_probabilities(http, engines):
     ("/v1/rerank", {"model": "reranker", "query": "q", "documents": ["d"] * (MAX_INPUTS + 1)}, 400, "documents"),
     ("/rerank", {"query": "q", "texts": ["d"], "truncation_direction": "middle"}, 400, None),
     ("/v1/rerank", {"model": "reranker", "query": "q", "documents": [" ".join(["river"] * 80)]}, 400, "documents"),
+    ("/embed", {"model": "reranker", "inputs": "x"}, 400, "model"),
+    ("/embed", {"inputs": "x", "prompt_name": "query"}, 400, None),
+    ("/embed", {"inputs": "x", "truncation_direction": "Left"}, 400, None),
+    ("/predict", {"model": "minilm", "inputs": "x"}, 400, "model"),
+    ("/predict", {"inputs": [["a", "b", "c"]]}, 400, None),
+    ("/predict", {"inputs": [[QUERY, " ".join(["river"] * 80)]]}, 400, "inputs"),
 ])
 def test_bad_requests(http, path, body, status, param):
     r = _post(http, path, body)
@@ -142,6 +192,13 @@ def test_truncate_cuts_instead_of_refusing(http, engines):
     want = engines["reranker"].score(QUERY, [long_doc], truncate=True)
     assert r.json()["results"][0]["relevance_score"] == pytest.approx(want[0], abs=1e-6)
     assert r.json()["usage"]["total_tokens"] == 64
+    cut = _post(http, "/predict", {"inputs": [[QUERY, long_doc], long_doc], "truncate": True})
+    assert cut.status_code == 200 and len(cut.json()) == 2, cut.text
+    hf, tok = engines["hf_clf"]
+    with torch.inference_mode():
+        want_pair = torch.softmax(hf(**tok(QUERY, long_doc, truncation="longest_first", max_length=64,
+                                           return_tensors="pt")).logits[0], -1)
+    assert sorted(p["score"] for p in cut.json()[0]) == pytest.approx(sorted(want_pair.tolist()), abs=1e-5)
 
 
 def test_metrics_count_scoring_requests(http):

@@ -1,0 +1,83 @@
+"""text-embeddings-inference's routes and shapes: POST /embed, /rerank and /predict.
+
+TEI serves one model and answers bare JSON arrays; here `model` (an extension) picks one, and without
+it the first model of the route's kind answers. Errors keep kvserve's OpenAI-style body.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from engine.errors import InvalidRequestError
+from server import generation as gen
+from server.openapi import ENGINE_ERRORS, answers
+from server.routes_embeddings import embedding_inputs, payload_class
+from server.routes_score import ranked, run_score
+from server.schemas import (
+    TeiEmbedRequest, TeiEmbedResponse, TeiPredictRequest, TeiPredictResponse, TeiRerankRequest, TeiRerankResponse,
+)
+from server.state import get_state, new_request_id
+
+router = APIRouter()
+
+
+@router.post("/embed", responses=answers(TeiEmbedResponse, ENGINE_ERRORS))
+async def embed(body: TeiEmbedRequest, request: Request) -> Any:
+    """Vectors L2-normalised unless `normalize: false` (then as pooled, whatever the folder says)."""
+    state, start = get_state(request), time.monotonic()
+    name, engine = state.resolve(body.model, "embed")
+    inputs = embedding_inputs(body.inputs, engine.tokenizer, engine.info.vocab_size, state.settings.max_embedding_inputs)
+    payload = payload_class()(inputs=inputs, truncate=body.truncate, dimensions=body.dimensions,
+                               normalize=body.normalize)
+    out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("embd"), payload))
+    state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
+    return JSONResponse([v.tolist() for v in out.embeddings])
+
+
+@router.post("/rerank", responses=answers(TeiRerankResponse, ENGINE_ERRORS))
+async def rerank(body: TeiRerankRequest, request: Request) -> Any:
+    """Scores through a sigmoid unless `raw_scores` (an embedding model's are cosines), most relevant first."""
+    from engine.scoring import read_scores
+
+    state, start = get_state(request), time.monotonic()
+    name, engine, job, rows = await run_score(request, state, body.model, [body.query], body.texts, body.truncate,
+                                              "texts", body.truncation_direction.lower())
+    scores = read_scores(job, rows, "sigmoid", raw=body.raw_scores)
+    ranks = []
+    for i in ranked(scores, None):
+        rank: dict[str, Any] = {"index": i, "score": scores[i]}
+        if body.return_text:
+            rank["text"] = body.texts[i]
+        ranks.append(rank)
+    state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
+    return JSONResponse(ranks)
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
+@router.post("/predict", responses=answers(TeiPredictResponse, ENGINE_ERRORS))
+async def predict(body: TeiPredictRequest, request: Request) -> Any:
+    """Each input's labels by score, highest first: softmax over several labels, a sigmoid for one,
+    logits with `raw_scores`. As in TEI, a list of exactly two strings is one pair, not two texts."""
+    from engine.scoring import class_probabilities, classify_request
+
+    state, start = get_state(request), time.monotonic()
+    name, engine = state.resolve(body.model, "classify")
+    single = isinstance(body.inputs, str) or _is_pair(body.inputs)
+    items = [body.inputs] if single else list(body.inputs)
+    limit = state.settings.max_embedding_inputs
+    if len(items) > limit:
+        raise InvalidRequestError(f"at most {limit} inputs per request, got {len(items)}", "inputs")
+    payload = classify_request(engine, items, body.truncate, "inputs")
+    out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("pred"), payload))
+    rows = [r.tolist() for r in out.embeddings] if body.raw_scores else class_probabilities(out.embeddings, "sigmoid")
+    labels = engine.info.labels
+    answers_ = [sorted(({"label": labels[j], "score": s} for j, s in enumerate(row)), key=lambda p: -p["score"])
+                for row in rows]
+    state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
+    return JSONResponse(answers_[0] if single else answers_)
