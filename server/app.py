@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from engine.async_engine import AsyncEngine
 from server import routes_admin, routes_embeddings, routes_generate, routes_score, routes_tei, routes_translate
+from server.auth import ApiKeyAuth
 from server.errors import BodySizeLimit, install_error_handlers
 from server.metrics import ServerMetrics
 from server.openapi import install_openapi
@@ -54,4 +55,6 @@ def create_app(
     for router in _ROUTERS:
         app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:  # added last, so it runs first: no body is read for a stranger
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
     return app

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
            "drains (programmatic dependent launch)")
     opt("tool-call-parser", str, None, "how tool_choice auto answers are read: hermes (<tool_call> JSON "
         "</tool_call>, Qwen2.5/Hermes style); unset, auto is refused (required and named functions work)")
+    opt("api-key", str, None, "requests other than health, metrics and version must send "
+        "'Authorization: Bearer <key>' (prefer the environment variable: flags show in ps)")
     opt("max-waiting", int, 256, "waiting requests per model before 503")
     opt("max-body-bytes", int, 4 * 1024 * 1024, "largest request body (413 beyond)")
     opt("shutdown-timeout", float, 10.0, "seconds in-flight requests get on SIGTERM")
@@ -197,7 +199,7 @@ def serve(args: argparse.Namespace) -> None:
                  engine.stats().num_blocks_total)
     settings = ServerSettings(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
                               max_waiting=args.max_waiting, shutdown_timeout_s=args.shutdown_timeout,
-                              tool_call_parser=args.tool_call_parser)
+                              tool_call_parser=args.tool_call_parser, api_key=args.api_key or None)
     metrics = ServerMetrics(CollectorRegistry())
     async_engine = AsyncEngine(served, max_waiting=settings.max_waiting, on_step=metrics.on_step,
                                executor=compute)

@@ -21,12 +21,13 @@ from server.schemas import ErrorResponse
 
 _WHY = {
     400: "Invalid request: a malformed body, a parameter out of range, a prompt over the context",
+    401: "The server has an API key (`--api-key`) and the request's `Authorization: Bearer` token is not it",
     404: "The named model is not served",
     413: "The request body is over the server's limit",
     503: "The waiting queue is full (retry after `Retry-After` seconds), or the engine is not running",
 }
-ENGINE_ERRORS = (400, 404, 413, 503)  # routes that queue work for an engine
-TOKENIZER_ERRORS = (400, 404, 413)  # routes that only use a tokenizer
+ENGINE_ERRORS = (400, 401, 404, 413, 503)  # routes that queue work for an engine
+TOKENIZER_ERRORS = (400, 401, 404, 413)  # routes that only use a tokenizer
 _REF = "#/components/schemas/{model}"
 
 

@@ -27,12 +27,12 @@ def _card(name: str, engine: Any) -> dict[str, Any]:
             "root": engine.info.path, "max_model_len": engine.info.max_model_len, "task": task_of(engine)}
 
 
-@router.get("/v1/models", responses=answers(ModelList, ()))
+@router.get("/v1/models", responses=answers(ModelList, (401,)))
 async def list_models(request: Request) -> Any:
     return {"object": "list", "data": [_card(name, engine) for name, engine in get_state(request).served.items()]}
 
 
-@router.get("/v1/models/{model}", responses=answers(ModelCard, (404,)))
+@router.get("/v1/models/{model}", responses=answers(ModelCard, (401, 404)))
 async def retrieve_model(model: str, request: Request) -> Any:
     """OpenAI's `models.retrieve`."""
     return _card(model, get_state(request).engine(model))

@@ -17,6 +17,7 @@ class ServerSettings:
     max_prompts_per_request: int = 64  # /v1/completions accepts a list of prompts
     max_embedding_inputs: int = 2048  # OpenAI's limit on inputs per /v1/embeddings call
     tool_call_parser: str | None = None  # how `tool_choice: auto` answers are read (server/tools.py); None: refused
+    api_key: str | None = None  # requests must send `Authorization: Bearer <key>` (server/auth.py); None: open
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -25,5 +26,7 @@ class ServerSettings:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.tool_call_parser not in (None, "hermes"):
             raise ValueError(f"tool_call_parser must be hermes, got {self.tool_call_parser!r}")
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty (leave it unset for an open server)")
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be positive, got {self.max_waiting}")
