@@ -63,6 +63,9 @@ def score_job(engine: Any, first: list[str], second: list[str], truncate: bool =
                                          max_length=limit if truncate else None, direction=direction)
         inputs, types = [ids for ids, _ in encoded], [t for _, t in encoded]
     else:
+        if truncate and direction != "right":  # pairs are cut by the tokenizer; single texts only at their end
+            raise InvalidRequestError("an embedding model's inputs are cut at their end: truncation_direction "
+                                      "must be right", "truncation_direction")
         texts = first + second
         inputs = [tokenizer.encode(t) for t in texts]
         if truncate:

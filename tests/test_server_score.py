@@ -169,6 +169,8 @@ def test_tei_predict_texts_pairs_and_batches(http, engines):
     ("/v1/rerank", {"model": "reranker", "query": "q", "documents": ["d"] * (MAX_INPUTS + 1)}, 400, "documents"),
     ("/rerank", {"query": "q", "texts": ["d"], "truncation_direction": "middle"}, 400, None),
     ("/v1/rerank", {"model": "reranker", "query": "q", "documents": [" ".join(["river"] * 80)]}, 400, "documents"),
+    ("/rerank", {"model": "minilm", "query": "q", "texts": ["d"], "truncate": True, "truncation_direction": "Left"},
+     400, "truncation_direction"),
     ("/embed", {"model": "reranker", "inputs": "x"}, 400, "model"),
     ("/embed", {"inputs": "x", "prompt_name": "query"}, 400, None),
     ("/embed", {"inputs": "x", "truncation_direction": "Left"}, 400, None),
@@ -192,6 +194,24 @@ def test_truncate_cuts_instead_of_refusing(http, engines):
     want = engines["reranker"].score(QUERY, [long_doc], truncate=True)
     assert r.json()["results"][0]["relevance_score"] == pytest.approx(want[0], abs=1e-6)
     assert r.json()["usage"]["total_tokens"] == 64
+    long_doc = " ".join(f"river{i % 7}" for i in range(40))  # tokens differ along the text: sides matter
+    ce_dir = engines["reranker"].info.path
+    from transformers import AutoTokenizer
+    from transformers import BertForSequenceClassification as HFModel
+
+    hf_ce, tok_ce = HFModel.from_pretrained(ce_dir).eval(), AutoTokenizer.from_pretrained(ce_dir)
+    by_side = {}
+    for side in ("Left", "Right"):
+        r = _post(http, "/rerank", {"model": "reranker", "query": QUERY, "texts": [long_doc], "truncate": True,
+                                    "raw_scores": True, "truncation_direction": side})
+        assert r.status_code == 200, r.text
+        tok_ce.truncation_side = side.lower()
+        with torch.inference_mode():
+            enc = tok_ce(QUERY, long_doc, truncation="longest_first", max_length=64, return_tensors="pt")
+            want_logit = float(hf_ce(**enc).logits[0, 0])
+        assert r.json()[0]["score"] == pytest.approx(want_logit, abs=1e-5)
+        by_side[side] = want_logit
+    assert abs(by_side["Left"] - by_side["Right"]) > 1e-3  # the sides keep different tokens
     cut = _post(http, "/predict", {"inputs": [[QUERY, long_doc], long_doc], "truncate": True})
     assert cut.status_code == 200 and len(cut.json()) == 2, cut.text
     hf, tok = engines["hf_clf"]
