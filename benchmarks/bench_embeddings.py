@@ -18,14 +18,15 @@ import os
 import random
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import machine, peak_rss_mib, run_child, table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_child_args, best_of, child_report, machine, run_child, server_peak_rss_mib, table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,16 +45,6 @@ def workload(folder: str, num_sentences: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 250) - 2)) for _ in range(num_sentences)]
 
 
-def _best_of(repeats: int, fn) -> tuple[float, object]:
-    """Fastest of `repeats` timed calls (a shared machine adds noise, never speed)."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def run_kvserve(folder: str, texts: list[str], out: str, args: argparse.Namespace) -> dict:
     import numpy as np
 
@@ -62,7 +53,7 @@ def run_kvserve(folder: str, texts: list[str], out: str, args: argparse.Namespac
 
     engine = EmbeddingEngine.from_config(EngineConfig(model=folder))
     engine.embed(texts[:8])  # warm-up
-    elapsed, vectors = _best_of(args.repeats, lambda: engine.embed(texts))  # tokenization included, as in ST
+    elapsed, vectors = best_of(args.repeats, lambda: engine.embed(texts))  # tokenization included, as in ST
     np.save(out, vectors.numpy())
     return {"seconds": elapsed, "tokens": sum(map(len, engine._tokenize(texts)))}
 
@@ -73,17 +64,10 @@ def run_st(folder: str, texts: list[str], out: str, args: argparse.Namespace) ->
 
     st = SentenceTransformer(folder, device="cpu")
     st.encode(texts[:8])  # warm-up
-    elapsed, vectors = _best_of(args.repeats, lambda: st.encode(texts))  # defaults: batch 32, length-sorted
+    elapsed, vectors = best_of(args.repeats, lambda: st.encode(texts))  # defaults: batch 32, length-sorted
     np.save(out, vectors)
     tokens = sum(len(ids) for ids in st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"])
     return {"seconds": elapsed, "tokens": tokens}
-
-
-def _server_rss_mib(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_http(folder: str, texts: list[str], out: str, args: argparse.Namespace) -> dict:
@@ -108,8 +92,8 @@ def run_http(folder: str, texts: list[str], out: str, args: argparse.Namespace) 
 
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(one, texts[:clients]))  # warm-up
-            elapsed, results = _best_of(args.repeats, lambda: list(pool.map(one, texts)))
-        rss = _server_rss_mib(server.pid)
+            elapsed, results = best_of(args.repeats, lambda: list(pool.map(one, texts)))
+        rss = server_peak_rss_mib(server.pid)
     np.save(out, np.asarray([v for v, _ in results], dtype=np.float32))
     return {"seconds": elapsed, "tokens": sum(n for _, n in results), "server_rss_mib": rss}
 
@@ -123,15 +107,11 @@ def main() -> None:
     ap.add_argument("--engines", default="kvserve,st,http")
     ap.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per contender; the fastest is reported")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--folder", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_child_args(ap)
     args = ap.parse_args()
     if args.child:
         texts = workload(args.folder, args.num_sentences)
-        result = RUNNERS[args.child](args.folder, texts, args.out, args)
-        result["peak_rss_mib"] = result.pop("server_rss_mib", None) or peak_rss_mib()
-        print(json.dumps(result))
+        print(child_report(RUNNERS[args.child](args.folder, texts, args.out, args)))
         return
     import numpy as np
 

@@ -27,8 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.bench_embeddings import _best_of, _server_rss_mib, model_folder  # noqa: E402
-from benchmarks.common import machine, pct, peak_rss_mib, run_child, table  # noqa: E402
+from benchmarks.bench_embeddings import model_folder  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_child_args, best_of, child_report, machine, pct, run_child, server_peak_rss_mib, table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +76,7 @@ def run_kvserve(folder: str, queries: list, out: str, args: argparse.Namespace) 
     pairs = _pairs(queries)
     first, second = [q for q, _ in pairs], [d for _, d in pairs]
     engine.score(first[:8], second[:8])  # warm-up
-    elapsed, scores = _best_of(args.repeats, lambda: engine.score(first, second))  # tokenization included
+    elapsed, scores = best_of(args.repeats, lambda: engine.score(first, second))  # tokenization included
     Path(out).write_text(json.dumps(scores))
     tokens = sum(len(ids) for ids, _ in engine.tokenizer.encode_pairs(pairs))
     return {"seconds": elapsed, "tokens": tokens}
@@ -86,7 +88,7 @@ def run_st(folder: str, queries: list, out: str, args: argparse.Namespace) -> di
     st = CrossEncoder(folder, device="cpu")
     pairs = _pairs(queries)
     st.predict(pairs[:8])  # warm-up
-    elapsed, scores = _best_of(args.repeats, lambda: st.predict(pairs))  # defaults: batch 32
+    elapsed, scores = best_of(args.repeats, lambda: st.predict(pairs))  # defaults: batch 32
     Path(out).write_text(json.dumps([float(s) for s in scores]))
     tokens = sum(len(ids) for ids in st.tokenizer([q for q, _ in pairs], [d for _, d in pairs])["input_ids"])
     return {"seconds": elapsed, "tokens": tokens}
@@ -119,8 +121,8 @@ def run_http(folder: str, queries: list, out: str, args: argparse.Namespace) -> 
         with ThreadPoolExecutor(args.clients) as pool:
             list(pool.map(one, queries[:args.clients]))  # warm-up
             latencies.clear()
-            elapsed, results = _best_of(args.repeats, lambda: list(pool.map(one, queries)))
-        rss = _server_rss_mib(server.pid)
+            elapsed, results = best_of(args.repeats, lambda: list(pool.map(one, queries)))
+        rss = server_peak_rss_mib(server.pid)
     Path(out).write_text(json.dumps([s for scores, _ in results for s in scores]))
     latencies.sort()
     return {"seconds": elapsed, "tokens": sum(n for _, n in results), "server_rss_mib": rss,
@@ -137,14 +139,10 @@ def main() -> None:
     ap.add_argument("--engines", default="kvserve,st,http")
     ap.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per contender; the fastest is reported")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--folder", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_child_args(ap)
     args = ap.parse_args()
     if args.child:
-        result = RUNNERS[args.child](args.folder, workload(args.queries, args.docs), args.out, args)
-        result["peak_rss_mib"] = result.pop("server_rss_mib", None) or peak_rss_mib()
-        print(json.dumps(result))
+        print(child_report(RUNNERS[args.child](args.folder, workload(args.queries, args.docs), args.out, args)))
         return
     tmp = Path(tempfile.mkdtemp(prefix="kvserve-bench-rerank-"))
     folder = tmp / "minilm-l6-cross-encoder"

@@ -1,22 +1,27 @@
 """Shared benchmark helpers: machine description, peak memory, markdown tables, servers on 127.0.0.1."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import resource
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
 from tests.server_helpers import free_port, subprocess_server
 
-__all__ = ["free_port", "machine", "pct", "peak_rss_mib", "run_child", "server", "table"]
+__all__ = ["add_child_args", "best_of", "child_report", "free_port", "machine", "pct", "peak_rss_mib", "run_child",
+           "server", "server_peak_rss_mib", "table"]
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def machine() -> str:
@@ -35,6 +40,37 @@ def machine() -> str:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def server_peak_rss_mib(pid: int) -> float:
+    """Peak RSS of another process (a server under test), from /proc."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def best_of(repeats: int, fn: Callable[[], T]) -> tuple[float, T]:
+    """Fastest of `repeats` timed calls (a shared machine adds noise, never speed), and the last result."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result  # type: ignore[return-value]
+
+
+def add_child_args(ap: argparse.ArgumentParser) -> None:
+    """The hidden flags with which a benchmark runs one contender in a child process (`run_child`)."""
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+
+
+def child_report(result: dict) -> str:
+    """A child's result line: its peak RSS is the server's where it ran one, else its own."""
+    result["peak_rss_mib"] = result.pop("server_rss_mib", None) or peak_rss_mib()
+    return json.dumps(result)
 
 
 def table(headers: list[str], rows: list[list]) -> str:
