@@ -11,21 +11,8 @@ from engine.llm import LLM
 from engine.request import GenerationRequest
 from engine.sampling_params import SamplingParams
 from tests.test_engine_generation import random_prompts
-from tests.tiny_models import save_tiny
 
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny("llama", tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def hf(tiny):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
 
 
 def _hf(hf, prompt: list[int], max_tokens: int, **kwargs) -> list[int]:
@@ -35,10 +22,10 @@ def _hf(hf, prompt: list[int], max_tokens: int, **kwargs) -> list[int]:
 
 
 @pytest.mark.parametrize("run_ahead", [False, True])
-def test_min_tokens_and_logit_bias_equal_transformers(tiny, hf, run_ahead):
+def test_min_tokens_and_logit_bias_equal_transformers(tiny_llama, hf_tiny_llama, run_ahead):
     prompts = random_prompts(6, 4, 20, seed=2)
     eager = ((EOS, 12.0),)  # the random model never picks EOS itself: a bias makes it come at once
-    llm = LLM(str(tiny), num_kv_blocks=64, block_size=4, max_num_batched_tokens=16, run_ahead=run_ahead)
+    llm = LLM(str(tiny_llama), num_kv_blocks=64, block_size=4, max_num_batched_tokens=16, run_ahead=run_ahead)
     unheld = llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=12, logit_bias=eager))
     assert [o.outputs[0].token_ids for o in unheld] == [[EOS], [EOS]]
     stop_id = llm.generate(prompts[1:2], SamplingParams(temperature=0.0, max_tokens=1))[0].outputs[0].token_ids[0]
@@ -51,10 +38,10 @@ def test_min_tokens_and_logit_bias_equal_transformers(tiny, hf, run_ahead):
     ] + [(p, SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)) for p in prompts[4:]]
     outs = [o.outputs[0] for o in llm.generate([p for p, _ in requests], [s for _, s in requests])]
     refs = [
-        _hf(hf, prompts[0], 12, eos_token_id=EOS, min_new_tokens=6, sequence_bias={(EOS,): 12.0}),
-        _hf(hf, prompts[1], 12, eos_token_id=[EOS, stop_id], min_new_tokens=4),
-        _hf(hf, prompts[2], 10, eos_token_id=EOS, sequence_bias={(t,): b for t, b in bias}),
-        _hf(hf, prompts[3], 10, eos_token_id=EOS, sequence_bias={(100,): 100.0}),
+        _hf(hf_tiny_llama, prompts[0], 12, eos_token_id=EOS, min_new_tokens=6, sequence_bias={(EOS,): 12.0}),
+        _hf(hf_tiny_llama, prompts[1], 12, eos_token_id=[EOS, stop_id], min_new_tokens=4),
+        _hf(hf_tiny_llama, prompts[2], 10, eos_token_id=EOS, sequence_bias={(t,): b for t, b in bias}),
+        _hf(hf_tiny_llama, prompts[3], 10, eos_token_id=EOS, sequence_bias={(100,): 100.0}),
     ]
     for out, ref in zip(outs, refs):
         assert out.token_ids == ref
@@ -65,8 +52,8 @@ def test_min_tokens_and_logit_bias_equal_transformers(tiny, hf, run_ahead):
     assert llm.engine.block_manager.usage == 0.0
 
 
-def test_no_stop_string_before_min_tokens(tiny):
-    llm = LLM(str(tiny), num_kv_blocks=64, block_size=4)
+def test_no_stop_string_before_min_tokens(tiny_llama):
+    llm = LLM(str(tiny_llama), num_kv_blocks=64, block_size=4)
     prompt = random_prompts(1, 5, 5, seed=4)[0]
     full = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0].outputs[0]
     stop = full.text[1:3]  # occurs early (by its second character)
@@ -77,12 +64,12 @@ def test_no_stop_string_before_min_tokens(tiny):
     assert held[0].outputs[0].token_ids == full.token_ids and held[0].outputs[0].finish_reason == "length"
 
 
-def test_bad_values_are_refused(tiny):
+def test_bad_values_are_refused(tiny_llama):
     with pytest.raises(InvalidRequestError, match="min_tokens"):
         SamplingParams(max_tokens=4, min_tokens=5)
     with pytest.raises(InvalidRequestError, match="logit_bias"):
         SamplingParams(logit_bias=((3, 100.5),))
-    llm = LLM(str(tiny), num_kv_blocks=16, block_size=4)
+    llm = LLM(str(tiny_llama), num_kv_blocks=16, block_size=4)
     with pytest.raises(InvalidRequestError, match=r"\[0, 320\)"):
         llm.engine.add_request("x", GenerationRequest([1, 2], SamplingParams(logit_bias=((320, 1.0),))))
     assert not llm.engine.has_unfinished_requests()

@@ -7,18 +7,10 @@ must equal the engine that lands each step at once, with nothing left allocated.
 """
 from __future__ import annotations
 
-import pytest
-
 from engine.llm import LLM
 from engine.request import GenerationRequest
 from engine.sampling_params import SamplingParams
 from tests.test_engine_generation import random_prompts
-from tests.tiny_models import save_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny("llama", tmp_path_factory.mktemp("llama"))
 
 
 def _drive(llm: LLM, requests: list[tuple[list[int], SamplingParams]]) -> tuple[dict, list]:
@@ -48,15 +40,15 @@ def _summary(out):
              [lp.token_id for lp in o.logprobs] if o.logprobs is not None else None) for o in out.outputs]
 
 
-def test_running_ahead_gives_the_outputs_of_landing_each_step(tiny):
+def test_running_ahead_gives_the_outputs_of_landing_each_step(tiny_llama):
     prompts = random_prompts(14, 2, 40, seed=11)
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    full = LLM(str(tiny), num_kv_blocks=256, block_size=4).generate(prompts[:2], greedy)
+    full = LLM(str(tiny_llama), num_kv_blocks=256, block_size=4).generate(prompts[:2], greedy)
     stop_id = full[0].outputs[0].token_ids[5]
     text = full[1].outputs[0].text
     stop_str = text[len(text) // 2 : len(text) // 2 + 2]
     seeded = SamplingParams(temperature=0.9, max_tokens=9, seed=5, n=2, ignore_eos=True)
-    first, second = (o.token_ids for o in LLM(str(tiny), num_kv_blocks=256, block_size=4).generate(
+    first, second = (o.token_ids for o in LLM(str(tiny_llama), num_kv_blocks=256, block_size=4).generate(
         prompts[2:3], seeded)[0].outputs)
     stop_one = next(t for t in first[1:] if t not in second)  # stops one sample while the other runs on
     params = [
@@ -68,9 +60,9 @@ def test_running_ahead_gives_the_outputs_of_landing_each_step(tiny):
     ] + [SamplingParams(temperature=0.0, max_tokens=3 + i % 9, ignore_eos=True) for i in range(9)]
     requests = list(zip(prompts, params))
     kwargs = dict(num_kv_blocks=24, block_size=4, max_num_batched_tokens=20, max_num_seqs=8)
-    landing = LLM(str(tiny), run_ahead=False, **kwargs)
+    landing = LLM(str(tiny_llama), run_ahead=False, **kwargs)
     expected, _ = _drive(landing, requests)
-    llm = LLM(str(tiny), run_ahead=True, **kwargs)
+    llm = LLM(str(tiny_llama), run_ahead=True, **kwargs)
     preempt, inflight_when_preempted = llm.engine.scheduler._preempt, []
     llm.engine.scheduler._preempt = lambda seq: inflight_when_preempted.append(seq.num_inflight) or preempt(seq)
     got, launches = _drive(llm, requests)
@@ -90,8 +82,8 @@ def test_running_ahead_gives_the_outputs_of_landing_each_step(tiny):
     assert sampled > kept
 
 
-def test_abort_while_a_step_is_in_flight_frees_blocks_at_once(tiny):
-    llm = LLM(str(tiny), num_kv_blocks=64, block_size=4, run_ahead=True)
+def test_abort_while_a_step_is_in_flight_frees_blocks_at_once(tiny_llama):
+    llm = LLM(str(tiny_llama), num_kv_blocks=64, block_size=4, run_ahead=True)
     engine = llm.engine
     a, b = random_prompts(2, 10, 20, seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
@@ -108,6 +100,6 @@ def test_abort_while_a_step_is_in_flight_frees_blocks_at_once(tiny):
     done = {}
     while engine.has_unfinished_requests():
         done.update({o.request_id: o for o in engine.step() if o.finished})
-    alone = LLM(str(tiny), num_kv_blocks=64, block_size=4).generate([b], params)[0]
+    alone = LLM(str(tiny_llama), num_kv_blocks=64, block_size=4).generate([b], params)[0]
     assert done["b"].outputs[0].token_ids == alone.outputs[0].token_ids
     assert engine.block_manager.num_free_blocks == 64 and engine._inflight is None

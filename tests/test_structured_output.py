@@ -24,7 +24,6 @@ from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutput as SO
 from tests.hf_grammar import hf_guided
 from tests.test_engine_generation import random_prompts
-from tests.tiny_models import save_tiny
 
 EOS = 2  # LlamaConfig's default eos_token_id
 SCHEMA = {  # compact separators: the random model would otherwise pad with whitespace forever
@@ -36,18 +35,6 @@ SCHEMA = {  # compact separators: the random model would otherwise pad with whit
 }
 REGEX = r"[a-e]{2,5}(-[0-9]{1,2})?"
 CHOICES = ["alpha", "beta", "gamma delta"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny("llama", tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def hf(tiny):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
 
 
 def test_bad_constraints_are_refused_with_the_param():
@@ -89,15 +76,15 @@ def _matches(constraint: SO, text: str) -> bool:
     return value["a"] in ("x", "yz") and 0 <= value["b"] <= 99 and set(value) == {"a", "b"}
 
 
-def test_greedy_guided_tokens_equal_transformers_in_a_mixed_batch(tiny, hf):
+def test_greedy_guided_tokens_equal_transformers_in_a_mixed_batch(tiny_llama, hf_tiny_llama):
     constraints = [SO.json_schema(SCHEMA), SO.regex(REGEX), SO.choice(CHOICES), None] * 3
     prompts = random_prompts(len(constraints), 3, 30, seed=3)
     prompts[4] = prompts[0][:20] + [7]  # shares cached blocks with prompt 0
     requests = [(p, SamplingParams(temperature=0.0, max_tokens=24, structured=c)) for p, c in zip(prompts, constraints)]
-    lltok = llguidance.LLTokenizer((tiny / "tokenizer.json").read_text(), n_vocab=320, eos_token=[EOS])
+    lltok = llguidance.LLTokenizer((tiny_llama / "tokenizer.json").read_text(), n_vocab=320, eos_token=[EOS])
     for run_ahead in (False, True):
         # 12 blocks of 4 tokens for 12 requests: preemption; 16-token steps: chunked prefill
-        llm = LLM(str(tiny), num_kv_blocks=14, block_size=4, max_num_batched_tokens=16, max_num_seqs=6,
+        llm = LLM(str(tiny_llama), num_kv_blocks=14, block_size=4, max_num_batched_tokens=16, max_num_seqs=6,
                   run_ahead=run_ahead)
         outs = llm.generate([p for p, _ in requests], [s for _, s in requests])
         assert llm.engine.scheduler.num_preemptions > 0 and len(llm.engine.guides) == 0
@@ -106,7 +93,7 @@ def test_greedy_guided_tokens_equal_transformers_in_a_mixed_batch(tiny, hf):
             got = out.outputs[0]
             if params.structured is None:
                 continue
-            ref = hf_guided(hf, lltok, prompt, params.structured.grammar, 24, [EOS])
+            ref = hf_guided(hf_tiny_llama, lltok, prompt, params.structured.grammar, 24, [EOS])
             if got.finish_reason == "stop":
                 # sampled EOS where the grammar could go on, or ended where only EOS could follow
                 # (HF samples that EOS; kvserve stops without it)
@@ -119,10 +106,10 @@ def test_greedy_guided_tokens_equal_transformers_in_a_mixed_batch(tiny, hf):
         assert len(done) >= 6 and any(o.token_ids[-1] != EOS for o in done)  # some ended by the grammar
 
 
-def test_seeded_guided_sampling_is_valid_and_independent_of_the_batch(tiny):
+def test_seeded_guided_sampling_is_valid_and_independent_of_the_batch(tiny_llama):
     params = SamplingParams(temperature=1.0, max_tokens=30, seed=7, n=2, logprobs=8, structured=SO.regex(REGEX))
-    alone = LLM(str(tiny), num_kv_blocks=64, block_size=4).generate([[5, 6, 7]], params)[0]
-    llm = LLM(str(tiny), num_kv_blocks=64, block_size=4)
+    alone = LLM(str(tiny_llama), num_kv_blocks=64, block_size=4).generate([[5, 6, 7]], params)[0]
+    llm = LLM(str(tiny_llama), num_kv_blocks=64, block_size=4)
     free = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)
     batched = llm.generate([[9, 9], [5, 6, 7], [1, 2, 3, 4]], [free, params, free])[1]
     assert [o.token_ids for o in batched.outputs] == [o.token_ids for o in alone.outputs]
@@ -135,8 +122,8 @@ def test_seeded_guided_sampling_is_valid_and_independent_of_the_batch(tiny):
     assert all(len(lp.top) <= 7 for o in batched.outputs for lp in o.logprobs)
 
 
-def test_abort_leaves_no_matcher(tiny):
-    engine = LLM(str(tiny), num_kv_blocks=32, block_size=4).engine
+def test_abort_leaves_no_matcher(tiny_llama):
+    engine = LLM(str(tiny_llama), num_kv_blocks=32, block_size=4).engine
     engine.add_request("a", GenerationRequest([1, 2, 3], SamplingParams(max_tokens=8, n=3, structured=SO.json_object())))
     engine.step()
     assert len(engine.guides) == 3
