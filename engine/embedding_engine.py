@@ -307,9 +307,8 @@ class EmbeddingEngine:
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         if any(not t for t in texts):
             raise InvalidRequestError("input must not contain empty strings", param="input")
-        backend = getattr(self.tokenizer, "backend", None)
-        if backend is not None:  # the Rust batch encoder uses every core
-            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+        if hasattr(self.tokenizer, "encode_batch"):  # models.tokenizer.Tokenizer: all cores
+            return self.tokenizer.encode_batch(texts)
         return [self.tokenizer.encode(t) for t in texts]
 
     def stats(self) -> EngineStats:

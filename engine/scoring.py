@@ -50,9 +50,7 @@ def score_job(engine: Any, first: list[str], second: list[str], truncate: bool =
     naming `param` unless `truncate`, which cuts a pair's longer text first (HF's longest_first)
     or a single text's end."""
     pairs = pair_indices(len(first), len(second), param)
-    tokenizer, limit = engine.tokenizer, engine.max_model_len
-    if tokenizer is None:
-        raise InvalidRequestError(f"model {engine.info.name!r} has no tokenizer; scoring takes text", "model")
+    tokenizer, limit = _tokenizer(engine, "scoring"), engine.max_model_len
     if engine.is_classifier:
         labels = len(engine.info.labels)
         if labels != 1:
@@ -66,8 +64,7 @@ def score_job(engine: Any, first: list[str], second: list[str], truncate: bool =
         if truncate and direction != "right":  # pairs are cut by the tokenizer; single texts only at their end
             raise InvalidRequestError("an embedding model's inputs are cut at their end: truncation_direction "
                                       "must be right", "truncation_direction")
-        texts = first + second
-        inputs = [tokenizer.encode(t) for t in texts]
+        inputs = tokenizer.encode_batch(first + second)
         if truncate:
             inputs = [truncate_ids(ids, limit, engine.suffix) for ids in inputs]
         types = None
@@ -77,27 +74,26 @@ def score_job(engine: Any, first: list[str], second: list[str], truncate: bool =
 
 
 def classify_request(engine: Any, items: list[str | tuple[str, str]], truncate: bool = False,
-                     param: str = "input", direction: str = "right") -> EmbeddingRequest:
+                     param: str = "input") -> EmbeddingRequest:
     """Texts and text pairs for a classifier, one input each: a pair joined by the tokenizer's pair
     template (cut longest-first under `truncate`), a text cut at its end."""
-    tokenizer, limit = engine.tokenizer, engine.max_model_len
-    if tokenizer is None:
-        raise InvalidRequestError(f"model {engine.info.name!r} has no tokenizer; classification takes text", "model")
+    tokenizer, limit = _tokenizer(engine, "classification"), engine.max_model_len
     pairs = [i for i, item in enumerate(items) if not isinstance(item, str)]
+    singles = [i for i, item in enumerate(items) if isinstance(item, str)]
     encoded = dict(zip(pairs, tokenizer.encode_pairs([tuple(items[i]) for i in pairs],
-                                                     max_length=limit if truncate else None, direction=direction)))
-    inputs, types = [], []
-    for i, item in enumerate(items):
-        if i in encoded:
-            ids, type_ids = encoded[i]
-        else:
-            ids = tokenizer.encode(item)
-            ids = truncate_ids(ids, limit, engine.suffix) if truncate else ids
-            type_ids = [0] * len(ids)
-        inputs.append(ids)
-        types.append(type_ids)
+                                                     max_length=limit if truncate else None)))
+    for i, ids in zip(singles, tokenizer.encode_batch([items[i] for i in singles])):
+        ids = truncate_ids(ids, limit, engine.suffix) if truncate else ids
+        encoded[i] = (ids, [0] * len(ids))
+    inputs, types = [encoded[i][0] for i in range(len(items))], [encoded[i][1] for i in range(len(items))]
     _check_lengths(inputs, limit, param)
     return EmbeddingRequest(inputs=inputs, token_type_ids=types if pairs else None)
+
+
+def _tokenizer(engine: Any, what: str) -> Any:
+    if engine.tokenizer is None:
+        raise InvalidRequestError(f"model {engine.info.name!r} has no tokenizer; {what} takes text", "model")
+    return engine.tokenizer
 
 
 def _check_lengths(inputs: list[list[int]], limit: int, param: str) -> None:

@@ -257,13 +257,19 @@ class BertModel(nn.Module):
             pooling = PoolingConfig.from_folder(folder)
         except PoolingConfigError as e:
             raise ModelLoadError(str(e)) from e
+        return {"pooling": pooling.name, "normalize": pooling.normalize,
+                "max_model_len": cls.folder_max_model_len(folder, config)}
+
+    @classmethod
+    def folder_max_model_len(cls, folder: Path, config: dict[str, Any]) -> int:
+        """The position table's length, or sentence-transformers' max_seq_length where it is lower."""
         max_len = cls.config_class.from_hf(config).max_model_len
         st_config = folder / "sentence_bert_config.json"
         if st_config.exists():  # sentence-transformers truncates here, often below the position table
             max_seq = json.loads(st_config.read_text(encoding="utf-8")).get("max_seq_length")
             if max_seq:
                 max_len = min(max_len, int(max_seq))
-        return {"pooling": pooling.name, "normalize": pooling.normalize, "max_model_len": max_len}
+        return max_len
 
 
 class RobertaModel(BertModel):

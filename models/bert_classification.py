@@ -83,21 +83,18 @@ class BertForSequenceClassification(BertModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def classify(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """(T, H) hidden states of B concatenated sequences -> (B, num_labels) float32 logits."""
-        first = hidden[cu_seqlens[:-1].to(device=hidden.device, dtype=torch.long)]
-        return self.classifier(self.pooler(first)).float()
+        """(T, H) hidden states of B concatenated sequences -> (B, num_labels) float32 logits, read
+        from each sequence's first token."""
+        return self.head(hidden[cu_seqlens[:-1].to(device=hidden.device, dtype=torch.long)]).float()
+
+    def head(self, first: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooler(first))
 
     @classmethod
     def extra_info(cls, folder: str | Path, config: dict[str, Any]) -> dict[str, Any]:
-        parsed = cls.config_class.from_hf(config)
-        max_len = parsed.max_model_len
-        st_config = Path(folder) / "sentence_bert_config.json"
-        if st_config.exists():
-            max_seq = json.loads(st_config.read_text(encoding="utf-8")).get("max_seq_length")
-            if max_seq:
-                max_len = min(max_len, int(max_seq))
-        return {"max_model_len": max_len, "labels": parsed.labels,
-                "activation": score_activation(Path(folder), config, parsed.num_labels)}
+        labels = cls.config_class.from_hf(config).labels
+        return {"max_model_len": cls.folder_max_model_len(Path(folder), config), "labels": labels,
+                "activation": score_activation(Path(folder), config, len(labels))}
 
 
 class RobertaForSequenceClassification(BertForSequenceClassification):
@@ -109,9 +106,8 @@ class RobertaForSequenceClassification(BertForSequenceClassification):
         BertModel.__init__(self, config)
         self.classifier = RobertaClassificationHead(config)  # type: ignore[assignment]
 
-    def classify(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        first = hidden[cu_seqlens[:-1].to(device=hidden.device, dtype=torch.long)]
-        return self.classifier(first).float()
+    def head(self, first: torch.Tensor) -> torch.Tensor:
+        return self.classifier(first)
 
 
 def score_activation(folder: Path, config: dict[str, Any], num_labels: int) -> str:

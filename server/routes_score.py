@@ -40,9 +40,11 @@ def _scorer(state: ServerState, model: str | None) -> tuple[str, Any]:
 
 
 async def run_score(request: Request, state: ServerState, model: str | None, first: list[str], second: list[str],
-                 truncate: bool, param: str, direction: str = "right") -> tuple[str, Any, Any, Any]:
-    """Run one score job: (served name, engine, job, output rows)."""
-    from engine.scoring import score_job  # loads torch models' modules, as the embeddings route does
+                    truncate: bool, param: str, direction: str = "right", activation: str | None = None,
+                    raw: bool = False) -> tuple[str, Any, list[float]]:
+    """Run one score job: (served name, job, one score per pair). A cross-encoder's logits go through
+    `activation`, or the model's own when None (`raw`: none); an embedding model's scores are cosines."""
+    from engine.scoring import read_scores, score_job  # loads torch models' modules, as the embeddings route does
 
     name, engine = _scorer(state, model)
     limit = state.settings.max_embedding_inputs
@@ -51,7 +53,7 @@ async def run_score(request: Request, state: ServerState, model: str | None, fir
                                   param)
     job = score_job(engine, first, second, truncate, param, direction)
     out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("score"), job.payload))
-    return name, engine, job, out.embeddings
+    return name, job, read_scores(job, out.embeddings, activation or engine.info.activation, raw)
 
 
 def ranked(scores: list[float], top_n: int | None) -> list[int]:
@@ -62,12 +64,9 @@ def ranked(scores: list[float], top_n: int | None) -> list[int]:
 @router.post("/v1/score", responses=answers(ScoreResponse, ENGINE_ERRORS))
 @router.post("/score", responses=answers(ScoreResponse, ENGINE_ERRORS))
 async def score(body: ScoreRequest, request: Request) -> Any:
-    from engine.scoring import read_scores
-
     state, start = get_state(request), time.monotonic()
-    name, engine, job, rows = await run_score(request, state, body.model, _texts(body.text_1), _texts(body.text_2),
-                                           body.truncate, "text_2")
-    scores = read_scores(job, rows, engine.info.activation)
+    name, job, scores = await run_score(request, state, body.model, _texts(body.text_1), _texts(body.text_2),
+                                        body.truncate, "text_2")
     state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
     return JSONResponse({
         "id": new_request_id("score"), "object": "list", "created": int(time.time()), "model": name,
@@ -79,13 +78,9 @@ async def score(body: ScoreRequest, request: Request) -> Any:
 @router.post("/v1/rerank", responses=answers(RerankResponse, ENGINE_ERRORS))
 @router.post("/v2/rerank", responses=answers(RerankResponse, ENGINE_ERRORS))
 async def rerank(body: RerankRequest, request: Request) -> Any:
-    from engine.scoring import read_scores
-
     state, start = get_state(request), time.monotonic()
     docs = [d if isinstance(d, str) else d.text for d in body.documents]
-    name, engine, job, rows = await run_score(request, state, body.model, [body.query], docs, body.truncate,
-                                           "documents")
-    scores = read_scores(job, rows, engine.info.activation)
+    name, job, scores = await run_score(request, state, body.model, [body.query], docs, body.truncate, "documents")
     results = []
     for i in ranked(scores, body.top_n):
         result: dict[str, Any] = {"index": i, "relevance_score": scores[i]}

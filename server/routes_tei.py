@@ -40,12 +40,9 @@ async def embed(body: TeiEmbedRequest, request: Request) -> Any:
 @router.post("/rerank", responses=answers(TeiRerankResponse, ENGINE_ERRORS))
 async def rerank(body: TeiRerankRequest, request: Request) -> Any:
     """Scores through a sigmoid unless `raw_scores` (an embedding model's are cosines), most relevant first."""
-    from engine.scoring import read_scores
-
     state, start = get_state(request), time.monotonic()
-    name, engine, job, rows = await run_score(request, state, body.model, [body.query], body.texts, body.truncate,
-                                              "texts", body.truncation_direction.lower())
-    scores = read_scores(job, rows, "sigmoid", raw=body.raw_scores)
+    name, _, scores = await run_score(request, state, body.model, [body.query], body.texts, body.truncate, "texts",
+                                      body.truncation_direction.lower(), activation="sigmoid", raw=body.raw_scores)
     ranks = []
     for i in ranked(scores, None):
         rank: dict[str, Any] = {"index": i, "score": scores[i]}
@@ -77,7 +74,7 @@ async def predict(body: TeiPredictRequest, request: Request) -> Any:
     out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("pred"), payload))
     rows = [r.tolist() for r in out.embeddings] if body.raw_scores else class_probabilities(out.embeddings, "sigmoid")
     labels = engine.info.labels
-    answers_ = [sorted(({"label": labels[j], "score": s} for j, s in enumerate(row)), key=lambda p: -p["score"])
+    by_input = [sorted(({"label": labels[j], "score": s} for j, s in enumerate(row)), key=lambda p: -p["score"])
                 for row in rows]
     state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
-    return JSONResponse(answers_[0] if single else answers_)
+    return JSONResponse(by_input[0] if single else by_input)
