@@ -61,11 +61,13 @@ def apply_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 
 def filter_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p; filtered-out tokens get -inf."""
+    """Temperature, then top-k, top-p, min-p and typical-p (HF's order); filtered-out tokens get -inf."""
     dev = logits.device
     vocab = logits.shape[1]
     temperature = to_device([r.params.temperature for r in rows], dev)[:, None]
-    logits = logits / temperature
+    # a repetition penalty near 0 (in range) or a small temperature can send logits to inf, and a
+    # softmax over infs is NaN, which samples token 0 whatever the logits (or a grammar) allow
+    logits = (logits / temperature).clamp(max=torch.finfo(logits.dtype).max)
     top_k = to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], dev).clamp(max=vocab)
     top_p = to_device([r.params.top_p for r in rows], dev)[:, None]
     min_p = to_device([r.params.min_p for r in rows], dev)[:, None]
@@ -78,7 +80,23 @@ def filter_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor
     drop |= probs < min_p * probs[:, :1]
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if any(r.params.typical_p < 1.0 for r in rows):  # a second sort, paid only by requests that ask
+        logits = _typical(logits, to_device([r.params.typical_p for r in rows], dev))
+    return logits
+
+
+def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Keep the tokens whose surprisal is closest to the entropy, fewest first until their mass
+    reaches `mass` (the token that crosses it stays, and so does the closest one)."""
+    logp = logits.log_softmax(-1)
+    entropy = -(logp.exp() * logp).nansum(-1, keepdim=True)  # -inf * 0 is nan: those tokens add nothing
+    distance, order = (-logp - entropy).abs().sort(dim=-1)
+    cumulative = logp.gather(1, order).exp().cumsum(-1)
+    last = (cumulative < mass[:, None]).sum(-1, keepdim=True).clamp(max=logits.shape[1] - 1)
+    drop = distance > distance.gather(1, last)
+    drop[:, 0] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
 
 
 def _race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

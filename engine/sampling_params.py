@@ -28,6 +28,9 @@ class Bound:
         return f"in {'(' if self.low_open else '['}{low}, {high}]"
 
 
+# Temperatures below this are greedy, as in vLLM: dividing logits by 1e-300 overflows to inf, and
+# a softmax over infs is NaN, which samples token 0 whatever the logits (or a grammar) say
+GREEDY_TEMPERATURE = 1e-5
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_BEAMS = 16
@@ -41,6 +44,7 @@ BOUNDS: dict[str, Bound] = {
     "top_p": Bound(0.0, 1.0, low_open=True),
     "top_k": Bound(-1),  # -1 and 0 both mean off
     "min_p": Bound(0.0, 1.0),
+    "typical_p": Bound(0.0, 1.0, low_open=True),
     "presence_penalty": Bound(-2.0, 2.0),
     "frequency_penalty": Bound(-2.0, 2.0),
     "repetition_penalty": Bound(0.0, 2.0, low_open=True),
@@ -59,7 +63,7 @@ BOUNDS: dict[str, Bound] = {
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """OpenAI's sampling fields plus vLLM's extras. temperature == 0 means greedy."""
+    """OpenAI's sampling fields plus vLLM's extras. temperature 0 (below GREEDY_TEMPERATURE) means greedy."""
 
     n: int = 1
     max_tokens: int | None = 16  # None: up to the model's context
@@ -67,6 +71,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
+    typical_p: float = 1.0  # locally typical sampling (Meister et al.); TGI's and HF's `typical_p`
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -103,7 +108,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def is_plain(self) -> bool:

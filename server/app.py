@@ -13,7 +13,9 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from engine.async_engine import AsyncEngine
-from server import routes_admin, routes_embeddings, routes_generate, routes_score, routes_tei, routes_translate
+from server import (
+    routes_admin, routes_embeddings, routes_generate, routes_score, routes_tei, routes_tgi, routes_translate,
+)
 from server.auth import ApiKeyAuth
 from server.errors import BodySizeLimit, install_error_handlers
 from server.metrics import ServerMetrics
@@ -22,7 +24,7 @@ from server.settings import ServerSettings
 from server.state import ServerState, task_of
 
 _ROUTERS = [routes_admin.router, routes_generate.router, routes_embeddings.router, routes_score.router,
-            routes_tei.router, routes_translate.router]
+            routes_tei.router, routes_tgi.router, routes_translate.router]
 
 
 def create_app(

@@ -4,7 +4,7 @@ FastAPI documents a 422 for every route with a body; kvserve answers bad bodies 
 OpenAI's error shape instead (see `server.errors`), so the 422 entries are replaced by the
 statuses a route can really give. A streamed answer is documented event by event: each event's
 `data` is one chunk (a model of `server.schemas`, named by `contentSchema`), an error body if the
-engine fails mid-stream, and `[DONE]` last. A fuzz test (tests/test_openapi_contract.py) holds the
+engine fails mid-stream, and `[DONE]` last where the API has it (OpenAI's; not TGI's). A fuzz test (tests/test_openapi_contract.py) holds the
 routes to this document, streamed chunks included.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server import schemas
+from server import schemas, schemas_tgi
 from server.schemas import ErrorResponse
 
 _WHY = {
@@ -31,42 +31,47 @@ TOKENIZER_ERRORS = (400, 401, 404, 413)  # routes that only use a tokenizer
 _REF = "#/components/schemas/{model}"
 
 
-def sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
-    """One server-sent event (before OpenAPI 3.2, a stream's `schema` describes one event)."""
+def sse_event(chunk: type[BaseModel], done: bool = True) -> dict[str, Any]:
+    """One server-sent event (before OpenAPI 3.2, a stream's `schema` describes one event); `done`:
+    the stream ends with `data: [DONE]` (OpenAI's streams do, TGI's do not)."""
     chunk_ref, error_ref = (_REF.format(model=m.__name__) for m in (chunk, ErrorResponse))
     json_data = {
         "type": "string",
         "contentMediaType": "application/json",
         "contentSchema": {"anyOf": [{"$ref": chunk_ref}, {"$ref": error_ref}]},
     }
-    data = {
-        "description": f"A JSON `{chunk.__name__}`, or an `ErrorResponse` if the engine fails mid-stream; "
-                       "the last event's data is `[DONE]`",
-        "anyOf": [json_data, {"const": "[DONE]"}],
-    }
+    why = f"A JSON `{chunk.__name__}`, or an `ErrorResponse` if the engine fails mid-stream"
+    data = ({"description": why + "; the last event's data is `[DONE]`", "anyOf": [json_data, {"const": "[DONE]"}]}
+            if done else {"description": why, **json_data})
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
-def answers(model: type[BaseModel], errors: tuple[int, ...],
-            stream: type[BaseModel] | None = None) -> dict[int | str, Any]:
+def answers(model: type[BaseModel] | None, errors: tuple[int, ...], stream: type[BaseModel] | None = None,
+            done: bool = True) -> dict[int | str, Any]:
     """`responses=` for a route: `model` on success, or with `stream: true` events of `stream`
-    chunks; then the error statuses the route can give."""
-    ok: dict[str, Any] = {"model": model, "description": "Success"}
+    chunks (only those when `model` is None: a route that always streams); then the error
+    statuses the route can give."""
+    ok: dict[str, Any] = {"description": "Success"} if model is None else {"model": model, "description": "Success"}
     if stream is not None:
-        ok["description"] = "Success; with `stream: true`, server-sent events ending in `data: [DONE]`"
-        ok["content"] = {"text/event-stream": {"schema": sse_event(stream)}}
+        ending = " ending in `data: [DONE]`" if done else ""
+        ok["description"] = (f"Server-sent events{ending}" if model is None
+                             else f"Success; with `stream: true`, server-sent events{ending}")
+        ok["content"] = {"text/event-stream": {"schema": sse_event(stream, done)}}
     return {200: ok, **{code: {"model": ErrorResponse, "description": _WHY[code]} for code in errors}}
 
 
-def stream_chunk_models(doc: dict[str, Any]) -> dict[str, type[BaseModel]]:
-    """Path -> the chunk model its event stream documents."""
+def stream_chunk_models(doc: dict[str, Any]) -> dict[str, tuple[type[BaseModel], bool]]:
+    """Path -> the chunk model its event stream documents, and whether `[DONE]` ends it."""
     found = {}
     for path, operations in doc.get("paths", {}).items():
         for operation in operations.values():
             sse = operation.get("responses", {}).get("200", {}).get("content", {}).get("text/event-stream")
             if sse is not None:
-                ref = sse["schema"]["properties"]["data"]["anyOf"][0]["contentSchema"]["anyOf"][0]["$ref"]
-                found[path] = getattr(schemas, ref.rsplit("/", 1)[-1])
+                data = sse["schema"]["properties"]["data"]
+                done = "anyOf" in data
+                ref = (data["anyOf"][0] if done else data)["contentSchema"]["anyOf"][0]["$ref"]
+                name = ref.rsplit("/", 1)[-1]
+                found[path] = (getattr(schemas, name, None) or getattr(schemas_tgi, name), done)
     return found
 
 
@@ -77,11 +82,14 @@ def install_openapi(app: FastAPI) -> None:
             for path in doc.get("paths", {}).values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
+                    content = operation.get("responses", {}).get("200", {}).get("content", {})
+                    if "text/event-stream" in content and content.get("application/json") == {"schema": {}}:
+                        del content["application/json"]  # a route that only streams (answers(None, ...))
             components = doc.setdefault("components", {}).setdefault("schemas", {})
             for unused in ("HTTPValidationError", "ValidationError"):
                 components.pop(unused, None)
             # FastAPI only collects models it serialises; the chunk models are named by reference
-            chunks = set(stream_chunk_models(doc).values())
+            chunks = {model for model, _ in stream_chunk_models(doc).values()}
             _, defs = models_json_schema([(m, "serialization") for m in chunks], ref_template=_REF)
             for name, schema in defs.get("$defs", {}).items():
                 components.setdefault(name, schema)

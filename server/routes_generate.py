@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from engine.errors import InvalidRequestError, KVServeError
+from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.request import GenerationRequest
 from server import generation as gen
-from server import tools
-from server.errors import error_body
+from server import sse, tools
 from server.openapi import ENGINE_ERRORS, answers
 from server.schemas import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionChunk, CompletionRequest,
@@ -24,27 +22,6 @@ from server.schemas import (
 from server.state import ServerState, get_state, new_request_id
 
 router = APIRouter()
-
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-async def _sse_guard(events: AsyncIterator[str], state: ServerState, request_id: str) -> AsyncIterator[str]:
-    """End every stream with [DONE]; an engine failure mid-stream becomes an error event."""
-    try:
-        async for event in events:
-            yield event
-    except KVServeError as exc:
-        yield _sse(error_body(exc.message, exc.error_type, exc.param, exc.status_code))
-    except Exception as exc:  # a bug: tell the client in-band, the status line is already sent
-        yield _sse(error_body(f"internal error: {type(exc).__name__}", "server_error", None, 500))
-    finally:
-        state.metrics.forget(request_id)
-    yield "data: [DONE]\n\n"
-
 
 # ---- /v1/completions ---------------------------------------------------------------------
 @router.post("/v1/completions", responses=answers(CompletionResponse, ENGINE_ERRORS, stream=CompletionChunk))
@@ -70,8 +47,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         merged = await gen.open_streams(state.async_engine, name, request_id, payloads)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _completion_events(merged, request_id, name, n, body.logprobs, text_of, echo, include_usage)
-        return StreamingResponse(_sse_guard(events, state, request_id), media_type="text/event-stream",
-                                 headers=_SSE_HEADERS)
+        return sse.response(events, state, request_id)
 
     try:
         finals = await gen.cancel_on_disconnect(request, gen.run_all(state.async_engine, name, request_id, payloads))
@@ -104,8 +80,8 @@ async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], r
     finals: dict[int, RequestOutput] = {}
 
     def chunk(choices: list[dict]) -> str:
-        return _sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                     "choices": choices})
+        return sse.event({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                         "choices": choices})
 
     async for p, out in merged:
         finals[p] = out
@@ -135,8 +111,8 @@ async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], r
         if choices:
             yield chunk(choices)
     if include_usage:
-        yield _sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [], "usage": gen.usage(list(finals.values()))})
+        yield sse.event({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                        "choices": [], "usage": gen.usage(list(finals.values()))})
 
 
 # ---- /v1/chat/completions ----------------------------------------------------------------
@@ -167,8 +143,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         merged = await gen.open_streams(state.async_engine, name, request_id, payloads)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _chat_events(merged, request_id, name, body.logprobs, num_top, text_of, include_usage, tool_plan)
-        return StreamingResponse(_sse_guard(events, state, request_id), media_type="text/event-stream",
-                                 headers=_SSE_HEADERS)
+        return sse.response(events, state, request_id)
 
     try:
         finals = await gen.cancel_on_disconnect(request, gen.run_all(state.async_engine, name, request_id, payloads))
@@ -196,8 +171,8 @@ async def _chat_events(merged: AsyncIterator[tuple[int, RequestOutput]], request
     final: RequestOutput | None = None
 
     def chunk(choices: list[dict]) -> str:
-        return _sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": choices})
+        return sse.event({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                         "choices": choices})
 
     async for _, out in merged:
         final = out
@@ -228,5 +203,5 @@ async def _chat_events(merged: AsyncIterator[tuple[int, RequestOutput]], request
         if choices:
             yield chunk(choices)
     if include_usage and final is not None:
-        yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [], "usage": gen.usage([final])})
+        yield sse.event({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [], "usage": gen.usage([final])})

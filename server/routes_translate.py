@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.translation_request import TranslationRequest as Payload
 from server import generation as gen
-from server.routes_generate import _SSE_HEADERS, _sse, _sse_guard
+from server import sse
 from server.openapi import ENGINE_ERRORS, answers
 from server.schemas import TranslationChunk, TranslationRequest, TranslationResponse
 from server.state import get_state, new_request_id
@@ -70,8 +70,7 @@ async def translations(body: TranslationRequest, request: Request) -> Any:
 
     if body.stream:
         merged = await gen.open_streams(state.async_engine, name, request_id, payloads)
-        return StreamingResponse(_sse_guard(_events(merged, request_id, name), state, request_id),
-                                 media_type="text/event-stream", headers=_SSE_HEADERS)
+        return sse.response(_events(merged, request_id, name), state, request_id)
     try:
         finals = await gen.cancel_on_disconnect(request, gen.run_all(state.async_engine, name, request_id, payloads))
     finally:
@@ -91,8 +90,8 @@ async def _events(merged: AsyncIterator[tuple[int, RequestOutput]], request_id: 
         c = out.outputs[0]
         if not c.new_text and c.finish_reason is None:
             continue
-        yield _sse({"id": request_id, "object": "translation.chunk", "created": created, "model": model,
-                    "data": [{"index": 0, "delta": c.new_text, "finish_reason": c.finish_reason}]})
+        yield sse.event({"id": request_id, "object": "translation.chunk", "created": created, "model": model,
+                        "data": [{"index": 0, "delta": c.new_text, "finish_reason": c.finish_reason}]})
     if final is not None:
-        yield _sse({"id": request_id, "object": "translation.chunk", "created": created, "model": model,
-                    "data": [], "usage": gen.usage([final], cached=False)})
+        yield sse.event({"id": request_id, "object": "translation.chunk", "created": created, "model": model,
+                        "data": [], "usage": gen.usage([final], cached=False)})

@@ -7,6 +7,7 @@ from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 
 from engine.sampler import Sampler, SamplingRow, apply_penalties, filter_logits
@@ -21,7 +22,8 @@ def row(**kw) -> SamplingRow:
 @pytest.mark.parametrize(
     "kw",
     [dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8), dict(temperature=1.0, min_p=0.1),
-     dict(temperature=0.5, top_k=10, top_p=0.9)],
+     dict(temperature=0.5, top_k=10, top_p=0.9), dict(temperature=1.0, typical_p=0.5),
+     dict(temperature=0.8, top_k=20, typical_p=0.9), dict(temperature=1.2, typical_p=0.2)],
 )
 def test_filters_keep_the_same_tokens_as_transformers(kw):
     torch.manual_seed(0)
@@ -35,9 +37,36 @@ def test_filters_keep_the_same_tokens_as_transformers(kw):
         ref = TopPLogitsWarper(kw["top_p"])(None, ref)
     if kw.get("min_p"):
         ref = MinPLogitsWarper(kw["min_p"])(None, ref)
+    if kw.get("typical_p"):
+        ref = TypicalLogitsWarper(kw["typical_p"])(None, ref)
+        assert (~torch.isinf(ref)).sum() < ref.numel() * 0.9  # it did cut: the case can fail
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     finite = ~torch.isinf(ref)
     assert torch.allclose(ours[finite], ref[finite], atol=1e-6)
+
+
+def test_typical_p_only_on_its_own_rows():
+    """A batch mixing typical_p with plain rows cuts only the typical rows."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 64) * 2
+    ours = filter_logits(logits, [row(typical_p=0.3), row(), row(typical_p=0.95)])
+    assert torch.isinf(ours[0]).any() and not torch.isinf(ours[1]).any()
+    assert torch.equal(torch.isinf(ours[2]), torch.isinf(TypicalLogitsWarper(0.95)(None, logits[2:3].clone()))[0])
+
+
+def test_extreme_values_in_range_sample_sensibly():
+    """A near-zero temperature or repetition penalty overflows logits to inf; a NaN softmax then
+    picked token 0 (even one a grammar masked out). Now the likeliest allowed token wins."""
+    logits = torch.randn(3, 50) * 3
+    logits[:, 0] = float("-inf")  # masked, as a grammar masks
+    logits[:, 7] = 30.0
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    rows = [SamplingRow(SamplingParams(temperature=5e-324), [], [], None),
+            SamplingRow(SamplingParams(temperature=1e-4, repetition_penalty=5e-324), [7], [], None),
+            SamplingRow(SamplingParams(temperature=2.0, repetition_penalty=1e-30, top_p=5e-324), [7], [], None)]
+    assert rows[0].params.is_greedy and not rows[1].params.is_greedy
+    tokens, _ = sampler(logits, rows)
+    assert tokens == [7, 7, 7]
 
 
 def test_repetition_penalty_matches_transformers():
@@ -102,7 +131,7 @@ def test_logprobs_are_raw_log_softmax_with_top_n():
 
 @pytest.mark.parametrize(
     "kw", [dict(temperature=-1), dict(top_p=2), dict(top_p=0), dict(n=0), dict(max_tokens=-1),
-           dict(top_k=-5), dict(min_p=1.5), dict(logprobs=50), dict(stop=("",)), dict(repetition_penalty=0),
+           dict(top_k=-5), dict(min_p=1.5), dict(typical_p=0), dict(typical_p=1.5), dict(logprobs=50), dict(stop=("",)), dict(repetition_penalty=0),
            dict(seed=2**63), dict(seed=-(2**63) - 1), dict(num_beams=17), dict(no_repeat_ngram_size=-1),
            dict(length_penalty=10.5), dict(length_penalty=-1e111)],
 )
