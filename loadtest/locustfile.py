@@ -8,6 +8,7 @@ Request names in the stats:
   chat_stream        POST /v1/chat/completions, stream=True, time until the last SSE event
   chat_stream TTFT   time to the first content token of the same requests (a custom event)
   completions        POST /v1/completions (not streamed)
+  generate_stream    POST /generate_stream (TGI's), time until the last event
   embeddings         POST /v1/embeddings
   translations       POST /v1/translations
   /v1/models         each user's one lookup of its model at start
@@ -112,6 +113,40 @@ class ChatStreamUser(KvserveUser):
             self.environment.events.request.fire(
                 request_type="TTFT", name="chat_stream TTFT", response_time=first_token_s * 1000,
                 response_length=0, exception=None, context={})
+
+
+class TgiStreamUser(KvserveUser):
+    """text-generation-inference's stream: one event per token, the last with the text and details."""
+
+    served_task = "generate"
+
+    @task
+    def generate_stream(self) -> None:
+        body = {"model": self.model, "inputs": sentence(self.rng),
+                "parameters": {"max_new_tokens": MAX_TOKENS, "do_sample": True, "temperature": 0.8}}
+        start = time.perf_counter()
+        with self.client.post("/generate_stream", json=body, name="generate_stream", stream=True,
+                              catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                return
+            events, last = 0, None
+            try:
+                for line in r.iter_lines(decode_unicode=True):
+                    if line and line.startswith("data:"):
+                        last = json.loads(line[len("data:"):])  # TGI's streams have no [DONE]: all JSON
+                        if "error" in last:
+                            raise ValueError(f"error event: {last['error']}")
+                        events += 1
+                        if last["index"] != events:
+                            raise ValueError(f"event {events} has index {last['index']}")
+            except (ValueError, KeyError, OSError) as e:
+                r.failure(f"broken stream: {e!r}")
+                return
+            r.request_meta["response_time"] = (time.perf_counter() - start) * 1000
+            details = (last or {}).get("details")
+            if not details or details["generated_tokens"] != events or last.get("generated_text") is None:
+                r.failure(f"stream ended early after {events} events: {last}")
 
 
 class CompletionUser(KvserveUser):

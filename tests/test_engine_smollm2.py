@@ -99,3 +99,32 @@ def test_json_schema_chat_equals_transformers_under_the_same_grammar(hf):
     assert json.loads(out.text) == {"name": "Bob", "age": 42}
     assert free.text.startswith("```json") and free.finish_reason == "length"  # unguided: a fence, extra keys
     assert llm.engine.block_manager.usage == 0.0
+
+
+def test_tgi_client_on_the_real_model_equals_transformers(hf, monkeypatch):
+    """TGI's client against the served weights: greedy tokens as transformers picks them, EOS reported
+    as TGI reports it (`eos_token`, a special token in `tokens`, absent from the text), and the streamed
+    token texts of a real BPE vocabulary adding up to the answer."""
+    from huggingface_hub import InferenceClient, constants
+
+    from engine.config import CacheConfig, EngineConfig
+    from engine.engine import LLMEngine
+    from tests.server_helpers import serve
+
+    model, tok = hf
+    prompt = tok.apply_chat_template(CHATS[0], add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(prompt)
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, pad_token_id=0)[0, len(ids):]
+    engine = LLMEngine.from_config(EngineConfig(model="smollm2", cache=CacheConfig(num_blocks=64)))
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)  # it is given only 127.0.0.1 to reach
+    with serve({"smollm2": engine}) as url:
+        client = InferenceClient(url, timeout=120)
+        out = client.text_generation(prompt, max_new_tokens=64, details=True)
+        streamed = list(client.text_generation(prompt, max_new_tokens=64, details=True, stream=True))
+    assert [t.id for t in out.details.tokens] == ref.tolist()
+    assert out.details.finish_reason == "eos_token" and out.details.tokens[-1].special
+    assert out.generated_text == tok.decode(ref, skip_special_tokens=True) and "Everest" in out.generated_text
+    assert [c.token.id for c in streamed] == ref.tolist()
+    assert "".join(c.token.text for c in streamed if not c.token.special) == out.generated_text
+    assert engine.stats().kv_cache_usage == 0.0
