@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     switch("enable-pdl", "CUDA, Hopper or newer: decoder layers' Triton kernels launch while the previous one "
            "drains (programmatic dependent launch)")
     opt("tool-call-parser", str, None, "how tool_choice auto answers are read: hermes (<tool_call> JSON "
-        "</tool_call>, Qwen2.5/Hermes style); unset, auto is refused (required and named functions work)")
+        "</tool_call>, Qwen2.5/Hermes), llama3_json (the answer is JSON calls, Llama 3.1-3.3) or pythonic "
+        "([f(a=1)], Llama 3.2/4); unset, auto is refused (required and named functions work)")
     opt("api-key", str, None, "requests other than health, metrics and version must send "
         "'Authorization: Bearer <key>' (prefer the environment variable: flags show in ps)")
     opt("max-waiting", int, 256, "waiting requests per model before 503")

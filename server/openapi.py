@@ -3,9 +3,10 @@
 FastAPI documents a 422 for every route with a body; kvserve answers bad bodies with a 400 in
 OpenAI's error shape instead (see `server.errors`), so the 422 entries are replaced by the
 statuses a route can really give. A streamed answer is documented event by event: each event's
-`data` is one chunk (a model of `server.schemas`, named by `contentSchema`), an error body if the
-engine fails mid-stream, and `[DONE]` last where the API has it (OpenAI's; not TGI's). A fuzz test (tests/test_openapi_contract.py) holds the
-routes to this document, streamed chunks included.
+`data` is one chunk (a model of `server.schemas` or `server.schemas_tgi`, named by `contentSchema`),
+an error body if the engine fails mid-stream, and `[DONE]` last where the API has it (OpenAI's; not
+TGI's). A fuzz test (tests/test_openapi_contract.py) holds the routes to this document, streamed
+chunks included.
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.tool_parsers import PARSERS
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -24,8 +26,8 @@ class ServerSettings:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
-        if self.tool_call_parser not in (None, "hermes"):
-            raise ValueError(f"tool_call_parser must be hermes, got {self.tool_call_parser!r}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {self.tool_call_parser!r}")
         if self.api_key == "":
             raise ValueError("api_key must not be empty (leave it unset for an open server)")
         if self.max_waiting < 1:

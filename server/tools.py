@@ -5,40 +5,19 @@ model's text becomes OpenAI `tool_calls`.
   arguments (streamed as argument deltas);
 - `required`: the output is constrained to a JSON array of {"name", "parameters"} objects, one of the
   given tools each (one item without `parallel_tool_calls`), as vLLM does;
-- `auto`: the model decides, in its own format, read by the server's `--tool-call-parser` (`hermes`:
-  `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, as Qwen2.5, Hermes and many others write);
-  a server without one refuses `auto` rather than return a call as plain text.
+- `auto`: the model decides, in its own format, read by the server's `--tool-call-parser` (the formats
+  are in server/tool_parsers.py); a server without one refuses `auto` rather than return a call as
+  plain text.
 """
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import InvalidRequestError
 from engine.structured_output import StructuredOutput
-
-PARSERS = ("hermes",)
-_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
-_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-    id: str = ""
-
-    def to_openai(self, index: int | None = None) -> dict[str, Any]:
-        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-        return call if index is None else {"index": index, **call}
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
+from server.tool_parsers import PARSERS, ToolCall, new_call_id
 
 def _parameters(tool: Any) -> dict[str, Any]:
     """The function's parameter schema with its objects closed: a declared parameter list is the whole
@@ -101,35 +80,9 @@ class ToolPlan:
             except (ValueError, TypeError, KeyError):  # cut off by max_tokens or a stop string
                 return text, []
             return None, calls
-        if self.mode == "auto" and _OPEN in text:
-            return parse_hermes(text)
+        if self.mode == "auto":
+            return PARSERS[self.parser or ""].parse(text)
         return text, []
-
-
-def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
-    calls = []
-    for body in _HERMES_CALL.findall(text):
-        try:
-            call = json.loads(body)
-            arguments = call.get("arguments", call.get("parameters", {}))
-            calls.append(ToolCall(call["name"], arguments if isinstance(arguments, str)
-                                  else json.dumps(arguments, ensure_ascii=False), new_call_id()))
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return text, []  # not the format after all: all of it is content
-    content = text[: text.index(_OPEN)].strip()
-    return content or None, calls
-
-
-def held_back(text: str) -> int:
-    """Where streamed content must stop for `auto`: at a tool call's opening tag, or before a tail
-    that could still become one."""
-    at = text.find(_OPEN)
-    if at >= 0:
-        return at
-    for k in range(min(len(_OPEN) - 1, len(text)), 0, -1):
-        if _OPEN.startswith(text[-k:]):
-            return len(text) - k
-    return len(text)
 
 
 def plan(tools: list[Any] | None, tool_choice: Any, parser: str | None) -> ToolPlan:
@@ -146,7 +99,7 @@ def plan(tools: list[Any] | None, tool_choice: Any, parser: str | None) -> ToolP
         if parser is None:
             raise InvalidRequestError(
                 "tool_choice \"auto\" (the default with tools) needs a server started with --tool-call-parser "
-                "(e.g. hermes); use \"required\" or name a function instead", "tool_choice")
+                f"({', '.join(PARSERS)}); use \"required\" or name a function instead", "tool_choice")
         return ToolPlan("auto", parser=parser)
     name = tool_choice.function.name
     if name not in {t.function.name for t in tools}:
@@ -219,7 +172,7 @@ class ToolStream:
         if reason is None:
             if mode != "auto":
                 return None, None
-            safe = held_back(self.text)
+            safe = PARSERS[self.plan.parser or ""].content_end(self.text)
             content, self.sent = self.text[self.sent : max(safe, self.sent)], max(safe, self.sent)
             return ({"content": content} if content else None), None
         content, calls = self.plan.parse(self.text)

@@ -172,7 +172,8 @@ def test_stop_sequence_stays_in_the_text(url):
 
 def test_grammars_and_full_text(url):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
-              "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}  # a random model loves newlines
+              "additionalProperties": False,
+              "x-guidance": {"whitespace_flexible": False}}  # a random model spends its tokens on newlines
     for grammar in ({"type": "json", "value": schema}, {"type": "json", "value": json.dumps(schema)},
                     {"type": "json_schema", "value": {"name": "x", "schema": schema}}):
         text = generate(url, max_new_tokens=40, grammar=grammar).json()["generated_text"]

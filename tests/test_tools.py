@@ -12,6 +12,7 @@ import pytest
 
 from engine.errors import InvalidRequestError
 from server import tools
+from server.tool_parsers import PARSERS
 from server.schemas import ChatCompletionRequest
 from server.settings import ServerSettings
 from tests.server_helpers import FakeEngine, free_port, serve
@@ -42,15 +43,62 @@ def test_plan_follows_tool_choice_and_refuses_what_it_cannot_do():
 
 
 def test_hermes_parsing_and_held_back_content():
-    content, calls = tools.parse_hermes(HERMES)
+    hermes = PARSERS["hermes"]
+    content, calls = hermes.parse(HERMES)
     assert content == "Let me check."
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
     assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
-    assert tools.parse_hermes('<tool_call>{"name": "f", "argu')[1] == []  # cut off: all of it is content
-    assert tools.parse_hermes("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
-    assert tools.held_back("Hello <tool") == len("Hello ")  # might become a tag: hold it
-    assert tools.held_back("Hello <b>") == len("Hello <b>")
-    assert tools.held_back("a<tool_call>{") == 1
+    assert hermes.parse('<tool_call>{"name": "f", "argu')[1] == []  # cut off: all of it is content
+    assert hermes.parse("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    assert hermes.content_end("Hello <tool") == len("Hello ")  # might become a tag: hold it
+    assert hermes.content_end("Hello <b>") == len("Hello <b>")
+    assert hermes.content_end("a<tool_call>{") == 1
+
+
+# what Llama 3.1-3.3 write with JSON tool calling, and what Llama 3.2/4 write in their pythonic format
+LLAMA3 = '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "parameters": {}}'
+PYTHONIC = '[get_weather(city="Paris"), get_time()]'
+
+
+@pytest.mark.parametrize("parser, text", [("llama3_json", LLAMA3), ("llama3_json", "<|python_tag|>" + LLAMA3),
+                                          ("llama3_json", " \n" + LLAMA3 + "\n"), ("pythonic", PYTHONIC)])
+def test_whole_answer_formats_become_calls(parser, text):
+    content, calls = PARSERS[parser].parse(text)
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+
+
+@pytest.mark.parametrize("parser, text", [
+    ("llama3_json", "The weather is fine."),  # prose
+    ("llama3_json", '{"name": "get_weather", "parameters": {"ci'),  # cut off by max_tokens
+    ("llama3_json", '{"city": "Paris"}'),  # JSON, but not a call
+    ("llama3_json", LLAMA3 + " and then some prose"),
+    ("pythonic", "[a link](http://example.com) in prose"),
+    ("pythonic", "[get_weather(city=open('/etc/passwd'))]"),  # only literals: nothing is evaluated
+    ("pythonic", "[get_weather('Paris')]"),  # positional: not the format
+    ("pythonic", "[get_weather(**kw)]"),
+    ("pythonic", "[1, 2]"),
+])
+def test_text_that_is_not_the_format_stays_content(parser, text):
+    assert PARSERS[parser].parse(text) == (text, [])
+
+
+def test_whole_answer_formats_hold_back_only_what_opens_like_calls():
+    llama, pythonic = PARSERS["llama3_json"], PARSERS["pythonic"]
+    assert llama.content_end("  ") == 0 and llama.content_end(' {"na') == 0 and llama.content_end("<|py") == 0
+    assert llama.content_end("Sure, here") == len("Sure, here") and llama.content_end("<b>") == 3
+    assert pythonic.content_end("[get_") == 0 and pythonic.content_end("Paris is") == len("Paris is")
+    for parser, text in (("llama3_json", LLAMA3), ("pythonic", PYTHONIC), ("pythonic", "Plain [text] answer")):
+        stream = tools.ToolStream(tools.ToolPlan("auto", parser=parser))
+        pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
+        events = [stream.feed(p, None) for p in pieces[:-1]] + [stream.feed(pieces[-1], "stop")]
+        content = "".join(d["content"] for d, _ in events if d and "content" in d)
+        calls = [c for d, _ in events if d for c in d.get("tool_calls", [])]
+        if text.startswith("Plain"):
+            assert content == text and not calls and events[-1][1] == "stop"
+        else:
+            assert content == "" and [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+            assert events[-1][1] == "tool_calls"
 
 
 def test_forced_calls_close_the_declared_objects():
@@ -132,3 +180,25 @@ def test_auto_tool_calls_over_http_like_openai(hermes_url):
     r = httpx.post(f"{hermes_url}/v1/chat/completions", json={"model": "fake", "messages": history, "tools": [WEATHER],
                                                                "tool_choice": "none", "max_tokens": 300}, timeout=30)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == HERMES  # none: text as written
+
+
+@pytest.mark.parametrize("parser, script", [("llama3_json", LLAMA3), ("pythonic", PYTHONIC)])
+def test_other_parsers_over_http(parser, script):
+    """The flag reaches the route: each format's answer comes back as OpenAI tool calls, streamed or not."""
+    settings = ServerSettings(port=free_port(), shutdown_timeout_s=2.0, tool_call_parser=parser)
+    with serve({"fake": FakeEngine(max_model_len=400, script=script)}, settings) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        kwargs = dict(model="fake", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER, TIME],
+                      max_tokens=300)
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+            ("get_weather", {"city": "Paris"}), ("get_time", {})]
+        deltas = [c.delta for chunk in client.chat.completions.create(stream=True, **kwargs) for c in chunk.choices]
+        assert not "".join(d.content or "" for d in deltas)  # nothing of the calls leaks as content
+        assert [t.function.name for d in deltas for t in d.tool_calls or []] == ["get_weather", "get_time"]
+
+
+def test_unknown_parser_is_refused():
+    with pytest.raises(ValueError, match="llama3_json"):
+        ServerSettings(tool_call_parser="mistral")
