@@ -42,6 +42,7 @@ class EmbeddingRequest:
     truncate: bool = False  # cut over-long inputs to the model's limit instead of refusing them
     dimensions: int | None = None  # keep the first d values (then renormalise unit-norm models)
     normalize: bool | None = None  # L2-normalise the vectors; None: as the model folder says (TEI's `normalize`)
+    per_token: bool = False  # each input's last hidden states, one row per token, unpooled (TEI's /embed_all)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class _Pending:
     token_type_ids: list[list[int]] | None
     dimensions: int | None
     normalize: bool
+    per_token: bool
     arrival_time: float
     results: list[torch.Tensor] = field(default_factory=list)  # embedded inputs, a prefix of `inputs`
     first_scheduled_time: float | None = None
@@ -172,6 +174,9 @@ class EmbeddingEngine:
             raise InvalidRequestError("dimensions applies to embedding models, not classifiers", param="dimensions")
         if payload.normalize and self.is_classifier:
             raise InvalidRequestError("normalize applies to embedding models, not classifiers", param="normalize")
+        if payload.per_token and (self.is_classifier or dims is not None or payload.normalize is not None):
+            raise InvalidRequestError("per-token embeddings are an embedding model's hidden states, unpooled: "
+                                      "no dimensions or normalize", param="input")
         if dims is not None and not 1 <= dims <= self.embedding_dim:
             raise InvalidRequestError(
                 f"dimensions must be in [1, {self.embedding_dim}] for this model, got {dims}", param="dimensions"
@@ -183,7 +188,7 @@ class EmbeddingEngine:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         inputs = [truncate_ids(list(ids), self.max_model_len, self.suffix) for ids in payload.inputs]
         self.queue.append(_Pending(request_id, inputs, payload.token_type_ids, payload.dimensions,
-                                   self._normalize(payload.normalize), time.monotonic()))
+                                   self._normalize(payload.normalize), payload.per_token, time.monotonic()))
 
     def abort_request(self, request_id: str) -> None:
         """Drop the request (its client left); inputs already embedded are discarded."""
@@ -215,11 +220,13 @@ class EmbeddingEngine:
             return []
         now = time.monotonic()
         vectors = self._embed_batch([p.inputs[j] for p, j in chosen],
-                                    [p.token_type_ids[j] if p.token_type_ids else None for p, j in chosen])
+                                    [p.token_type_ids[j] if p.token_type_ids else None for p, j in chosen],
+                                    per_token=[p.per_token for p, _ in chosen])
         for (pending, _), vec in zip(chosen, vectors):
             if pending.first_scheduled_time is None:
                 pending.first_scheduled_time = now
-            pending.results.append(finish_embedding(vec, pending.dimensions, pending.normalize))
+            pending.results.append(vec if pending.per_token else finish_embedding(vec, pending.dimensions,
+                                                                                  pending.normalize))
         self.num_steps += 1
         self.num_prompt_tokens += sum(len(p.inputs[j]) for p, j in chosen)
         outputs = []
@@ -233,9 +240,11 @@ class EmbeddingEngine:
         return outputs
 
     @torch.inference_mode()
-    def _embed_batch(self, seqs: list[list[int]], types: list[list[int] | None] | None = None) -> torch.Tensor:
+    def _embed_batch(self, seqs: list[list[int]], types: list[list[int] | None] | None = None,
+                     per_token: list[bool] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """One flat, unpadded forward over whole sequences -> (B, D) float32 on the CPU: pooled rows
-        (not yet normalised) or a classifier's logits."""
+        (not yet normalised) or a classifier's logits. With `per_token`, a list instead, whose rows
+        asked for it are (length, H) hidden states."""
         lens = torch.tensor([len(s) for s in seqs])
         input_ids = torch.cat([torch.tensor(s) for s in seqs]).to(self.device)
         starts = torch.cumsum(lens, 0) - lens
@@ -249,7 +258,11 @@ class EmbeddingEngine:
         hidden = self.model(input_ids, positions.to(self.device), ctx, token_type_ids=token_types)
         if self.is_classifier:
             return self.model.classify(hidden, meta.cu_seqlens_q).cpu()
-        return pool(hidden, meta.cu_seqlens_q, self.pooling.modes).cpu()  # normalised per request, after
+        pooled = pool(hidden, meta.cu_seqlens_q, self.pooling.modes).cpu()  # normalised per request, after
+        if not per_token or not any(per_token):
+            return pooled
+        tokens = hidden.float().cpu().split(lens.tolist())
+        return [tokens[i] if want else pooled[i] for i, want in enumerate(per_token)]
 
     # ---- offline API ------------------------------------------------------------------
     def embed(

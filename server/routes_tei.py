@@ -1,4 +1,4 @@
-"""text-embeddings-inference's routes and shapes: POST /embed, /rerank and /predict.
+"""text-embeddings-inference's routes and shapes: POST /embed, /embed_all, /rerank and /predict.
 
 TEI serves one model and answers bare JSON arrays; here `model` (an extension) picks one, and without
 it the first model of the route's kind answers. Errors keep kvserve's OpenAI-style body.
@@ -17,11 +17,12 @@ from server.openapi import ENGINE_ERRORS, answers
 from server.routes_embeddings import embedding_inputs, payload_class
 from server.routes_score import ranked, run_score
 from server.schemas import (
-    TeiEmbedRequest, TeiEmbedResponse, TeiPredictRequest, TeiPredictResponse, TeiRerankRequest, TeiRerankResponse,
+    TeiEmbedAllRequest, TeiEmbedAllResponse, TeiEmbedRequest, TeiEmbedResponse, TeiPredictRequest, TeiPredictResponse, TeiRerankRequest, TeiRerankResponse,
 )
 from server.state import get_state, new_request_id
 
 router = APIRouter()
+MAX_EMBED_ALL_INPUTS = 32  # TEI's --max-client-batch-size default
 
 
 @router.post("/embed", responses=answers(TeiEmbedResponse, ENGINE_ERRORS))
@@ -35,6 +36,20 @@ async def embed(body: TeiEmbedRequest, request: Request) -> Any:
     out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("embd"), payload))
     state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
     return JSONResponse([v.tolist() for v in out.embeddings])
+
+
+@router.post("/embed_all", responses=answers(TeiEmbedAllResponse, ENGINE_ERRORS))
+async def embed_all(body: TeiEmbedAllRequest, request: Request) -> Any:
+    """Every token's last hidden state, unpooled and unnormalised (for late interaction, e.g. ColBERT-style)."""
+    state, start = get_state(request), time.monotonic()
+    name, engine = state.resolve(body.model, "embed")
+    # a row per token makes answers length x hidden size per input: TEI's default batch limit keeps them bounded
+    limit = min(MAX_EMBED_ALL_INPUTS, state.settings.max_embedding_inputs)
+    inputs = embedding_inputs(body.inputs, engine.tokenizer, engine.info.vocab_size, limit)
+    payload = payload_class()(inputs=inputs, truncate=body.truncate, per_token=True)
+    out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("embd"), payload))
+    state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
+    return JSONResponse([m.tolist() for m in out.embeddings])
 
 
 @router.post("/rerank", responses=answers(TeiRerankResponse, ENGINE_ERRORS))

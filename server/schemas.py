@@ -484,6 +484,20 @@ class TeiEmbedResponse(RootModel[list[list[float]]]):
     """One vector per input, in input order (TEI answers bare arrays)."""
 
 
+class TeiEmbedAllRequest(_Request):
+    model: str | None = None  # extension: the first embedding model when absent
+    inputs: TextsOrTokens
+    truncate: bool = False
+    truncation_direction: Literal["Right", "right"] = Field(
+        "Right", description="Only right: an input is cut at its end, its trailing special tokens kept")
+    prompt_name: unsupported(str | None, "prompt_name: kvserve applies no sentence-transformers prompts",
+                             {"maxLength": 0}) = None
+
+
+class TeiEmbedAllResponse(RootModel[list[list[list[float]]]]):
+    """Per input, the model's last hidden state at every token (special tokens included), unpooled."""
+
+
 Pair = Annotated[list[NonEmptyStr], Field(min_length=2, max_length=2)]
 
 

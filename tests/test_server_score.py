@@ -1,4 +1,4 @@
-"""/v1/score, /v1/rerank, /v2/rerank, /classify and TEI's /rerank, /embed, /predict over HTTP: a tiny
+"""/v1/score, /v1/rerank, /v2/rerank, /classify and TEI's /rerank, /embed, /embed_all, /predict over HTTP: a tiny
 cross-encoder, a tiny 3-label classifier and the shipped MiniLM (bi-encoder), against the offline
 engines and transformers."""
 from __future__ import annotations
@@ -15,7 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from engine.config import EngineConfig  # noqa: E402
 from engine.embedding_engine import EmbeddingEngine  # noqa: E402
 from server.schemas import (  # noqa: E402
-    ClassifyResponse, RerankResponse, ScoreResponse, TeiEmbedResponse, TeiPredictResponse, TeiRerankResponse,
+    ClassifyResponse, RerankResponse, ScoreResponse, TeiEmbedAllResponse, TeiEmbedResponse, TeiPredictResponse,
+    TeiRerankResponse,
 )
 from server.settings import ServerSettings  # noqa: E402
 from tests.server_helpers import metric_value, serve  # noqa: E402
@@ -133,6 +134,27 @@ def test_tei_embed_normalize_and_dimensions(http, engines):
     torch.testing.assert_close(cut, torch.nn.functional.normalize(got[:, :16], dim=-1), atol=1e-6, rtol=0)
 
 
+def test_tei_embed_all_is_transformers_last_hidden_state(http, engines):
+    """Every token's hidden state, special tokens included, as transformers computes them; mean-pooling
+    them and normalising gives /embed's vector back."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = engines["minilm"].info.path
+    hf, tok = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    texts = [DOCS[0], QUERY]
+    r = _post(http, "/embed_all", {"inputs": texts})
+    assert r.status_code == 200, r.text
+    got = TeiEmbedAllResponse.model_validate(r.json()).root
+    for text, rows in zip(texts, got):
+        with torch.no_grad():
+            want = hf(**tok(text, return_tensors="pt")).last_hidden_state[0]
+        torch.testing.assert_close(torch.tensor(rows), want, atol=1e-4, rtol=1e-4)
+    pooled = torch.nn.functional.normalize(torch.tensor(got[0]).mean(0), dim=-1)
+    torch.testing.assert_close(pooled, engines["minilm"].embed(texts[:1])[0], atol=1e-5, rtol=0)
+    cut = _post(http, "/embed_all", {"inputs": " ".join(["river"] * 400), "truncate": True}).json()
+    assert len(cut[0]) == engines["minilm"].max_model_len
+
+
 def test_tei_predict_texts_pairs_and_batches(http, engines):
     hf, tok = engines["hf_clf"]
 
@@ -174,6 +196,10 @@ def test_tei_predict_texts_pairs_and_batches(http, engines):
     ("/embed", {"model": "reranker", "inputs": "x"}, 400, "model"),
     ("/embed", {"inputs": "x", "prompt_name": "query"}, 400, None),
     ("/embed", {"inputs": "x", "truncation_direction": "Left"}, 400, None),
+    ("/embed_all", {"model": "reranker", "inputs": "x"}, 400, "model"),  # a classifier's are logits
+    ("/embed_all", {"inputs": " ".join(["river"] * 400)}, 400, "input"),  # over the context, no truncate
+    ("/embed_all", {"inputs": ["x"] * (MAX_INPUTS + 1)}, 400, "input"),
+    ("/embed_all", {"inputs": "x", "prompt_name": "query"}, 400, None),
     ("/predict", {"model": "minilm", "inputs": "x"}, 400, "model"),
     ("/predict", {"inputs": [["a", "b", "c"]]}, 400, None),
     ("/predict", {"inputs": [[QUERY, " ".join(["river"] * 80)]]}, 400, "inputs"),
