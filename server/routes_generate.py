@@ -19,7 +19,7 @@ from server.schemas import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionChunk, CompletionRequest,
     CompletionResponse,
 )
-from server.state import ServerState, get_state, new_request_id
+from server.state import get_state, new_request_id
 
 router = APIRouter()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import uvicorn
 
 from engine.async_engine import AsyncEngine
@@ -245,3 +246,18 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
         if all(got.get(k) == v for k, v in labels.items()):
             return float(value)
     return None
+
+
+def leave_stream_early(url: str, body: dict, engine: Any, lines: int = 3) -> None:
+    """Read a few lines of a streamed answer, check the request holds KV blocks, hang up, then
+    wait (at most 10 s) until the server has aborted it and freed them."""
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", url, json=body) as r:
+            it = r.iter_lines()
+            for _ in range(lines):
+                next(it)
+            assert engine.stats().kv_cache_usage > 0
+    deadline = time.monotonic() + 10
+    while engine.stats().kv_cache_usage > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+

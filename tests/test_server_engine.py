@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import httpx
 import openai
@@ -15,7 +14,7 @@ from engine.config import CacheConfig, EngineConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from tests.server_helpers import metric_value, serve  # noqa: E402
+from tests.server_helpers import leave_stream_early, metric_value, serve  # noqa: E402
 from tests.tiny_models import save_tiny  # noqa: E402
 
 CHAT_TEMPLATE = (
@@ -165,17 +164,8 @@ def test_bad_requests_and_recovery(base_url, engine, client):
 
 
 def test_disconnect_frees_kv_blocks(base_url, engine):
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{base_url}/v1/completions",
-                         json={"model": MODEL, "prompt": "a long one", "max_tokens": 150, "stream": True,
-                               "ignore_eos": True}) as r:
-            lines = r.iter_lines()
-            for _ in range(4):
-                next(lines)
-            assert engine.stats().kv_cache_usage > 0
-    deadline = time.monotonic() + 10
-    while engine.stats().kv_cache_usage > 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    leave_stream_early(f"{base_url}/v1/completions", {"model": MODEL, "prompt": "a long one", "max_tokens": 150,
+                                                      "stream": True, "ignore_eos": True}, engine, lines=4)
     assert engine.stats().kv_cache_usage == 0.0
     assert engine.stats().num_running == 0
     metrics = httpx.get(f"{base_url}/metrics").text

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import httpx
 import pytest
@@ -20,7 +19,7 @@ from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob  # noqa
 from engine.sampling_params import SamplingParams  # noqa: E402
 from server import tgi  # noqa: E402
 from server.schemas_tgi import TgiGenerateResponse, TgiParameters, TgiStreamResponse  # noqa: E402
-from tests.server_helpers import serve  # noqa: E402
+from tests.server_helpers import leave_stream_early, serve  # noqa: E402
 
 NUM_BLOCKS, BLOCK_SIZE = 96, 4
 PROMPT = "The quick brown fox"
@@ -30,11 +29,6 @@ PROMPT = "The quick brown fox"
 def engine(tiny_llama) -> LLMEngine:
     return LLMEngine.from_config(EngineConfig(model=str(tiny_llama), cache=CacheConfig(block_size=BLOCK_SIZE,
                                                                                        num_blocks=NUM_BLOCKS)))
-
-
-@pytest.fixture(scope="module")
-def offline(tiny_llama) -> LLM:
-    return LLM(str(tiny_llama), num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +108,9 @@ def test_stream_is_one_event_per_token_and_matches_generate(url):
 
 
 # ---- TGI's parameters on the engine -----------------------------------------------------------
-def test_sampling_parameters_reach_the_engine(url, offline):
+def test_sampling_parameters_reach_the_engine(url, tiny_llama):
     """Every sampling field TGI has gives the tokens the offline engine gives with the same settings."""
+    offline = LLM(str(tiny_llama), num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
     fields = dict(temperature=0.7, top_k=40, top_p=0.9, typical_p=0.8, repetition_penalty=1.3,
                   frequency_penalty=0.5, seed=11)
     got = generate(url, max_new_tokens=10, details=True, **fields).json()["details"]
@@ -258,16 +253,8 @@ def test_stream_only_refusals(url):
 
 
 def test_a_client_that_leaves_frees_its_blocks(url, engine):
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", url + "/generate_stream",
-                         json={"inputs": PROMPT, "parameters": {"max_new_tokens": 200, "do_sample": True}}) as r:
-            lines = r.iter_lines()
-            for _ in range(3):
-                next(lines)
-            assert engine.stats().kv_cache_usage > 0
-    deadline = time.monotonic() + 10
-    while engine.stats().kv_cache_usage > 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    leave_stream_early(url + "/generate_stream",
+                       {"inputs": PROMPT, "parameters": {"max_new_tokens": 200, "do_sample": True}}, engine)
     assert engine.stats().kv_cache_usage == 0.0 and engine.stats().num_running == 0
 
 
