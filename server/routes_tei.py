@@ -25,31 +25,30 @@ router = APIRouter()
 MAX_EMBED_ALL_INPUTS = 32  # TEI's --max-client-batch-size default
 
 
-@router.post("/embed", responses=answers(TeiEmbedResponse, ENGINE_ERRORS))
-async def embed(body: TeiEmbedRequest, request: Request) -> Any:
-    """Vectors L2-normalised unless `normalize: false` (then as pooled, whatever the folder says)."""
+async def _embed(request: Request, model: str | None, raw_inputs: Any, limit: int, **fields: Any) -> JSONResponse:
+    """/embed and /embed_all: one request to the embedding model; each input's rows as nested lists."""
     state, start = get_state(request), time.monotonic()
-    name, engine = state.resolve(body.model, "embed")
-    inputs = embedding_inputs(body.inputs, engine.tokenizer, engine.info.vocab_size, state.settings.max_embedding_inputs)
-    payload = payload_class()(inputs=inputs, truncate=body.truncate, dimensions=body.dimensions,
-                               normalize=body.normalize)
+    name, engine = state.resolve(model, "embed")
+    inputs = embedding_inputs(raw_inputs, engine.tokenizer, engine.info.vocab_size, limit)
+    payload = payload_class()(inputs=inputs, **fields)
     out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("embd"), payload))
     state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
     return JSONResponse([v.tolist() for v in out.embeddings])
 
 
+@router.post("/embed", responses=answers(TeiEmbedResponse, ENGINE_ERRORS))
+async def embed(body: TeiEmbedRequest, request: Request) -> Any:
+    """Vectors L2-normalised unless `normalize: false` (then as pooled, whatever the folder says)."""
+    return await _embed(request, body.model, body.inputs, get_state(request).settings.max_embedding_inputs,
+                        truncate=body.truncate, dimensions=body.dimensions, normalize=body.normalize)
+
+
 @router.post("/embed_all", responses=answers(TeiEmbedAllResponse, ENGINE_ERRORS))
 async def embed_all(body: TeiEmbedAllRequest, request: Request) -> Any:
     """Every token's last hidden state, unpooled and unnormalised (for late interaction, e.g. ColBERT-style)."""
-    state, start = get_state(request), time.monotonic()
-    name, engine = state.resolve(body.model, "embed")
     # a row per token makes answers length x hidden size per input: TEI's default batch limit keeps them bounded
-    limit = min(MAX_EMBED_ALL_INPUTS, state.settings.max_embedding_inputs)
-    inputs = embedding_inputs(body.inputs, engine.tokenizer, engine.info.vocab_size, limit)
-    payload = payload_class()(inputs=inputs, truncate=body.truncate, per_token=True)
-    out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("embd"), payload))
-    state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
-    return JSONResponse([m.tolist() for m in out.embeddings])
+    limit = min(MAX_EMBED_ALL_INPUTS, get_state(request).settings.max_embedding_inputs)
+    return await _embed(request, body.model, body.inputs, limit, truncate=body.truncate, per_token=True)
 
 
 @router.post("/rerank", responses=answers(TeiRerankResponse, ENGINE_ERRORS))
