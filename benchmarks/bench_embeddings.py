@@ -104,10 +104,7 @@ RUNNERS = {"kvserve": run_kvserve, "st": run_st, "http": run_http}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num-sentences", type=int, default=2000)
-    ap.add_argument("--engines", default="kvserve,st,http")
-    ap.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per contender; the fastest is reported")
-    add_child_args(ap)
+    add_child_args(ap, clients=16)
     args = ap.parse_args()
     if args.child:
         texts = workload(args.folder, args.num_sentences)

@@ -136,10 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--queries", type=int, default=32)
     ap.add_argument("--docs", type=int, default=16, help="documents per query")
-    ap.add_argument("--engines", default="kvserve,st,http")
-    ap.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per contender; the fastest is reported")
-    add_child_args(ap)
+    add_child_args(ap, clients=8)
     args = ap.parse_args()
     if args.child:
         print(child_report(RUNNERS[args.child](args.folder, workload(args.queries, args.docs), args.out, args)))

@@ -60,8 +60,12 @@ def best_of(repeats: int, fn: Callable[[], T]) -> tuple[float, T]:
     return best, result  # type: ignore[return-value]
 
 
-def add_child_args(ap: argparse.ArgumentParser) -> None:
-    """The hidden flags with which a benchmark runs one contender in a child process (`run_child`)."""
+def add_child_args(ap: argparse.ArgumentParser, clients: int) -> None:
+    """The flags of a benchmark that runs each contender (kvserve offline, the peer, kvserve over HTTP
+    with `clients` concurrent clients) in a child process, and the hidden ones the child gets (`run_child`)."""
+    ap.add_argument("--engines", default="kvserve,st,http")
+    ap.add_argument("--clients", type=int, default=clients, help="concurrent HTTP clients")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per contender; the fastest is reported")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
