@@ -26,10 +26,14 @@ class TgiPlan:
     params: SamplingParams
     seed: int | None  # the first sample's seed when sampling (reported); None when greedy
     details: bool
-    prefill: bool  # decoder_input_details
     top_n: int
     full_text: bool
     truncate: int | None
+
+    @property
+    def prefill(self) -> bool:
+        """decoder_input_details (with details): the prompt is scored."""
+        return self.params.prompt_logprobs is not None
 
 
 def samples(p: TgiParameters) -> bool:
@@ -76,8 +80,7 @@ def plan(p: TgiParameters | None, stream: bool) -> TgiPlan:
         prompt_logprobs=0 if details and p.decoder_input_details else None,
         structured=grammar(p.grammar),
     )
-    return TgiPlan(params, seed, details, bool(details and p.decoder_input_details), top_n,
-                   bool(p.return_full_text), p.truncate)
+    return TgiPlan(params, seed, details, top_n, bool(p.return_full_text), p.truncate)
 
 
 def grammar(g: TgiGrammar | None) -> StructuredOutput | None:
