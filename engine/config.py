@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
+from engine.speculative import SpeculativeConfig
 
 MAX_GEMV_ROWS = 16  # each row of a GEMV reads the weights again (from L2 at best): past a few, a GEMM wins
 
@@ -72,7 +73,12 @@ class EngineConfig:
     # decode attention; engine/fused/pdl.py): each launches while the previous one drains. CUDA
     # compute capability 9.0+ only.
     enable_pdl: bool = False
+    # n-gram speculative decoding (engine/speculative.py); None: off
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.gemv_max_rows <= MAX_GEMV_ROWS:
             raise InvalidRequestError(f"gemv_max_rows must be in [0, {MAX_GEMV_ROWS}], got {self.gemv_max_rows}")
+        if self.speculative is not None and self.run_ahead:
+            raise InvalidRequestError("speculative decoding cannot run ahead: a step's inputs depend on how "
+                                      "many drafts the step before accepted")

@@ -92,7 +92,8 @@ class LLMEngine:
             max_num_seqs=config.scheduler.max_num_seqs,
             max_model_len=self.max_model_len,
         )
-        self.scheduler = Scheduler(sched_cfg, self.block_manager, frozenset(self.info.eos_token_ids))
+        self.scheduler = Scheduler(sched_cfg, self.block_manager, frozenset(self.info.eos_token_ids),
+                                   speculative=config.speculative)
         spec = loaded.model.kv_cache_spec
         if config.enable_pdl and not _pdl_supported(config.device):
             raise InvalidRequestError("programmatic dependent launch (--enable-pdl) needs a CUDA GPU of compute "
@@ -107,7 +108,9 @@ class LLMEngine:
                                            config, self.max_model_len)
         self.runner = ModelRunner(loaded.model, caches, block_size, backend, config.device, config.seed, graphs,
                                   eos_token_ids=self.info.eos_token_ids)
-        self.run_ahead = config.run_ahead if config.run_ahead is not None else (graphs is not None and on_cuda)
+        # a step run ahead of would need the previous step's accepted drafts before they are known
+        self.run_ahead = config.run_ahead if config.run_ahead is not None else (
+            graphs is not None and on_cuda and config.speculative is None)
         self._inflight: Launched | None = None  # a step run ahead of: launched, its tokens not yet read
         self.guides = Guides(loaded.tokenizer, self.info.vocab_size, self.info.eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
@@ -238,12 +241,15 @@ class LLMEngine:
 
     def _land(self, launched: Launched) -> list[RequestOutput]:
         sched = launched.sched
-        sampled, logprobs = launched.result()
+        landed = launched.result()
         # a sequence stopped by the step before (or aborted) drops the token it sampled since
-        sampled = [None if seq.is_finished else t for seq, t in zip(sched.seqs, sampled)]
-        finished = self.scheduler.land(sched, sampled)
+        sampled = [None if seq.is_finished else t for seq, t in zip(sched.seqs, landed.sampled)]
+        before = [seq.num_tokens for seq in sched.seqs]
+        self.scheduler.land(sched, sampled, landed.accepted)
         self._keep_prompt_logprobs(launched)
-        return self._process(sched, sampled, logprobs, finished)
+        # the tokens each row appended: its accepted drafts and its sample, up to a stop token
+        appended = [seq.token_ids[n:] for seq, n in zip(sched.seqs, before)]
+        return self._process(sched, appended, landed.logprobs)
 
     def _keep_prompt_logprobs(self, launched: Launched) -> None:
         """Append the step's scored prompt positions to their requests. A sequence preempted and
@@ -259,34 +265,41 @@ class LLMEngine:
     def _process(
         self,
         sched: SchedulerOutput,
-        sampled: list[int | None],
-        logprobs: list[TokenLogprob | None],
-        finished: list[Sequence],
+        appended: list[list[int]],
+        logprobs: list[list[TokenLogprob | None]],
     ) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
-        for seq, token, lp in zip(sched.seqs, sampled, logprobs):
+        for seq, tokens, lps in zip(sched.seqs, appended, logprobs):
             state = self._requests.get(seq.request_id)
             if state is None:
                 continue
             if state.first_scheduled_time is None:
                 state.first_scheduled_time = now
-            if token is None:
+            if not tokens:
                 continue
-            self.num_generation_tokens += 1
             if state.first_token_time is None:
                 state.first_token_time = now
-            if state.logprobs is not None and lp is not None:
-                state.logprobs[seq.sample_index].append(lp)
-            # before min_tokens no stop string ends it (EOS and stop ids were never allowed)
-            stop = state.detokenizers[seq.sample_index].add(self.tokenizer, token,
-                                                            check_stop=seq.num_output_tokens >= seq.params.min_tokens)
-            if stop is not None and not seq.is_finished:
-                seq.stop_reason = stop
-                self.scheduler.finish(seq, "stop")
-            if seq.seq_id in self.guides and self.guides.advance(seq.seq_id, token) and not seq.is_finished:
-                self.scheduler.finish(seq, "stop")  # the grammar is complete: only EOS could follow
+            first_output = seq.num_output_tokens - len(tokens)
+            for k, (token, lp) in enumerate(zip(tokens, lps)):
+                self.num_generation_tokens += 1
+                if state.logprobs is not None and lp is not None:
+                    state.logprobs[seq.sample_index].append(lp)
+                # before min_tokens no stop string ends it (EOS and stop ids were never allowed)
+                stop = state.detokenizers[seq.sample_index].add(
+                    self.tokenizer, token, check_stop=first_output + k + 1 >= seq.params.min_tokens)
+                last = k == len(tokens) - 1
+                # a stop string met before the row's last token ends it there, even where a stop
+                # token further on had finished it; at the last token the scheduler's reason stands
+                if stop is not None and (not seq.is_finished or not last):
+                    seq.stop_reason = stop
+                    self.scheduler.finish(seq, "stop")
+                    if not last:  # the tokens after it were never output
+                        del seq.token_ids[seq.num_tokens - len(tokens) + k + 1 :]
+                        break
+                if seq.seq_id in self.guides and self.guides.advance(seq.seq_id, token) and not seq.is_finished:
+                    self.scheduler.finish(seq, "stop")  # the grammar is complete: only EOS could follow
             touched[seq.request_id] = state
         for state in touched.values():
             done = all(s.is_finished for s in state.seqs)
@@ -344,4 +357,6 @@ class LLMEngine:
             num_blocks_total=self.block_manager.num_blocks,
             num_prefix_queried_tokens=self.scheduler.num_prefix_queried_tokens,
             num_prefix_hit_tokens=self.scheduler.num_prefix_hit_tokens,
+            num_draft_tokens=self.scheduler.num_draft_tokens,
+            num_accepted_tokens=self.scheduler.num_accepted_tokens,
         )

@@ -14,20 +14,22 @@ class StepInputs:
     input_ids: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64
     meta: AttentionMetadata
-    sample_rows: torch.Tensor  # (S,) int64: flat rows whose hidden state is sampled from
+    sample_rows: torch.Tensor  # (S,) int64: flat rows whose hidden state is sampled from, by sequence
 
 
 def prepare_inputs(
     token_chunks: list[list[int]],
     starts: list[int],
     block_tables: list[list[int]],
-    samples: list[bool],
+    samples: list[bool] | list[int],
     block_size: int,
     device: torch.device | str = "cpu",
     causal: bool = True,
 ) -> StepInputs:
     """Sequence i computes `token_chunks[i]` at positions `starts[i]...`; its KV goes to
-    `block_tables[i]`. Positions and slots come from tensor ops, not a per-token loop."""
+    `block_tables[i]`; its last `samples[i]` rows are sampled from (a bool: its last row or
+    none; a count: its last token and the drafts after it, engine/speculative.py). Positions and
+    slots come from tensor ops, not a per-token loop."""
     lens = torch.tensor([len(c) for c in token_chunks], dtype=torch.int64)
     start = torch.tensor(starts, dtype=torch.int64)
     cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
@@ -54,7 +56,11 @@ def prepare_inputs(
         seq_lens_host=tuple(seq_lens.tolist()),
         causal=causal,
     )
-    sample_rows = (cu[1:] - 1)[torch.tensor(samples, dtype=torch.bool)]
+    counts = torch.tensor([int(c) for c in samples], dtype=torch.int64)
+    num_sampled = int(counts.sum())
+    # row k of sequence i's c_i sampled rows is flat row cu[i + 1] - c_i + k
+    first = torch.repeat_interleave(cu[1:] - counts, counts)
+    sample_rows = first + torch.arange(num_sampled) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     return StepInputs(
         input_ids=to_device(flat_ids, device, torch.int64),
         positions=to_device(positions, device),

@@ -9,6 +9,7 @@ from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import GenerationRequest
 from engine.sampling_params import SamplingParams
+from engine.speculative import SpeculativeConfig
 
 
 class LLM:
@@ -34,7 +35,11 @@ class LLM:
         gemv_max_rows: int = 0,
         enable_pdl: bool = False,
         enable_prefix_caching: bool = True,
+        speculative_config: dict | SpeculativeConfig | None = None,
     ) -> None:
+        """`speculative_config`: vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4}."""
+        if isinstance(speculative_config, dict):
+            speculative_config = SpeculativeConfig(**speculative_config)
         config = EngineConfig(
             model=model,
             dtype=dtype,
@@ -51,6 +56,7 @@ class LLM:
             run_ahead=run_ahead,
             gemv_max_rows=gemv_max_rows,
             enable_pdl=enable_pdl,
+            speculative=speculative_config,
         )
         self.engine = LLMEngine.from_config(config)
         self.tokenizer = self.engine.tokenizer

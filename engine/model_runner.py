@@ -5,6 +5,7 @@ Performance tricks (CUDA graphs, pinned copies) belong here and in the attention
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -23,6 +24,7 @@ from engine.prompt_logprobs import PromptRows, prompt_rows, score
 from engine.sampler import Sampler, SamplingRow
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from engine.speculative import num_accepted
 from engine.workspace import Workspace
 from models.spec import KVCacheSpec
 
@@ -130,8 +132,10 @@ class ModelRunner:
         row per scheduled sequence (engine/guided.py) for steps with constrained rows."""
         self.copy_blocks(out.block_copies)
         seqs = out.seqs
+        drafts = out.drafts or [[] for _ in seqs]
         carried = self._carried(seqs, prev)
-        rows = [i for i, samples in enumerate(out.sampling) if samples]
+        # one row per token sampled: a row with drafts samples after its last token and each draft
+        rows = [i for i, samples in enumerate(out.sampling) if samples for _ in range(1 + len(drafts[i]))]
         scored = prompt_rows(seqs, out.num_new_tokens)
         graphable = self.graphs is not None and len(seqs) <= self.graphs.max_batch and not scored
         if graphable and all(n == 1 for n in out.num_new_tokens):
@@ -146,12 +150,12 @@ class ModelRunner:
         else:
             inputs = prepare_inputs(
                 token_chunks=[
-                    s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] or [0]  # [0]: in flight
-                    for s, n in zip(seqs, out.num_new_tokens)
+                    (s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] + d) or [0]  # [0]: in flight
+                    for s, n, d in zip(seqs, out.num_new_tokens, drafts)
                 ],
                 starts=[s.num_computed_tokens for s in seqs],
                 block_tables=[s.block_table for s in seqs],
-                samples=out.sampling,
+                samples=[(1 + len(d)) * samples for samples, d in zip(out.sampling, drafts)],
                 block_size=self.block_size,
                 device=self.device,
             )
@@ -162,8 +166,8 @@ class ModelRunner:
             ctx = ForwardContext(meta=inputs.meta, backend=self.backend, kv_caches=self.kv_caches)
             flat = self.model(inputs.input_ids, inputs.positions, ctx)
             hidden = flat[inputs.sample_rows]
-        tokens, logprobs = self._sample(hidden, seqs, rows, allowed)
-        host_first = not all(seqs[i].params.is_plain for i in rows)
+        tokens, logprobs = self._sample(hidden, seqs, rows, allowed, drafts)
+        host_first = not all(seqs[i].params.is_plain for i in rows) or any(drafts)
         launched = Launched(out, tokens, rows, logprobs, deferred=defer and not host_first)
         if scored:
             launched.prompt_logprobs = self._score_prompts(flat, seqs, scored)
@@ -204,12 +208,19 @@ class ModelRunner:
         return to_device(rows, self.device), tokens
 
     def _sample(
-        self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int], allowed: torch.Tensor | None = None
+        self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int], allowed: torch.Tensor | None = None,
+        drafts: list[list[int]] | None = None,
     ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
-        """One token per sampling row (`rows`: their sequences' indices; `hidden` holds their
-        states in that order) as a device tensor, and logprobs for the rows that asked (of the
-        distribution a grammar leaves, as the token is drawn from it)."""
-        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        """One token per sampling row (`rows`: their sequences' indices, a sequence's k-th row
+        after its k-th draft; `hidden` holds their states in that order) as a device tensor, and
+        logprobs per row for the sequences that asked (of the distribution a grammar leaves, as
+        the token is drawn from it). A row after drafts sees them as its sequence's latest
+        output: in its penalties and in how many tokens min_tokens still holds EOS back."""
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
+        drafts = drafts or [[] for _ in seqs]
+        offsets = [0] * len(rows)
+        for j in range(1, len(rows)):
+            offsets[j] = offsets[j - 1] + 1 if rows[j] == rows[j - 1] else 0
         if not rows:
             return torch.empty(0, dtype=torch.int64, device=self.device), logprobs
         screen = getattr(self.model, "greedy_screen", None)  # bf16-screened argmax (engine/greedy_screen.py)
@@ -227,15 +238,15 @@ class ModelRunner:
             SamplingRow(
                 params=seqs[i].params,
                 prompt_ids=seqs[i].token_ids[: seqs[i].num_prompt_tokens] if seqs[i].params.needs_penalties else [],
-                output_ids=seqs[i].output_token_ids if seqs[i].params.needs_penalties else [],
+                output_ids=seqs[i].output_token_ids + drafts[i][:k] if seqs[i].params.needs_penalties else [],
                 generator=self.generator_for(seqs[i]),
-                banned=self._banned(seqs[i]),
+                banned=self._banned(seqs[i], k),
             )
-            for i in (rows[j] for j in rest)
+            for i, k in ((rows[j], offsets[j]) for j in rest)
         ]
         sampled, token_logprobs = self.sampler.sample(logits, sampling_rows)
         for j, lp in zip(rest, token_logprobs):
-            logprobs[rows[j]] = lp
+            logprobs[j] = lp
         if not plain:
             return sampled, logprobs
         tokens = torch.empty(len(rows), dtype=torch.int64, device=sampled.device)
@@ -243,18 +254,20 @@ class ModelRunner:
         tokens[rest] = sampled
         return tokens, logprobs
 
-    def _banned(self, seq: Sequence) -> tuple[int, ...]:
+    def _banned(self, seq: Sequence, num_drafts: int = 0) -> tuple[int, ...]:
         """EOS and stop ids while the token sampled now would come before min_tokens. Tokens still
-        in flight count: this step samples output token num_output_tokens + num_inflight."""
+        in flight and the drafts before the row count: it samples output token
+        num_output_tokens + num_inflight + num_drafts."""
         params = seq.params
-        if seq.num_output_tokens + seq.num_inflight >= params.min_tokens:
+        if seq.num_output_tokens + seq.num_inflight + num_drafts >= params.min_tokens:
             return ()
         return params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
 
 
 class Launched:
     """A launched step: its schedule, and its sampled tokens on the device (row order of
-    `rows`, the schedule's sampling rows) until `result()` brings them to the host."""
+    `rows`, the schedule's sampling rows, one per token sampled) until `result()` brings them
+    to the host."""
 
     def __init__(self, sched: SchedulerOutput, tokens: torch.Tensor, rows: list[int],
                  logprobs: list[TokenLogprob | None], deferred: bool) -> None:
@@ -275,15 +288,38 @@ class Launched:
             self._event.record()
 
     def index_of(self) -> dict[int, int]:
-        """seq_id -> index of its token in `tokens`."""
+        """seq_id -> index of its token in `tokens` (a step run ahead of has no drafts: one each)."""
         return {self.sched.seqs[i].seq_id: j for j, i in enumerate(self.rows)}
 
-    def result(self) -> tuple[list[int | None], list[TokenLogprob | None]]:
-        """Per scheduled row: its token (None: did not sample) and logprobs."""
+    def result(self) -> Landed:
+        """Per scheduled row: its drafts accepted, its token (None: did not sample) and the
+        logprobs of both."""
         if self._event is not None:
             self._event.synchronize()
         values = (self._host if self._host is not None else self.tokens).tolist()
-        sampled: list[int | None] = [None] * len(self.sched.seqs)
+        num = len(self.sched.seqs)
+        samples: list[list[int]] = [[] for _ in range(num)]
+        row_logprobs: list[list[TokenLogprob | None]] = [[] for _ in range(num)]
         for j, i in enumerate(self.rows):
-            sampled[i] = values[j]
-        return sampled, self.logprobs
+            samples[i].append(values[j])
+            row_logprobs[i].append(self.logprobs[j])
+        landed = Landed([None] * num, [[] for _ in range(num)], [[] for _ in range(num)])
+        for i, drawn in enumerate(samples):
+            if not drawn:
+                continue
+            drafts = self.sched.drafts[i] if self.sched.drafts else []
+            kept = num_accepted(drafts, drawn)
+            landed.sampled[i] = drawn[kept]
+            landed.accepted[i] = drafts[:kept]
+            landed.logprobs[i] = row_logprobs[i][: kept + 1]
+        return landed
+
+
+@dataclass
+class Landed:
+    """A step's tokens on the host, per scheduled row: the drafts it accepted, then its sampled
+    token (None: the row did not sample), and one logprob entry (or None) for each of them."""
+
+    sampled: list[int | None]
+    accepted: list[list[int]]
+    logprobs: list[list[TokenLogprob | None]]

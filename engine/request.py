@@ -25,3 +25,5 @@ class EngineStats:
     num_blocks_total: int = 0
     num_prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
     num_prefix_hit_tokens: int = 0  # of those, found there
+    num_draft_tokens: int = 0  # speculative drafts verified (engine/speculative.py)
+    num_accepted_tokens: int = 0  # of those, accepted

@@ -10,6 +10,10 @@ the newest running sequence is preempted by recompute and goes back to the front
 A step's bookkeeping has two halves: `advance` (its chunks are computed, its sampling rows have
 a token in flight) when it is launched, and `land` (the tokens are appended, stop rules applied)
 when its tokens reach the host; `update` does both for a step that is not run ahead of.
+
+With n-gram speculation (engine/speculative.py) a decoding sequence also computes the drafts its
+own tokens suggest: they count as computed when the step is launched, and `land` takes back
+the ones the step's samples rejected, so computed tokens never run ahead of verified ones.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
+from engine.speculative import SpeculativeConfig, propose_ngram
 
 
 @dataclass
@@ -31,6 +36,8 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     sampling: list[bool] = field(default_factory=list)  # row i's chunk reaches its sequence's end
+    # row i's draft tokens, computed after its last token; a sampling row samples 1 + len(drafts[i])
+    drafts: list[list[int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -40,10 +47,12 @@ class SchedulerOutput:
     def num_batched_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
-    def add(self, seq: Sequence, n: int) -> None:
+    def add(self, seq: Sequence, n: int, drafts: list[int] | None = None) -> None:
+        drafts = drafts or []
         self.seqs.append(seq)
         self.num_new_tokens.append(n)
-        self.sampling.append(seq.num_computed_tokens + n == seq.num_tokens + seq.num_inflight)
+        self.sampling.append(seq.num_computed_tokens + n == seq.num_tokens + seq.num_inflight + len(drafts))
+        self.drafts.append(drafts)
 
 
 class Scheduler:
@@ -54,15 +63,19 @@ class Scheduler:
         config: SchedulerConfig,
         block_manager: BlockManager,
         eos_token_ids: frozenset[int] = frozenset(),
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.config = config
         self.block_manager = block_manager
         self.eos_token_ids = eos_token_ids
+        self.speculative = speculative
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_prefix_queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_prefix_hit_tokens = 0  # of those, found there
+        self.num_draft_tokens = 0  # drafts verified (speculative decoding)
+        self.num_accepted_tokens = 0  # of those, accepted
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -79,6 +92,12 @@ class Scheduler:
             if seq.num_inflight and seq.num_output_tokens + seq.num_inflight >= seq.max_tokens:
                 i += 1  # its token in flight is its last: nothing more to compute
                 continue
+            drafts = self._drafts(seq, budget)
+            if drafts and self.block_manager.allocate_slots(seq, 1 + len(drafts)):
+                out.add(seq, 1 + len(drafts), drafts)
+                budget -= 1 + len(drafts)
+                i += 1
+                continue  # no room for the drafts: the plain decode below may still preempt for its token
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.allocate_slots(seq, n):
                 victim = self.running.pop()  # the newest: it loses the least work
@@ -115,6 +134,17 @@ class Scheduler:
         out.block_copies = self.block_manager.take_pending_copies()
         return out
 
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens for a sequence about to decode, leaving room for the token the step always
+        adds within its `max_tokens` and the budget. None for a grammar: its mask at a draft's
+        position would need the grammar advanced through the drafts before it."""
+        if self.speculative is None or seq.num_uncomputed_tokens != 1 or seq.num_inflight:
+            return []
+        if seq.params.structured is not None:
+            return []
+        room = min(seq.max_tokens - seq.num_output_tokens, budget) - 1
+        return propose_ngram(seq.token_ids, self.speculative, room)
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
@@ -123,10 +153,11 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)  # popped newest-first, so the oldest ends up in front
 
-    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
+    def update(self, out: SchedulerOutput, sampled: list[int | None],
+               accepted: list[list[int]] | None = None) -> list[Sequence]:
         """`advance` then `land`: a step whose tokens are on the host when the next is scheduled."""
         self.advance(out)
-        return self.land(out, sampled)
+        return self.land(out, sampled, accepted)
 
     def advance(self, out: SchedulerOutput) -> None:
         """The step is launched: its chunks count as computed, its sampling rows hold a token in flight."""
@@ -134,23 +165,34 @@ class Scheduler:
             seq.num_computed_tokens += n
             seq.num_inflight += samples
 
-    def land(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
-        """Append the step's sampled tokens (None: did not sample) and finish sequences that hit
-        a stop token or their length; returns the finished ones. A sequence finished meanwhile
-        (stopped by the step before, or aborted) drops its token."""
+    def land(self, out: SchedulerOutput, sampled: list[int | None],
+             accepted: list[list[int]] | None = None) -> list[Sequence]:
+        """Append the step's sampled tokens (None: did not sample), after the drafts each row
+        accepted (`accepted[i]`, a prefix of `out.drafts[i]`), and finish sequences that hit a
+        stop token or their length; returns the finished ones. Rejected drafts stop counting as
+        computed: the cache slots they wrote are written again by the tokens that replace them.
+        A sequence finished meanwhile (stopped by the step before, or aborted) drops its tokens."""
         finished: list[Sequence] = []
-        for seq, token in zip(out.seqs, sampled):
+        for i, (seq, token) in enumerate(zip(out.seqs, sampled)):
             if token is None:
                 continue
             seq.num_inflight -= 1
+            drafts = out.drafts[i] if out.drafts else []
+            kept = accepted[i] if accepted is not None else []
+            assert kept == drafts[: len(kept)], "accepted tokens must be a prefix of the drafts"
+            self.num_draft_tokens += len(drafts)
+            self.num_accepted_tokens += len(kept)
             if seq.is_finished:
                 continue
-            seq.token_ids.append(token)
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                seq.finish_reason, seq.stop_reason = reason
-                self.finish(seq)
-                finished.append(seq)
+            seq.num_computed_tokens -= len(drafts) - len(kept)
+            for t in (*kept, token):
+                seq.token_ids.append(t)
+                reason = self._stop_reason(seq, t)
+                if reason is not None:
+                    seq.finish_reason, seq.stop_reason = reason
+                    self.finish(seq)
+                    finished.append(seq)
+                    break
         return finished
 
     def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:

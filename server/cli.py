@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         "as fused Triton GEMVs (0: cuBLAS)")
     switch("enable-pdl", "CUDA, Hopper or newer: decoder layers' Triton kernels launch while the previous one "
            "drains (programmatic dependent launch)")
+    opt("speculative-config", str, None, "n-gram speculative decoding for generation models, as vLLM's JSON: "
+        '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+        "(drafts copied from the prompt and output, verified in one step; off by default)")
     opt("tool-call-parser", str, None, "how tool_choice auto answers are read: hermes (<tool_call> JSON "
         "</tool_call>, Qwen2.5/Hermes), llama3_json (the answer is JSON calls, Llama 3.1-3.3) or pythonic "
         "([f(a=1)], Llama 3.2/4); unset, auto is refused (required and named functions work)")
@@ -103,6 +106,28 @@ def resolve_placement(device: str, dtype: str, cuda_devices: int) -> tuple[str, 
     return device, dtype
 
 
+def speculative_config(text: str | None) -> Any:
+    """--speculative-config's JSON as a SpeculativeConfig (None: off); ValueError names what is wrong."""
+    from engine.errors import InvalidRequestError
+    from engine.speculative import SpeculativeConfig
+
+    if not text:
+        return None
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--speculative-config must be a JSON object: {err}") from None
+    if not isinstance(fields, dict):
+        raise ValueError("--speculative-config must be a JSON object")
+    known = set(SpeculativeConfig.__dataclass_fields__)
+    if set(fields) - known:
+        raise ValueError(f"--speculative-config: unknown keys {sorted(set(fields) - known)}; known: {sorted(known)}")
+    try:
+        return SpeculativeConfig(**fields)
+    except (InvalidRequestError, TypeError) as err:
+        raise ValueError(f"--speculative-config: {err}") from None
+
+
 def _cuda_devices() -> int:
     import torch
 
@@ -121,6 +146,7 @@ def engine_config(model: str, args: argparse.Namespace, gpu_kv_share: float = 1.
         run_ahead=False if args.no_run_ahead else None,
         gemv_max_rows=args.gemv_max_rows,
         enable_pdl=args.enable_pdl,
+        speculative=speculative_config(args.speculative_config),
         cache=CacheConfig(num_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
                           gpu_memory_utilization=args.gpu_memory_utilization, gpu_kv_share=gpu_kv_share,
                           enable_prefix_caching=not args.no_enable_prefix_caching),
@@ -217,6 +243,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         args.device, args.dtype = resolve_placement(args.device, args.dtype, _cuda_devices())
+    except ValueError as err:
+        parser.error(str(err))
+    try:  # refused here, with the usage line, rather than when the first model loads
+        speculative_config(args.speculative_config)
     except ValueError as err:
         parser.error(str(err))
     for flag, given in (("--gemv-max-rows", args.gemv_max_rows), ("--enable-pdl", args.enable_pdl)):

@@ -43,12 +43,17 @@ class ServerMetrics:
         self.num_preemptions = counter("num_preemptions", "Requests preempted for lack of KV blocks.")
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.spec_decode_draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative draft tokens verified.")
+        self.spec_decode_accepted_tokens = counter("spec_decode_num_accepted_tokens",
+                                                   "Speculative draft tokens accepted.")
         # engine counters (totals since start) and the Prometheus counters they feed, as increments
         self._counters = (("num_prompt_tokens", self.prompt_tokens),
                           ("num_generation_tokens", self.generation_tokens),
                           ("num_preemptions", self.num_preemptions),
                           ("num_prefix_queried_tokens", self.prefix_cache_queries),
-                          ("num_prefix_hit_tokens", self.prefix_cache_hits))
+                          ("num_prefix_hit_tokens", self.prefix_cache_hits),
+                          ("num_draft_tokens", self.spec_decode_draft_tokens),
+                          ("num_accepted_tokens", self.spec_decode_accepted_tokens))
         self.request_success = counter(
             "request_success", "Finished requests by finish reason.", ["model_name", "finished_reason"]
         )
