@@ -211,8 +211,7 @@ def test_sampled_tokens_carry_transformers_logprobs_at_their_positions(tiny):
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, repetition_penalty=1.2),
     SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, frequency_penalty=0.1, presence_penalty=0.05),
-    SamplingParams(temperature=0.0, max_tokens=24, min_tokens=10, stop_token_ids=(0, 1, 2, 3, 4, 5, 6, 7, 8)),
-], ids=["repetition", "frequency-presence", "min-tokens"])
+], ids=["repetition", "frequency-presence"])
 def test_rows_after_drafts_see_them_as_output(tiny, params):
     """Penalties count the drafts before a row, and min_tokens holds stop ids back by them: the
     tokens equal decoding without drafts."""
@@ -225,6 +224,27 @@ def test_rows_after_drafts_see_them_as_output(tiny, params):
     _no_leaks(spec)
 
 
+def test_min_tokens_counts_the_drafts_before_a_row(tiny):
+    """Each prompt's commonest output token is a stop id held back for a few tokens: a row after
+    drafts that crosses min_tokens may stop, one before it may not, as without drafts."""
+    import collections
+
+    spec, plain = _llm(tiny, spec=True), _llm(tiny, spec=False)
+    prompts = _repetitive_prompts(8, seed=9) * 3
+    free = plain.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    params = []
+    for i, out in enumerate(free):
+        common = collections.Counter(out.outputs[0].token_ids).most_common(1)[0][0]
+        params.append(SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, min_tokens=3 + i % 8,
+                                     stop_token_ids=(common,)))
+    got = [o.outputs[0] for o in spec.generate(prompts, params)]
+    want = [o.outputs[0] for o in plain.generate(prompts, params)]
+    assert [(c.token_ids, c.finish_reason, c.stop_reason) for c in got] == \
+           [(c.token_ids, c.finish_reason, c.stop_reason) for c in want]
+    assert sum(c.finish_reason == "stop" for c in got) >= 12 and _accepted(spec) > 0
+    _no_leaks(spec)
+
+
 def test_stop_strings_end_where_they_would_without_drafts(tiny):
     """A stop string met at an accepted draft drops the drafts after it, with their tokens."""
     spec, plain = _llm(tiny, spec=True), _llm(tiny, spec=False)
@@ -234,8 +254,8 @@ def test_stop_strings_end_where_they_would_without_drafts(tiny):
     for out in plain.generate(prompts, free):
         text = out.outputs[0].text
         stops.append(text[len(text) // 2 : len(text) // 2 + 2] or "x")
-    for include in (False, True):
-        params = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=(s,),
+    for include, min_tokens in ((False, 0), (True, 0), (False, 9)):  # min_tokens: a stop string before it is passed over
+        params = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=(s,), min_tokens=min_tokens,
                                  include_stop_str_in_output=include) for s in stops]
         got = [o.outputs[0] for o in spec.generate(prompts, params)]
         want = [o.outputs[0] for o in plain.generate(prompts, params)]
