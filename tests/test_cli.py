@@ -101,3 +101,19 @@ def test_models_are_built_with_their_kv_share_and_a_budget_error_exits_cleanly(m
     with pytest.raises(SystemExit, match="cannot serve marian: no GPU memory left"):
         cli.serve(args)
     assert built == [("smol", "generate", 0.5), ("mini", "embed", 1.0), ("marian", "translate", 1.0)]
+
+
+def test_speculative_config_builds_the_engine_config_and_bad_json_is_refused(monkeypatch, capsys):
+    from engine.speculative import SpeculativeConfig
+
+    args = cli.build_parser().parse_args(["serve", "--speculative-config",
+                                          '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}'])
+    assert cli.engine_config("smollm2", args).speculative == SpeculativeConfig(num_speculative_tokens=5,
+                                                                              prompt_lookup_max=3)
+    assert cli.engine_config("smollm2", cli.build_parser().parse_args(["serve"])).speculative is None
+    monkeypatch.setattr(cli, "serve", lambda args: pytest.fail("serve must not start"))
+    for text, message in (("{nope", "must be a JSON object"), ('{"num_speculative_tokens": 0}', "num_speculative"),
+                          ('{"draft_model": "x"}', "unknown keys"), ('{"method": "eagle"}', "ngram")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["serve", "--device", "cpu", "--speculative-config", text])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

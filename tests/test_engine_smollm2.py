@@ -128,3 +128,25 @@ def test_tgi_client_on_the_real_model_equals_transformers(hf, monkeypatch):
     assert [c.token.id for c in streamed] == ref.tolist()
     assert "".join(c.token.text for c in streamed if not c.token.special) == out.generated_text
     assert engine.stats().kv_cache_usage == 0.0
+
+
+def test_ngram_speculation_on_copying_chats_equals_transformers(hf):
+    """Answers that quote their prompt (repeat a text, fix one word of code) accept most drafts;
+    the greedy tokens still equal transformers' generate() without any."""
+    model, tok = hf
+    passage = ("Paged attention stores the key and value cache in fixed-size blocks, so sequences of "
+               "different lengths share one pool of memory without fragmentation.")
+    chats = [[{"role": "user", "content": f"Repeat this text word for word:\n\n{passage}"}],
+             [{"role": "user", "content": "Fix the typo in this code and print it whole:\n\n"
+                                          "def add(a, b):\n    retrun a + b\n\nprint(add(2, 3))\n"}]]
+    llm = LLM("smollm2", num_kv_blocks=512, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    prompts = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(c), add_special_tokens=False) for c in chats]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        with torch.inference_mode():
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == want
+    stats = llm.engine.stats()
+    assert stats.num_accepted_tokens >= 30 and stats.num_accepted_tokens <= stats.num_draft_tokens  # of 80 tokens
+    assert llm.engine.block_manager.num_free_blocks == 512

@@ -328,3 +328,35 @@ def test_n_samples_and_a_grammar_row_share_a_step_with_drafted_rows(tiny_llama):
     assert re.fullmatch("[ab]{4}", outs[3].outputs[0].text)
     assert _accepted(llm) > 0
     _no_leaks(llm)
+
+
+def test_served_with_drafts_streams_the_same_tokens_and_counts_them(tiny_llama):
+    """Over HTTP: a streamed completion (several tokens per step) reassembles to the non-streamed
+    one and to decoding without drafts; /metrics counts drafts and accepted ones as vLLM does."""
+    import httpx
+    import openai
+
+    from engine.config import CacheConfig
+    from engine.engine import LLMEngine
+    from engine.speculative import SpeculativeConfig
+    from tests.server_helpers import metric_value, serve
+
+    engine = LLMEngine.from_config(EngineConfig(
+        model=str(tiny_llama), cache=CacheConfig(block_size=4, num_blocks=64),
+        speculative=SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1)))
+    prompt = "abcabcabcab"
+    want = _llm(tiny_llama, spec=False).generate([prompt], SamplingParams(temperature=0.0, max_tokens=30,
+                                                                           ignore_eos=True))[0].outputs[0]
+    with serve({engine.info.name: engine}) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        name = engine.info.name
+        args = dict(model=name, prompt=prompt, max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+        whole = client.completions.create(**args)
+        chunks = [c.choices[0].text for c in client.completions.create(stream=True, **args)]
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert whole.choices[0].text == "".join(chunks) == want.text and whole.usage.completion_tokens == 30
+    drafts = metric_value(metrics, "kvserve:spec_decode_num_draft_tokens_total", model_name=name)
+    accepted = metric_value(metrics, "kvserve:spec_decode_num_accepted_tokens_total", model_name=name)
+    assert 0 < accepted <= drafts and accepted == engine.stats().num_accepted_tokens
+    assert metric_value(metrics, "kvserve:generation_tokens_total", model_name=name) == 60
+    assert engine.block_manager.num_free_blocks == 64
