@@ -138,12 +138,15 @@ class Scheduler:
         """Draft tokens for a sequence about to decode, leaving room for the token the step always
         adds within its `max_tokens` and the budget. None for a grammar: its mask at a draft's
         position would need the grammar advanced through the drafts before it."""
-        if self.speculative is None or seq.num_uncomputed_tokens != 1 or seq.num_inflight:
+        spec = self.speculative
+        if spec is None or seq.num_uncomputed_tokens != 1 or seq.num_inflight:
+            return []
+        if spec.disable_by_batch_size is not None and len(self.running) + len(self.waiting) > spec.disable_by_batch_size:
             return []
         if seq.params.structured is not None:
             return []
         room = min(seq.max_tokens - seq.num_output_tokens, budget) - 1
-        return propose_ngram(seq.token_ids, self.speculative, room)
+        return propose_ngram(seq.token_ids, spec, room)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

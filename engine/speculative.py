@@ -35,6 +35,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    # no drafts while more sequences than this run or wait: a large batch is no longer bound by reading the
+    # weights, so verifying drafts costs about what it saves (vLLM's option; None: always draft)
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method != "ngram":
@@ -48,6 +51,8 @@ class SpeculativeConfig:
                 "prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max, got "
                 f"{self.prompt_lookup_min} and {self.prompt_lookup_max}"
             )
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise InvalidRequestError(f"disable_by_batch_size must be positive, got {self.disable_by_batch_size}")
 
 
 def propose_ngram(token_ids: list[int], config: SpeculativeConfig, limit: int) -> list[int]:

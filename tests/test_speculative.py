@@ -54,7 +54,8 @@ def test_acceptance_is_the_prefix_the_samples_agree_with():
 
 
 @pytest.mark.parametrize("fields", [{"method": "eagle"}, {"num_speculative_tokens": 0},
-                                    {"prompt_lookup_min": 3, "prompt_lookup_max": 2}, {"prompt_lookup_min": 0}])
+                                    {"prompt_lookup_min": 3, "prompt_lookup_max": 2}, {"prompt_lookup_min": 0},
+                                    {"disable_by_batch_size": 0}])
 def test_bad_configs_are_refused(fields):
     with pytest.raises(InvalidRequestError):
         SpeculativeConfig(**fields)
@@ -118,6 +119,19 @@ def test_a_stop_token_among_accepted_drafts_ends_the_sequence_there():
     assert out.drafts == [[2, 99, 4]]
     assert sched.update(out, [7], accepted=[[2, 99, 4]]) == [seq]
     assert seq.output_token_ids == [1, 2, 99] and seq.finish_reason == "stop" and bm.num_free_blocks == 16
+
+
+def test_no_drafts_while_more_sequences_run_than_disable_by_batch_size():
+    from dataclasses import replace
+
+    sched, _ = _scheduler()
+    sched.speculative = replace(NGRAM, disable_by_batch_size=1)
+    first = _decoding(sched, [1, 2, 3, 4, 5, 6])
+    assert sched.schedule().drafts == [[2, 3, 4]]  # one running: drafts
+    second = Sequence(1, "r1", [1, 2, 3, 4, 5, 6], 6, SamplingParams(), 16)
+    sched.add(second)
+    out = sched.schedule()  # two in the engine: none for either
+    assert out.seqs == [first, second] and out.drafts == [[], []]
 
 
 def test_a_grammar_gets_no_drafts_and_a_full_pool_drops_them_before_preempting():
