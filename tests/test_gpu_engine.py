@@ -72,6 +72,25 @@ def test_tiny_llama_graphs_equal_eager_and_cpu(tmp_path):
     assert llm.engine.block_manager.num_free_blocks == 96
 
 
+def test_tiny_llama_with_ngram_drafts_on_gpu_equals_cpu(tmp_path):
+    """Drafted steps take the eager Triton path (chunked prefill over the paged cache) between
+    graph-replayed decodes; running ahead is off. fp32: the tokens equal the CPU's without drafts."""
+    from tests.test_speculative import _repetitive_prompts
+    from tests.tiny_models import save_tiny
+
+    folder = save_tiny("llama", tmp_path / "llama")
+    prompts = _repetitive_prompts(8, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    kwargs = dict(num_kv_blocks=96, block_size=16)
+    llm = LLM(str(folder), device="cuda", speculative_config={"num_speculative_tokens": 4, "prompt_lookup_min": 1},
+              **kwargs)
+    assert llm.engine.runner.graphs is not None and not llm.engine.run_ahead
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    want = [o.outputs[0].token_ids for o in LLM(str(folder), device="cpu", **kwargs).generate(prompts, params)]
+    assert got == want and llm.engine.stats().num_accepted_tokens > 0
+    assert llm.engine.block_manager.num_free_blocks == 96
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
 def test_tiny_decoder_families_on_gpu_equal_cpu(kind, tmp_path):
     """The other decoder families through the GPU runner: Qwen2 (q/k/v bias, GQA 4:1) and GPT-2

@@ -493,6 +493,32 @@ def test_decode_graph_buffers_with_interpreted_kernels_equal_reference(tmp_path)
 
 
 @interpreted
+def test_ngram_drafts_between_graph_decodes_with_interpreted_kernels_equal_reference(tmp_path):
+    """Drafted steps (1 + k query tokens over the paged context: the prefill kernel) between decodes
+    replayed through the graph buffers give the reference's greedy tokens without drafts."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from tests.test_speculative import _repetitive_prompts
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny("llama", tmp_path / "llama")
+    prompts = _repetitive_prompts(3, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    kwargs = dict(num_kv_blocks=40, block_size=4, max_num_batched_tokens=64)
+    llm = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=4,
+              speculative_config={"num_speculative_tokens": 3, "prompt_lookup_min": 1}, **kwargs)
+    replays = []
+    run = llm.engine.runner.graphs.run
+    llm.engine.runner.graphs.run = lambda *a: replays.append(len(a[0])) or run(*a)
+    outs = llm.generate(prompts, params)
+    torch_outs = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in torch_outs]
+    assert replays and llm.engine.stats().num_accepted_tokens > 0
+    assert llm.engine.block_manager.num_free_blocks == 40
+
+
+@interpreted
 @pytest.mark.parametrize("kind", ["marian", "t5"])
 def test_translation_graph_buffers_with_interpreted_kernels_equal_reference(kind, tmp_path):
     """The encoder-decoder graph path without capture: decoder steps of padded batches (3 -> 4)
