@@ -57,10 +57,8 @@ def prepare_inputs(
         causal=causal,
     )
     counts = torch.tensor([int(c) for c in samples], dtype=torch.int64)
-    num_sampled = int(counts.sum())
-    # row k of sequence i's c_i sampled rows is flat row cu[i + 1] - c_i + k
-    first = torch.repeat_interleave(cu[1:] - counts, counts)
-    sample_rows = first + torch.arange(num_sampled) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    # sequence i's last counts[i] rows: positions from seq_lens[i] - counts[i] on
+    sample_rows = torch.nonzero(positions >= (seq_lens - counts)[seq_of_token]).squeeze(1)
     return StepInputs(
         input_ids=to_device(flat_ids, device, torch.int64),
         positions=to_device(positions, device),
