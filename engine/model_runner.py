@@ -132,7 +132,7 @@ class ModelRunner:
         row per scheduled sequence (engine/guided.py) for steps with constrained rows."""
         self.copy_blocks(out.block_copies)
         seqs = out.seqs
-        drafts = out.drafts or [[] for _ in seqs]
+        drafts = out.drafts
         carried = self._carried(seqs, prev)
         # one row per token sampled: a row with drafts samples after its last token and each draft
         rows = [i for i, samples in enumerate(out.sampling) if samples for _ in range(1 + len(drafts[i]))]
@@ -166,7 +166,7 @@ class ModelRunner:
             ctx = ForwardContext(meta=inputs.meta, backend=self.backend, kv_caches=self.kv_caches)
             flat = self.model(inputs.input_ids, inputs.positions, ctx)
             hidden = flat[inputs.sample_rows]
-        tokens, logprobs = self._sample(hidden, seqs, rows, allowed, drafts)
+        tokens, logprobs = self._sample(hidden, seqs, rows, drafts, allowed)
         host_first = not all(seqs[i].params.is_plain for i in rows) or any(drafts)
         launched = Launched(out, tokens, rows, logprobs, deferred=defer and not host_first)
         if scored:
@@ -208,8 +208,8 @@ class ModelRunner:
         return to_device(rows, self.device), tokens
 
     def _sample(
-        self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int], allowed: torch.Tensor | None = None,
-        drafts: list[list[int]] | None = None,
+        self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int], drafts: list[list[int]],
+        allowed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
         """One token per sampling row (`rows`: their sequences' indices, a sequence's k-th row
         after its k-th draft; `hidden` holds their states in that order) as a device tensor, and
@@ -217,7 +217,6 @@ class ModelRunner:
         the token is drawn from it). A row after drafts sees them as its sequence's latest
         output: in its penalties and in how many tokens min_tokens still holds EOS back."""
         logprobs: list[TokenLogprob | None] = [None] * len(rows)
-        drafts = drafts or [[] for _ in seqs]
         offsets = [0] * len(rows)
         for j in range(1, len(rows)):
             offsets[j] = offsets[j - 1] + 1 if rows[j] == rows[j - 1] else 0
@@ -307,7 +306,7 @@ class Launched:
         for i, drawn in enumerate(samples):
             if not drawn:
                 continue
-            drafts = self.sched.drafts[i] if self.sched.drafts else []
+            drafts = self.sched.drafts[i]
             kept = num_accepted(drafts, drawn)
             landed.sampled[i] = drawn[kept]
             landed.accepted[i] = drafts[:kept]

@@ -180,7 +180,7 @@ class Scheduler:
             if token is None:
                 continue
             seq.num_inflight -= 1
-            drafts = out.drafts[i] if out.drafts else []
+            drafts = out.drafts[i]
             kept = accepted[i] if accepted is not None else []
             assert kept == drafts[: len(kept)], "accepted tokens must be a prefix of the drafts"
             self.num_draft_tokens += len(drafts)
