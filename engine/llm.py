@@ -39,7 +39,7 @@ class LLM:
     ) -> None:
         """`speculative_config`: vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4}."""
         if isinstance(speculative_config, dict):
-            speculative_config = SpeculativeConfig(**speculative_config)
+            speculative_config = SpeculativeConfig.from_dict(speculative_config)
         config = EngineConfig(
             model=model,
             dtype=dtype,

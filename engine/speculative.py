@@ -39,6 +39,14 @@ class SpeculativeConfig:
     # weights, so verifying drafts costs about what it saves (vLLM's option; None: always draft)
     disable_by_batch_size: int | None = None
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> SpeculativeConfig:
+        """vLLM's `speculative_config` dict; a key it does not know is refused by name."""
+        known = set(cls.__dataclass_fields__)
+        if set(fields) - known:
+            raise InvalidRequestError(f"unknown keys {sorted(set(fields) - known)}; known: {sorted(known)}")
+        return cls(**fields)
+
     def __post_init__(self) -> None:
         if self.method != "ngram":
             raise InvalidRequestError(f"speculative method must be 'ngram' (no draft models are served), got {self.method!r}")

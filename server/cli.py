@@ -119,11 +119,8 @@ def speculative_config(text: str | None) -> Any:
         raise ValueError(f"--speculative-config must be a JSON object: {err}") from None
     if not isinstance(fields, dict):
         raise ValueError("--speculative-config must be a JSON object")
-    known = set(SpeculativeConfig.__dataclass_fields__)
-    if set(fields) - known:
-        raise ValueError(f"--speculative-config: unknown keys {sorted(set(fields) - known)}; known: {sorted(known)}")
     try:
-        return SpeculativeConfig(**fields)
+        return SpeculativeConfig.from_dict(fields)
     except (InvalidRequestError, TypeError) as err:
         raise ValueError(f"--speculative-config: {err}") from None
 
