@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
-from engine.speculative import SpeculativeConfig, propose_ngram
+from engine.speculative import SpeculativeConfig, pack, propose_ngram
 
 
 @dataclass
@@ -146,7 +146,7 @@ class Scheduler:
         if seq.params.structured is not None:
             return []
         room = min(seq.max_tokens - seq.num_output_tokens, budget) - 1
-        return propose_ngram(seq.token_ids, spec, room)
+        return propose_ngram(seq.token_ids, spec, room, pack(seq.token_ids, seq.packed_token_ids))
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -50,6 +50,9 @@ class Sequence:
     block_digests: list[bytes] = field(default_factory=list)
     num_cached_blocks: int = 0
     num_cached_tokens: int = 0  # of its prompt, found in the prefix cache when first scheduled
+    # its token ids as 8-byte ints, extended as tokens are appended: the n-gram proposer's haystack
+    # (engine/speculative.py), packed once per token rather than whole every step
+    packed_token_ids: bytearray = field(default_factory=bytearray)
 
     @property
     def num_tokens(self) -> int:

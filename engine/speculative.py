@@ -63,18 +63,35 @@ class SpeculativeConfig:
             raise InvalidRequestError(f"disable_by_batch_size must be positive, got {self.disable_by_batch_size}")
 
 
-def propose_ngram(token_ids: list[int], config: SpeculativeConfig, limit: int) -> list[int]:
+WIDTH = array("q").itemsize  # bytes per packed token id
+
+
+def pack(token_ids: list[int], packed: bytearray) -> bytearray:
+    """`packed` (a sequence's ids as 8-byte ints, kept between steps) brought up to `token_ids`:
+    tokens are only appended while a sequence can still draft, so each is packed once. Packing
+    all of a 2k-token sequence every step took ~30 us, the search itself ~2."""
+    if len(packed) > len(token_ids) * WIDTH:  # cut at a stop string (a finished sequence): repack
+        del packed[:]
+    packed += array("q", token_ids[len(packed) // WIDTH :]).tobytes()
+    return packed
+
+
+def propose_ngram(token_ids: list[int], config: SpeculativeConfig, limit: int,
+                  packed: bytes | bytearray | None = None) -> list[int]:
     """Up to `limit` tokens that followed the latest earlier occurrence of the sequence's longest
     matching suffix (`prompt_lookup_max` tokens down to `prompt_lookup_min`); [] when none matches.
 
-    The search is bytes.rfind over the tokens packed as 8-byte ints (C speed, no per-token
-    Python loop); a hit that does not start on a token boundary is skipped."""
+    The search is bytes.rfind over the tokens packed as 8-byte ints (`packed`, see `pack`; packed
+    here when not given): C speed, no per-token Python loop. A hit that does not start on a token
+    boundary is skipped."""
     num = len(token_ids)
     limit = min(limit, config.num_speculative_tokens)
     if limit <= 0 or num < config.prompt_lookup_min + 1:
         return []
-    packed = array("q", token_ids).tobytes()
-    width = array("q").itemsize
+    if packed is None:
+        packed = array("q", token_ids).tobytes()
+    assert len(packed) == num * WIDTH, "packed ids out of step with the tokens"
+    width = WIDTH
     for n in range(min(config.prompt_lookup_max, num - 1), config.prompt_lookup_min - 1, -1):
         needle = packed[(num - n) * width :]
         end = (num - 1) * width  # the match must end before the last token: one token follows it

@@ -46,6 +46,20 @@ def test_proposer_respects_the_minimum_ngram():
     assert propose_ngram([1, 9, 2, 1, 9], cfg, 3) == [2, 1, 9]
 
 
+def test_packed_ids_follow_appends_and_a_cut():
+    from array import array
+
+    from engine.speculative import pack
+
+    tokens, packed = [5, 6, 7], bytearray()
+    assert pack(tokens, packed) == array("q", tokens).tobytes()
+    tokens += [8, 5, 6]
+    assert pack(tokens, packed) == array("q", tokens).tobytes()  # extended, not repacked
+    assert propose_ngram(tokens, NGRAM, 3, packed) == propose_ngram(tokens, NGRAM, 3) == [7, 8, 5]
+    del tokens[4:]
+    assert pack(tokens, packed) == array("q", tokens).tobytes()
+
+
 def test_acceptance_is_the_prefix_the_samples_agree_with():
     assert num_accepted([4, 5, 6], [4, 5, 6, 7]) == 3
     assert num_accepted([4, 5, 6], [4, 9, 6, 7]) == 1
