@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import machine, table  # noqa: E402
+from benchmarks.common import hf_chat_ids, machine, table  # noqa: E402
 
 PASSAGE = ("Paged attention stores the key and value cache in fixed-size blocks, so sequences of different "
            "lengths share one pool of memory without fragmentation. Continuous batching admits new requests "
@@ -94,8 +94,7 @@ def run_hf(kind: str, max_tokens: int, k: int) -> list[list]:
     for label, extra in (("transformers", {}), (f"transformers prompt lookup k={k}", {"prompt_lookup_num_tokens": k})):
         tokens, seconds = [], 0.0
         for chat in chats(kind, len(WORKLOADS[kind])):
-            prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
-            prompt = list(prompt["input_ids"]) if isinstance(prompt, dict) else list(prompt)
+            prompt = hf_chat_ids(tok, chat)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import machine, table  # noqa: E402
+from benchmarks.common import hf_chat_ids, machine, table  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -96,8 +96,7 @@ def run_hf(max_tokens: int) -> list[list]:
         tokens = valid = 0
         start = time.perf_counter()
         for chat in chats(4):  # batch 1, four prompts
-            prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
-            prompt = list(prompt["input_ids"]) if isinstance(prompt, dict) else list(prompt)
+            prompt = hf_chat_ids(tok, chat)
             processors = LogitsProcessorList([GrammarMask(lltok, grammar, len(prompt))] if guided else [])
             with torch.inference_mode():
                 out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,

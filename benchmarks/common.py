@@ -17,8 +17,8 @@ import torch
 
 from tests.server_helpers import free_port, subprocess_server
 
-__all__ = ["add_child_args", "best_of", "child_report", "free_port", "machine", "pct", "peak_rss_mib", "run_child",
-           "server", "server_peak_rss_mib", "table"]
+__all__ = ["add_child_args", "best_of", "child_report", "free_port", "hf_chat_ids", "machine", "pct", "peak_rss_mib",
+           "run_child", "server", "server_peak_rss_mib", "table"]
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -75,6 +75,12 @@ def child_report(result: dict) -> str:
     """A child's result line: its peak RSS is the server's where it ran one, else its own."""
     result["peak_rss_mib"] = result.pop("server_rss_mib", None) or peak_rss_mib()
     return json.dumps(result)
+
+
+def hf_chat_ids(tokenizer, chat: list[dict]) -> list[int]:
+    """A transformers tokenizer's prompt ids for a chat (some versions return a dict, others the ids)."""
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids["input_ids"]) if isinstance(ids, dict) else list(ids)
 
 
 def table(headers: list[str], rows: list[list]) -> str:
