@@ -19,10 +19,12 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from engine.compute_thread import ComputeThread
 from engine.errors import ModelNotFoundError, QueueFullError
+
+T = TypeVar("T")
 
 
 class StepEngine(Protocol):
@@ -105,6 +107,13 @@ class AsyncEngine:
         return self._running and self._worker is not None and not self._worker.done()
 
     # ---- requests (event-loop side) -------------------------------------------------
+    def serving(self, name: str) -> str:
+        """The served model a request for `name` runs on: itself, or the one that has a LoRA
+        adapter of that name loaded (the payload names the adapter)."""
+        if name in self.engines:
+            return name
+        return next((base for base, e in self.engines.items() if name in getattr(e, "lora_names", ())), name)
+
     def _check_admission(self, name: str, payload: Any) -> StepEngine:
         engine = self.engines.get(name)
         if engine is None:
@@ -120,6 +129,7 @@ class AsyncEngine:
 
     async def stream(self, name: str, request_id: str, payload: Any) -> AsyncIterator[Any]:
         """Yield the request's outputs until one is finished; abort it if the caller leaves."""
+        name = self.serving(name)
         self._check_admission(name, payload)
         out_queue: asyncio.Queue = asyncio.Queue()
         self._owner[request_id] = name
@@ -152,6 +162,16 @@ class AsyncEngine:
             pass
         return last
 
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the worker thread between steps (it owns the engines: loading a LoRA
+        adapter, say) and return its result or raise its exception here."""
+        if not self.is_running:
+            raise QueueFullError("the engine worker is not running")
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", fn, done))
+        self._wake.set()
+        return await done
+
     # ---- worker thread --------------------------------------------------------------
     def _deliver(self, request_id: str, item: Any) -> None:
         q = self._streams.get(request_id)
@@ -165,6 +185,9 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
+            if cmd[0] == "call":
+                self._run_call(cmd[1], cmd[2])
+                continue
             name, request_id = cmd[1], cmd[2]
             engine = self.engines[name]
             if cmd[0] == "add":
@@ -177,6 +200,15 @@ class AsyncEngine:
                     self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
             else:
                 engine.abort_request(request_id)
+
+    def _run_call(self, fn: Callable[[], Any], done: asyncio.Future) -> None:
+        assert self._loop is not None
+        try:
+            result = fn()
+        except Exception as exc:  # a refused adapter, say: the caller's error, not the worker's
+            self._loop.call_soon_threadsafe(_settle, done, None, exc)
+        else:
+            self._loop.call_soon_threadsafe(_settle, done, result, None)
 
     def _work(self) -> None:
         assert self._loop is not None
@@ -206,3 +238,12 @@ class AsyncEngine:
             if owner == name:
                 engine.abort_request(request_id)
                 self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
+
+
+def _settle(done: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if done.cancelled():  # the caller left
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(result)

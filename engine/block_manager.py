@@ -17,6 +17,7 @@ import itertools
 from array import array
 from collections import OrderedDict
 
+from engine.lora import prefix_root
 from engine.sequence import Sequence
 
 
@@ -136,10 +137,11 @@ class BlockManager:
     def _extend_digests(self, seq: Sequence, num_blocks: int) -> None:
         """Make `seq.block_digests` cover its first `num_blocks` blocks, each digest over the one
         before and the block's tokens (SHA-256: a collision would hand one request another's K/V,
-        so no weak hash). Each is computed once: tokens are only ever appended."""
+        so no weak hash). Each is computed once: tokens are only ever appended. The first starts
+        from the sequence's adapter, whose K/V differ from the base model's for the same tokens."""
         digests, bs = seq.block_digests, self.block_size
         for i in range(len(digests), num_blocks):
-            parent = digests[i - 1] if i else b""
+            parent = digests[i - 1] if i else prefix_root(seq.lora_id)
             digests.append(hashlib.sha256(parent + array("q", seq.token_ids[i * bs : (i + 1) * bs]).tobytes()).digest())
 
     def fork(self, parent: Sequence, child: Sequence) -> None:

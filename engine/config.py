@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
+from engine.lora import LoRAConfig
 from engine.speculative import SpeculativeConfig
 
 MAX_GEMV_ROWS = 16  # each row of a GEMV reads the weights again (from L2 at best): past a few, a GEMM wins
@@ -75,6 +76,8 @@ class EngineConfig:
     enable_pdl: bool = False
     # n-gram speculative decoding (engine/speculative.py); None: off
     speculative: SpeculativeConfig | None = None
+    # LoRA adapters served beside the model (engine/lora.py); None: requests cannot name any
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.gemv_max_rows <= MAX_GEMV_ROWS:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -12,15 +13,17 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SchedulerConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
 from engine.fused.gemv import launch_dependent, swap_gemv_linears
 from engine.guided import Guides
+from engine.lora_adapters import LoRAAdapters
 from engine.model_runner import Launched, ModelRunner, caches_and_graphs, kv_block_bytes
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import EngineStats, GenerationRequest
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from models.loader import LoadedModel, load_model
+from models.lora import supports_lora
 
 
 @dataclass
@@ -92,8 +95,13 @@ class LLMEngine:
             max_num_seqs=config.scheduler.max_num_seqs,
             max_model_len=self.max_model_len,
         )
+        self.loras = LoRAAdapters(config.lora, loaded.model, dtype, config.device) if config.lora is not None else None
+        if self.loras is not None and not supports_lora(loaded.model):
+            raise InvalidRequestError(f"{type(loaded.model).__name__} does not take LoRA adapters (the LLaMA "
+                                      "family does)")
         self.scheduler = Scheduler(sched_cfg, self.block_manager, frozenset(self.info.eos_token_ids),
-                                   speculative=config.speculative)
+                                   speculative=config.speculative,
+                                   max_loras=config.lora.max_loras if config.lora is not None else None)
         spec = loaded.model.kv_cache_spec
         if config.enable_pdl and not _pdl_supported(config.device):
             raise InvalidRequestError("programmatic dependent launch (--enable-pdl) needs a CUDA GPU of compute "
@@ -107,7 +115,10 @@ class LLMEngine:
         caches, graphs = caches_and_graphs(DecodeGraphs, loaded.model, spec, num_blocks, block_size, dtype, backend,
                                            config, self.max_model_len)
         self.runner = ModelRunner(loaded.model, caches, block_size, backend, config.device, config.seed, graphs,
-                                  eos_token_ids=self.info.eos_token_ids)
+                                  eos_token_ids=self.info.eos_token_ids,
+                                  loras=self.loras.by_id if self.loras is not None else None)
+        for module in config.lora.modules if config.lora is not None else ():
+            self.add_lora(module.name, module.path)
         # a step run ahead of would need the previous step's accepted drafts before they are known
         self.run_ahead = config.run_ahead if config.run_ahead is not None else (
             graphs is not None and on_cuda and config.speculative is None)
@@ -125,8 +136,37 @@ class LLMEngine:
                             pack_cpu_linears=not config.gemv_max_rows)
         return cls(loaded, config)
 
+    # ---- LoRA adapters -------------------------------------------------------------
+    @property
+    def lora_names(self) -> list[str]:
+        return self.loras.names if self.loras is not None else []
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Load a PEFT adapter that requests may then name; refused (400) where it does not fit."""
+        if self.loras is None:
+            raise InvalidRequestError(f"{self.info.name} was started without LoRA support (--enable-lora)")
+        if name == self.info.name:
+            raise InvalidRequestError(f"a LoRA adapter cannot take the base model's name {name!r}", "lora_name")
+        self.loras.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter; refused while a request still runs or waits on it."""
+        if self.loras is None:
+            raise InvalidRequestError(f"{self.info.name} was started without LoRA support (--enable-lora)")
+        lora_id = self.loras.id_of(name)
+        users = sum(any(s.lora_id == lora_id for s in state.seqs) for state in self._requests.values())
+        if users:
+            raise InvalidRequestError(f"LoRA adapter {name!r} is in use by {users} request(s); unload it once "
+                                      "they finish", "lora_name")
+        self.loras.remove(name)
+
     # ---- admission ------------------------------------------------------------------
     def validate(self, payload: GenerationRequest) -> None:
+        if payload.lora_name is not None:
+            if self.loras is None:
+                raise ModelNotFoundError(f"The model `{payload.lora_name}` does not exist: {self.info.name} "
+                                         "serves no LoRA adapters", "model")
+            self.loras.id_of(payload.lora_name)
         num_prompt = len(payload.prompt_token_ids)
         if num_prompt == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -159,6 +199,7 @@ class LLMEngine:
         prompt = list(payload.prompt_token_ids)
         room = self.max_model_len - len(prompt)
         max_tokens = min(params.max_tokens or room, room)
+        lora_id = self.loras.id_of(payload.lora_name) if self.loras is not None and payload.lora_name else 0
         now = time.monotonic()
         seqs = [
             Sequence(
@@ -170,6 +211,7 @@ class LLMEngine:
                 max_tokens=max_tokens,
                 sample_index=i,
                 arrival_time=now,
+                lora_id=lora_id,
             )
             for i in range(params.n)
         ]
@@ -359,4 +401,13 @@ class LLMEngine:
             num_prefix_hit_tokens=self.scheduler.num_prefix_hit_tokens,
             num_draft_tokens=self.scheduler.num_draft_tokens,
             num_accepted_tokens=self.scheduler.num_accepted_tokens,
+            running_loras=self._lora_names_of(self.scheduler.running),
+            waiting_loras=self._lora_names_of(self.scheduler.waiting),
+            max_loras=self.config.lora.max_loras if self.config.lora is not None else 0,
         )
+
+    def _lora_names_of(self, seqs: Iterable[Sequence]) -> tuple[str, ...]:
+        if self.loras is None:
+            return ()
+        ids = {s.lora_id for s in seqs if s.lora_id}
+        return tuple(sorted(a.name for i, a in self.loras.by_id.items() if i in ids))

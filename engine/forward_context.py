@@ -7,6 +7,7 @@ import torch
 
 from engine.attention.base import AttentionBackend
 from engine.attention.metadata import AttentionMetadata, RelativePositionBias
+from engine.lora_batch import LoRABatch
 
 
 @dataclass
@@ -21,6 +22,8 @@ class ForwardContext:
     meta: AttentionMetadata
     backend: AttentionBackend
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # the step's LoRA rows and adapters (engine/lora_batch.py); None: no row runs one
+    lora: LoRABatch | None = None
 
     def attend(
         self,

@@ -6,6 +6,7 @@ from collections.abc import Sequence as Seq
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.engine import LLMEngine
+from engine.lora import LoRAConfig, LoRARequest
 from engine.outputs import RequestOutput
 from engine.request import GenerationRequest
 from engine.sampling_params import SamplingParams
@@ -36,8 +37,12 @@ class LLM:
         enable_pdl: bool = False,
         enable_prefix_caching: bool = True,
         speculative_config: dict | SpeculativeConfig | None = None,
+        enable_lora: bool = False,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ) -> None:
-        """`speculative_config`: vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4}."""
+        """`speculative_config`: vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4}.
+        `enable_lora`: requests may run PEFT LoRA adapters (`generate(..., lora_request=)`)."""
         if isinstance(speculative_config, dict):
             speculative_config = SpeculativeConfig.from_dict(speculative_config)
         config = EngineConfig(
@@ -57,6 +62,7 @@ class LLM:
             gemv_max_rows=gemv_max_rows,
             enable_pdl=enable_pdl,
             speculative=speculative_config,
+            lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank) if enable_lora else None,
         )
         self.engine = LLMEngine.from_config(config)
         self.tokenizer = self.engine.tokenizer
@@ -66,17 +72,23 @@ class LLM:
         self,
         prompts: str | Seq[str] | Seq[list[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs in prompt order."""
+        """Generate for every prompt (text or token ids); outputs in prompt order. `lora_request`:
+        the adapter every prompt (or each prompt, given a list) runs; None: the base model."""
         if isinstance(prompts, str):
             prompts = [prompts]
         token_lists = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(token_lists)
+        loras = lora_request if isinstance(lora_request, Seq) else [lora_request] * len(token_lists)
+        for lora in {lr.lora_name: lr for lr in loras if lr is not None}.values():
+            if lora.lora_name not in self.engine.lora_names:
+                self.engine.add_lora(lora.lora_name, lora.lora_path)
         order = []
-        for ids, p in zip(token_lists, params):
+        for ids, p, lora in zip(token_lists, params, loras):
             request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, GenerationRequest(ids, p))
+            self.engine.add_request(request_id, GenerationRequest(ids, p, lora.lora_name if lora else None))
             order.append(request_id)
         return self._run(order)
 

@@ -19,6 +19,7 @@ from engine.forward_context import ForwardContext
 from engine.guided import apply_bitmask
 from engine.host_copy import to_device
 from engine.input_prep import prepare_inputs
+from engine.lora_batch import LoRABatch
 from engine.outputs import TokenLogprob
 from engine.prompt_logprobs import PromptRows, prompt_rows, score
 from engine.sampler import Sampler, SamplingRow
@@ -26,6 +27,7 @@ from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.speculative import num_accepted
 from engine.workspace import Workspace
+from models.lora import LoRAAdapter
 from models.spec import KVCacheSpec
 
 PROMPT_LOGITS_ROWS = 256  # prompt rows scored per vocabulary projection (echo + logprobs)
@@ -94,8 +96,11 @@ class ModelRunner:
         seed: int = 0,
         graphs: DecodeGraphs | None = None,
         eos_token_ids: tuple[int, ...] = (),
+        loras: dict[int, LoRAAdapter] | None = None,
     ) -> None:
+        """`loras`: the engine's loaded adapters by id, shared (it adds and removes them)."""
         self.model = model
+        self.loras = loras if loras is not None else {}
         self.eos_token_ids = tuple(eos_token_ids)  # held back, with stop ids, before min_tokens
         self.graphs = graphs  # decode steps of at most graphs.max_batch sequences replay these
         self.kv_caches = kv_caches
@@ -137,7 +142,9 @@ class ModelRunner:
         # one row per token sampled: a row with drafts samples after its last token and each draft
         rows = [i for i, samples in enumerate(out.sampling) if samples for _ in range(1 + len(drafts[i]))]
         scored = prompt_rows(seqs, out.num_new_tokens)
-        graphable = self.graphs is not None and len(seqs) <= self.graphs.max_batch and not scored
+        lora_ids = [s.lora_id for s in seqs]
+        # graphs hold no LoRA deltas: a step with adapter rows runs eagerly
+        graphable = self.graphs is not None and len(seqs) <= self.graphs.max_batch and not scored and not any(lora_ids)
         if graphable and all(n == 1 for n in out.num_new_tokens):
             hidden = self.graphs.run(
                 [s.token_ids[s.num_computed_tokens] if s.num_computed_tokens < s.num_tokens else 0 for s in seqs],
@@ -148,11 +155,12 @@ class ModelRunner:
             if len(rows) < len(seqs):  # a one-token prefill chunk that does not end its prompt
                 hidden = hidden[to_device(rows, self.device)]
         else:
+            chunks = [
+                (s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] + d) or [0]  # [0]: in flight
+                for s, n, d in zip(seqs, out.num_new_tokens, drafts)
+            ]
             inputs = prepare_inputs(
-                token_chunks=[
-                    (s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] + d) or [0]  # [0]: in flight
-                    for s, n, d in zip(seqs, out.num_new_tokens, drafts)
-                ],
+                token_chunks=chunks,
                 starts=[s.num_computed_tokens for s in seqs],
                 block_tables=[s.block_table for s in seqs],
                 samples=[(1 + len(d)) * samples for samples, d in zip(out.sampling, drafts)],
@@ -163,7 +171,8 @@ class ModelRunner:
                 at, in_flight = carried
                 firsts = inputs.meta.cu_seqlens_q[:-1].long()
                 inputs.input_ids.index_copy_(0, firsts[: len(in_flight)] if at is None else firsts[at], in_flight)
-            ctx = ForwardContext(meta=inputs.meta, backend=self.backend, kv_caches=self.kv_caches)
+            lora = LoRABatch.build(self.loras, lora_ids, [len(c) for c in chunks], self.device)
+            ctx = ForwardContext(meta=inputs.meta, backend=self.backend, kv_caches=self.kv_caches, lora=lora)
             flat = self.model(inputs.input_ids, inputs.positions, ctx)
             hidden = flat[inputs.sample_rows]
         tokens, logprobs = self._sample(hidden, seqs, rows, drafts, allowed)

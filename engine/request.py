@@ -10,6 +10,7 @@ from engine.sampling_params import SamplingParams
 class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
+    lora_name: str | None = None  # a LoRA adapter the engine has loaded; None: the base model
 
 
 @dataclass(frozen=True)
@@ -27,3 +28,7 @@ class EngineStats:
     num_prefix_hit_tokens: int = 0  # of those, found there
     num_draft_tokens: int = 0  # speculative drafts verified (engine/speculative.py)
     num_accepted_tokens: int = 0  # of those, accepted
+    # LoRA adapters (engine/lora.py) of the running and the waiting requests, and the limit
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
+    max_loras: int = 0

@@ -5,7 +5,8 @@ for 1, a prompt for as many as the budget allows: chunked prefill), then waiting
 are admitted while budget, blocks and `max_num_seqs` last. An admitted sequence starts from the
 longest prefix the block manager has cached, as tokens already computed. When blocks run out,
 the newest running sequence is preempted by recompute and goes back to the front of the queue
-(and, its blocks being cached, mostly finds them again).
+(and, its blocks being cached, mostly finds them again). A sequence whose LoRA adapter would
+make more than `max_loras` distinct ones run at once waits, and the ones behind it go first.
 
 A step's bookkeeping has two halves: `advance` (its chunks are computed, its sampling rows have
 a token in flight) when it is launched, and `land` (the tokens are appended, stop rules applied)
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
+from engine.lora import fits
 from engine.sequence import Sequence, SequenceStatus
 from engine.speculative import SpeculativeConfig, pack, propose_ngram
 
@@ -64,11 +66,14 @@ class Scheduler:
         block_manager: BlockManager,
         eos_token_ids: frozenset[int] = frozenset(),
         speculative: SpeculativeConfig | None = None,
+        max_loras: int | None = None,
     ) -> None:
+        """`max_loras`: distinct LoRA adapters running at once (engine/lora.py); None: no adapters."""
         self.config = config
         self.block_manager = block_manager
         self.eos_token_ids = eos_token_ids
         self.speculative = speculative
+        self.max_loras = max_loras
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -112,10 +117,14 @@ class Scheduler:
                 continue
             break  # `seq` preempted itself: nothing older is left to make room for
         # A step that had to preempt admits nothing new: the pool is already too full.
+        skipped: list[Sequence] = []  # their adapter would exceed max_loras: they keep their place
         while not out.preempted and self.waiting and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
+            if self.max_loras is not None and not fits(seq.lora_id, (s.lora_id for s in self.running), self.max_loras):
+                skipped.append(self.waiting.popleft())
+                continue
             cached = 0 if seq.wants_prompt_logprobs else self.block_manager.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.allocate_slots(seq, n):
@@ -131,6 +140,7 @@ class Scheduler:
             self.running.append(seq)
             out.add(seq, n)
             budget -= n
+        self.waiting.extendleft(reversed(skipped))
         out.block_copies = self.block_manager.take_pending_copies()
         return out
 

@@ -53,6 +53,7 @@ class Sequence:
     # its token ids as 8-byte ints, extended as tokens are appended: the n-gram proposer's haystack
     # (engine/speculative.py), packed once per token rather than whole every step
     packed_token_ids: bytearray = field(default_factory=bytearray)
+    lora_id: int = 0  # the LoRA adapter its request names (engine/lora.py); 0: the base model
 
     @property
     def num_tokens(self) -> int:

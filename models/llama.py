@@ -13,9 +13,11 @@ from torch import nn
 
 from engine.forward_context import ForwardContext
 from engine.greedy_screen import GreedyScreen
+from engine.lora_batch import LoRABatch
 from engine import fused
 from engine.workspace import Workspace
 from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear, tied_head, vocab_logits
+from models.lora import LoRATarget
 from models.spec import KVCacheSpec
 
 
@@ -94,6 +96,8 @@ class LlamaAttention(nn.Module):
         on q and k, attention. Where the step writes the cache, rotary and the K/V write go with
         the q/k/v matmul (on a GPU one launch with the norm too, where that matmul is a GEMV)."""
         t = x.shape[0]
+        if ctx.lora is not None:
+            return self.forward_lora(x, residual, norm, rope, ctx, ctx.lora)
         target = ctx.write_target(self.layer_idx)
         if target is None:
             qkv, residual = norm.then(self.qkv_proj, x, residual)
@@ -107,6 +111,19 @@ class LlamaAttention(nn.Module):
             )
             out = ctx.attend_stored(self.layer_idx, q, self.scale)  # (T, Hq, D)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), residual
+
+    def forward_lora(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+        rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext, lora: LoRABatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with LoRA deltas on q/k/v and o_proj: unfused, as the deltas need the normed
+        input that the fused kernels keep to themselves."""
+        h, residual = norm(x, residual)
+        qkv = lora.apply(self.layer_idx, "qkv_proj", h, self.qkv_proj(h))
+        q, k, v = fused.split_heads(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
+        q, k = fused.rotary(q, k, *rope)
+        out = ctx.attend(self.layer_idx, q, k, v, self.scale).reshape(x.shape[0], self.num_heads * self.head_dim)
+        return lora.apply(self.layer_idx, "o_proj", out, self.o_proj(out)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -132,6 +149,15 @@ class LlamaMLP(nn.Module):
         gate, up = gate_up.split(self.intermediate_size, -1)
         return self.down_proj(self.act(gate) * up)
 
+    def forward_lora(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, layer_idx: int,
+                     lora: LoRABatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp(norm(x + residual)), x + residual) with LoRA deltas on gate/up and down_proj."""
+        h, residual = norm(x, residual)
+        gate_up = lora.apply(layer_idx, "gate_up_proj", h, self.gate_up_proj(h))
+        gate, up = gate_up.split(self.intermediate_size, -1)
+        act = self.act(gate) * up
+        return lora.apply(layer_idx, "down_proj", act, self.down_proj(act)), residual
+
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
@@ -150,6 +176,8 @@ class LlamaDecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         assert attn.qkv_proj is not None and mlp.gate_up_proj is not None, "after_load() merges the projections"
         h, residual = attn(x, residual, self.input_layernorm, rope, ctx)
+        if ctx.lora is not None:
+            return mlp.forward_lora(h, residual, self.post_attention_layernorm, attn.layer_idx, ctx.lora)
         gate_up, residual = self.post_attention_layernorm.then(mlp.gate_up_proj, h, residual)
         return mlp.down(gate_up), residual
 
@@ -205,6 +233,21 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         return vocab_logits(hidden, self.lm_head, workspace=workspace)
+
+    def lora_targets(self) -> dict[str, LoRATarget]:
+        """HF projection name -> where it runs here, for PEFT adapters (models/lora.py)."""
+        c = self.config
+        q, kv, h, i = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size, \
+            c.intermediate_size
+        return {
+            "q_proj": LoRATarget("qkv_proj", q + 2 * kv, 0, q, h),
+            "k_proj": LoRATarget("qkv_proj", q + 2 * kv, q, kv, h),
+            "v_proj": LoRATarget("qkv_proj", q + 2 * kv, q + kv, kv, h),
+            "o_proj": LoRATarget("o_proj", h, 0, h, q),
+            "gate_proj": LoRATarget("gate_up_proj", 2 * i, 0, i, h),
+            "up_proj": LoRATarget("gate_up_proj", 2 * i, i, i, h),
+            "down_proj": LoRATarget("down_proj", h, 0, h, i),
+        }
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:

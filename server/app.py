@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from engine.async_engine import AsyncEngine
 from server import (
-    routes_admin, routes_embeddings, routes_generate, routes_score, routes_tei, routes_tgi, routes_translate,
+    routes_admin, routes_embeddings, routes_generate, routes_lora, routes_score, routes_tei, routes_tgi, routes_translate,
 )
 from server.auth import ApiKeyAuth
 from server.errors import BodySizeLimit, install_error_handlers
@@ -56,6 +56,8 @@ def create_app(
     install_openapi(app)
     for router in _ROUTERS:
         app.include_router(router)
+    if settings.allow_runtime_lora_updating:
+        app.include_router(routes_lora.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:  # added last, so it runs first: no body is read for a stranger
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key)

@@ -9,6 +9,7 @@ are aborted by AsyncEngine.shutdown.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -70,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     opt("speculative-config", str, None, "n-gram speculative decoding for generation models, as vLLM's JSON: "
         '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
         "(drafts copied from the prompt and output, verified in one step; off by default)")
+    switch("enable-lora", "generation models serve PEFT LoRA adapters, which requests name as their model")
+    serve.add_argument("--lora-modules", nargs="+", action="extend", default=None, metavar="MODULE",
+                       help="adapters to load at start, as name=path or JSON {\"name\", \"path\", "
+                            "\"base_model_name\"} (vLLM's forms; implies --enable-lora; env KVSERVE_LORA_MODULES, "
+                            "space-separated name=path)")
+    serve.set_defaults(env_lora_modules=(_env("lora-modules", "") or "").split() or None)
+    opt("max-loras", int, 4, "distinct LoRA adapters running at once (others' requests wait)")
+    opt("max-lora-rank", int, 16, "largest LoRA rank an adapter may have")
+    switch("allow-runtime-lora-updating", "serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+           "(any folder the server can read may then be loaded)")
     opt("tool-call-parser", str, None, "how tool_choice auto answers are read: hermes (<tool_call> JSON "
         "</tool_call>, Qwen2.5/Hermes), llama3_json (the answer is JSON calls, Llama 3.1-3.3) or pythonic "
         "([f(a=1)], Llama 3.2/4); unset, auto is refused (required and named functions work)")
@@ -179,11 +190,26 @@ def kv_shares(tasks: list[str]) -> list[float]:
     return shares
 
 
+def lora_modules(args: argparse.Namespace) -> list[Any]:
+    """--lora-modules (or its environment variable) as LoRAModules; ValueError names a bad one."""
+    from engine.errors import InvalidRequestError
+    from engine.lora import LoRAModule
+
+    try:
+        return [LoRAModule.parse(text) for text in args.lora_modules or args.env_lora_modules or []]
+    except InvalidRequestError as err:
+        raise ValueError(f"--lora-modules: {err}") from None
+
+
 def build_engine(model: str, task: str, args: argparse.Namespace, gpu_kv_share: float) -> Any:
     config = engine_config(model, args, gpu_kv_share)
     if task == "generate":
         from engine.engine import LLMEngine
+        from engine.lora import LoRAConfig
 
+        if args.enable_lora:  # its adapters are loaded once every model is (they name their base by served name)
+            config = dataclasses.replace(config, lora=LoRAConfig(max_loras=args.max_loras,
+                                                                 max_lora_rank=args.max_lora_rank))
         return LLMEngine.from_config(config)
     if task in ENCODER_TASKS:  # embeddings and classifiers: one flat encoder pass per step
         from engine.embedding_engine import EmbeddingEngine
@@ -192,6 +218,20 @@ def build_engine(model: str, task: str, args: argparse.Namespace, gpu_kv_share: 
     from engine.translation_engine import TranslationEngine  # type: ignore[import-not-found]
 
     return TranslationEngine.from_config(config)
+
+
+def load_lora(served: dict[str, Any], module: Any) -> None:
+    """Load a --lora-modules adapter into the model it names (default: the first generation model)."""
+    from engine.errors import InvalidRequestError
+
+    taken = set(served) | {a for e in served.values() for a in getattr(e, "lora_names", ())}
+    if module.name in taken:
+        raise InvalidRequestError(f"the name {module.name!r} is already served")
+    bases = [n for n, e in served.items() if hasattr(e, "add_lora")]
+    base = module.base_model_name or (bases[0] if bases else None)
+    if base not in bases:
+        raise InvalidRequestError(f"base model {base!r} is not a served generation model; served: {bases}")
+    served[base].add_lora(module.name, module.path)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -221,9 +261,16 @@ def serve(args: argparse.Namespace) -> None:
         served[name] = engine
         log.info("loaded %s (%s) from %s; %d KV-cache blocks", name, engine.info.task, engine.info.path,
                  engine.stats().num_blocks_total)
+    for module in lora_modules(args):
+        try:
+            compute.submit(load_lora, served, module).result()
+        except InvalidRequestError as err:
+            raise SystemExit(f"kvserve: cannot load LoRA adapter {module.name!r}: {err}") from None
+        log.info("loaded LoRA adapter %s from %s", module.name, module.path)
     settings = ServerSettings(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
                               max_waiting=args.max_waiting, shutdown_timeout_s=args.shutdown_timeout,
-                              tool_call_parser=args.tool_call_parser, api_key=args.api_key or None)
+                              tool_call_parser=args.tool_call_parser, api_key=args.api_key or None,
+                              allow_runtime_lora_updating=args.allow_runtime_lora_updating)
     metrics = ServerMetrics(CollectorRegistry())
     async_engine = AsyncEngine(served, max_waiting=settings.max_waiting, on_step=metrics.on_step,
                                executor=compute)
@@ -246,6 +293,21 @@ def main(argv: list[str] | None = None) -> None:
         speculative_config(args.speculative_config)
     except ValueError as err:
         parser.error(str(err))
+    try:
+        if lora_modules(args):
+            args.enable_lora = True
+    except ValueError as err:
+        parser.error(str(err))
+    if args.enable_lora:
+        from engine.errors import InvalidRequestError
+        from engine.lora import LoRAConfig
+
+        try:
+            LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+        except InvalidRequestError as err:
+            parser.error(str(err))
+    if args.allow_runtime_lora_updating and not args.enable_lora:
+        parser.error("--allow-runtime-lora-updating needs --enable-lora")
     for flag, given in (("--gemv-max-rows", args.gemv_max_rows), ("--enable-pdl", args.enable_pdl)):
         if given and not args.device.startswith("cuda"):
             parser.error(f"{flag} runs Triton kernels on a GPU: it needs --device cuda")

@@ -22,20 +22,30 @@ router = APIRouter()
 _STARTED = int(time.time())
 
 
-def _card(name: str, engine: Any) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "kvserve",
-            "root": engine.info.path, "max_model_len": engine.info.max_model_len, "task": task_of(engine)}
+def _card(name: str, engine: Any, parent: str | None = None) -> dict[str, Any]:
+    """A served model's card, or (with `parent`, the model it adapts) a LoRA adapter's."""
+    root = engine.loras.get(name).path if parent is not None else engine.info.path
+    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "kvserve", "root": root,
+            "parent": parent, "max_model_len": engine.info.max_model_len, "task": task_of(engine)}
+
+
+def _cards(served: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every served model, each followed by the LoRA adapters it has loaded."""
+    return [card for name, engine in served.items()
+            for card in [_card(name, engine)] + [_card(a, engine, name) for a in getattr(engine, "lora_names", ())]]
 
 
 @router.get("/v1/models", responses=answers(ModelList, (401,)))
 async def list_models(request: Request) -> Any:
-    return {"object": "list", "data": [_card(name, engine) for name, engine in get_state(request).served.items()]}
+    return {"object": "list", "data": _cards(get_state(request).served)}
 
 
 @router.get("/v1/models/{model}", responses=answers(ModelCard, (401, 404)))
 async def retrieve_model(model: str, request: Request) -> Any:
     """OpenAI's `models.retrieve`."""
-    return _card(model, get_state(request).engine(model))
+    state = get_state(request)
+    state.engine(model)  # a 404 for an unknown name
+    return next(card for card in _cards(state.served) if card["id"] == model)
 
 
 @router.get("/version", responses=answers(VersionResponse, ()))

@@ -19,7 +19,7 @@ from server.schemas import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionChunk, CompletionRequest,
     CompletionResponse,
 )
-from server.state import get_state, new_request_id
+from server.state import get_state, lora_name, new_request_id
 
 router = APIRouter()
 
@@ -37,7 +37,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     prompts = gen.completion_prompts(
         body.prompt, engine.tokenizer, engine.info.vocab_size, state.settings.max_prompts_per_request
     )
-    payloads = [GenerationRequest(p, params) for p in prompts]
+    payloads = [GenerationRequest(p, params, lora_name(engine, name)) for p in prompts]
     request_id = new_request_id("cmpl")
     text_of = gen.TokenText(engine.tokenizer)
     echo = [engine.tokenizer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
@@ -135,7 +135,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         params = dataclasses.replace(params, structured=forced)
     tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     prompt = gen.chat_prompt(body.messages, engine.tokenizer, body.add_generation_prompt, tool_defs)
-    payloads = [GenerationRequest(prompt, params)]
+    payloads = [GenerationRequest(prompt, params, lora_name(engine, name))]
     request_id = new_request_id("chatcmpl")
     text_of = gen.TokenText(engine.tokenizer)
 

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine.errors import QueueFullError
+from engine.errors import ModelNotFoundError, QueueFullError
 from engine.outputs import RequestOutput
 from engine.request import GenerationRequest
 from engine.sampling_params import MAX_N
@@ -23,7 +23,7 @@ from server.openapi import ENGINE_ERRORS, answers
 from server.schemas_tgi import (
     MAX_STOP_SEQUENCES, ServerInfo, TgiCompatRequest, TgiGenerateRequest, TgiGenerateResponse, TgiStreamResponse,
 )
-from server.state import ServerState, get_state, new_request_id, task_of
+from server.state import ServerState, get_state, lora_name, new_request_id, task_of
 
 router = APIRouter()
 
@@ -34,7 +34,10 @@ def _start(body: TgiGenerateRequest, request: Request,
     name, engine = state.resolve(body.model, "generate")
     plan = tgi.plan(body.parameters, stream)
     ids = tgi.truncated(engine.tokenizer.encode(body.inputs), plan.truncate)
-    return state, name, engine, plan, GenerationRequest(ids, plan.params)
+    adapter = body.parameters.adapter_id if body.parameters is not None else None
+    if adapter is not None and adapter not in getattr(engine, "lora_names", ()):
+        raise ModelNotFoundError(f"adapter_id {adapter!r} is not loaded; loaded: {engine.lora_names}", "adapter_id")
+    return state, name, engine, plan, GenerationRequest(ids, plan.params, adapter or lora_name(engine, name))
 
 
 def _not_aborted(out: RequestOutput) -> None:

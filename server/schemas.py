@@ -545,6 +545,7 @@ class ModelCard(_Response):
     created: int
     owned_by: str = "kvserve"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for a base model
     max_model_len: int | None = None
     task: str | None = None  # extension: which routes serve this model
 
@@ -630,3 +631,16 @@ class TranslationChunk(_Answer):
     object: Literal["translation.chunk"] = "translation.chunk"
     data: list[TranslationDelta]
     usage: Usage | None = None
+
+
+class LoadLoRAAdapterRequest(_Request):
+    """vLLM's body for POST /v1/load_lora_adapter."""
+
+    lora_name: NonEmptyStr
+    lora_path: NonEmptyStr
+    base_model_name: str | None = Field(None, description="The served model it adapts; default: the first "
+                                        "generation model")
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    lora_name: NonEmptyStr

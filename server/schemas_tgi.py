@@ -51,7 +51,7 @@ class TgiParameters(_Request):
     seed: int | None = Field(None, ge=0, le=BOUNDS["seed"].high)
     top_n_tokens: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     grammar: TgiGrammar | None = None
-    adapter_id: unsupported(str | None, "adapter_id: kvserve serves no LoRA adapters", {"maxLength": 0}) = None
+    adapter_id: str | None = Field(None, description="A LoRA adapter the model has loaded (--lora-modules)")
 
 
 class TgiGenerateRequest(_Request):

@@ -20,6 +20,7 @@ class ServerSettings:
     max_embedding_inputs: int = 2048  # OpenAI's limit on inputs per /v1/embeddings call
     tool_call_parser: str | None = None  # how `tool_choice: auto` answers are read (server/tools.py); None: refused
     api_key: str | None = None  # requests must send `Authorization: Bearer <key>` (server/auth.py); None: open
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter exist
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

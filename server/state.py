@@ -27,11 +27,17 @@ class ServerState:
     metrics: ServerMetrics
 
     def engine(self, model: str) -> Any:
-        """The engine serving `model`; a 404 when none does."""
-        engine = self.served.get(model)
+        """The engine serving `model` (a served model's name, or a LoRA adapter's that one of
+        them has loaded); a 404 when none does."""
+        engine = self.served.get(model) or next(
+            (e for e in self.served.values() if model in getattr(e, "lora_names", ())), None)
         if engine is None:
-            raise ModelNotFoundError(f"The model `{model}` does not exist. Served: {sorted(self.served)}", "model")
+            raise ModelNotFoundError(f"The model `{model}` does not exist. Served: {sorted(self.names())}", "model")
         return engine
+
+    def names(self) -> list[str]:
+        """Every name a request may use: the served models, then their LoRA adapters."""
+        return list(self.served) + [a for e in self.served.values() for a in getattr(e, "lora_names", ())]
 
     def resolve(self, model: str | None, task: str | tuple[str, ...]) -> tuple[str, Any]:
         """The (name, engine) a request addresses; `None` picks the first model of the first task
@@ -52,6 +58,11 @@ class ServerState:
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.kv
+
+
+def lora_name(engine: Any, model: str) -> str | None:
+    """The LoRA adapter a request's `model` names on `engine`; None: the base model."""
+    return model if model in getattr(engine, "lora_names", ()) else None
 
 
 def new_request_id(prefix: str) -> str:
