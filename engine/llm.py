@@ -83,7 +83,7 @@ class LLM:
             params = [params or SamplingParams()] * len(token_lists)
         loras = lora_request if isinstance(lora_request, Seq) else [lora_request] * len(token_lists)
         for lora in {lr.lora_name: lr for lr in loras if lr is not None}.values():
-            if lora.lora_name not in self.engine.lora_names:
+            if lora.lora_name not in self.engine.lora_names and lora.lora_path:  # else add_request says it is unknown
                 self.engine.add_lora(lora.lora_name, lora.lora_path)
         order = []
         for ids, p, lora in zip(token_lists, params, loras):
