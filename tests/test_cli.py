@@ -117,3 +117,49 @@ def test_speculative_config_builds_the_engine_config_and_bad_json_is_refused(mon
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["serve", "--device", "cpu", "--speculative-config", text])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lora_flags(monkeypatch, capsys, tmp_path):
+    """--lora-modules takes vLLM's two forms and implies --enable-lora; bad ones exit 2 before any model loads."""
+    from engine.lora import LoRAModule
+
+    args = cli.build_parser().parse_args(["serve", "--lora-modules", "sql=/a", '{"name": "chat", "path": "/b", '
+                                          '"base_model_name": "smol"}', "--max-loras", "2"])
+    assert cli.lora_modules(args) == [LoRAModule("sql", "/a"), LoRAModule("chat", "/b", "smol")]
+    monkeypatch.setenv("KVSERVE_LORA_MODULES", "x=/x y=/y")
+    assert cli.lora_modules(cli.build_parser().parse_args(["serve"])) == [LoRAModule("x", "/x"), LoRAModule("y", "/y")]
+    monkeypatch.delenv("KVSERVE_LORA_MODULES")
+    started = []
+    monkeypatch.setattr(cli, "serve", lambda args: started.append(args))
+    cli.main(["serve", "--device", "cpu", "--lora-modules", "sql=/a"])
+    assert started[0].enable_lora and started[0].max_loras == 4 and started[0].max_lora_rank == 16
+    for argv, message in ((["--lora-modules", "sql"], "name=path"), (["--enable-lora", "--max-loras", "0"], "max_loras"),
+                          (["--allow-runtime-lora-updating"], "needs --enable-lora")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["serve", "--device", "cpu", *argv])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lora_modules_load_into_their_base_model():
+    """Each adapter goes to the model it names (else the first generation model); names stay unique."""
+    from engine.errors import InvalidRequestError
+    from engine.lora import LoRAModule
+
+    class Gen:
+        def __init__(self):
+            self.lora_names: list[str] = []
+
+        def add_lora(self, name, path):
+            self.lora_names.append(name)
+
+    class Embed:
+        pass
+
+    served = {"mini": Embed(), "smol": Gen(), "qwen": Gen()}
+    cli.load_lora(served, LoRAModule("a", "/a"))
+    cli.load_lora(served, LoRAModule("b", "/b", "qwen"))
+    assert served["smol"].lora_names == ["a"] and served["qwen"].lora_names == ["b"]
+    for module, message in ((LoRAModule("a", "/x", "qwen"), "already served"), (LoRAModule("smol", "/x"), "already"),
+                            (LoRAModule("c", "/c", "mini"), "not a served generation model")):
+        with pytest.raises(InvalidRequestError, match=message):
+            cli.load_lora(served, module)

@@ -91,6 +91,28 @@ def test_tiny_llama_with_ngram_drafts_on_gpu_equals_cpu(tmp_path):
     assert llm.engine.block_manager.num_free_blocks == 96
 
 
+@pytest.mark.parametrize("gemv", [0, 4])
+def test_tiny_llama_with_lora_rows_on_gpu_equals_cpu(gemv, tmp_path):
+    """Adapter rows run eagerly (deltas on the device, around cuBLAS or the GEMV Linears) beside
+    graph-replayed base decodes, running ahead; fp32: the tokens equal the CPU's."""
+    from engine.lora import LoRARequest
+    from tests.test_lora import ALL, make_adapter
+    from tests.tiny_models import save_tiny
+
+    folder = save_tiny("llama", tmp_path / "llama")
+    adapter = LoRARequest("a", 0, str(make_adapter(folder, tmp_path / "a", seed=1, r=8, target_modules=ALL)))
+    prompts = [[5 + i, 17, 33 * i % 300, 90, 4, 8 + i] for i in range(8)]
+    loras = [adapter if i % 3 else None for i in range(8)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    kwargs = dict(num_kv_blocks=96, block_size=16, enable_lora=True)
+    llm = LLM(str(folder), device="cuda", gemv_max_rows=gemv, **kwargs)
+    assert llm.engine.runner.graphs is not None and llm.engine.run_ahead
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=loras)]
+    cpu = LLM(str(folder), device="cpu", **kwargs)
+    assert got == [o.outputs[0].token_ids for o in cpu.generate(prompts, params, lora_request=loras)]
+    assert llm.engine.block_manager.num_free_blocks == 96
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
 def test_tiny_decoder_families_on_gpu_equal_cpu(kind, tmp_path):
     """The other decoder families through the GPU runner: Qwen2 (q/k/v bias, GQA 4:1) and GPT-2

@@ -519,6 +519,36 @@ def test_ngram_drafts_between_graph_decodes_with_interpreted_kernels_equal_refer
 
 
 @interpreted
+def test_lora_rows_run_eagerly_beside_graph_decodes(tmp_path):
+    """LoRA adapter rows (engine/lora_batch.py) never replay the decode graphs, which hold no
+    deltas: steps with adapter rows run the interpreted kernels eagerly, base-only steps replay,
+    and every request gets the torch reference's tokens for its adapter."""
+    from engine.llm import LLM
+    from engine.lora import LoRARequest
+    from engine.sampling_params import SamplingParams
+    from tests.test_lora import ALL, make_adapter
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny("llama", tmp_path / "llama")
+    adapter = LoRARequest("a", 0, str(make_adapter(folder, tmp_path / "a", seed=1, r=4, target_modules=ALL)))
+    gen = torch.Generator().manual_seed(17)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (5, 9, 4, 12)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (9, 3, 6, 4)]
+    loras = [None, adapter, None, adapter]  # the adapter rows finish first: base-only steps follow
+    kwargs = dict(num_kv_blocks=40, block_size=4, max_num_batched_tokens=64, enable_lora=True)
+    llm = LLM(str(folder), attention_backend="triton", decode_graphs=True, max_graph_batch=4, **kwargs)
+    replays = []
+    run = llm.engine.runner.graphs.run
+    llm.engine.runner.graphs.run = lambda *a: replays.append(len(a[0])) or run(*a)
+    outs = llm.generate(prompts, params, lora_request=loras)
+    torch_outs = LLM(str(folder), attention_backend="torch", **kwargs).generate(prompts, params, lora_request=loras)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in torch_outs]
+    assert replays and max(replays) <= 2  # only steps without the adapter's rows replayed
+    assert llm.engine.block_manager.num_free_blocks == 40
+
+
+@interpreted
 @pytest.mark.parametrize("kind", ["marian", "t5"])
 def test_translation_graph_buffers_with_interpreted_kernels_equal_reference(kind, tmp_path):
     """The encoder-decoder graph path without capture: decoder steps of padded batches (3 -> 4)
