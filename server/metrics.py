@@ -46,6 +46,12 @@ class ServerMetrics:
         self.spec_decode_draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative draft tokens verified.")
         self.spec_decode_accepted_tokens = counter("spec_decode_num_accepted_tokens",
                                                    "Speculative draft tokens accepted.")
+        # vLLM's: one sample whose labels name the adapters running and waiting (comma-separated),
+        # valued at the time they last changed; the previous label set is removed, not left stale
+        self.lora_requests_info = Gauge(
+            "kvserve:lora_requests_info", "LoRA adapters of the running and waiting requests.",
+            ["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=registry)
+        self._lora_labels: dict[str, tuple[str, ...]] = {}
         # engine counters (totals since start) and the Prometheus counters they feed, as increments
         self._counters = (("num_prompt_tokens", self.prompt_tokens),
                           ("num_generation_tokens", self.generation_tokens),
@@ -100,9 +106,21 @@ class ServerMetrics:
         for field, metric in self._counters:
             if deltas[field] > 0:
                 metric.labels(name).inc(deltas[field])
+        if getattr(stats, "max_loras", 0):
+            self._record_loras(name, stats)
         step_tokens = deltas["num_prompt_tokens"] + deltas["num_generation_tokens"]
         if step_tokens > 0:
             self.iteration_tokens.labels(name).observe(step_tokens)
+
+    def _record_loras(self, name: str, stats: Any) -> None:
+        labels = (name, str(stats.max_loras), ",".join(stats.running_loras), ",".join(stats.waiting_loras))
+        last = self._lora_labels.get(name)
+        if labels == last:
+            return
+        if last is not None:
+            self.lora_requests_info.remove(*last)
+        self.lora_requests_info.labels(*labels).set(time.time())
+        self._lora_labels[name] = labels
 
     def _record_generation(self, name: str, outputs: list[Any]) -> None:
         now = time.monotonic()

@@ -150,3 +150,37 @@ def test_ngram_speculation_on_copying_chats_equals_transformers(hf):
     stats = llm.engine.stats()
     assert stats.num_accepted_tokens >= 30 and stats.num_accepted_tokens <= stats.num_draft_tokens  # of 80 tokens
     assert llm.engine.block_manager.num_free_blocks == 512
+
+
+def test_lora_adapter_on_smollm2_equals_peft(hf, tmp_path):
+    """A PEFT adapter made on transformers' SmolLM2 (random A, small random B: a changed but
+    still fluent model) serves from the GGUF through our loader: 24 greedy tokens equal PEFT's,
+    beside a base-model request in the same steps."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from engine.lora import LoRARequest
+
+    model, tok = hf
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=8, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.eval()
+    prompts = [tok.encode(p) for p in PLAIN[:2]]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    llm = LLM("smollm2", num_kv_blocks=256, max_num_batched_tokens=256, enable_lora=True)
+    adapter = LoRARequest("tuned", 0, str(tmp_path / "adapter"))
+    outs = llm.generate(prompts + prompts[:1], params, lora_request=[adapter, adapter, None])
+    for prompt, out in zip(prompts, outs):
+        with torch.inference_mode():
+            want = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24,
+                                       do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == want
+    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids  # the adapter changes the answer
+    assert llm.engine.block_manager.usage == 0.0

@@ -169,10 +169,12 @@ def test_logits_equal_peft_in_one_mixed_batch(tiny):
                 assert (want - refs[None](torch.tensor([prompt])).logits[0]).abs().max() > 1e-2
 
 
-def test_greedy_mixed_batch_equals_peft_generate(tiny):
-    """Base and adapter requests decode in the same steps; each equals its own PEFT reference."""
+@pytest.mark.parametrize("run_ahead", [False, True])
+def test_greedy_mixed_batch_equals_peft_generate(tiny, run_ahead):
+    """Base and adapter requests decode in the same steps; each equals its own PEFT reference
+    (also with steps launched before the previous one's tokens are read)."""
     base, adapters, refs = tiny
-    llm = _llm(base)
+    llm = _llm(base, run_ahead=run_ahead)
     names = [None, "all", "qv", "all", None, "qv"]
     prompts = _prompts(len(names), seed=4)
     outs = llm.generate(prompts, GREEDY, lora_request=_requests(adapters, names))
@@ -382,3 +384,25 @@ def test_runtime_updating_is_off_by_default(llama):
         r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/"}, timeout=10)
         assert r.status_code == 404
         assert json.loads(httpx.get(f"{url}/v1/models", timeout=10).text)["data"][0]["parent"] is None
+
+
+def test_metrics_name_the_running_adapters(served):
+    """vLLM's lora_requests_info: while an adapter's request streams, its label names the adapter;
+    once it is done, one sample remains, naming none."""
+    url, engine, _, _ = served
+    body = {"model": "all", "prompt": [5, 6, 7], "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        during = httpx.get(f"{url}/metrics", timeout=10).text
+        for _ in lines:
+            pass
+    after = httpx.get(f"{url}/metrics", timeout=10).text
+
+    def samples(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("kvserve:lora_requests_info{")]
+
+    assert any('running_lora_adapters="all"' in line and 'max_lora="4"' in line for line in samples(during))
+    assert len(samples(after)) == 1 and 'running_lora_adapters=""' in samples(after)[0]
+    assert engine.block_manager.usage == 0.0
