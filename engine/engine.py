@@ -116,7 +116,7 @@ class LLMEngine:
                                            config, self.max_model_len)
         self.runner = ModelRunner(loaded.model, caches, block_size, backend, config.device, config.seed, graphs,
                                   eos_token_ids=self.info.eos_token_ids,
-                                  loras=self.loras.by_id if self.loras is not None else None)
+                                  loras=self.loras)
         for module in config.lora.modules if config.lora is not None else ():
             self.add_lora(module.name, module.path)
         # a step run ahead of would need the previous step's accepted drafts before they are known

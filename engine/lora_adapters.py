@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 
 import torch
 from torch import nn
 
 from engine.errors import InvalidRequestError, ModelNotFoundError
 from engine.lora import LoRAConfig
+from engine.lora_batch import LoRAStack
 from models.lora import LoRAAdapter, load_adapter
+
+MAX_STACKS = 8  # adapter sets whose stacked weights are kept; each costs about its adapters' size
 
 
 class LoRAAdapters:
@@ -23,6 +27,8 @@ class LoRAAdapters:
         self.by_id: dict[int, LoRAAdapter] = {}  # shared with the model runner
         self._by_name: dict[str, LoRAAdapter] = {}
         self._ids = itertools.count(1)
+        # stacked weights per set of adapter ids a step mixes (engine/lora_batch.py), most recent last
+        self._stacks: OrderedDict[tuple[int, ...], LoRAStack] = OrderedDict()
 
     @property
     def names(self) -> list[str]:
@@ -38,6 +44,16 @@ class LoRAAdapters:
                                      "model")
         return adapter.lora_id
 
+    def stack(self, ids: tuple[int, ...]) -> LoRAStack:
+        """The adapters `ids` (sorted) stacked for one step; kept for the next steps that mix the same ones."""
+        found = self._stacks.get(ids)
+        if found is None:
+            found = self._stacks[ids] = LoRAStack.build([self.by_id[i] for i in ids])
+            while len(self._stacks) > MAX_STACKS:
+                self._stacks.popitem(last=False)
+        self._stacks.move_to_end(ids)
+        return found
+
     def add(self, name: str, path: str) -> LoRAAdapter:
         if name in self._by_name:
             raise InvalidRequestError(f"a LoRA adapter named {name!r} is already loaded", "lora_name")
@@ -52,4 +68,6 @@ class LoRAAdapters:
         if adapter is None:
             raise ModelNotFoundError(f"no LoRA adapter named {name!r} is loaded", "lora_name")
         del self.by_id[adapter.lora_id]
+        for ids in [ids for ids in self._stacks if adapter.lora_id in ids]:
+            del self._stacks[ids]
         return adapter

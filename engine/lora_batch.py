@@ -1,11 +1,16 @@
 """One step's LoRA deltas: which flat rows run which adapter, and what each adapted Linear adds to them.
 
-The torch form of Punica's segmented matmul: per adapter in the step, its rows' inputs go through
-A (R, in) then B (out, R), and the result is added at those rows. A step holds at most
-`max_loras` adapters (the scheduler's rule), so this is a few small matmul pairs per Linear,
-and a step whose rows all share one adapter gathers nothing.
+The step's adapters are stacked per Linear (`LoRAStack`): A as the rows of every adapter's A, B as
+the columns of every adapter's B. A Linear's delta is then one x @ A^T over all rows, a 0/1 mask
+that keeps each row's own adapter's columns (a base row keeps none), and one product with B^T:
+three launches per Linear however many adapters the step mixes, where a loop over adapters
+would gather and scatter each one's rows. The wasted products are rank-wide, a few percent of
+the Linear itself; `max_loras` bounds them.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -13,38 +18,66 @@ from engine.host_copy import to_device
 from models.lora import LoRAAdapter
 
 
-class LoRABatch:
-    """Rows of a flat step by adapter; `apply` adds their deltas to one Linear's output."""
+@dataclass(frozen=True)
+class LoRAStack:
+    """Adapters stacked per (layer, Linear): (A (R, in), B (out, R), owner (R,): the position in
+    `lora_ids` of the adapter each column belongs to). Keys no adapter adapts are absent."""
 
-    def __init__(self, groups: list[tuple[LoRAAdapter, torch.Tensor | None]]) -> None:
-        self.groups = groups  # (adapter, its flat rows; None: every row of the step)
+    lora_ids: tuple[int, ...]
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def build(cls, adapters: dict[int, LoRAAdapter], lora_ids: list[int], num_tokens: list[int],
+    def build(cls, adapters: list[LoRAAdapter]) -> LoRAStack:
+        keys = sorted({key for adapter in adapters for key in adapter.weights}, key=str)
+        owners: dict[tuple[int, ...], torch.Tensor] = {}  # one tensor per column layout, so masks are shared
+        weights = {}
+        for key in keys:
+            parts = [(i, adapter.weights[key]) for i, adapter in enumerate(adapters) if key in adapter.weights]
+            layout = tuple(i for i, (a, _) in parts for _ in range(a.shape[0]))
+            device = parts[0][1][0].device
+            owner = owners.setdefault(layout, torch.tensor(layout, dtype=torch.int64, device=device))
+            weights[key] = (torch.cat([a for _, (a, _) in parts]), torch.cat([b for _, (_, b) in parts], dim=1), owner)
+        return cls(tuple(a.lora_id for a in adapters), weights)
+
+
+class LoRABatch:
+    """The step's stacked adapters and each flat row's adapter; `apply` adds one Linear's deltas."""
+
+    def __init__(self, stack: LoRAStack, row_owner: torch.Tensor | None) -> None:
+        self.stack = stack
+        self.row_owner = row_owner  # (T,) position in stack.lora_ids, -1 for base rows; None: all run stack[0]
+        self._masks: dict[int, torch.Tensor] = {}  # id(owner) -> (T, R) 0/1 in the model dtype
+
+    @classmethod
+    def build(cls, stack_of: Callable[[tuple[int, ...]], LoRAStack], lora_ids: list[int], num_tokens: list[int],
               device: str) -> LoRABatch | None:
-        """Sequence i's `num_tokens[i]` consecutive flat rows run adapter `lora_ids[i]` (0: none).
-        None when no row runs one: the model takes its fused path."""
+        """Sequence i's `num_tokens[i]` consecutive flat rows run adapter `lora_ids[i]` (0: none);
+        `stack_of(ids)` gives the LoRAStack of those adapter ids. None when no row runs one: the
+        model takes its fused path."""
         if not any(lora_ids):
             return None
+        ids = tuple(sorted({i for i in lora_ids if i}))
+        stack = stack_of(ids)
         if len(set(lora_ids)) == 1:
-            return cls([(adapters[lora_ids[0]], None)])
-        rows: dict[int, list[int]] = {}
-        start = 0
-        for lora_id, n in zip(lora_ids, num_tokens):
-            if lora_id:
-                rows.setdefault(lora_id, []).extend(range(start, start + n))
-            start += n
-        return cls([(adapters[i], to_device(r, device)) for i, r in rows.items()])
+            return cls(stack, None)
+        position = {lora_id: p for p, lora_id in enumerate(ids)}
+        rows = [position.get(i, -1) for i, n in zip(lora_ids, num_tokens) for _ in range(n)]
+        return cls(stack, to_device(rows, device, torch.int64))
 
     def apply(self, layer: int, linear: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`out` (= linear(x)) plus each adapter's delta for that layer's `linear` at its rows."""
-        for adapter, rows in self.groups:
-            weights = adapter.weights.get((layer, linear))
-            if weights is None:  # the adapter leaves this Linear alone
-                continue
-            a, b = weights
-            if rows is None:
-                out = out + (x @ a.t()) @ b.t()
-            else:
-                out = out.index_add(0, rows, (x[rows] @ a.t()) @ b.t())
-        return out
+        """`out` (= linear(x)) plus each row's adapter delta for that layer's `linear`."""
+        weights = self.stack.weights.get((layer, linear))
+        if weights is None:  # no adapter of the step touches this Linear
+            return out
+        a, b, owner = weights
+        xa = x @ a.t()
+        if self.row_owner is not None:
+            xa = xa * self._mask(owner, xa.dtype)
+        return out + xa @ b.t()
+
+    def _mask(self, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        mask = self._masks.get(id(owner))
+        if mask is None:
+            mask = (self.row_owner[:, None] == owner[None, :]).to(dtype)
+            self._masks[id(owner)] = mask
+        return mask

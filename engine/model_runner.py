@@ -19,6 +19,7 @@ from engine.forward_context import ForwardContext
 from engine.guided import apply_bitmask
 from engine.host_copy import to_device
 from engine.input_prep import prepare_inputs
+from engine.lora_adapters import LoRAAdapters
 from engine.lora_batch import LoRABatch
 from engine.outputs import TokenLogprob
 from engine.prompt_logprobs import PromptRows, prompt_rows, score
@@ -27,7 +28,6 @@ from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.speculative import num_accepted
 from engine.workspace import Workspace
-from models.lora import LoRAAdapter
 from models.spec import KVCacheSpec
 
 PROMPT_LOGITS_ROWS = 256  # prompt rows scored per vocabulary projection (echo + logprobs)
@@ -96,11 +96,11 @@ class ModelRunner:
         seed: int = 0,
         graphs: DecodeGraphs | None = None,
         eos_token_ids: tuple[int, ...] = (),
-        loras: dict[int, LoRAAdapter] | None = None,
+        loras: LoRAAdapters | None = None,
     ) -> None:
-        """`loras`: the engine's loaded adapters by id, shared (it adds and removes them)."""
+        """`loras`: the engine's loaded adapters, shared (it adds and removes them)."""
         self.model = model
-        self.loras = loras if loras is not None else {}
+        self.loras = loras
         self.eos_token_ids = tuple(eos_token_ids)  # held back, with stop ids, before min_tokens
         self.graphs = graphs  # decode steps of at most graphs.max_batch sequences replay these
         self.kv_caches = kv_caches
@@ -171,7 +171,8 @@ class ModelRunner:
                 at, in_flight = carried
                 firsts = inputs.meta.cu_seqlens_q[:-1].long()
                 inputs.input_ids.index_copy_(0, firsts[: len(in_flight)] if at is None else firsts[at], in_flight)
-            lora = LoRABatch.build(self.loras, lora_ids, [len(c) for c in chunks], self.device)
+            lora = LoRABatch.build(self.loras.stack, lora_ids, [len(c) for c in chunks], self.device) \
+                if any(lora_ids) else None
             ctx = ForwardContext(meta=inputs.meta, backend=self.backend, kv_caches=self.kv_caches, lora=lora)
             flat = self.model(inputs.input_ids, inputs.positions, ctx)
             hidden = flat[inputs.sample_rows]

@@ -159,7 +159,7 @@ def test_logits_equal_peft_in_one_mixed_batch(tiny):
     flat = torch.tensor([t for p in prompts for t in p])
     positions = torch.cat([torch.arange(len(p)) for p in prompts])
     ctx = ForwardContext(metadata_for_sequences([len(p) for p in prompts]), get_backend("cpu", None),
-                         lora=LoRABatch.build(ids.by_id, lora_ids, [len(p) for p in prompts], "cpu"))
+                         lora=LoRABatch.build(ids.stack, lora_ids, [len(p) for p in prompts], "cpu"))
     with torch.inference_mode():
         ours = model.compute_logits(model(flat, positions, ctx)).split([len(p) for p in prompts])
         for name, prompt, got in zip(names, prompts, ours):
