@@ -20,8 +20,8 @@ from models.lora import LoRAAdapter
 
 @dataclass(frozen=True)
 class LoRAStack:
-    """Adapters stacked per (layer, Linear): (A (R, in), B (out, R), owner (R,): the position in
-    `lora_ids` of the adapter each column belongs to). Keys no adapter adapts are absent."""
+    """Adapters stacked per (layer, Linear): (A^T (in, R), B^T (R, out), owner (R,): the position
+    in `lora_ids` of the adapter each rank column belongs to). Keys no adapter adapts are absent."""
 
     lora_ids: tuple[int, ...]
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -36,7 +36,10 @@ class LoRAStack:
             layout = tuple(i for i, (a, _) in parts for _ in range(a.shape[0]))
             device = parts[0][1][0].device
             owner = owners.setdefault(layout, torch.tensor(layout, dtype=torch.int64, device=device))
-            weights[key] = (torch.cat([a for _, (a, _) in parts]), torch.cat([b for _, (_, b) in parts], dim=1), owner)
+            # transposed once here, so each step's products read both row-major
+            a_t = torch.cat([a for _, (a, _) in parts]).t().contiguous()
+            b_t = torch.cat([b for _, (_, b) in parts], dim=1).t().contiguous()
+            weights[key] = (a_t, b_t, owner)
         return cls(tuple(a.lora_id for a in adapters), weights)
 
 
@@ -69,11 +72,11 @@ class LoRABatch:
         weights = self.stack.weights.get((layer, linear))
         if weights is None:  # no adapter of the step touches this Linear
             return out
-        a, b, owner = weights
-        xa = x @ a.t()
+        a_t, b_t, owner = weights
+        xa = x @ a_t
         if self.row_owner is not None:
-            xa = xa * self._mask(owner, xa.dtype)
-        return out + xa @ b.t()
+            xa.mul_(self._mask(owner, xa.dtype))
+        return torch.addmm(out, xa, b_t)
 
     def _mask(self, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         mask = self._masks.get(id(owner))
