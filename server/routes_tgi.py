@@ -36,7 +36,8 @@ def _start(body: TgiGenerateRequest, request: Request,
     ids = tgi.truncated(engine.tokenizer.encode(body.inputs), plan.truncate)
     adapter = body.parameters.adapter_id if body.parameters is not None else None
     if adapter is not None and adapter not in getattr(engine, "lora_names", ()):
-        raise ModelNotFoundError(f"adapter_id {adapter!r} is not loaded; loaded: {engine.lora_names}", "adapter_id")
+        raise ModelNotFoundError(f"adapter_id {adapter!r} is not loaded; loaded: {getattr(engine, 'lora_names', [])}",
+                                 "parameters.adapter_id")
     return state, name, engine, plan, GenerationRequest(ids, plan.params, adapter or lora_name(engine, name))
 
 

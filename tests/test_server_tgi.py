@@ -227,7 +227,6 @@ def test_info_for_an_embedding_server():
     {"top_n_tokens": 50},
     {"typical_p": 0.0},
     {"watermark": True},
-    {"adapter_id": "lora-1"},
     {"stop": ["s"] * 17},
     {"grammar": {"type": "regex", "value": "("}},
     {"grammar": {"type": "json_schema", "value": {"name": "x"}}},
@@ -241,6 +240,12 @@ def test_refusals_name_the_field(url, parameters):
     field = "parameters." + next(iter(parameters))
     # the schema's refusals name the top-level field, as on every route, and the nested one in words
     assert error["param"] == field or (error["param"] == "parameters" and field in error["message"]), error
+
+
+def test_an_adapter_not_loaded_is_a_404_naming_the_field(url):
+    """This engine was started without LoRA: no adapter_id can be served (tests/test_lora.py serves some)."""
+    r = generate(url, adapter_id="lora-1")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "parameters.adapter_id", r.text
 
 
 def test_stream_only_refusals(url):
