@@ -143,22 +143,25 @@ class LLMEngine:
 
     def add_lora(self, name: str, path: str) -> None:
         """Load a PEFT adapter that requests may then name; refused (400) where it does not fit."""
-        if self.loras is None:
-            raise InvalidRequestError(f"{self.info.name} was started without LoRA support (--enable-lora)")
+        adapters = self._adapters()
         if name == self.info.name:
             raise InvalidRequestError(f"a LoRA adapter cannot take the base model's name {name!r}", "lora_name")
-        self.loras.add(name, path)
+        adapters.add(name, path)
 
     def remove_lora(self, name: str) -> None:
         """Unload an adapter; refused while a request still runs or waits on it."""
-        if self.loras is None:
-            raise InvalidRequestError(f"{self.info.name} was started without LoRA support (--enable-lora)")
-        lora_id = self.loras.id_of(name)
+        adapters = self._adapters()
+        lora_id = adapters.id_of(name)
         users = sum(any(s.lora_id == lora_id for s in state.seqs) for state in self._requests.values())
         if users:
             raise InvalidRequestError(f"LoRA adapter {name!r} is in use by {users} request(s); unload it once "
                                       "they finish", "lora_name")
-        self.loras.remove(name)
+        adapters.remove(name)
+
+    def _adapters(self) -> LoRAAdapters:
+        if self.loras is None:
+            raise InvalidRequestError(f"{self.info.name} was started without LoRA support (--enable-lora)")
+        return self.loras
 
     # ---- admission ------------------------------------------------------------------
     def validate(self, payload: GenerationRequest) -> None:

@@ -24,7 +24,7 @@ class LoRAAdapters:
         self._model = model
         self._dtype = dtype
         self._device = device
-        self.by_id: dict[int, LoRAAdapter] = {}  # shared with the model runner
+        self.by_id: dict[int, LoRAAdapter] = {}
         self._by_name: dict[str, LoRAAdapter] = {}
         self._ids = itertools.count(1)
         # stacked weights per set of adapter ids a step mixes (engine/lora_batch.py), most recent last

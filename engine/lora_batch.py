@@ -21,26 +21,25 @@ from models.lora import LoRAAdapter
 @dataclass(frozen=True)
 class LoRAStack:
     """Adapters stacked per (layer, Linear): (A^T (in, R), B^T (R, out), owner (R,): the position
-    in `lora_ids` of the adapter each rank column belongs to). Keys no adapter adapts are absent."""
+    among the stacked adapters of the one each rank column belongs to). Keys no adapter adapts are absent."""
 
-    lora_ids: tuple[int, ...]
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @classmethod
     def build(cls, adapters: list[LoRAAdapter]) -> LoRAStack:
-        keys = sorted({key for adapter in adapters for key in adapter.weights}, key=str)
         owners: dict[tuple[int, ...], torch.Tensor] = {}  # one tensor per column layout, so masks are shared
         weights = {}
-        for key in keys:
+        for key in {key for adapter in adapters for key in adapter.weights}:
             parts = [(i, adapter.weights[key]) for i, adapter in enumerate(adapters) if key in adapter.weights]
             layout = tuple(i for i, (a, _) in parts for _ in range(a.shape[0]))
-            device = parts[0][1][0].device
-            owner = owners.setdefault(layout, torch.tensor(layout, dtype=torch.int64, device=device))
+            if layout not in owners:
+                owners[layout] = torch.tensor(layout, dtype=torch.int64, device=parts[0][1][0].device)
+            owner = owners[layout]
             # transposed once here, so each step's products read both row-major
             a_t = torch.cat([a for _, (a, _) in parts]).t().contiguous()
             b_t = torch.cat([b for _, (_, b) in parts], dim=1).t().contiguous()
             weights[key] = (a_t, b_t, owner)
-        return cls(tuple(a.lora_id for a in adapters), weights)
+        return cls(weights)
 
 
 class LoRABatch:
@@ -48,17 +47,15 @@ class LoRABatch:
 
     def __init__(self, stack: LoRAStack, row_owner: torch.Tensor | None) -> None:
         self.stack = stack
-        self.row_owner = row_owner  # (T,) position in stack.lora_ids, -1 for base rows; None: all run stack[0]
+        self.row_owner = row_owner  # (T,) the row's adapter's position in the stack, -1 for base rows; None: all
+        # rows run the one stacked adapter
         self._masks: dict[int, torch.Tensor] = {}  # id(owner) -> (T, R) 0/1 in the model dtype
 
     @classmethod
     def build(cls, stack_of: Callable[[tuple[int, ...]], LoRAStack], lora_ids: list[int], num_tokens: list[int],
-              device: str) -> LoRABatch | None:
-        """Sequence i's `num_tokens[i]` consecutive flat rows run adapter `lora_ids[i]` (0: none);
-        `stack_of(ids)` gives the LoRAStack of those adapter ids. None when no row runs one: the
-        model takes its fused path."""
-        if not any(lora_ids):
-            return None
+              device: str) -> LoRABatch:
+        """Sequence i's `num_tokens[i]` consecutive flat rows run adapter `lora_ids[i]` (0: none; at
+        least one row runs one); `stack_of(ids)` gives the LoRAStack of those adapter ids, sorted."""
         ids = tuple(sorted({i for i in lora_ids if i}))
         stack = stack_of(ids)
         if len(set(lora_ids)) == 1:

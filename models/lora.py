@@ -47,7 +47,6 @@ class LoRAAdapter:
     name: str
     lora_id: int
     path: str
-    rank: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -57,10 +56,9 @@ def supports_lora(model: nn.Module) -> bool:
 
 def load_adapter(path: str | Path, name: str, lora_id: int, model: nn.Module, max_rank: int,
                  dtype: torch.dtype, device: str) -> LoRAAdapter:
-    """Read a PEFT LoRA folder for `model`; every part it cannot serve exactly is refused by name."""
+    """Read a PEFT LoRA folder for `model` (one that `supports_lora`); every part it cannot serve
+    exactly is refused by name."""
     folder = Path(path)
-    if not supports_lora(model):
-        raise LoRALoadError(f"{type(model).__name__} does not take LoRA adapters (the LLaMA family does)")
     config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     for needed in (config_path, weights_path):
         if not needed.is_file():
@@ -83,7 +81,6 @@ def load_adapter(path: str | Path, name: str, lora_id: int, model: nn.Module, ma
         raise LoRALoadError(f"LoRA adapter {name!r}: adapter_model.safetensors holds no LoRA weights")
     alpha = float(config.get("lora_alpha", 8))
     parts: dict[tuple[int, str], list[tuple[LoRATarget, torch.Tensor, torch.Tensor]]] = {}
-    rank = 0
     for (layer, proj), ab in sorted(pairs.items()):
         target = targets[proj]
         if set(ab) != {"A", "B"}:
@@ -97,11 +94,10 @@ def load_adapter(path: str | Path, name: str, lora_id: int, model: nn.Module, ma
                 "an adapter of another model?")
         if r > max_rank:
             raise LoRALoadError(f"LoRA adapter {name!r} has rank {r}, above max_lora_rank {max_rank}")
-        rank = max(rank, r)
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         parts.setdefault((layer, target.merged), []).append((target, a.float(), b.float() * scaling))
     weights = {key: _stack(group, dtype, device) for key, group in parts.items()}
-    return LoRAAdapter(name=name, lora_id=lora_id, path=str(folder), rank=rank, weights=weights)
+    return LoRAAdapter(name=name, lora_id=lora_id, path=str(folder), weights=weights)
 
 
 def _check_config(name: str, config: dict) -> None:
