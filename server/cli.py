@@ -220,30 +220,17 @@ def build_engine(model: str, task: str, args: argparse.Namespace, gpu_kv_share: 
     return TranslationEngine.from_config(config)
 
 
-def load_lora(served: dict[str, Any], module: Any) -> None:
-    """Load a --lora-modules adapter into the model it names (default: the first generation model)."""
-    from engine.errors import InvalidRequestError
-
-    taken = set(served) | {a for e in served.values() for a in getattr(e, "lora_names", ())}
-    if module.name in taken:
-        raise InvalidRequestError(f"the name {module.name!r} is already served")
-    bases = [n for n, e in served.items() if hasattr(e, "add_lora")]
-    base = module.base_model_name or (bases[0] if bases else None)
-    if base not in bases:
-        raise InvalidRequestError(f"base model {base!r} is not a served generation model; served: {bases}")
-    served[base].add_lora(module.name, module.path)
-
-
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
     from prometheus_client import CollectorRegistry
 
     from engine.async_engine import AsyncEngine
     from engine.compute_thread import ComputeThread
-    from engine.errors import InvalidRequestError
+    from engine.errors import InvalidRequestError, KVServeError
     from server.app import create_app
     from server.metrics import ServerMetrics
     from server.settings import ServerSettings
+    from server.state import load_lora
 
     models = args.model or args.env_models or list(DEFAULT_MODELS)
     # the thread that loads the engines is the one that steps them (see engine/async_engine.py)
@@ -264,7 +251,7 @@ def serve(args: argparse.Namespace) -> None:
     for module in lora_modules(args):
         try:
             compute.submit(load_lora, served, module).result()
-        except InvalidRequestError as err:
+        except KVServeError as err:  # a name taken, a base not served, an adapter that does not fit
             raise SystemExit(f"kvserve: cannot load LoRA adapter {module.name!r}: {err}") from None
         log.info("loaded LoRA adapter %s from %s", module.name, module.path)
     settings = ServerSettings(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,

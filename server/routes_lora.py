@@ -10,10 +10,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from engine.errors import InvalidRequestError
+from engine.lora import LoRAModule
 from server.openapi import answers
 from server.schemas import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
-from server.state import get_state
+from server.state import get_state, load_lora
 
 router = APIRouter()
 
@@ -22,10 +22,8 @@ router = APIRouter()
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> Any:
     """Load a PEFT adapter folder; requests then name it as their `model`."""
     state = get_state(request)
-    if body.lora_name in state.names():
-        raise InvalidRequestError(f"the name {body.lora_name!r} is already served; unload it first", "lora_name")
-    _, engine = state.resolve(body.base_model_name, "generate")
-    await state.async_engine.call(lambda: engine.add_lora(body.lora_name, body.lora_path))
+    module = LoRAModule(body.lora_name, body.lora_path, body.base_model_name)
+    await state.async_engine.call(lambda: load_lora(state.served, module))
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from engine.async_engine import AsyncEngine
 from engine.errors import InvalidRequestError, ModelNotFoundError
+from engine.lora import LoRAModule
 from server.metrics import ServerMetrics
 from server.settings import ServerSettings
 
@@ -29,15 +30,13 @@ class ServerState:
     def engine(self, model: str) -> Any:
         """The engine serving `model` (a served model's name, or a LoRA adapter's that one of
         them has loaded); a 404 when none does."""
-        engine = self.served.get(model) or next(
-            (e for e in self.served.values() if model in getattr(e, "lora_names", ())), None)
+        engine = self.served.get(self.async_engine.serving(model))
         if engine is None:
             raise ModelNotFoundError(f"The model `{model}` does not exist. Served: {sorted(self.names())}", "model")
         return engine
 
     def names(self) -> list[str]:
-        """Every name a request may use: the served models, then their LoRA adapters."""
-        return list(self.served) + [a for e in self.served.values() for a in getattr(e, "lora_names", ())]
+        return served_names(self.served)
 
     def resolve(self, model: str | None, task: str | tuple[str, ...]) -> tuple[str, Any]:
         """The (name, engine) a request addresses; `None` picks the first model of the first task
@@ -54,6 +53,28 @@ class ServerState:
         if task_of(engine) not in tasks:
             raise InvalidRequestError(f"model {model!r} serves {task_of(engine)!r} requests, not {wanted}", "model")
         return model, engine
+
+
+def served_names(served: dict[str, Any]) -> list[str]:
+    """Every name a request may use: the served models, then their LoRA adapters."""
+    return list(served) + [a for e in served.values() for a in getattr(e, "lora_names", ())]
+
+
+def load_lora(served: dict[str, Any], module: LoRAModule) -> None:
+    """Load a LoRA adapter (--lora-modules, POST /v1/load_lora_adapter) under a name no model or
+    adapter has, into the generation model it names (default: the first one served). Call it
+    where the engines are stepped."""
+    if module.name in served_names(served):
+        raise InvalidRequestError(f"the name {module.name!r} is already served; unload it first", "lora_name")
+    base = module.base_model_name
+    if base is not None and base not in served:
+        raise ModelNotFoundError(f"The model `{base}` does not exist. Served: {sorted(served)}", "base_model_name")
+    bases = [name for name, engine in served.items() if hasattr(engine, "add_lora")]
+    base = base or (bases[0] if bases else None)
+    if base not in bases:
+        raise InvalidRequestError(f"base model {base!r} is not a served generation model; served: {bases}",
+                                  "base_model_name")
+    served[base].add_lora(module.name, module.path)
 
 
 def get_state(request: Request) -> ServerState:

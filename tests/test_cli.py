@@ -141,9 +141,11 @@ def test_lora_flags(monkeypatch, capsys, tmp_path):
 
 
 def test_lora_modules_load_into_their_base_model():
-    """Each adapter goes to the model it names (else the first generation model); names stay unique."""
+    """Each adapter goes to the model it names (else the first generation model); names stay unique.
+    The same function serves POST /v1/load_lora_adapter (tests/test_lora.py)."""
     from engine.errors import InvalidRequestError
     from engine.lora import LoRAModule
+    from server.state import load_lora
 
     class Gen:
         def __init__(self):
@@ -156,10 +158,10 @@ def test_lora_modules_load_into_their_base_model():
         pass
 
     served = {"mini": Embed(), "smol": Gen(), "qwen": Gen()}
-    cli.load_lora(served, LoRAModule("a", "/a"))
-    cli.load_lora(served, LoRAModule("b", "/b", "qwen"))
+    load_lora(served, LoRAModule("a", "/a"))
+    load_lora(served, LoRAModule("b", "/b", "qwen"))
     assert served["smol"].lora_names == ["a"] and served["qwen"].lora_names == ["b"]
     for module, message in ((LoRAModule("a", "/x", "qwen"), "already served"), (LoRAModule("smol", "/x"), "already"),
                             (LoRAModule("c", "/c", "mini"), "not a served generation model")):
         with pytest.raises(InvalidRequestError, match=message):
-            cli.load_lora(served, module)
+            load_lora(served, module)

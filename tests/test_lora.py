@@ -364,6 +364,9 @@ def test_runtime_load_and_unload(served):
     again = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "qv", "lora_path": str(adapters["qv"])},
                        timeout=30)
     assert again.status_code == 400 and "already served" in again.json()["error"]["message"]
+    nobase = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(adapters["qv"]),
+                                                             "base_model_name": "nope"}, timeout=30)
+    assert nobase.status_code == 404 and nobase.json()["error"]["param"] == "base_model_name"
     bad = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(base)}, timeout=30)
     assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
     assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "qv"}, timeout=30).status_code == 200
