@@ -1,4 +1,4 @@
-"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, SmolLM2): GQA, RMSNorm, SwiGLU, rotary positions.
+"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2): GQA, RMSNorm, SwiGLU, rotary positions.
 
 Module names equal HF's (`model.layers.N.self_attn.q_proj`, `lm_head`) so checkpoints load unchanged.
 Forward runs over a flat batch of sequences; attention and the KV cache live behind `ctx.attend`.
@@ -39,15 +39,18 @@ class LlamaConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # not implemented: the usable context is capped to it
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before rotary
 
     @classmethod
     def from_hf(cls, config: dict) -> LlamaConfig:
         heads = config["num_attention_heads"]
-        is_qwen2 = config.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in config.get("architectures", [])
+        archs = config.get("architectures") or []
+        is_qwen2 = config.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in archs
+        is_qwen3 = config.get("model_type") == "qwen3" or "Qwen3ForCausalLM" in archs
         attention_bias = bool(config.get("attention_bias", False))
         sliding = config.get("sliding_window")
-        if is_qwen2 and not config.get("use_sliding_window", False):
-            sliding = None  # Qwen2 configs carry a window they do not use
+        if (is_qwen2 or is_qwen3) and not config.get("use_sliding_window", False):
+            sliding = None  # Qwen configs carry a window they do not use
         return cls(
             vocab_size=config["vocab_size"],
             hidden_size=config["hidden_size"],
@@ -65,6 +68,7 @@ class LlamaConfig:
             mlp_bias=bool(config.get("mlp_bias", False)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             sliding_window=sliding,
+            qk_norm=is_qwen3,
         )
 
 
@@ -81,12 +85,25 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_bias)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.qkv_proj: nn.Linear | None = None  # set by merge_projections() after loading
 
     def merge_projections(self) -> None:
         """q/k/v as one matmul: a third of the launches, and a wider one that uses the GPU better."""
         self.qkv_proj = merged_linear(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
+
+    def heads(
+        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (T, Hq, D), k, v (T, Hkv, D) from the merged projection's output, q and k normed
+        per head (Qwen3) and rotated."""
+        q, k, v = fused.split_heads(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+        q, k = fused.rotary(q, k, *rope)
+        return q, k, v
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
@@ -98,11 +115,11 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         if ctx.lora is not None:
             return self.forward_lora(x, residual, norm, rope, ctx, ctx.lora)
-        target = ctx.write_target(self.layer_idx)
+        # the fused rotary + K/V write has no per-head norm inside, so Qwen3 takes the unfused path
+        target = None if self.q_norm is not None else ctx.write_target(self.layer_idx)
         if target is None:
             qkv, residual = norm.then(self.qkv_proj, x, residual)
-            q, k, v = fused.split_heads(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
-            q, k = fused.rotary(q, k, *rope)
+            q, k, v = self.heads(qkv, rope)
             out = ctx.attend(self.layer_idx, q, k, v, self.scale)
         else:
             q, residual = fused.norm_qkv_rotary_store(
@@ -120,8 +137,7 @@ class LlamaAttention(nn.Module):
         input that the fused kernels keep to themselves."""
         h, residual = norm(x, residual)
         qkv = lora.apply(self.layer_idx, "qkv_proj", h, self.qkv_proj(h))
-        q, k, v = fused.split_heads(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
-        q, k = fused.rotary(q, k, *rope)
+        q, k, v = self.heads(qkv, rope)
         out = ctx.attend(self.layer_idx, q, k, v, self.scale).reshape(x.shape[0], self.num_heads * self.head_dim)
         return lora.apply(self.layer_idx, "o_proj", out, self.o_proj(out)), residual
 

@@ -29,6 +29,7 @@ _ENTRIES: dict[str, ModelEntry] = {
     "LlamaForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "MistralForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen2ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "Qwen3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "GPT2LMHeadModel": ModelEntry("models.gpt2", "GPT2LMHeadModel", Task.GENERATE),
     "BertModel": ModelEntry("models.bert", "BertModel", Task.EMBED),
     "BertForMaskedLM": ModelEntry("models.bert", "BertModel", Task.EMBED),

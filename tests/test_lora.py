@@ -112,7 +112,7 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def tiny(request, tmp_path_factory):
     """A base folder, two adapters (all projections, r=8; q/v only, rsLoRA, a per-module rank) and
     their PEFT references."""

@@ -24,7 +24,7 @@ VOCAB = 97
 
 
 def hf_config(kind: str):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     llama = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -44,12 +44,17 @@ def hf_config(kind: str):
         return MistralConfig(**{**llama, "num_key_value_heads": 1}, sliding_window=None)
     if kind == "qwen2":
         return Qwen2Config(**llama, tie_word_embeddings=False)
+    if kind == "qwen3":  # q/k norms; heads wider than hidden / heads, as Qwen3-0.6B's 16 x 128 on 1024
+        return Qwen3Config(**llama, head_dim=24, tie_word_embeddings=True)
+    if kind == "qwen3_bias":
+        return Qwen3Config(**llama, head_dim=8, attention_bias=True, tie_word_embeddings=False)
     if kind == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
     raise ValueError(kind)
 
 
-KINDS = ["llama_gqa", "llama_tied", "llama_bias_mha", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "gpt2"]
+KINDS = ["llama_gqa", "llama_tied", "llama_bias_mha", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3",
+         "qwen3_bias", "gpt2"]
 
 
 def save_hf(kind: str, folder: Path):
@@ -88,7 +93,7 @@ def test_config_architecture_and_spec(pair):
     cfg = hf.config
     assert spec.num_layers == cfg.num_hidden_layers
     assert spec.num_kv_heads == getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-    assert spec.head_dim == cfg.hidden_size // cfg.num_attention_heads
+    assert spec.head_dim == (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     assert ours.info.vocab_size == VOCAB and ours.info.max_model_len == 128
 
 

@@ -629,7 +629,7 @@ def test_engine_with_gemv_linears_equals_reference(tmp_path, monkeypatch):
 
 
 @interpreted
-@pytest.mark.parametrize("kind", ["llama_tied", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama_tied", "qwen2", "qwen3", "gpt2"])
 def test_gemv_linears_in_every_decoder_family(kind, tmp_path, monkeypatch):
     """A tied head (the GEMV reads the embedding), q/k/v biases, GPT-2's LayerNorm and GELU
     (no fold: plain GEMVs), with the reference attention backend so only the GEMV is interpreted."""

@@ -20,8 +20,9 @@ def byte_level_tokenizer_json(folder: Path, vocab_size: int) -> None:
 
 
 def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
-    """kind: llama (GQA, untied), llama_tied, qwen2 (q/k/v bias), gpt2."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    """kind: llama (GQA, untied), llama_tied, qwen2 (q/k/v bias), qwen3 (q/k norms, tied, heads of 32
+    on a hidden size of 64), gpt2."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     torch.manual_seed(seed)
     common = dict(vocab_size=320, max_position_embeddings=256)
@@ -36,6 +37,11 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=1, tie_word_embeddings=False, **common,
         )
+    elif kind == "qwen3":
+        cfg = Qwen3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, **common,
+        )
     elif kind == "gpt2":
         cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=320)
     else:
@@ -48,6 +54,8 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(4.0)
+            elif kind == "qwen3" and p.dim() == 1:  # q/k norms start at ones: spread them so they count
+                p.add_(torch.randn_like(p) * 0.2)
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
