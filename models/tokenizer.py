@@ -141,10 +141,10 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: object) -> str:
         if self._template is None:
             raise ValueError("this tokenizer has no chat template")
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            **{n: t for n, t in self.special_tokens.items() if t is not None}, **kwargs,
-        )
+        # the caller's kwargs win over the special tokens, as in HF's apply_chat_template
+        special = {n: t for n, t in self.special_tokens.items() if t is not None}
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **{**special, **kwargs})
 
     @cached_property
     def _template(self) -> jinja2.Template | None:

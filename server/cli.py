@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("tool-call-parser", str, None, "how tool_choice auto answers are read: hermes (<tool_call> JSON "
         "</tool_call>, Qwen2.5/Hermes), llama3_json (the answer is JSON calls, Llama 3.1-3.3) or pythonic "
         "([f(a=1)], Llama 3.2/4); unset, auto is refused (required and named functions work)")
+    opt("reasoning-parser", str, None, "split a chat answer's <think> block into the message's reasoning: "
+        "deepseek_r1 (the template opens the block: DeepSeek-R1, QwQ) or qwen3 (the answer opens it)")
     opt("api-key", str, None, "requests other than health, metrics and version must send "
         "'Authorization: Bearer <key>' (prefer the environment variable: flags show in ps)")
     opt("max-waiting", int, 256, "waiting requests per model before 503")
@@ -256,7 +258,8 @@ def serve(args: argparse.Namespace) -> None:
         log.info("loaded LoRA adapter %s from %s", module.name, module.path)
     settings = ServerSettings(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
                               max_waiting=args.max_waiting, shutdown_timeout_s=args.shutdown_timeout,
-                              tool_call_parser=args.tool_call_parser, api_key=args.api_key or None,
+                              tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+                              api_key=args.api_key or None,
                               allow_runtime_lora_updating=args.allow_runtime_lora_updating)
     metrics = ServerMetrics(CollectorRegistry())
     async_engine = AsyncEngine(served, max_waiting=settings.max_waiting, on_step=metrics.on_step,
@@ -293,6 +296,13 @@ def main(argv: list[str] | None = None) -> None:
             LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
         except InvalidRequestError as err:
             parser.error(str(err))
+    from server import reasoning
+    from server.tool_parsers import PARSERS
+
+    for flag, given, known in (("--tool-call-parser", args.tool_call_parser, PARSERS),
+                               ("--reasoning-parser", args.reasoning_parser, reasoning.PARSERS)):
+        if given is not None and given not in known:
+            parser.error(f"{flag} must be one of {', '.join(known)}, got {given!r}")
     if args.allow_runtime_lora_updating and not args.enable_lora:
         parser.error("--allow-runtime-lora-updating needs --enable-lora")
     for flag, given in (("--gemv-max-rows", args.gemv_max_rows), ("--enable-pdl", args.enable_pdl)):

@@ -105,16 +105,50 @@ def completion_prompts(prompt: str | list, tokenizer: Any, vocab_size: int, max_
     return out
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer: Any, add_generation_prompt: bool,
-                tools: list[dict[str, Any]] | None = None) -> list[int]:
-    """Render the model's chat template, then tokenize (the template already adds BOS). `tools`
-    reach the template as HF's `tools` (a template without tool support ignores them)."""
+# keys the server itself passes to chat templates: chat_template_kwargs may not replace them
+_TEMPLATE_ARGS = ("messages", "add_generation_prompt", "tools")
+
+
+def render_chat(messages: list[ChatMessage], tokenizer: Any, add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None,
+                continue_final: bool = False) -> str:
+    """The model's chat template rendered, as HF's `apply_chat_template(tokenize=False)`. `tools` reach
+    the template as HF's `tools` (a template without tool support ignores them); `template_kwargs`
+    are the request's `chat_template_kwargs` (e.g. Qwen3's `enable_thinking`). With `continue_final`
+    the prompt ends inside the last (assistant) message, for the model to carry on writing it."""
     convo = template_messages(messages)
-    extra = {"tools": tools} if tools else {}
+    extra = dict(template_kwargs or {})
+    taken = [k for k in extra if k in _TEMPLATE_ARGS]
+    if taken:
+        raise InvalidRequestError(f"chat_template_kwargs may not set {taken}: the request's own fields do",
+                                  "chat_template_kwargs")
+    if tools:
+        extra["tools"] = tools
+    final = ""
+    if continue_final:
+        if add_generation_prompt:
+            raise InvalidRequestError("continue_final_message needs add_generation_prompt: false",
+                                      "continue_final_message")
+        final = convo[-1]["content"].strip()
+        if convo[-1]["role"] != "assistant" or not final:
+            raise InvalidRequestError("continue_final_message needs a last assistant message with content",
+                                      "continue_final_message")
     try:
         text = tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, **extra)
     except Exception as exc:  # no template, or the template itself raised (e.g. role order)
         raise InvalidRequestError(f"cannot apply the model's chat template: {exc}", "messages") from exc
+    if continue_final:
+        # as HF: cut after the final message's text, dropping the template's end-of-turn
+        at = text.rfind(final)
+        if at < 0:
+            raise InvalidRequestError("the chat template does not keep the final message's text, so it cannot "
+                                      "be continued", "continue_final_message")
+        text = text[: at + len(final)]
+    return text
+
+
+def chat_prompt(text: str, tokenizer: Any) -> list[int]:
+    """A rendered chat's token ids (the template already wrote BOS)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
     if not ids:
         raise InvalidRequestError("messages render to an empty prompt", "messages")

@@ -91,7 +91,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give exactly one of `prompt` or `messages`", "prompt")
     if body.messages is not None:
-        ids = gen.chat_prompt(body.messages, engine.tokenizer, body.add_generation_prompt)
+        text = gen.render_chat(body.messages, engine.tokenizer, body.add_generation_prompt,
+                               template_kwargs=body.chat_template_kwargs, continue_final=body.continue_final_message)
+        ids = gen.chat_prompt(text, engine.tokenizer)
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         ids = engine.tokenizer.encode(body.prompt, add_special_tokens=add_special)

@@ -13,7 +13,7 @@ from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.request import GenerationRequest
 from server import generation as gen
-from server import sse, tools
+from server import reasoning, sse, tools
 from server.openapi import ENGINE_ERRORS, answers
 from server.schemas import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionChunk, CompletionRequest,
@@ -134,15 +134,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                       "tool_choice")
         params = dataclasses.replace(params, structured=forced)
     tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-    prompt = gen.chat_prompt(body.messages, engine.tokenizer, body.add_generation_prompt, tool_defs)
-    payloads = [GenerationRequest(prompt, params, lora_name(engine, name))]
+    text = gen.render_chat(body.messages, engine.tokenizer, body.add_generation_prompt, tool_defs,
+                           body.chat_template_kwargs, body.continue_final_message)
+    payloads = [GenerationRequest(gen.chat_prompt(text, engine.tokenizer), params, lora_name(engine, name))]
     request_id = new_request_id("chatcmpl")
     text_of = gen.TokenText(engine.tokenizer)
+    thinking = reasoning.plan(state.settings.reasoning_parser, text, params.structured is not None,
+                              body.include_reasoning)
 
     if body.stream:
         merged = await gen.open_streams(state.async_engine, name, request_id, payloads)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _chat_events(merged, request_id, name, body.logprobs, num_top, text_of, include_usage, tool_plan)
+        events = _chat_events(merged, request_id, name, body.logprobs, num_top, text_of, include_usage, tool_plan,
+                              thinking)
         return sse.response(events, state, request_id)
 
     try:
@@ -153,7 +157,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     choices = []
     for c in out.outputs:
         logprobs = gen.chat_logprobs(c.logprobs, text_of, num_top) if body.logprobs and c.logprobs is not None else None
-        message, finish = tools.chat_message(tool_plan, c.text, c.finish_reason)
+        thought, answer = reasoning.split(c.text, thinking.opened) if thinking else (None, c.text)
+        message, finish = tools.chat_message(tool_plan, answer, c.finish_reason)
+        if thinking:
+            message = thinking.message(message, thought)
         choices.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish,
                         "stop_reason": c.stop_reason})
     return JSONResponse({"id": request_id, "object": "chat.completion", "created": int(time.time()),
@@ -162,9 +169,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 
 async def _chat_events(merged: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str,
                        logprobs: bool, num_top: int, text_of: gen.TokenText,
-                       include_usage: bool, tool_plan: tools.ToolPlan) -> AsyncIterator[str]:
+                       include_usage: bool, tool_plan: tools.ToolPlan,
+                       thinking: reasoning.Thinking | None) -> AsyncIterator[str]:
     created = int(time.time())
     streams: dict[int, tools.ToolStream] = {}  # per choice, where tools may be called
+    thoughts: dict[int, reasoning.ReasoningStream] = {}  # per choice, with a reasoning parser
     sent_lp: dict[int, int] = {}
     started: set[int] = set()
     done: set[int] = set()
@@ -189,11 +198,17 @@ async def _chat_events(merged: AsyncIterator[tuple[int, RequestOutput]], request
                 fresh = c.logprobs[sent_lp.get(c.index, 0):]
                 sent_lp[c.index] = len(c.logprobs)
                 lp = gen.chat_logprobs(fresh, text_of, num_top) if fresh else None
+            new_text, thought = c.new_text, ""
+            if thinking:
+                thought, new_text = thinking.feed(thoughts.setdefault(c.index, thinking.stream()), new_text,
+                                                  c.finish_reason is not None)
             if tool_plan.calls_tools:
-                delta, finish = streams.setdefault(c.index, tools.ToolStream(tool_plan)).feed(c.new_text, c.finish_reason)
+                delta, finish = streams.setdefault(c.index, tools.ToolStream(tool_plan)).feed(new_text, c.finish_reason)
                 delta = delta or {}
             else:
-                delta, finish = ({"content": c.new_text} if c.new_text else {}), c.finish_reason
+                delta, finish = ({"content": new_text} if new_text else {}), c.finish_reason
+            if thought:
+                delta = {"reasoning": thought, "reasoning_content": thought, **delta}
             if not delta and finish is None and lp is None:
                 continue
             if finish is not None:

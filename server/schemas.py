@@ -273,6 +273,11 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = bounded("logprobs")
     add_generation_prompt: bool = True  # vLLM extra
+    continue_final_message: bool = False  # vLLM extra: the prompt ends inside the last assistant message
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="extra variables for the chat template, e.g. {\"enable_thinking\": false} (vLLM extra)")
+    include_reasoning: bool = Field(
+        True, description="with the server's --reasoning-parser: false leaves the reasoning out (vLLM extra)")
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="auto (the default with tools) needs the server's --tool-call-parser")
@@ -315,6 +320,9 @@ class ToolCallOut(_Response):
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    # with --reasoning-parser: the thinking block (vLLM's field; reasoning_content is its older name)
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -351,6 +359,8 @@ class ToolCallDelta(_Response):
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = None  # in each choice's first event only
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 
@@ -567,6 +577,8 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = None  # default: True for prompt, False for messages
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeResponse(_Response):

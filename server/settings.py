@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server import reasoning
 from server.tool_parsers import PARSERS
 
 
@@ -19,6 +20,7 @@ class ServerSettings:
     max_prompts_per_request: int = 64  # /v1/completions accepts a list of prompts
     max_embedding_inputs: int = 2048  # OpenAI's limit on inputs per /v1/embeddings call
     tool_call_parser: str | None = None  # how `tool_choice: auto` answers are read (server/tools.py); None: refused
+    reasoning_parser: str | None = None  # how a chat answer's thinking block is split off (server/reasoning.py)
     api_key: str | None = None  # requests must send `Authorization: Bearer <key>` (server/auth.py); None: open
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter exist
 
@@ -29,6 +31,9 @@ class ServerSettings:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {self.tool_call_parser!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in reasoning.PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(reasoning.PARSERS)}, "
+                             f"got {self.reasoning_parser!r}")
         if self.api_key == "":
             raise ValueError("api_key must not be empty (leave it unset for an open server)")
         if self.max_waiting < 1:

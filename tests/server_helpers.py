@@ -50,11 +50,16 @@ class FakeTokenizer:
         return "".join(chr(i - OFFSET) if i >= OFFSET else ("" if skip_special_tokens else special[i]) for i in ids)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> str:
+                            tools: list[dict] | None = None, enable_thinking: bool = True,
+                            thinking_prompt: bool = False) -> str:
         text = "<s>" + "".join(f"[{m['role']}]{m['content']}\n" for m in messages)
         if tools:  # as HF templates with tool support do: the tools come first
             text = "<s>[tools]" + ",".join(t["function"]["name"] for t in tools) + "\n" + text[3:]
-        return text + "[assistant]" if add_generation_prompt else text
+        if not add_generation_prompt:
+            return text
+        # as Qwen3's templates: an empty block without thinking; thinking-only ones open the block
+        return text + "[assistant]" + ("<think>\n\n</think>\n\n" if not enable_thinking else "") + \
+            ("<think>\n" if thinking_prompt else "")
 
 
 @dataclass

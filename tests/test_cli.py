@@ -165,3 +165,15 @@ def test_lora_modules_load_into_their_base_model():
                             (LoRAModule("c", "/c", "mini"), "not a served generation model")):
         with pytest.raises(InvalidRequestError, match=message):
             load_lora(served, module)
+
+
+def test_parser_names_are_checked_before_anything_loads(monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(cli, "serve", lambda args: started.append(args))
+    monkeypatch.setenv("KVSERVE_REASONING_PARSER", "qwen3")
+    cli.main(["serve", "--device", "cpu", "--tool-call-parser", "hermes"])
+    assert (started[0].reasoning_parser, started[0].tool_call_parser) == ("qwen3", "hermes")
+    for flag in ("--reasoning-parser", "--tool-call-parser"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["serve", "--device", "cpu", flag, "granite"])
+        assert exit_info.value.code == 2 and f"{flag} must be one of" in capsys.readouterr().err
