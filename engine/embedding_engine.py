@@ -134,7 +134,9 @@ class EmbeddingEngine:
         self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
         # A classifier's rows are its logits; an embedding model's, its pooled hidden states.
         self.is_classifier = hasattr(self.model, "classify")
-        self.pooling = PoolingConfig(normalize=False) if self.is_classifier else PoolingConfig.from_folder(loaded.info.path)
+        self.causal = getattr(self.model, "causal", False)  # decoder-based embedding models attend causally
+        self.pooling = PoolingConfig(normalize=False) if self.is_classifier else \
+            PoolingConfig.from_folder(loaded.info.path, self.causal)
         hidden = self.model.config.hidden_size
         self.embedding_dim = len(loaded.info.labels) if self.is_classifier else hidden * len(self.pooling.modes)
         self.suffix = special_suffix(self.tokenizer)
@@ -253,7 +255,7 @@ class EmbeddingEngine:
         if types is not None and any(t is not None for t in types):
             token_types = torch.cat([torch.tensor(t if t is not None else [0] * len(s)) for s, t in zip(seqs, types)])
             token_types = token_types.to(self.device)
-        meta = metadata_for_sequences(lens.tolist(), causal=False, device=self.device)
+        meta = metadata_for_sequences(lens.tolist(), causal=self.causal, device=self.device)
         ctx = ForwardContext(meta, self.backend)
         hidden = self.model(input_ids, positions.to(self.device), ctx, token_type_ids=token_types)
         if self.is_classifier:

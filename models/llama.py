@@ -284,3 +284,39 @@ class LlamaForCausalLM(nn.Module):
             return {}
         # Sliding-window attention is not implemented; within the window it equals full attention.
         return {"max_model_len": min(window, config.get("max_position_embeddings", window))}
+
+
+class LlamaEmbeddingModel(nn.Module):
+    """A LLaMA-family decoder as an embedding model (Qwen3-Embedding, e5-mistral, gte-Qwen2): causal
+    attention within each input, the final norm's hidden states out; the embedding engine pools them
+    as the folder's sentence-transformers modules say (last token, for these models).
+
+    Such folders keep the bare body (`embed_tokens.weight`, as HF's `Qwen3Model` saves) or a whole
+    causal LM (`model.embed_tokens.weight`, `lm_head.weight`): both load, the head is skipped.
+    """
+
+    config_class = LlamaConfig
+    causal = True  # the engine builds causal attention metadata for it
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def after_load(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.merge_projections()
+            layer.mlp.merge_projections()
+
+    def rename_weight(self, name: str) -> str | None:
+        if name.startswith("lm_head.") or name.endswith("rotary_emb.inv_freq"):
+            return None
+        return name if name.startswith("model.") else f"model.{name}"
+
+    @classmethod
+    def extra_info(cls, folder: Path, config: dict) -> dict:
+        return LlamaForCausalLM.extra_info(folder, config)

@@ -60,7 +60,7 @@ def load_model(
     if config is None:
         raise ModelLoadError(f"no config.json in {folder}")
     try:
-        entry, arch = lookup(config.get("architectures") or [])
+        entry, arch = lookup(config.get("architectures") or [], folder)
     except UnsupportedModelError as e:
         raise ModelLoadError(f"{folder}: {e}") from e
     cls = model_class(entry)

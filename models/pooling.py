@@ -48,11 +48,13 @@ class PoolingConfig:
         return "+".join(self.modes)
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> PoolingConfig:
+    def from_folder(cls, folder: str | Path, causal: bool = False) -> PoolingConfig:
+        """`causal`: the model is a decoder, whose last token is the only one that saw the whole input."""
         folder = Path(folder)
         modules_file = folder / "modules.json"
         if not modules_file.exists():
-            return cls()  # a bare encoder: mean + normalize, what embedding servers default to
+            # a bare model: what embedding servers default to (vLLM: mean for encoders, last token for decoders)
+            return cls(modes=("lasttoken",) if causal else ("mean",))
         modes: tuple[str, ...] = ("mean",)
         normalize = False  # a sentence-transformers folder normalises only if it lists Normalize
         for module in json.loads(modules_file.read_text(encoding="utf-8")):

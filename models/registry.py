@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 from torch import nn
 
@@ -30,6 +31,11 @@ _ENTRIES: dict[str, ModelEntry] = {
     "MistralForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen2ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    # decoder bodies saved without their LM head serve embeddings (e5-mistral, gte-Qwen2, Qwen3-Embedding)
+    "LlamaModel": ModelEntry("models.llama", "LlamaEmbeddingModel", Task.EMBED),
+    "MistralModel": ModelEntry("models.llama", "LlamaEmbeddingModel", Task.EMBED),
+    "Qwen2Model": ModelEntry("models.llama", "LlamaEmbeddingModel", Task.EMBED),
+    "Qwen3Model": ModelEntry("models.llama", "LlamaEmbeddingModel", Task.EMBED),
     "GPT2LMHeadModel": ModelEntry("models.gpt2", "GPT2LMHeadModel", Task.GENERATE),
     "BertModel": ModelEntry("models.bert", "BertModel", Task.EMBED),
     "BertForMaskedLM": ModelEntry("models.bert", "BertModel", Task.EMBED),
@@ -50,10 +56,19 @@ class UnsupportedModelError(ValueError):
     """The folder names an architecture kvserve has no implementation of."""
 
 
-def lookup(architectures: list[str]) -> tuple[ModelEntry, str]:
-    """The first supported architecture of a config's list, and its name."""
+# causal LMs whose sentence-transformers folders (a modules.json beside config.json) make them
+# embedding models: Qwen3-Embedding's config names Qwen3ForCausalLM, as vLLM's --convert embed reads it
+_AS_EMBEDDING = {"LlamaForCausalLM": "LlamaModel", "MistralForCausalLM": "MistralModel",
+                 "Qwen2ForCausalLM": "Qwen2Model", "Qwen3ForCausalLM": "Qwen3Model"}
+
+
+def lookup(architectures: list[str], folder: Path | None = None) -> tuple[ModelEntry, str]:
+    """The first supported architecture of a config's list, and its name; a causal LM in a
+    sentence-transformers folder (`folder` holds modules.json) is its embedding entry."""
     for arch in architectures:
         if arch in _ENTRIES:
+            if arch in _AS_EMBEDDING and folder is not None and (folder / "modules.json").exists():
+                return _ENTRIES[_AS_EMBEDDING[arch]], arch
             return _ENTRIES[arch], arch
     raise UnsupportedModelError(
         f"unsupported architecture(s) {architectures}; supported: {sorted(_ENTRIES)}"

@@ -172,7 +172,7 @@ def model_task(model: str) -> str:
 
     _, folder = resolve(model)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    entry, _ = lookup(config.get("architectures") or [])
+    entry, _ = lookup(config.get("architectures") or [], folder)
     return entry.task.value
 
 
