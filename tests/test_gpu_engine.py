@@ -240,6 +240,32 @@ def test_tiny_encoders_on_gpu_equal_cpu(kind, tmp_path):
             assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.999, dtype
 
 
+def test_tiny_decoder_embedding_model_on_gpu_equals_cpu(tmp_path):
+    """A decoder body as an embedding model (Qwen3-Embedding's shape): causal varlen attention on the
+    Triton backend, last-token pooling, equal to the CPU reference in fp32, close in bf16."""
+    import json
+
+    from engine.config import EngineConfig
+    from engine.embedding_engine import EmbeddingEngine
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny("qwen3", tmp_path / "qwen3")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3Model"]}))
+    gen = torch.Generator().manual_seed(4)
+    ids = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (1, 7, 30, 62, 15, 40)]
+    ref = EmbeddingEngine.from_config(EngineConfig(model=str(folder))).embed(ids)
+    for dtype in ("float32", "bfloat16"):
+        gpu = EmbeddingEngine.from_config(EngineConfig(model=str(folder), device="cuda", dtype=dtype))
+        assert gpu.backend.name == "triton" and gpu.causal
+        out = gpu.embed(ids, max_batch_tokens=64)
+        if dtype == "float32":
+            assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), dtype
+        else:
+            assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.99, dtype
+
+
 def test_minilm_in_bf16_on_gpu_is_close_to_the_fp32_cpu_reference():
     """`kvserve serve` on a GPU defaults to bfloat16 for every model: MiniLM's embeddings there
     stay within bf16 rounding of the fp32 CPU ones (the Triton varlen kernel, non-causal)."""

@@ -450,6 +450,30 @@ def test_engine_greedy_with_interpreted_kernels_equals_reference(tmp_path):
 
 
 @interpreted
+def test_decoder_embedding_model_with_interpreted_kernels_equals_reference(tmp_path):
+    """A decoder body serving embeddings (Qwen3-Embedding's shape): the causal varlen kernel over a
+    flat batch of whole inputs, no cache, last-token pooling, equal to the torch backend."""
+    import json
+
+    from engine.config import EngineConfig
+    from engine.embedding_engine import EmbeddingEngine
+    from tests.tiny_models import save_tiny
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = save_tiny("qwen3", tmp_path / "qwen3")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3Model"]}))
+    gen = torch.Generator().manual_seed(14)
+    ids = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (3, 9, 17)]
+    outs = {}
+    for backend in ("triton", "torch"):
+        engine = EmbeddingEngine.from_config(EngineConfig(model=str(folder), attention_backend=backend))
+        assert engine.backend.name == backend and engine.causal
+        outs[backend] = engine.embed(ids)
+    assert rel_err(outs["triton"], outs["torch"]) < 1e-3
+
+
+@interpreted
 def test_decode_graph_buffers_with_interpreted_kernels_equal_reference(tmp_path):
     """The CUDA-graph decode path without capture: padded batches (3 -> 4, 5 -> 8), a scratch
     block for padding rows, static buffers refilled every step, and eager fallback above the
