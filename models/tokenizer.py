@@ -113,6 +113,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_offsets(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
+        """(id, start, stop) per token: the characters of `text` it came from ((0, 0) for added special tokens)."""
+        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        return [(i, a, b) for i, (a, b) in zip(enc.ids, enc.offsets)]
+
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` for many texts at once: the Rust batch encoder uses every core."""
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]

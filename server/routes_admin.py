@@ -1,21 +1,24 @@
-"""GET /v1/models (and one model), /version, /health, /metrics; POST /tokenize, /detokenize (vLLM shapes)."""
+"""GET /v1/models (and one model), /version, /health, /metrics; POST /tokenize (vLLM's shape or TGI's), /detokenize."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import Field
 
 from engine.errors import InvalidRequestError, ModelNotFoundError
 from server import generation as gen
+from server import tgi
 from server.errors import error_response
 from server.openapi import TOKENIZER_ERRORS, answers
 from server.schemas import (
     DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
     VersionResponse,
 )
+from server.schemas_tgi import TgiSimpleToken, TgiTokenizeRequest
 from server.state import get_state, task_of
 
 router = APIRouter()
@@ -85,9 +88,21 @@ def _engine_for(request: Request, model: str | None) -> tuple[str, Any]:
     return model, state.engine(model)
 
 
-@router.post("/tokenize", responses=answers(TokenizeResponse, TOKENIZER_ERRORS))
-async def tokenize(body: TokenizeRequest, request: Request) -> Any:
+# a body with `inputs` is TGI's (other fields ignored, as everywhere); any other, vLLM's
+_TokenizeBody = Annotated[TgiTokenizeRequest | TokenizeRequest, Field(union_mode="left_to_right")]
+
+
+@router.post("/tokenize", responses=answers(TokenizeResponse | list[TgiSimpleToken], TOKENIZER_ERRORS))  # type: ignore[arg-type]
+async def tokenize(body: _TokenizeBody, request: Request) -> Any:
+    """vLLM's shape, or with `inputs` TGI's: each token /generate would see, with the characters it
+    came from (after `parameters.truncate`, as TGI cuts)."""
     _, engine = _engine_for(request, body.model)
+    if isinstance(body, TgiTokenizeRequest):
+        if not hasattr(engine.tokenizer, "encode_offsets"):
+            raise InvalidRequestError(f"model {body.model!r} has no character offsets for its tokens", "inputs")
+        keep = body.parameters.truncate if body.parameters is not None else None
+        tokens = tgi.truncated(engine.tokenizer.encode_offsets(body.inputs), keep)
+        return JSONResponse([{"id": i, "text": body.inputs[a:b], "start": a, "stop": b} for i, a, b in tokens])
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give exactly one of `prompt` or `messages`", "prompt")
     if body.messages is not None:

@@ -66,6 +66,17 @@ class TgiCompatRequest(TgiGenerateRequest):
     stream: bool | None = False
 
 
+class TgiTokenizeRequest(TgiGenerateRequest):
+    """POST /tokenize in TGI's shape (told from kvserve's by `inputs`): the tokens /generate would see."""
+
+
+class TgiSimpleToken(_Response):
+    id: int
+    text: str  # the characters of `inputs` the token came from ("" for an added special token)
+    start: int
+    stop: int
+
+
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 

@@ -279,3 +279,24 @@ def test_sampling_rule_and_finish_reasons():
             for i, (a, b) in enumerate([(-1.0, -2.0), (-0.5, -1.0), (-1.5, 0.0)])]
     assert tgi.best_index(RequestOutput("r", [1], outs)) == 1
     assert tgi.truncated([1, 2, 3, 4], 2) == [3, 4] and tgi.truncated([1, 2], 5) == [1, 2]
+
+
+def test_tokenize_in_tgis_shape(url, engine):
+    """POST /tokenize with `inputs` answers as TGI does: the ids /generate sees (its prefill details),
+    each with the characters of the input it came from (character offsets, not bytes), cut by
+    `truncate` as /generate cuts; the vLLM-shaped body still gets vLLM's answer."""
+    tokens = httpx.post(f"{url}/tokenize", json={"inputs": PROMPT}, timeout=30).json()
+    prefill = generate(url, max_new_tokens=1, details=True, decoder_input_details=True).json()["details"]["prefill"]
+    assert [t["id"] for t in tokens] == [t["id"] for t in prefill] == engine.tokenizer.encode(PROMPT)
+    assert "".join(t["text"] for t in tokens) == PROMPT
+    assert all(PROMPT[t["start"]:t["stop"]] == t["text"] for t in tokens)
+    cut = httpx.post(f"{url}/tokenize", json={"inputs": PROMPT, "parameters": {"truncate": 3}}, timeout=30).json()
+    assert cut == tokens[-3:]
+    accented = httpx.post(f"{url}/tokenize", json={"inputs": "café"}, timeout=30).json()
+    assert accented[-1]["text"] == "é" and accented[-1]["stop"] == 4  # é is two byte tokens, one character
+    vllm = httpx.post(f"{url}/tokenize", json={"prompt": PROMPT}, timeout=30).json()
+    assert vllm["tokens"] == engine.tokenizer.encode(PROMPT) and vllm["count"] == len(tokens)
+    both = httpx.post(f"{url}/tokenize", json={"inputs": PROMPT, "prompt": "other"}, timeout=30)
+    assert both.json() == tokens  # `inputs` decides; other fields are ignored, as everywhere
+    assert httpx.post(f"{url}/tokenize", json={"model": "tiny"}, timeout=30).status_code == 400  # neither
+    assert httpx.post(f"{url}/tokenize", json={"inputs": ""}, timeout=30).status_code == 400
