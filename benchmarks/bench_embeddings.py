@@ -2,13 +2,18 @@
 
 Same machine, same run, same model (the shipped all-MiniLM-L6-v2, fp32) and the same sentences:
 N texts of 5-250 tokens (uniform), built deterministically from whole-word entries of the
-model's own vocabulary, so no data set is downloaded and token counts are exact. Each contender
+model's own vocabulary, so no data set is downloaded and token counts are exact.
+`--model qwen3-0.6b-shape` times a decoder embedding model instead: Qwen3-Embedding-0.6B's shape
+(28 layers, hidden 1024, 16 q / 8 KV heads of 128, MLP 3072; causal attention, last-token pooling,
+Normalize) with random weights and SmolLM2's tokenizer (no package ships the real one), saved as a
+sentence-transformers folder that both contenders load. Each contender
 runs in its own process (peak RSS is its own), gets one warm-up call, and reports the fastest
 of --repeats timed runs. sentence-transformers
 uses its default `encode()` (batch 32, length-sorted). The HTTP row starts `kvserve serve` as a
 subprocess on 127.0.0.1 and sends one sentence per request from C concurrent clients.
 
     python benchmarks/bench_embeddings.py [--num-sentences 2000] [--engines kvserve,st,http] [--clients 16] [--repeats 2]
+                                          [--model minilm|qwen3-0.6b-shape]
 """
 from __future__ import annotations
 
@@ -37,10 +42,51 @@ def model_folder() -> str:
     return str(resolve("minilm")[1])
 
 
+QWEN3_EMBEDDING_SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                            num_key_value_heads=8, head_dim=128, max_position_embeddings=32768, rope_theta=1000000.0,
+                            rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def decoder_folder(root: Path) -> str:
+    """A sentence-transformers folder around a random Qwen3 of Qwen3-Embedding-0.6B's shape (built once)."""
+    folder = root / "qwen3-0.6b-shape"
+    if (folder / "modules.json").exists():
+        return str(folder)
+    import shutil
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from models.loader import resolve
+
+    tokenizer_from = resolve("smollm2")[1]
+    lm = root / "qwen3-lm"
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=49152, **QWEN3_EMBEDDING_SHAPE)).save_pretrained(lm)
+    shutil.copy(tokenizer_from / "tokenizer.json", lm / "tokenizer.json")
+    # without the chat template: sentence-transformers 6 renders every text through a tokenizer's template
+    # (its "message" modality), where kvserve, vLLM and TEI embed the text as sent
+    config = json.loads((tokenizer_from / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template", None)
+    (lm / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    body = Transformer(str(lm))
+    SentenceTransformer(modules=[body, Pooling(body.get_embedding_dimension(), pooling_mode="lasttoken"), Normalize()],
+                        device="cpu").save(str(folder))
+    shutil.rmtree(lm)
+    return str(folder)
+
+
 def workload(folder: str, num_sentences: int, seed: int = 0) -> list[str]:
-    """Sentences of 5-250 tokens ([CLS] and [SEP] included): n - 2 whole words of the vocabulary."""
-    words = [w for w in (Path(folder) / "vocab.txt").read_text(encoding="utf-8").split("\n")
-             if w.isascii() and w.isalpha() and len(w) >= 3]
+    """Sentences of 5-250 tokens: whole words of the vocabulary, one token each (BERT's [CLS] and
+    [SEP] make up the other 2; a byte-level BPE vocabulary's words are those with a leading space)."""
+    vocab = Path(folder) / "vocab.txt"
+    if vocab.exists():
+        words = [w for w in vocab.read_text(encoding="utf-8").split("\n") if w.isascii() and w.isalpha() and len(w) >= 3]
+    else:
+        bpe = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+        words = [w[1:] for w in bpe if w.startswith("\u0120") and w[1:].isascii() and w[1:].isalpha() and len(w) >= 4]
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 250) - 2)) for _ in range(num_sentences)]
 
@@ -104,6 +150,9 @@ RUNNERS = {"kvserve": run_kvserve, "st": run_st, "http": run_http}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num-sentences", type=int, default=2000)
+    ap.add_argument("--model", choices=["minilm", "qwen3-0.6b-shape"], default="minilm")
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "kvserve-bench-emb-models"),
+                    help="where --model qwen3-0.6b-shape's random folder is built once")
     add_child_args(ap, clients=16)
     args = ap.parse_args()
     if args.child:
@@ -112,7 +161,7 @@ def main() -> None:
         return
     import numpy as np
 
-    folder = model_folder()
+    folder = model_folder() if args.model == "minilm" else decoder_folder(Path(args.cache))
     labels = {"kvserve": "kvserve embed() (length-sorted token-budget batches, no padding)",
               "st": "sentence-transformers encode() (batch 32)",
               "http": f"kvserve HTTP /v1/embeddings, {args.clients} clients, 1 sentence/request"}
@@ -127,7 +176,9 @@ def main() -> None:
                      r["tokens"] / r["seconds"], r["peak_rss_mib"]])
         print(f"{name}: {r}", file=sys.stderr)
     print(f"Machine: {machine()}\n")
-    print(f"Workload: {args.num_sentences} sentences of 5-250 tokens (uniform), all-MiniLM-L6-v2 fp32, CPU\n")
+    model = ("all-MiniLM-L6-v2" if args.model == "minilm" else
+             "a random Qwen3-Embedding-0.6B-shaped decoder (causal, last token), SmolLM2's tokenizer")
+    print(f"Workload: {args.num_sentences} sentences of 5-250 tokens (uniform), {model}, fp32, CPU\n")
     print(table(["engine", "sentences", "tokens", "seconds", "sentences/s", "tokens/s", "peak RSS MiB"], rows))
     vectors = {name: np.load(tmp / f"{name}.npy") for name in results}
     if "st" in vectors:
