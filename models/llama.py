@@ -208,6 +208,12 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def merge_projections(self) -> None:
+        """Checkpoints keep HF's separate q/k/v and gate/up weights; serving runs them merged."""
+        for layer in self.layers:
+            layer.self_attn.merge_projections()
+            layer.mlp.merge_projections()
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, H)
         rope = self.rotary_emb(positions)
@@ -239,10 +245,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def after_load(self) -> None:
-        """Checkpoints keep HF's separate q/k/v and gate/up weights; serving runs them merged."""
-        for layer in self.model.layers:
-            layer.self_attn.merge_projections()
-            layer.mlp.merge_projections()
+        self.model.merge_projections()
         if self.lm_head is None:
             self.lm_head = tied_head(self.model.embed_tokens)
         self.greedy_screen = GreedyScreen.build(self.lm_head.weight)
@@ -308,9 +311,7 @@ class LlamaEmbeddingModel(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def after_load(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.merge_projections()
-            layer.mlp.merge_projections()
+        self.model.merge_projections()
 
     def rename_weight(self, name: str) -> str | None:
         if name.startswith("lm_head.") or name.endswith("rotary_emb.inv_freq"):
