@@ -296,13 +296,12 @@ def main(argv: list[str] | None = None) -> None:
             LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
         except InvalidRequestError as err:
             parser.error(str(err))
-    from server import reasoning
-    from server.tool_parsers import PARSERS
+    from server.settings import check_parsers
 
-    for flag, given, known in (("--tool-call-parser", args.tool_call_parser, PARSERS),
-                               ("--reasoning-parser", args.reasoning_parser, reasoning.PARSERS)):
-        if given is not None and given not in known:
-            parser.error(f"{flag} must be one of {', '.join(known)}, got {given!r}")
+    try:  # the settings' own check, run before any model loads
+        check_parsers(args.tool_call_parser, args.reasoning_parser, ("--tool-call-parser", "--reasoning-parser"))
+    except ValueError as err:
+        parser.error(str(err))
     if args.allow_runtime_lora_updating and not args.enable_lora:
         parser.error("--allow-runtime-lora-updating needs --enable-lora")
     for flag, given in (("--gemv-max-rows", args.gemv_max_rows), ("--enable-pdl", args.enable_pdl)):

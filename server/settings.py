@@ -7,6 +7,14 @@ from server import reasoning
 from server.tool_parsers import PARSERS
 
 
+def check_parsers(tool_call_parser: str | None, reasoning_parser: str | None,
+                  names: tuple[str, str] = ("tool_call_parser", "reasoning_parser")) -> None:
+    """ValueError naming the parser setting that holds an unknown name (`names`: the CLI names its flags)."""
+    for name, given, known in zip(names, (tool_call_parser, reasoning_parser), (PARSERS, reasoning.PARSERS)):
+        if given is not None and given not in known:
+            raise ValueError(f"{name} must be one of {', '.join(known)}, got {given!r}")
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """What the HTTP front needs: where to listen, request limits, and how to shut down."""
@@ -29,11 +37,7 @@ class ServerSettings:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
-        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
-            raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {self.tool_call_parser!r}")
-        if self.reasoning_parser is not None and self.reasoning_parser not in reasoning.PARSERS:
-            raise ValueError(f"reasoning_parser must be one of {', '.join(reasoning.PARSERS)}, "
-                             f"got {self.reasoning_parser!r}")
+        check_parsers(self.tool_call_parser, self.reasoning_parser)
         if self.api_key == "":
             raise ValueError("api_key must not be empty (leave it unset for an open server)")
         if self.max_waiting < 1:
