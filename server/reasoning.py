@@ -52,8 +52,7 @@ class ReasoningStream:
         self.state = "reasoning" if opened else "undecided"  # undecided: might still open with <think>
         self.buf = ""
         self.fresh = True  # nothing of the current part sent yet: its leading whitespace goes
-        self.reasoning: str | None = "" if opened else None  # all reasoning sent (None: never entered)
-        self.content = ""
+        self.entered = opened  # a block opened: the answer has reasoning (maybe empty)
 
     def feed(self, text: str) -> tuple[str, str]:
         self.buf += text
@@ -62,7 +61,7 @@ class ReasoningStream:
             if self.state == "undecided":
                 head = self.buf.lstrip()
                 if head.startswith(START):
-                    self.buf, self.state, self.reasoning, self.fresh = head[len(START):], "reasoning", "", True
+                    self.buf, self.state, self.entered, self.fresh = head[len(START):], "reasoning", True, True
                     continue
                 if not head or START.startswith(head):
                     break  # could still be the tag
@@ -81,14 +80,14 @@ class ReasoningStream:
             content += self._part(self.buf)
             self.buf = ""
             break
-        return self._sent(reasoning, content)
+        return reasoning, content
 
     def finish(self) -> tuple[str, str]:
         """The held-back rest, once the answer has ended."""
         rest, self.buf = self.buf, ""
         if self.state == "reasoning":
-            return self._sent(self._part(rest.rstrip()), "")
-        return self._sent("", rest if self.state == "undecided" else self._part(rest))
+            return self._part(rest.rstrip()), ""
+        return "", rest if self.state == "undecided" else self._part(rest)
 
     def _part(self, text: str) -> str:
         if self.fresh:
@@ -96,19 +95,13 @@ class ReasoningStream:
             self.fresh = not text
         return text
 
-    def _sent(self, reasoning: str, content: str) -> tuple[str, str]:
-        if reasoning:
-            self.reasoning = (self.reasoning or "") + reasoning
-        self.content += content
-        return reasoning, content
-
 
 def split(text: str, opened: bool) -> tuple[str | None, str]:
     """A finished answer's (reasoning, content); reasoning None when the answer has no block."""
     stream = ReasoningStream(opened)
-    stream.feed(text)
-    stream.finish()
-    return stream.reasoning, stream.content
+    parts = [stream.feed(text), stream.finish()]
+    reasoning = "".join(p[0] for p in parts)
+    return (reasoning if stream.entered else None), "".join(p[1] for p in parts)
 
 
 @dataclass(frozen=True)
