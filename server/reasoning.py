@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from server.tool_parsers import before_prefix
+
 START, END = "<think>", "</think>"
 
 
@@ -34,14 +36,6 @@ PARSERS: dict[str, ReasoningFormat] = {
 def opens_in(fmt: ReasoningFormat, prompt_text: str) -> bool:
     """Whether the answer to this rendered prompt starts inside the reasoning block."""
     return fmt.opens_in_prompt or prompt_text.rstrip().endswith(START)
-
-
-def _tag_prefix_at(text: str, tag: str) -> int:
-    """Where a tail of `text` that could still grow into `tag` starts (len(text) when none does)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-k:]):
-            return len(text) - k
-    return len(text)
 
 
 class ReasoningStream:
@@ -72,7 +66,7 @@ class ReasoningStream:
                     reasoning += self._part(self.buf[:at].rstrip())
                     self.buf, self.state, self.fresh = self.buf[at + len(END):], "content", True
                     continue
-                keep = _tag_prefix_at(self.buf, END)
+                keep = before_prefix(self.buf, END)  # END is not in buf: where a tail could become it
                 safe = len(self.buf[:keep].rstrip())
                 reasoning += self._part(self.buf[:safe])
                 self.buf = self.buf[safe:]

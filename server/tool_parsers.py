@@ -53,7 +53,7 @@ class ToolParser(Protocol):
         """A finished answer's (content, calls); no calls when it is not in the format."""
 
 
-def _before_prefix(text: str, opener: str) -> int:
+def before_prefix(text: str, opener: str) -> int:
     """Where `text` stops being safe content: at `opener`, or before a tail that could still grow into it."""
     at = text.find(opener)
     if at >= 0:
@@ -69,7 +69,7 @@ class Hermes:
     _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
     def content_end(self, text: str) -> int:
-        return _before_prefix(text, self.OPEN)
+        return before_prefix(text, self.OPEN)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         if self.OPEN not in text:
