@@ -48,16 +48,22 @@ def padded_size(sizes: Seq[int], batch: int) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
-def wanted(decode_graphs: bool | None, device: str, backend: AttentionBackend) -> bool:
+def wanted(decode_graphs: bool | None, device: str, backend: AttentionBackend, capturable: bool = True) -> bool:
     """Whether an engine runs its decode steps through graphs: `decode_graphs` (the config's) if
-    set, else on CUDA with the fused backend (the only one a graph can capture).
+    set, else on CUDA with the fused backend (the only one a graph can capture), for a model whose
+    step a graph can hold (`capturable`: not MoE models, whose routing syncs with the host).
 
-    Asked for with another backend, it is refused. A graph's host-side lengths are its context
-    bound (`DecodeGraphs._meta`); only the fused kernels read each sequence's own length on the
-    device. The torch and CPU backends would attend over the whole bound."""
+    Asked for with another backend or such a model, it is refused. A graph's host-side lengths are
+    its context bound (`DecodeGraphs._meta`); only the fused kernels read each sequence's own length
+    on the device. The torch and CPU backends would attend over the whole bound."""
     if decode_graphs and backend.name != "triton":
         raise InvalidRequestError(f"decode graphs need the triton attention backend, not {backend.name!r}: "
                                   "it reads sequence lengths on the host, which a graph fixes at its bound")
+    if decode_graphs and not capturable:
+        raise InvalidRequestError("decode graphs cannot hold this model's steps: its mixture-of-experts layers "
+                                  "group tokens by expert on the host; serve it without decode graphs")
+    if not capturable:
+        return False
     if decode_graphs is not None:
         return decode_graphs
     return device.startswith("cuda") and backend.name == "triton"

@@ -58,7 +58,7 @@ def caches_and_graphs(
     """The KV caches of a pool of `num_blocks` blocks and, where the config wants graphs
     (cuda_graphs.wanted), `graphs_cls` over them: their padding rows write into one extra block
     past the pool, which the block manager never hands out. Captured on CUDA only."""
-    use_graphs = cuda_graphs.wanted(config.decode_graphs, config.device, backend)
+    use_graphs = cuda_graphs.wanted(config.decode_graphs, config.device, backend, getattr(model, "capturable", True))
     caches = allocate_kv_caches(spec, num_blocks + int(use_graphs), block_size, dtype, config.device)
     if not use_graphs:
         return caches, None

@@ -1,4 +1,5 @@
-"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2): GQA, RMSNorm, SwiGLU, rotary positions.
+"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2, and the MoE ones: Mixtral, Qwen2-MoE,
+Qwen3-MoE): GQA, RMSNorm, SwiGLU (dense or routed experts, models/moe.py), rotary positions.
 
 Module names equal HF's (`model.layers.N.self_attn.q_proj`, `lm_head`) so checkpoints load unchanged.
 Forward runs over a flat batch of sequences; attention and the KV cache live behind `ctx.attend`.
@@ -18,6 +19,7 @@ from engine import fused
 from engine.workspace import Workspace
 from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear, tied_head, vocab_logits
 from models.lora import LoRATarget
+from models.moe import MoeConfig, SparseMoeBlock, mixtral_name
 from models.spec import KVCacheSpec
 
 
@@ -40,16 +42,19 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # not implemented: the usable context is capped to it
     qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before rotary
+    moe: MoeConfig | None = None  # routed experts in place of the dense MLP (Mixtral, Qwen2-MoE, Qwen3-MoE)
 
     @classmethod
     def from_hf(cls, config: dict) -> LlamaConfig:
         heads = config["num_attention_heads"]
         archs = config.get("architectures") or []
-        is_qwen2 = config.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in archs
-        is_qwen3 = config.get("model_type") == "qwen3" or "Qwen3ForCausalLM" in archs
+        model_type = config.get("model_type")
+        is_qwen2 = model_type == "qwen2" or "Qwen2ForCausalLM" in archs
+        is_qwen2_moe = model_type == "qwen2_moe" or "Qwen2MoeForCausalLM" in archs
+        is_qwen3 = model_type in ("qwen3", "qwen3_moe") or bool({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM"} & set(archs))
         attention_bias = bool(config.get("attention_bias", False))
         sliding = config.get("sliding_window")
-        if (is_qwen2 or is_qwen3) and not config.get("use_sliding_window", False):
+        if (is_qwen2 or is_qwen2_moe or is_qwen3) and not config.get("use_sliding_window", False):
             sliding = None  # Qwen configs carry a window they do not use
         return cls(
             vocab_size=config["vocab_size"],
@@ -63,12 +68,13 @@ class LlamaConfig:
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             rope=RopeConfig.from_hf(config),
             hidden_act=config.get("hidden_act", "silu"),
-            qkv_bias=is_qwen2 or attention_bias,
-            o_bias=attention_bias and not is_qwen2,
+            qkv_bias=is_qwen2 or (is_qwen2_moe and bool(config.get("qkv_bias", True))) or attention_bias,
+            o_bias=attention_bias and not (is_qwen2 or is_qwen2_moe),
             mlp_bias=bool(config.get("mlp_bias", False)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             sliding_window=sliding,
             qk_norm=is_qwen3,
+            moe=MoeConfig.from_hf(config),
         )
 
 
@@ -158,6 +164,13 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = merged_linear(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp(norm(x + residual)), x + residual); the norm goes with the merged gate/up matmul,
+        which may take it into its own launch."""
+        assert self.gate_up_proj is not None, "after_load() merges the projections"
+        gate_up, residual = norm.then(self.gate_up_proj, x, residual)
+        return self.down(gate_up), residual
+
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
         """down_proj(act(gate) * up) from the merged projection's output [gate | up] (T, 2I)."""
         if self.is_silu:
@@ -179,7 +192,8 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
+        moe = config.moe if config.moe is not None and layer_idx not in config.moe.dense_layers else None
+        self.mlp = LlamaMLP(config) if moe is None else SparseMoeBlock(config.hidden_size, moe)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -190,12 +204,11 @@ class LlamaDecoderLayer(nn.Module):
         so each add fuses into the next norm: returns (mlp output, residual before it). Each norm
         goes with the merged matmul after it, which may take it into its own launch."""
         attn, mlp = self.self_attn, self.mlp
-        assert attn.qkv_proj is not None and mlp.gate_up_proj is not None, "after_load() merges the projections"
+        assert attn.qkv_proj is not None, "after_load() merges the projections"
         h, residual = attn(x, residual, self.input_layernorm, rope, ctx)
         if ctx.lora is not None:
             return mlp.forward_lora(h, residual, self.post_attention_layernorm, attn.layer_idx, ctx.lora)
-        gate_up, residual = self.post_attention_layernorm.then(mlp.gate_up_proj, h, residual)
-        return mlp.down(gate_up), residual
+        return mlp(h, residual, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):
@@ -258,15 +271,25 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         q, kv, h, i = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size, \
             c.intermediate_size
-        return {
+        attention = {
             "q_proj": LoRATarget("qkv_proj", q + 2 * kv, 0, q, h),
             "k_proj": LoRATarget("qkv_proj", q + 2 * kv, q, kv, h),
             "v_proj": LoRATarget("qkv_proj", q + 2 * kv, q + kv, kv, h),
             "o_proj": LoRATarget("o_proj", h, 0, h, q),
+        }
+        if c.moe is not None:  # no deltas on routed experts: adapters of MoE models reach attention only
+            return attention
+        return attention | {
             "gate_proj": LoRATarget("gate_up_proj", 2 * i, 0, i, h),
             "up_proj": LoRATarget("gate_up_proj", 2 * i, i, i, h),
             "down_proj": LoRATarget("down_proj", h, 0, h, i),
         }
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph can hold a decode step: MoE layers bring their expert counts to the
+        host to group tokens (engine/fused/moe.py), so MoE models decode eagerly."""
+        return self.config.moe is None
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
@@ -278,7 +301,7 @@ class LlamaForCausalLM(nn.Module):
             return None
         if name == "lm_head.weight" and self.lm_head is None:
             return None
-        return name
+        return mixtral_name(name)
 
     @classmethod
     def extra_info(cls, folder: Path, config: dict) -> dict:
@@ -316,7 +339,7 @@ class LlamaEmbeddingModel(nn.Module):
     def rename_weight(self, name: str) -> str | None:
         if name.startswith("lm_head.") or name.endswith("rotary_emb.inv_freq"):
             return None
-        return name if name.startswith("model.") else f"model.{name}"
+        return mixtral_name(name if name.startswith("model.") else f"model.{name}")
 
     @classmethod
     def extra_info(cls, folder: Path, config: dict) -> dict:

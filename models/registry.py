@@ -31,6 +31,9 @@ _ENTRIES: dict[str, ModelEntry] = {
     "MistralForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen2ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "MixtralForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "Qwen2MoeForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "Qwen3MoeForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     # decoder bodies saved without their LM head serve embeddings (e5-mistral, gte-Qwen2, Qwen3-Embedding)
     "LlamaModel": ModelEntry("models.llama", "LlamaEmbeddingModel", Task.EMBED),
     "MistralModel": ModelEntry("models.llama", "LlamaEmbeddingModel", Task.EMBED),

@@ -24,7 +24,8 @@ VOCAB = 97
 
 
 def hf_config(kind: str):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig,
+                              Qwen3Config, Qwen3MoeConfig)
 
     llama = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -48,13 +49,23 @@ def hf_config(kind: str):
         return Qwen3Config(**llama, head_dim=24, tie_word_embeddings=True)
     if kind == "qwen3_bias":
         return Qwen3Config(**llama, head_dim=8, attention_bias=True, tie_word_embeddings=False)
+    if kind == "mixtral":  # every layer routed; the weights saved as block_sparse_moe.experts.N.w1/w2/w3
+        return MixtralConfig(**{**llama, "num_hidden_layers": 3}, num_local_experts=4, num_experts_per_tok=2,
+                             sliding_window=None)
+    if kind == "qwen2_moe":  # a shared expert with a sigmoid gate; top-k weights not renormalised; layer 1 dense
+        return Qwen2MoeConfig(**{**llama, "num_hidden_layers": 3}, num_experts=6, num_experts_per_tok=2,
+                              moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[1])
+    if kind == "qwen3_moe":  # q/k norms; 8 experts, top 3 renormalised; every other layer routed
+        return Qwen3MoeConfig(**{**llama, "num_hidden_layers": 3}, head_dim=24, num_experts=8,
+                              num_experts_per_tok=3, norm_topk_prob=True, moe_intermediate_size=32,
+                              decoder_sparse_step=2)
     if kind == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
     raise ValueError(kind)
 
 
 KINDS = ["llama_gqa", "llama_tied", "llama_bias_mha", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3",
-         "qwen3_bias", "gpt2"]
+         "qwen3_bias", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
 
 
 def save_hf(kind: str, folder: Path):
@@ -66,6 +77,8 @@ def save_hf(kind: str, folder: Path):
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("gate.weight"):  # MoE routers: decisive, input-dependent choices
+                p.normal_(0.0, 0.5)
     model.save_pretrained(folder)
     return model
 

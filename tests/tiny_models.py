@@ -21,8 +21,10 @@ def byte_level_tokenizer_json(folder: Path, vocab_size: int) -> None:
 
 def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """kind: llama (GQA, untied), llama_tied, qwen2 (q/k/v bias), qwen3 (q/k norms, tied, heads of 32
-    on a hidden size of 64), gpt2."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+    on a hidden size of 64), qwen3_moe (8 experts, top 2 renormalised, layer 0 dense), mixtral
+    (4 experts, top 2), gpt2."""
+    from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MixtralConfig, Qwen2Config,
+                              Qwen3Config, Qwen3MoeConfig)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=320, max_position_embeddings=256)
@@ -42,6 +44,17 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, **common,
         )
+    elif kind == "qwen3_moe":
+        cfg = Qwen3MoeConfig(
+            hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True, mlp_only_layers=[0], num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, **common,
+        )
+    elif kind == "mixtral":
+        cfg = MixtralConfig(
+            hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, sliding_window=None, **common,
+        )
     elif kind == "gpt2":
         cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=320)
     else:
@@ -54,7 +67,7 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(4.0)
-            elif kind == "qwen3" and p.dim() == 1:  # q/k norms start at ones: spread them so they count
+            elif kind in ("qwen3", "qwen3_moe") and p.dim() == 1:  # q/k norms start at ones: spread them so they count
                 p.add_(torch.randn_like(p) * 0.2)
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
