@@ -7,6 +7,7 @@ grouped by output length and batched (padding only across prompt lengths). Each 
 its own process, so the reported peak RSS is its own. Also measures batch-1 decode latency.
 
     python benchmarks/bench_generation.py [--num-prompts 64] [--engines kvserve,hf,ct2]
+    python benchmarks/bench_generation.py --model qwen3moe --engines kvserve,hf  # a random MoE model
 """
 from __future__ import annotations
 
@@ -33,8 +34,13 @@ def workload(num_prompts: int, vocab: int, seed: int = 0) -> list[tuple[list[int
     ]
 
 
-def model_folder() -> str:
-    """The HF folder kvserve converts the shipped GGUF into (fp32 safetensors + tokenizer)."""
+def model_folder(model: str) -> str:
+    """The HF folder kvserve converts the shipped GGUF into (fp32 safetensors + tokenizer), or a
+    random model of one of benchmarks/random_llama.py's shapes."""
+    if model != "smollm2":
+        from benchmarks.random_llama import save_random_llama
+
+        return str(save_random_llama(Path(tempfile.mkdtemp(prefix="kvserve-bench-")) / model, model))
     from models.loader import load_model
 
     return load_model("smollm2").info.path
@@ -135,6 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--engines", default="kvserve,hf,ct2")
+    ap.add_argument("--model", default="smollm2", help="smollm2 (shipped) or a random_llama.py shape, e.g. qwen3moe")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -145,7 +152,7 @@ def main() -> None:
         result["peak_rss_mib"] = peak_rss_mib()
         print(json.dumps(result))
         return
-    folder = model_folder()
+    folder = model_folder(args.model)
     rows = []
     results = {}
     for name in args.engines.split(","):
@@ -155,7 +162,7 @@ def main() -> None:
         rows.append([LABELS[name], r["tokens"], r["seconds"], r["tokens"] / r["seconds"], r["decode_ms"], r["peak_rss_mib"]])
         print(f"{name}: {r}", file=sys.stderr)
     print(f"Machine: {machine()}\n")
-    print(f"Workload: {args.num_prompts} prompts of 16-512 tokens, {OUTPUT_LENGTHS} output tokens, SmolLM2-135M fp32, greedy\n")
+    print(f"Workload: {args.num_prompts} prompts of 16-512 tokens, {OUTPUT_LENGTHS} output tokens, {args.model} fp32, greedy\n")
     print(table(["engine", "output tokens", "seconds", "output tok/s", "batch-1 decode ms/token", "peak RSS MiB"], rows))
     if "kvserve" in results:
         base = results["kvserve"]["tokens"] / results["kvserve"]["seconds"]

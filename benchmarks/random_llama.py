@@ -2,7 +2,10 @@
 transformers both load. Decode speed does not depend on the values, so the GPU benchmarks time
 shapes no package ships (Llama-3.2-1B's: weights that dominate a decode step) this way.
 
-    python benchmarks/random_llama.py FOLDER {smollm2,llama1b,tiny}
+The CPU generation benchmark times a mixture-of-experts model the same way ("qwen3moe": Qwen3-MoE
+blocks, 32 experts of which 4 run per token, about SmolLM2's active size).
+
+    python benchmarks/random_llama.py FOLDER {smollm2,llama1b,tiny,qwen3moe}
 """
 from __future__ import annotations
 
@@ -24,15 +27,25 @@ SHAPES = {
     "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
 }
+MOE_SHAPES = {
+    "qwen3moe": dict(vocab_size=49152, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+                     num_experts=32, num_experts_per_tok=4, norm_topk_prob=True, num_hidden_layers=16,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=64, rms_norm_eps=1e-6),
+}
 
 
 def save_random_llama(folder: Path, shape: str) -> Path:
     """Saved in bf16, what the benchmarks serve: half the bytes to write and read back of fp32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    cfg = LlamaConfig(max_position_embeddings=8192, tie_word_embeddings=True, **SHAPES[shape])
+    if shape in MOE_SHAPES:
+        cfg = Qwen3MoeConfig(max_position_embeddings=8192, tie_word_embeddings=True, **MOE_SHAPES[shape])
+        model = Qwen3MoeForCausalLM(cfg)
+    else:
+        cfg = LlamaConfig(max_position_embeddings=8192, tie_word_embeddings=True, **SHAPES[shape])
+        model = LlamaForCausalLM(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
+    model.to(torch.bfloat16).save_pretrained(folder)
     byte_level_tokenizer_json(folder, cfg.vocab_size)
     return folder
 

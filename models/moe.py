@@ -4,7 +4,9 @@ A router picks `top_k` of `num_experts` SwiGLU experts per token; Qwen2-MoE adds
 every token runs, scaled by a sigmoid gate. Modules carry HF's names (`mlp.gate`,
 `mlp.experts.N.gate_proj`, `mlp.shared_expert`, `mlp.shared_expert_gate`) so checkpoints load as
 saved; Mixtral's `block_sparse_moe.experts.N.w1/w3/w2` are renamed to them (`mixtral_name`).
-After loading, the experts are stacked into two (E, ...) tensors for engine/fused/moe.py.
+Each expert keeps its own (merged gate/up, down) Linears rather than one stacked (E, ...) tensor: the
+loader packs every Linear for the device (on CPU, oneDNN's layout: 2x F.linear at a few rows), and
+engine/fused/moe.py runs each chosen expert once over its tokens.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine import fused
 from engine.fused import moe as moe_ops
-from models.layers import RMSNorm
+from models.layers import RMSNorm, merged_linear
 
 
 @dataclass(frozen=True)
@@ -56,16 +59,22 @@ class MoeConfig:
 
 
 class Expert(nn.Module):
-    """One SwiGLU expert as checkpoints store it; stacked away after loading."""
+    """One SwiGLU expert as checkpoints store it (gate/up merged after loading, as the dense MLP's)."""
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj: nn.Linear | None = None
+
+    def merge_projections(self) -> None:
+        self.gate_up_proj = merged_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        assert self.gate_up_proj is not None, "after_load() merges the projections"
+        return fused.silu_mul_linear(self.gate_up_proj(x), self.down_proj)
 
 
 class SparseMoeBlock(nn.Module):
@@ -73,30 +82,23 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.config = moe
         self.gate = nn.Linear(hidden, moe.num_experts, bias=False)  # the router
-        self.experts: nn.ModuleList | None = nn.ModuleList(
-            Expert(hidden, moe.intermediate_size) for _ in range(moe.num_experts)
-        )
+        self.experts = nn.ModuleList(Expert(hidden, moe.intermediate_size) for _ in range(moe.num_experts))
         shared = moe.shared_intermediate_size
         self.shared_expert = Expert(hidden, shared) if shared else None
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared else None
-        self.w_gate_up: torch.Tensor | None = None  # (E, 2I, H), set by merge_projections()
-        self.w_down: torch.Tensor | None = None  # (E, H, I)
 
     def merge_projections(self) -> None:
-        """Stack the experts' weights, [gate | up] per expert as the dense MLP merges them."""
-        assert self.experts is not None
-        self.w_gate_up = nn.Parameter(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
-                                                   for e in self.experts]), requires_grad=False)
-        self.w_down = nn.Parameter(torch.stack([e.down_proj.weight for e in self.experts]), requires_grad=False)
-        self.experts = None
+        for expert in self.experts:
+            expert.merge_projections()
+        if self.shared_expert is not None:
+            self.shared_expert.merge_projections()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(moe(norm(x + residual)), x + residual), as the dense MLP's forward."""
-        assert self.w_gate_up is not None and self.w_down is not None, "after_load() stacks the experts"
         h, residual = norm(x, residual)
         c = self.config
         weights, ids = moe_ops.route(self.gate(h), c.top_k, c.renormalize, torch.float32 if c.fp32_weights else h.dtype)
-        out = moe_ops.experts(h, weights, ids, self.w_gate_up, self.w_down)
+        out = moe_ops.experts(h, weights, ids, self.experts)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
         return out, residual

@@ -23,7 +23,7 @@ from engine.fused import moe  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.lora import LoRARequest  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from models.moe import MoeConfig, mixtral_name  # noqa: E402
+from models.moe import Expert, MoeConfig, mixtral_name  # noqa: E402
 from tests.tiny_models import save_tiny  # noqa: E402
 
 
@@ -35,6 +35,19 @@ def per_token(x, weights, ids, w_gate_up, w_down):
             gate, up = (w_gate_up[e].double() @ x[t].double()).chunk(2)
             out[t] += w * (w_down[e].double() @ (F.silu(gate) * up))
     return out
+
+
+def as_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor) -> list[Expert]:
+    """Experts as a loaded model holds them: separate gate and up, merged after loading."""
+    experts = []
+    for gate_up, down in zip(w_gate_up, w_down):
+        expert = Expert(gate_up.shape[1], down.shape[1]).to(gate_up.dtype)
+        gate, up = gate_up.chunk(2)
+        for linear, w in ((expert.gate_proj, gate), (expert.up_proj, up), (expert.down_proj, down)):
+            linear.weight.data.copy_(w)
+        expert.merge_projections()
+        experts.append(expert)
+    return experts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -51,7 +64,8 @@ def test_grouped_experts_equal_the_per_token_definition(dtype):
     assert (ids[3:7, 0] == 2).all() and not (ids == 5).any()
     torch.testing.assert_close(weights.float().sum(-1), torch.ones(tokens), atol=1e-2 if dtype != torch.float32 else 1e-6,
                                rtol=0)
-    got = moe.experts(x, weights, ids, w_gate_up, w_down)
+    with torch.no_grad():
+        got = moe.experts(x, weights, ids, as_experts(w_gate_up, w_down))
     assert got.dtype == dtype and got.shape == x.shape
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got.double(), per_token(x, weights, ids, w_gate_up, w_down), atol=tol, rtol=tol)
@@ -116,7 +130,7 @@ def test_model_routes_and_cannot_be_captured(qwen3_moe):
     model = llm.engine.runner.model
     assert not model.capturable and llm.engine.runner.graphs is None
     sparse = model.model.layers[1].mlp
-    assert sparse.w_gate_up.shape == (8, 96, 64) and sparse.w_down.shape == (8, 64, 48)
+    assert len(sparse.experts) == 8 and sparse.experts[0].gate_up_proj.out_features == 96
     with pytest.raises(InvalidRequestError, match="mixture-of-experts"):
         LLM(str(qwen3_moe), num_kv_blocks=32, block_size=4, attention_backend="triton", decode_graphs=True)
 

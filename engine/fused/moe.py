@@ -1,11 +1,14 @@
 """Mixture-of-experts compute, pure torch: the router's top-k choice and the chosen SwiGLU experts.
 
 This is the CPU path and the reference for any fused MoE kernel. Tokens are grouped by expert
-with one sort, so each expert runs one matmul over all the tokens that chose it (vLLM's grouping);
-the per-expert counts come to the host once per layer, which is why MoE steps run outside CUDA
-graphs (engine/cuda_graphs.wanted).
+with one sort, so each expert runs once over all the tokens that chose it (vLLM's grouping); the
+per-expert counts come to the host once per layer, which is why MoE steps run outside CUDA graphs
+(engine/cuda_graphs.wanted). Each expert is the model's own module, so its Linears are what the
+device's loader made of them (on CPU, oneDNN-packed: engine/cpu_linear.py).
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,24 +27,23 @@ def route(
 
 
 def experts(
-    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Sequence[Callable[[torch.Tensor], torch.Tensor]]
 ) -> torch.Tensor:
-    """sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = ids[t, k], for x (T, H),
-    w_gate_up (E, 2I, H) holding [gate | up] and w_down (E, H, I); (T, H) in x's dtype."""
+    """sum_k weights[t, k] * experts[ids[t, k]](x[t]) for x (T, H), each expert (n, H) -> (n, H);
+    (T, H) in x's dtype."""
     num_tokens, top_k = ids.shape
     flat = ids.flatten()
     order = flat.argsort(stable=True)  # slots grouped by expert, tokens ascending within each
-    counts = torch.bincount(flat, minlength=w_gate_up.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=len(experts)).tolist()
     tokens = order // top_k
     gathered = x[tokens]
     scale = weights.flatten()[order, None]
     out = torch.empty_like(gathered)
     start = 0
-    for expert, n in enumerate(counts):
+    for expert, n in zip(experts, counts):
         if n:
             rows = slice(start, start + n)
-            gate, up = F.linear(gathered[rows], w_gate_up[expert]).chunk(2, dim=-1)
             # weighted in the weights' dtype (fp32 for Mixtral, as HF's product is) before the cast back
-            out[rows] = (F.linear(F.silu(gate) * up, w_down[expert]) * scale[rows]).to(out.dtype)
+            out[rows] = (expert(gathered[rows]) * scale[rows]).to(out.dtype)
             start += n
     return torch.zeros_like(x).index_add_(0, tokens, out)
