@@ -1,5 +1,5 @@
-"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2, and the MoE ones: Mixtral, Qwen2-MoE,
-Qwen3-MoE): GQA, RMSNorm, SwiGLU (dense or routed experts, models/moe.py), rotary positions.
+"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Phi-3, and the MoE ones: Mixtral,
+Qwen2-MoE, Qwen3-MoE): GQA, RMSNorm, gated MLP (dense or routed experts, models/moe.py), rotary positions.
 
 Module names equal HF's (`model.layers.N.self_attn.q_proj`, `lm_head`) so checkpoints load unchanged.
 Forward runs over a flat batch of sequences; attention and the KV cache live behind `ctx.attend`.
@@ -43,6 +43,9 @@ class LlamaConfig:
     sliding_window: int | None = None  # not implemented: the usable context is capped to it
     qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before rotary
     moe: MoeConfig | None = None  # routed experts in place of the dense MLP (Mixtral, Qwen2-MoE, Qwen3-MoE)
+    merged_checkpoint: bool = False  # Phi-3 saves qkv_proj and gate_up_proj already merged
+    embed_scale: float | None = None  # Gemma scales the embeddings by sqrt(hidden_size)
+    norm_plus_one: bool = False  # Gemma's RMSNorm multiplies by (1 + weight); folded into the weight on load
 
     @classmethod
     def from_hf(cls, config: dict) -> LlamaConfig:
@@ -52,6 +55,12 @@ class LlamaConfig:
         is_qwen2 = model_type == "qwen2" or "Qwen2ForCausalLM" in archs
         is_qwen2_moe = model_type == "qwen2_moe" or "Qwen2MoeForCausalLM" in archs
         is_qwen3 = model_type in ("qwen3", "qwen3_moe") or bool({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM"} & set(archs))
+        is_gemma = model_type == "gemma" or "GemmaForCausalLM" in archs
+        is_phi3 = model_type == "phi3" or "Phi3ForCausalLM" in archs
+        if config.get("partial_rotary_factor", 1.0) != 1.0:  # Phi-4-mini, for one
+            raise ValueError(f"partial rotary (partial_rotary_factor {config['partial_rotary_factor']}) is not supported")
+        # Gemma names its activation hidden_activation; its older configs say "gelu" and mean the tanh form
+        act = (config.get("hidden_activation") or "gelu_pytorch_tanh") if is_gemma else config.get("hidden_act", "silu")
         attention_bias = bool(config.get("attention_bias", False))
         sliding = config.get("sliding_window")
         if (is_qwen2 or is_qwen2_moe or is_qwen3) and not config.get("use_sliding_window", False):
@@ -67,14 +76,17 @@ class LlamaConfig:
             max_position_embeddings=config.get("max_position_embeddings", 2048),
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             rope=RopeConfig.from_hf(config),
-            hidden_act=config.get("hidden_act", "silu"),
+            hidden_act=act,
             qkv_bias=is_qwen2 or (is_qwen2_moe and bool(config.get("qkv_bias", True))) or attention_bias,
             o_bias=attention_bias and not (is_qwen2 or is_qwen2_moe),
             mlp_bias=bool(config.get("mlp_bias", False)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", is_gemma)),  # Gemma's configs tie by default
             sliding_window=sliding,
             qk_norm=is_qwen3,
             moe=MoeConfig.from_hf(config),
+            merged_checkpoint=is_phi3,
+            embed_scale=config["hidden_size"] ** 0.5 if is_gemma else None,
+            norm_plus_one=is_gemma,
         )
 
 
@@ -87,16 +99,21 @@ class LlamaAttention(nn.Module):
         self.head_dim = d = config.head_dim
         self.scale = d**-0.5
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.qkv_proj: nn.Linear | None = None  # set by merge_projections() after loading
+        if config.merged_checkpoint:
+            self.qkv_proj = nn.Linear(h, (self.num_heads + 2 * self.num_kv_heads) * d, bias=config.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.qkv_bias)
+            self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_bias)
         self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
-        self.qkv_proj: nn.Linear | None = None  # set by merge_projections() after loading
 
     def merge_projections(self) -> None:
         """q/k/v as one matmul: a third of the launches, and a wider one that uses the GPU better."""
+        if self.qkv_proj is not None:  # saved merged
+            return
         self.qkv_proj = merged_linear(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
@@ -152,15 +169,20 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.gate_up_proj: nn.Linear | None = None  # set by merge_projections() after loading
+        if config.merged_checkpoint:
+            self.gate_up_proj = nn.Linear(h, 2 * i, bias=config.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
+            self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
         self.act = activation(config.hidden_act)
         self.is_silu = config.hidden_act == "silu"
         self.intermediate_size = i
-        self.gate_up_proj: nn.Linear | None = None  # set by merge_projections() after loading
 
     def merge_projections(self) -> None:
+        if self.gate_up_proj is not None:  # saved merged
+            return
         self.gate_up_proj = merged_linear(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
@@ -220,15 +242,25 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embed_scale = config.embed_scale
+        self.norm_plus_one = config.norm_plus_one
 
-    def merge_projections(self) -> None:
-        """Checkpoints keep HF's separate q/k/v and gate/up weights; serving runs them merged."""
+    def after_load(self) -> None:
+        """Checkpoints keep HF's separate q/k/v and gate/up weights; serving runs them merged. Gemma's
+        (1 + weight) norms become plain ones (HF's product in fp32, exactly, in fp32)."""
         for layer in self.layers:
             layer.self_attn.merge_projections()
             layer.mlp.merge_projections()
+        if self.norm_plus_one:
+            with torch.no_grad():
+                for norm in [self.norm, *(n for layer in self.layers
+                                          for n in (layer.input_layernorm, layer.post_attention_layernorm))]:
+                    norm.weight.add_(1.0)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, H)
+        if self.embed_scale is not None:  # HF multiplies by the scale cast to the activations' dtype
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         rope = self.rotary_emb(positions)
         residual = None
         for layer in self.layers:
@@ -258,7 +290,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def after_load(self) -> None:
-        self.model.merge_projections()
+        self.model.after_load()
         if self.lm_head is None:
             self.lm_head = tied_head(self.model.embed_tokens)
         self.greedy_screen = GreedyScreen.build(self.lm_head.weight)
@@ -271,18 +303,22 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         q, kv, h, i = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size, \
             c.intermediate_size
+        o, down = LoRATarget("o_proj", h, 0, h, q), LoRATarget("down_proj", h, 0, h, i)
+        if c.merged_checkpoint:  # Phi-3's adapters target its own merged modules
+            return {"qkv_proj": LoRATarget("qkv_proj", q + 2 * kv, 0, q + 2 * kv, h), "o_proj": o,
+                    "gate_up_proj": LoRATarget("gate_up_proj", 2 * i, 0, 2 * i, h), "down_proj": down}
         attention = {
             "q_proj": LoRATarget("qkv_proj", q + 2 * kv, 0, q, h),
             "k_proj": LoRATarget("qkv_proj", q + 2 * kv, q, kv, h),
             "v_proj": LoRATarget("qkv_proj", q + 2 * kv, q + kv, kv, h),
-            "o_proj": LoRATarget("o_proj", h, 0, h, q),
+            "o_proj": o,
         }
         if c.moe is not None:  # no deltas on routed experts: adapters of MoE models reach attention only
             return attention
         return attention | {
             "gate_proj": LoRATarget("gate_up_proj", 2 * i, 0, i, h),
             "up_proj": LoRATarget("gate_up_proj", 2 * i, i, i, h),
-            "down_proj": LoRATarget("down_proj", h, 0, h, i),
+            "down_proj": down,
         }
 
     @property
@@ -334,7 +370,7 @@ class LlamaEmbeddingModel(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def after_load(self) -> None:
-        self.model.merge_projections()
+        self.model.after_load()
 
     def rename_weight(self, name: str) -> str | None:
         if name.startswith("lm_head.") or name.endswith("rotary_emb.inv_freq"):

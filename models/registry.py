@@ -31,6 +31,8 @@ _ENTRIES: dict[str, ModelEntry] = {
     "MistralForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen2ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "GemmaForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "Phi3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "MixtralForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen2MoeForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen3MoeForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),

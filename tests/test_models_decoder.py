@@ -24,8 +24,8 @@ VOCAB = 97
 
 
 def hf_config(kind: str):
-    from transformers import (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig,
-                              Qwen3Config, Qwen3MoeConfig)
+    from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+                              Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     llama = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -49,6 +49,10 @@ def hf_config(kind: str):
         return Qwen3Config(**llama, head_dim=24, tie_word_embeddings=True)
     if kind == "qwen3_bias":
         return Qwen3Config(**llama, head_dim=8, attention_bias=True, tie_word_embeddings=False)
+    if kind == "gemma":  # (1 + weight) norms, embeddings scaled by sqrt(hidden), tanh GELU, tied, wide heads
+        return GemmaConfig(**llama, head_dim=32)
+    if kind == "phi3":  # q/k/v and gate/up saved merged
+        return Phi3Config(**llama, pad_token_id=0, tie_word_embeddings=False)
     if kind == "mixtral":  # every layer routed; the weights saved as block_sparse_moe.experts.N.w1/w2/w3
         return MixtralConfig(**{**llama, "num_hidden_layers": 3}, num_local_experts=4, num_experts_per_tok=2,
                              sliding_window=None)
@@ -65,7 +69,7 @@ def hf_config(kind: str):
 
 
 KINDS = ["llama_gqa", "llama_tied", "llama_bias_mha", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3",
-         "qwen3_bias", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
+         "qwen3_bias", "gemma", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
 
 
 def save_hf(kind: str, folder: Path):

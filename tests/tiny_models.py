@@ -21,10 +21,10 @@ def byte_level_tokenizer_json(folder: Path, vocab_size: int) -> None:
 
 def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """kind: llama (GQA, untied), llama_tied, qwen2 (q/k/v bias), qwen3 (q/k norms, tied, heads of 32
-    on a hidden size of 64), qwen3_moe (8 experts, top 2 renormalised, layer 0 dense), mixtral
+    on a hidden size of 64), gemma, phi3 (merged q/k/v and gate/up), qwen3_moe (8 experts, top 2 renormalised, layer 0 dense), mixtral
     (4 experts, top 2), gpt2."""
-    from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MixtralConfig, Qwen2Config,
-                              Qwen3Config, Qwen3MoeConfig)
+    from transformers import (AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig, MixtralConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=320, max_position_embeddings=256)
@@ -43,6 +43,16 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
         cfg = Qwen3Config(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, **common,
+        )
+    elif kind == "gemma":
+        cfg = GemmaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=32, **common,
+        )
+    elif kind == "phi3":
+        cfg = Phi3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=0, sliding_window=None, **common,
         )
     elif kind == "qwen3_moe":
         cfg = Qwen3MoeConfig(
@@ -67,7 +77,7 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(4.0)
-            elif kind in ("qwen3", "qwen3_moe") and p.dim() == 1:  # q/k norms start at ones: spread them so they count
+            elif kind in ("qwen3", "qwen3_moe", "gemma") and p.dim() == 1:  # q/k norms start at ones: spread them so they count
                 p.add_(torch.randn_like(p) * 0.2)
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
