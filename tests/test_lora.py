@@ -409,3 +409,18 @@ def test_metrics_name_the_running_adapters(served):
     assert any('running_lora_adapters="all"' in line and 'max_lora="4"' in line for line in samples(during))
     assert len(samples(after)) == 1 and 'running_lora_adapters=""' in samples(after)[0]
     assert engine.block_manager.usage == 0.0
+
+
+def test_phi3_adapters_target_its_merged_modules(tmp_path):
+    """Phi-3 saves qkv_proj and gate_up_proj merged, and PEFT adapters name those modules."""
+    base = save_tiny("phi3", tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "a", seed=5, r=4, lora_alpha=8,
+                           target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    ref, plain = reference(base, adapter), reference(base, None)
+    llm = _llm(base)
+    prompts = _prompts(2, seed=6)
+    outs = llm.generate(prompts, GREEDY, lora_request=[LoRARequest("a", 1, str(adapter)), None])
+    assert outs[0].outputs[0].token_ids == hf_greedy(ref, prompts[0], GREEDY.max_tokens) \
+        != hf_greedy(plain, prompts[0], GREEDY.max_tokens)
+    assert outs[1].outputs[0].token_ids == hf_greedy(plain, prompts[1], GREEDY.max_tokens)
+    assert llm.engine.block_manager.usage == 0.0

@@ -178,3 +178,25 @@ def test_unsupported_rope_type_is_refused():
 
     with pytest.raises(ValueError, match="dynamic"):
         RopeConfig.from_hf({"rope_scaling": {"type": "dynamic", "factor": 2.0}})
+
+
+def test_family_config_rules():
+    """What the configs leave implicit: Gemma's older configs say hidden_act "gelu" and mean the tanh
+    form, and tie the head without saying so; Phi-3's variants that need what is not here are refused."""
+    from models.llama import LlamaConfig
+
+    gemma = {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "vocab_size": 256000, "hidden_size": 2048,
+             "intermediate_size": 16384, "num_hidden_layers": 18, "num_attention_heads": 8, "num_key_value_heads": 1,
+             "head_dim": 256, "hidden_act": "gelu"}
+    cfg = LlamaConfig.from_hf(gemma)
+    assert cfg.hidden_act == "gelu_pytorch_tanh" and cfg.tie_word_embeddings and cfg.norm_plus_one
+    assert cfg.embed_scale == 2048**0.5 and not cfg.merged_checkpoint
+    assert LlamaConfig.from_hf(gemma | {"hidden_activation": "gelu_pytorch_tanh"}).hidden_act == "gelu_pytorch_tanh"
+    phi3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072,
+            "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32, "sliding_window": 2047}
+    cfg = LlamaConfig.from_hf(phi3)
+    assert cfg.merged_checkpoint and not cfg.tie_word_embeddings and cfg.hidden_act == "silu"
+    with pytest.raises(ValueError, match="partial rotary"):
+        LlamaConfig.from_hf(phi3 | {"partial_rotary_factor": 0.75})
+    with pytest.raises(ValueError, match="longrope"):  # Phi-3-128k's, which switches tables past 4k
+        LlamaConfig.from_hf(phi3 | {"rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}})
