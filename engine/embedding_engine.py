@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.forward_context import ForwardContext, metadata_for_sequences
 from engine.request import EngineStats
 from models.loader import LoadedModel, load_model
+from models.bert_splade import splade_config
 from models.pooling import PoolingConfig, finish_embedding, pool
 
 
@@ -134,11 +136,15 @@ class EmbeddingEngine:
         self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
         # A classifier's rows are its logits; an embedding model's, its pooled hidden states.
         self.is_classifier = hasattr(self.model, "classify")
+        # a SPLADE model's rows are its vocabulary weights: (pooling, activation) from its folder
+        self.sparse = (splade_config(Path(loaded.info.path)) or ("max", "relu")) if hasattr(self.model, "sparse") \
+            else None
         self.causal = getattr(self.model, "causal", False)  # decoder-based embedding models attend causally
-        self.pooling = PoolingConfig(normalize=False) if self.is_classifier else \
+        self.pooling = PoolingConfig(normalize=False) if self.is_classifier or self.sparse else \
             PoolingConfig.from_folder(loaded.info.path, self.causal)
         hidden = self.model.config.hidden_size
-        self.embedding_dim = len(loaded.info.labels) if self.is_classifier else hidden * len(self.pooling.modes)
+        self.embedding_dim = len(loaded.info.labels) if self.is_classifier else self.info.vocab_size if self.sparse \
+            else hidden * len(self.pooling.modes)
         self.suffix = special_suffix(self.tokenizer)
         self.queue: collections.deque[_Pending] = collections.deque()
         self.num_prompt_tokens = 0
@@ -260,7 +266,10 @@ class EmbeddingEngine:
         hidden = self.model(input_ids, positions.to(self.device), ctx, token_type_ids=token_types)
         if self.is_classifier:
             return self.model.classify(hidden, meta.cu_seqlens_q).cpu()
-        pooled = pool(hidden, meta.cu_seqlens_q, self.pooling.modes).cpu()  # normalised per request, after
+        if self.sparse is not None:
+            pooled = self.model.sparse(hidden, meta.cu_seqlens_q, *self.sparse).cpu()
+        else:
+            pooled = pool(hidden, meta.cu_seqlens_q, self.pooling.modes).cpu()  # normalised per request, after
         if not per_token or not any(per_token):
             return pooled
         tokens = hidden.float().cpu().split(lens.tolist())

@@ -4,6 +4,8 @@ Imports are lazy (module path strings) so loading one family never imports the o
 """
 from __future__ import annotations
 
+import json
+
 import importlib
 from dataclasses import dataclass
 from enum import Enum
@@ -52,6 +54,7 @@ _ENTRIES: dict[str, ModelEntry] = {
         "models.bert_classification", "RobertaForSequenceClassification", Task.CLASSIFY),
     "XLMRobertaForSequenceClassification": ModelEntry(
         "models.bert_classification", "RobertaForSequenceClassification", Task.CLASSIFY),
+    "BertForSparseEmbedding": ModelEntry("models.bert_splade", "BertForSparseEmbedding", Task.EMBED),
     "MarianMTModel": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),
     "T5ForConditionalGeneration": ModelEntry("models.t5", "T5ForConditionalGeneration", Task.TRANSLATE),
 }
@@ -67,13 +70,24 @@ _AS_EMBEDDING = {"LlamaForCausalLM": "LlamaModel", "MistralForCausalLM": "Mistra
                  "Qwen2ForCausalLM": "Qwen2Model", "Qwen3ForCausalLM": "Qwen3Model"}
 
 
+def _splade(folder: Path | None) -> bool:
+    """Whether a sentence-transformers folder is a SparseEncoder with SPLADE pooling."""
+    modules = None if folder is None else folder / "modules.json"
+    if modules is None or not modules.exists():
+        return False
+    return any(str(m.get("type", "")).endswith("SpladePooling") for m in json.loads(modules.read_text(encoding="utf-8")))
+
+
 def lookup(architectures: list[str], folder: Path | None = None) -> tuple[ModelEntry, str]:
     """The first supported architecture of a config's list, and its name; a causal LM in a
-    sentence-transformers folder (`folder` holds modules.json) is its embedding entry."""
+    sentence-transformers folder (`folder` holds modules.json) is its embedding entry, and a masked
+    LM under SPLADE pooling its sparse one."""
     for arch in architectures:
         if arch in _ENTRIES:
             if arch in _AS_EMBEDDING and folder is not None and (folder / "modules.json").exists():
                 return _ENTRIES[_AS_EMBEDDING[arch]], arch
+            if arch == "BertForMaskedLM" and _splade(folder):
+                return _ENTRIES["BertForSparseEmbedding"], arch
             return _ENTRIES[arch], arch
     raise UnsupportedModelError(
         f"unsupported architecture(s) {architectures}; supported: {sorted(_ENTRIES)}"

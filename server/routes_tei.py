@@ -1,4 +1,4 @@
-"""text-embeddings-inference's routes and shapes: POST /embed, /embed_all, /rerank and /predict.
+"""text-embeddings-inference's routes and shapes: POST /embed, /embed_all, /embed_sparse, /rerank and /predict.
 
 TEI serves one model and answers bare JSON arrays; here `model` (an extension) picks one, and without
 it the first model of the route's kind answers. Errors keep kvserve's OpenAI-style body.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -17,7 +18,8 @@ from server.openapi import ENGINE_ERRORS, answers
 from server.routes_embeddings import embedding_inputs, payload_class
 from server.routes_score import ranked, run_score
 from server.schemas import (
-    TeiEmbedAllRequest, TeiEmbedAllResponse, TeiEmbedRequest, TeiEmbedResponse, TeiPredictRequest, TeiPredictResponse, TeiRerankRequest, TeiRerankResponse,
+    TeiEmbedAllRequest, TeiEmbedAllResponse, TeiEmbedRequest, TeiEmbedResponse, TeiEmbedSparseRequest,
+    TeiEmbedSparseResponse, TeiPredictRequest, TeiPredictResponse, TeiRerankRequest, TeiRerankResponse,
 )
 from server.state import get_state, new_request_id
 
@@ -25,15 +27,24 @@ router = APIRouter()
 MAX_EMBED_ALL_INPUTS = 32  # TEI's --max-client-batch-size default
 
 
-async def _embed(request: Request, model: str | None, raw_inputs: Any, limit: int, **fields: Any) -> JSONResponse:
-    """/embed and /embed_all: one request to the embedding model; each input's rows as nested lists."""
+async def _vectors(request: Request, model: str | None, raw_inputs: Any, limit: int, sparse: bool = False,
+                   **fields: Any) -> list[torch.Tensor]:
+    """One request to the embedding model (`sparse`: one that is SPLADE); each input's rows."""
     state, start = get_state(request), time.monotonic()
     name, engine = state.resolve(model, "embed")
+    if sparse and getattr(engine, "sparse", None) is None:
+        raise InvalidRequestError(f"model {name!r} is not a SPLADE model: /embed_sparse needs a sentence-transformers "
+                                  "SparseEncoder folder (SpladePooling)", param="model")
     inputs = embedding_inputs(raw_inputs, engine.tokenizer, engine.info.vocab_size, limit)
     payload = payload_class()(inputs=inputs, **fields)
     out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("embd"), payload))
     state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
-    return JSONResponse([v.tolist() for v in out.embeddings])
+    return out.embeddings
+
+
+async def _embed(request: Request, model: str | None, raw_inputs: Any, limit: int, **fields: Any) -> JSONResponse:
+    """/embed and /embed_all: each input's rows as nested lists."""
+    return JSONResponse([v.tolist() for v in await _vectors(request, model, raw_inputs, limit, **fields)])
 
 
 @router.post("/embed", responses=answers(TeiEmbedResponse, ENGINE_ERRORS))
@@ -49,6 +60,18 @@ async def embed_all(body: TeiEmbedAllRequest, request: Request) -> Any:
     # a row per token makes answers length x hidden size per input: TEI's default batch limit keeps them bounded
     limit = min(MAX_EMBED_ALL_INPUTS, get_state(request).settings.max_embedding_inputs)
     return await _embed(request, body.model, body.inputs, limit, truncate=body.truncate, per_token=True)
+
+
+@router.post("/embed_sparse", responses=answers(TeiEmbedSparseResponse, ENGINE_ERRORS))
+async def embed_sparse(body: TeiEmbedSparseRequest, request: Request) -> Any:
+    """A SPLADE model's vocabulary weights, the non-zero ones as {index, value} in index order."""
+    vectors = await _vectors(request, body.model, body.inputs, get_state(request).settings.max_embedding_inputs,
+                             sparse=True, truncate=body.truncate, normalize=False)
+    rows = []
+    for vec in vectors:
+        index = vec.nonzero().flatten()
+        rows.append([{"index": i, "value": v} for i, v in zip(index.tolist(), vec[index].tolist())])
+    return JSONResponse(rows)
 
 
 @router.post("/rerank", responses=answers(TeiRerankResponse, ENGINE_ERRORS))

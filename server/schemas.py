@@ -508,6 +508,25 @@ class TeiEmbedAllResponse(RootModel[list[list[list[float]]]]):
     """Per input, the model's last hidden state at every token (special tokens included), unpooled."""
 
 
+class TeiEmbedSparseRequest(_Request):
+    model: str | None = None  # extension: the first embedding model when absent
+    inputs: TextsOrTokens
+    truncate: bool = False
+    truncation_direction: Literal["Right", "right"] = Field(
+        "Right", description="Only right: an input is cut at its end, its trailing special tokens kept")
+    prompt_name: unsupported(str | None, "prompt_name: kvserve applies no sentence-transformers prompts",
+                             {"maxLength": 0}) = None
+
+
+class SparseValue(BaseModel):
+    index: int  # a vocabulary id
+    value: float  # its weight, > 0
+
+
+class TeiEmbedSparseResponse(RootModel[list[list[SparseValue]]]):
+    """Per input, a SPLADE model's non-zero vocabulary weights in index order."""
+
+
 Pair = Annotated[list[NonEmptyStr], Field(min_length=2, max_length=2)]
 
 
