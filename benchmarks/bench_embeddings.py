@@ -6,14 +6,17 @@ model's own vocabulary, so no data set is downloaded and token counts are exact.
 `--model qwen3-0.6b-shape` times a decoder embedding model instead: Qwen3-Embedding-0.6B's shape
 (28 layers, hidden 1024, 16 q / 8 KV heads of 128, MLP 3072; causal attention, last-token pooling,
 Normalize) with random weights and SmolLM2's tokenizer (no package ships the real one), saved as a
-sentence-transformers folder that both contenders load. Each contender
+sentence-transformers folder that both contenders load. `--model splade-bert-base-shape` times SPLADE
+sparse embeddings: a random BertForMaskedLM of bert-base's shape (naver/splade-v3's: 12 layers, hidden
+768, the 30,522-entry MLM head) with MiniLM's tokenizer, as a SparseEncoder (max pooling) folder,
+against sentence-transformers' SparseEncoder.encode(). Each contender
 runs in its own process (peak RSS is its own), gets one warm-up call, and reports the fastest
 of --repeats timed runs. sentence-transformers
 uses its default `encode()` (batch 32, length-sorted). The HTTP row starts `kvserve serve` as a
 subprocess on 127.0.0.1 and sends one sentence per request from C concurrent clients.
 
     python benchmarks/bench_embeddings.py [--num-sentences 2000] [--engines kvserve,st,http] [--clients 16] [--repeats 2]
-                                          [--model minilm|qwen3-0.6b-shape]
+                                          [--model minilm|qwen3-0.6b-shape|splade-bert-base-shape]
 """
 from __future__ import annotations
 
@@ -78,6 +81,33 @@ def decoder_folder(root: Path) -> str:
     return str(folder)
 
 
+def splade_folder(root: Path) -> str:
+    """A SparseEncoder folder around a random BertForMaskedLM of bert-base's shape (built once)."""
+    folder = root / "splade-bert-base-shape"
+    if (folder / "modules.json").exists():
+        return str(folder)
+    import shutil
+
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+    from transformers import BertConfig, BertForMaskedLM
+
+    mlm = root / "bert-mlm"
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=30522)).save_pretrained(mlm)  # BertConfig's defaults are bert-base's
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (Path(model_folder()) / name).exists():
+            shutil.copy(Path(model_folder()) / name, mlm / name)
+    SparseEncoder(modules=[MLMTransformer(str(mlm)), SpladePooling("max")], device="cpu").save_pretrained(str(folder))
+    shutil.rmtree(mlm)
+    return str(folder)
+
+
+def is_sparse(folder: str) -> bool:
+    return "SpladePooling" in (Path(folder) / "modules.json").read_text(encoding="utf-8")
+
+
 def workload(folder: str, num_sentences: int, seed: int = 0) -> list[str]:
     """Sentences of 5-250 tokens: whole words of the vocabulary, one token each (BERT's [CLS] and
     [SEP] make up the other 2; a byte-level BPE vocabulary's words are those with a leading space)."""
@@ -85,8 +115,12 @@ def workload(folder: str, num_sentences: int, seed: int = 0) -> list[str]:
     if vocab.exists():
         words = [w for w in vocab.read_text(encoding="utf-8").split("\n") if w.isascii() and w.isalpha() and len(w) >= 3]
     else:
-        bpe = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
-        words = [w[1:] for w in bpe if w.startswith("\u0120") and w[1:].isascii() and w[1:].isalpha() and len(w) >= 4]
+        model = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+        if model["type"] == "WordPiece":  # a BERT tokenizer saved without vocab.txt
+            words = [w for w in model["vocab"] if w.isascii() and w.isalpha() and len(w) >= 3]
+        else:
+            words = [w[1:] for w in model["vocab"] if w.startswith("\u0120") and w[1:].isascii() and w[1:].isalpha()
+                     and len(w) >= 4]
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 250) - 2)) for _ in range(num_sentences)]
 
@@ -106,12 +140,12 @@ def run_kvserve(folder: str, texts: list[str], out: str, args: argparse.Namespac
 
 def run_st(folder: str, texts: list[str], out: str, args: argparse.Namespace) -> dict:
     import numpy as np
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer, SparseEncoder
 
-    st = SentenceTransformer(folder, device="cpu")
+    st = (SparseEncoder if is_sparse(folder) else SentenceTransformer)(folder, device="cpu")
     st.encode(texts[:8])  # warm-up
     elapsed, vectors = best_of(args.repeats, lambda: st.encode(texts))  # defaults: batch 32, length-sorted
-    np.save(out, vectors)
+    np.save(out, vectors.to_dense().numpy() if is_sparse(folder) else vectors)
     tokens = sum(len(ids) for ids in st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"])
     return {"seconds": elapsed, "tokens": tokens}
 
@@ -150,9 +184,9 @@ RUNNERS = {"kvserve": run_kvserve, "st": run_st, "http": run_http}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num-sentences", type=int, default=2000)
-    ap.add_argument("--model", choices=["minilm", "qwen3-0.6b-shape"], default="minilm")
+    ap.add_argument("--model", choices=["minilm", "qwen3-0.6b-shape", "splade-bert-base-shape"], default="minilm")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "kvserve-bench-emb-models"),
-                    help="where --model qwen3-0.6b-shape's random folder is built once")
+                    help="where the random models' folders are built once")
     add_child_args(ap, clients=16)
     args = ap.parse_args()
     if args.child:
@@ -161,7 +195,8 @@ def main() -> None:
         return
     import numpy as np
 
-    folder = model_folder() if args.model == "minilm" else decoder_folder(Path(args.cache))
+    folder = {"minilm": model_folder, "qwen3-0.6b-shape": lambda: decoder_folder(Path(args.cache)),
+              "splade-bert-base-shape": lambda: splade_folder(Path(args.cache))}[args.model]()
     labels = {"kvserve": "kvserve embed() (length-sorted token-budget batches, no padding)",
               "st": "sentence-transformers encode() (batch 32)",
               "http": f"kvserve HTTP /v1/embeddings, {args.clients} clients, 1 sentence/request"}
@@ -176,8 +211,10 @@ def main() -> None:
                      r["tokens"] / r["seconds"], r["peak_rss_mib"]])
         print(f"{name}: {r}", file=sys.stderr)
     print(f"Machine: {machine()}\n")
-    model = ("all-MiniLM-L6-v2" if args.model == "minilm" else
-             "a random Qwen3-Embedding-0.6B-shaped decoder (causal, last token), SmolLM2's tokenizer")
+    model = {"minilm": "all-MiniLM-L6-v2",
+             "qwen3-0.6b-shape": "a random Qwen3-Embedding-0.6B-shaped decoder (causal, last token), SmolLM2's tokenizer",
+             "splade-bert-base-shape": "a random bert-base-shaped SPLADE model (MLM head, max pooling), MiniLM's "
+                                       "tokenizer"}[args.model]
     print(f"Workload: {args.num_sentences} sentences of 5-250 tokens (uniform), {model}, fp32, CPU\n")
     print(table(["engine", "sentences", "tokens", "seconds", "sentences/s", "tokens/s", "peak RSS MiB"], rows))
     vectors = {name: np.load(tmp / f"{name}.npy") for name in results}
