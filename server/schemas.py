@@ -508,14 +508,8 @@ class TeiEmbedAllResponse(RootModel[list[list[list[float]]]]):
     """Per input, the model's last hidden state at every token (special tokens included), unpooled."""
 
 
-class TeiEmbedSparseRequest(_Request):
-    model: str | None = None  # extension: the first embedding model when absent
-    inputs: TextsOrTokens
-    truncate: bool = False
-    truncation_direction: Literal["Right", "right"] = Field(
-        "Right", description="Only right: an input is cut at its end, its trailing special tokens kept")
-    prompt_name: unsupported(str | None, "prompt_name: kvserve applies no sentence-transformers prompts",
-                             {"maxLength": 0}) = None
+class TeiEmbedSparseRequest(TeiEmbedAllRequest):
+    """/embed_all's fields: inputs, and whether to cut over-long ones."""
 
 
 class SparseValue(BaseModel):
