@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import collections
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -24,8 +24,8 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.forward_context import ForwardContext, metadata_for_sequences
 from engine.request import EngineStats
-from models.loader import LoadedModel, load_model
 from models.bert_splade import splade_config
+from models.loader import LoadedModel, load_model
 from models.pooling import PoolingConfig, finish_embedding, pool
 
 

@@ -5,7 +5,7 @@ every token runs, scaled by a sigmoid gate. Modules carry HF's names (`mlp.gate`
 `mlp.experts.N.gate_proj`, `mlp.shared_expert`, `mlp.shared_expert_gate`) so checkpoints load as
 saved; Mixtral's `block_sparse_moe.experts.N.w1/w3/w2` are renamed to them (`mixtral_name`).
 Each expert keeps its own (merged gate/up, down) Linears rather than one stacked (E, ...) tensor: the
-loader packs every Linear for the device (on CPU, oneDNN's layout: 2x F.linear at a few rows), and
+loader packs every Linear for the device (on CPU, oneDNN's layout: ~1.8x F.linear at a few rows), and
 engine/fused/moe.py runs each chosen expert once over its tokens.
 """
 from __future__ import annotations

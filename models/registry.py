@@ -4,9 +4,8 @@ Imports are lazy (module path strings) so loading one family never imports the o
 """
 from __future__ import annotations
 
-import json
-
 import importlib
+import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
