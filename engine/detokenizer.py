@@ -19,6 +19,7 @@ class Decoder(Protocol):
 class IncrementalDetokenizer:
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     text: str = ""
     sent: int = 0  # chars of `text` already handed out as deltas
     _prefix_offset: int = 0
@@ -29,8 +30,9 @@ class IncrementalDetokenizer:
         """Append one token; returns the stop string if the text now contains one (and
         `check_stop`: no stop string counts before a request's min_tokens)."""
         self._ids.append(token_id)
-        prefix = decoder.decode(self._ids[self._prefix_offset : self._read_offset])
-        full = decoder.decode(self._ids[self._prefix_offset :])
+        skip = self.skip_special_tokens
+        prefix = decoder.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip)
+        full = decoder.decode(self._ids[self._prefix_offset :], skip_special_tokens=skip)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             new = full[len(prefix) :]
             self._prefix_offset = self._read_offset

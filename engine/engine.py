@@ -225,7 +225,8 @@ class LLMEngine:
             prompt_token_ids=prompt,
             seqs=seqs,
             detokenizers=[
-                IncrementalDetokenizer(params.stop, params.include_stop_str_in_output) for _ in seqs
+                IncrementalDetokenizer(params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
+                for _ in seqs
             ],
             logprobs=[[] for _ in seqs] if params.logprobs is not None else None,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
@@ -331,10 +332,12 @@ class LLMEngine:
                 self.num_generation_tokens += 1
                 if state.logprobs is not None and lp is not None:
                     state.logprobs[seq.sample_index].append(lp)
+                last = k == len(tokens) - 1
+                if last and seq.finish_reason == "stop" and not seq.params.include_stop_str_in_output:
+                    break  # the EOS or stop id that finished it: its text is not output (vLLM's rule)
                 # before min_tokens no stop string ends it (EOS and stop ids were never allowed)
                 stop = state.detokenizers[seq.sample_index].add(
                     self.tokenizer, token, check_stop=first_output + k + 1 >= seq.params.min_tokens)
-                last = k == len(tokens) - 1
                 # a stop string met before the row's last token ends it there, even where a stop
                 # token further on had finished it; at the last token the scheduler's reason stands
                 if stop is not None and (not seq.is_finished or not last):

@@ -82,6 +82,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per sampled token (0: only the sampled one)
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # False: the output text keeps special tokens (vLLM's; Mistral's [TOOL_CALLS])
     min_tokens: int = 0  # no EOS, stop token or stop string ends the output before this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
     structured: StructuredOutput | None = None  # output constrained to a grammar (engine/guided.py)

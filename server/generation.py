@@ -41,6 +41,7 @@ def sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int 
         "logprobs": logprobs,
         "ignore_eos": req.ignore_eos,
         "include_stop_str_in_output": req.include_stop_str_in_output,
+        "skip_special_tokens": req.skip_special_tokens,
         "min_tokens": req.min_tokens,
     }
     if req.stop is not None:

@@ -142,6 +142,7 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     min_tokens: int = bounded("min_tokens", 0)
     structured_outputs: StructuredOutputs | None = None
     # OpenAI's, for chat; vLLM takes it for completions too

@@ -56,3 +56,19 @@ def test_stop_string_included_on_request_and_earliest_wins():
 def test_partial_stop_prefix_is_released_when_it_does_not_match():
     out, deltas, matched = run("a STOx STOP", stop=("STOP",))
     assert matched == "STOP" and out == "a STOx " and "".join(deltas) == out
+
+
+def test_special_tokens_are_dropped_unless_kept():
+    from tokenizers import AddedToken
+
+    tok = ByteTokenizer()
+    tok.tok.add_special_tokens([AddedToken("[TOOL_CALLS]", special=True)])
+    special = tok.tok.token_to_id("[TOOL_CALLS]")
+    ids = tok.encode("ok ") + [special] + tok.encode('[{"name": "f"}]')
+    texts = []
+    for skip in (True, False):
+        detok = IncrementalDetokenizer(skip_special_tokens=skip)
+        for t in ids:
+            detok.add(tok, t)
+        texts.append(detok.text)
+    assert texts == ['ok [{"name": "f"}]', 'ok [TOOL_CALLS][{"name": "f"}]']

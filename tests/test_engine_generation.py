@@ -112,6 +112,17 @@ def test_stop_token_ids_and_max_tokens(tmp_path):
     first = full.index(stop_at)
     assert out.outputs[0].token_ids == full[: first + 1]
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop_at
+    # the stop token is in the tokens but not the text, unless asked for (vLLM's rule, as for stop strings):
+    # "Z", forced by logit bias, stops the output at once
+    z = llm.engine.tokenizer.encode("Z", add_special_tokens=False)[0]
+    texts = []
+    for include in (False, True):
+        forced = SamplingParams(temperature=0.0, max_tokens=8, logit_bias=((z, 100.0),), stop_token_ids=(z,),
+                                include_stop_str_in_output=include)
+        got = llm.generate([prompt], forced)[0].outputs[0]
+        assert got.token_ids == [z] and got.finish_reason == "stop"
+        texts.append(got.text)
+    assert texts == ["", "Z"]
 
 
 def test_abort_frees_blocks_at_once(tmp_path):
