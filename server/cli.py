@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     switch("allow-runtime-lora-updating", "serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
            "(any folder the server can read may then be loaded)")
     opt("tool-call-parser", str, None, "how tool_choice auto answers are read: hermes (<tool_call> JSON "
-        "</tool_call>, Qwen2.5/Hermes), llama3_json (the answer is JSON calls, Llama 3.1-3.3) or pythonic "
-        "([f(a=1)], Llama 3.2/4); unset, auto is refused (required and named functions work)")
+        "</tool_call>, Qwen2.5/Hermes), llama3_json (the answer is JSON calls, Llama 3.1-3.3), pythonic "
+        "([f(a=1)], Llama 3.2/4) or mistral ([TOOL_CALLS] then the calls); unset, auto is refused (required and named functions work)")
     opt("reasoning-parser", str, None, "split a chat answer's <think> block into the message's reasoning: "
         "deepseek_r1 (the template opens the block: DeepSeek-R1, QwQ) or qwen3 (the answer opens it)")
     opt("api-key", str, None, "requests other than health, metrics and version must send "

@@ -133,6 +133,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             raise InvalidRequestError("a tool_choice that forces a call takes no response_format or structured_outputs",
                                       "tool_choice")
         params = dataclasses.replace(params, structured=forced)
+    if tool_plan.keeps_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)
     tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     text = gen.render_chat(body.messages, engine.tokenizer, body.add_generation_prompt, tool_defs,
                            body.chat_template_kwargs, body.continue_final_message)

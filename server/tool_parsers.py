@@ -11,7 +11,11 @@ answer in prose is never turned into a broken call.
   (Llama 3.1 to 3.3 with JSON tool calling; the `<|python_tag|>` before them is a special token, so
   the text holds it only when special tokens are kept);
 - `pythonic`: the whole answer is a Python list of calls, `[get_weather(city="Paris"), get_time()]`
-  (Llama 3.2 and 4, ToolACE), read with `ast`, never evaluated.
+  (Llama 3.2 and 4, ToolACE), read with `ast`, never evaluated;
+- `mistral`: `[TOOL_CALLS]` after optional content, then a JSON list `[{"name": ..., "arguments": {...}}]`
+  (Mistral 7B v0.3, Mixtral 8x22B, Nemo, Small 3.1) or, from tokenizer v11 on (Small 3.2, Magistral,
+  Devstral), `name[ARGS]{...}` with a `[TOOL_CALLS]` before each call. `[TOOL_CALLS]` is a special token,
+  so requests under this parser keep special tokens in their text (`keeps_special_tokens`, as vLLM does).
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ def _call(name: Any, arguments: Any) -> ToolCall:
 
 
 class ToolParser(Protocol):
+    keeps_special_tokens: bool  # the format opens with a special token, which the text must keep
+
     def content_end(self, text: str) -> int:
         """How much of a growing answer may stream as content now."""
 
@@ -65,6 +71,7 @@ def before_prefix(text: str, opener: str) -> int:
 
 
 class Hermes:
+    keeps_special_tokens = False
     OPEN = "<tool_call>"
     _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -89,6 +96,7 @@ class _WholeAnswer:
     """Formats where the calls are the whole answer, known by how it starts."""
 
     OPENERS: tuple[str, ...] = ()
+    keeps_special_tokens = False
 
     def _body(self, text: str) -> str | None:
         """The calls' text without a leading tag, or None when the answer does not open like calls."""
@@ -153,4 +161,34 @@ class Pythonic(_WholeAnswer):
         return calls
 
 
-PARSERS: dict[str, ToolParser] = {"hermes": Hermes(), "llama3_json": Llama3Json(), "pythonic": Pythonic()}
+class Mistral:
+    keeps_special_tokens = True
+    OPEN = "[TOOL_CALLS]"
+    ARGS = "[ARGS]"
+
+    def content_end(self, text: str) -> int:
+        return before_prefix(text, self.OPEN)
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.OPEN not in text:
+            return text, []
+        try:
+            calls = []
+            for body in text.split(self.OPEN)[1:]:
+                if self.ARGS in body:  # name[ARGS]{...}
+                    name, arguments = body.split(self.ARGS, 1)
+                    calls.append(_call(name.strip(), json.loads(arguments)))
+                    continue
+                items = json.loads(body)
+                for call in items if isinstance(items, list) else [items]:
+                    calls.append(_call(call["name"], call.get("arguments", call.get("parameters", {}))))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return text, []  # not the format after all: all of it is content
+        if not calls:
+            return text, []
+        content = text[: text.index(self.OPEN)].strip()
+        return content or None, calls
+
+
+PARSERS: dict[str, ToolParser] = {"hermes": Hermes(), "llama3_json": Llama3Json(), "pythonic": Pythonic(),
+                                  "mistral": Mistral()}

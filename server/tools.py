@@ -84,6 +84,11 @@ class ToolPlan:
             return PARSERS[self.parser or ""].parse(text)
         return text, []
 
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether the answer's text must keep special tokens for the parser to see its calls."""
+        return self.mode == "auto" and PARSERS[self.parser or ""].keeps_special_tokens
+
 
 def plan(tools: list[Any] | None, tool_choice: Any, parser: str | None) -> ToolPlan:
     """The request's tool mode; a choice the server cannot honour is a 400."""

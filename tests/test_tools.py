@@ -201,4 +201,53 @@ def test_other_parsers_over_http(parser, script):
 
 def test_unknown_parser_is_refused():
     with pytest.raises(ValueError, match="llama3_json"):
-        ServerSettings(tool_call_parser="mistral")
+        ServerSettings(tool_call_parser="granite")
+
+
+# what Mistral models write: tokenizer v3 (7B v0.3, Mixtral 8x22B, Nemo) and v11+ (Small 3.2, Magistral)
+MISTRAL_V3 = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]'
+MISTRAL_V11 = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}'
+
+
+@pytest.mark.parametrize("text", [MISTRAL_V3, MISTRAL_V11, "Checking.\n" + MISTRAL_V11])
+def test_mistral_formats_become_calls(text):
+    mistral = PARSERS["mistral"]
+    content, calls = mistral.parse(text)
+    assert content == ("Checking." if text.startswith("Checking") else None)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert mistral.content_end("Checking. [TOOL_") == len("Checking. ") and mistral.content_end(text) == text.find("[TOOL")
+    for not_calls in ("[TOOL_CALLS] [{\"name\": \"get_wea", "[TOOL_CALLS]get_weather[ARGS]{\"ci", "[TOOL_CALLS] []",
+                      "[TOOL_CALLS] prose", "Plain [text]."):
+        assert mistral.parse(not_calls) == (not_calls, [])
+
+
+class _Recording(FakeEngine):
+    """Keeps the sampling parameters each request arrived with."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.params: list = []
+
+    def add_request(self, request_id, payload) -> None:
+        self.params.append(payload.params)
+        super().add_request(request_id, payload)
+
+
+def test_mistral_parser_over_http_keeps_special_tokens_for_tool_requests():
+    settings = ServerSettings(port=free_port(), shutdown_timeout_s=2.0, tool_call_parser="mistral")
+    engine = _Recording(max_model_len=400, script=MISTRAL_V11)
+    with serve({"fake": engine}, settings) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        kwargs = dict(model="fake", messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=300)
+        choice = client.chat.completions.create(tools=[WEATHER, TIME], **kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+            ("get_weather", {"city": "Paris"}), ("get_time", {})]
+        deltas = [c.delta for chunk in client.chat.completions.create(stream=True, tools=[WEATHER, TIME], **kwargs)
+                  for c in chunk.choices]
+        assert not "".join(d.content or "" for d in deltas)
+        assert [t.function.name for d in deltas for t in d.tool_calls or []] == ["get_weather", "get_time"]
+        client.chat.completions.create(**kwargs)  # no tools: special tokens dropped as usual
+        client.chat.completions.create(tools=[WEATHER], tool_choice="required", **kwargs)  # forced: a grammar, no tag
+        client.chat.completions.create(extra_body={"skip_special_tokens": False}, **kwargs)  # vLLM's field, asked
+    assert [p.skip_special_tokens for p in engine.params] == [False, False, True, True, False]
