@@ -70,10 +70,16 @@ def before_prefix(text: str, opener: str) -> int:
     return len(text)
 
 
-class Hermes:
+def _json_call(call: Any) -> ToolCall:
+    """`{"name": ..., "arguments": {...}}` (or `"parameters"`) as a call."""
+    return _call(call["name"], call.get("arguments", call.get("parameters", {})))
+
+
+class _Tagged:
+    """Formats where calls follow an opening tag, after optional content."""
+
     keeps_special_tokens = False
-    OPEN = "<tool_call>"
-    _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+    OPEN = ""
 
     def content_end(self, text: str) -> int:
         return before_prefix(text, self.OPEN)
@@ -82,14 +88,24 @@ class Hermes:
         if self.OPEN not in text:
             return text, []
         try:
-            calls = []
-            for body in self._CALL.findall(text):
-                call = json.loads(body)
-                calls.append(_call(call["name"], call.get("arguments", call.get("parameters", {}))))
+            calls = self._calls(text)
         except (ValueError, TypeError, KeyError, AttributeError):
             return text, []  # not the format after all: all of it is content
+        if not calls:
+            return text, []
         content = text[: text.index(self.OPEN)].strip()
         return content or None, calls
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        raise NotImplementedError
+
+
+class Hermes(_Tagged):
+    OPEN = "<tool_call>"
+    _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        return [_json_call(json.loads(body)) for body in self._CALL.findall(text)]
 
 
 class _WholeAnswer:
@@ -161,33 +177,21 @@ class Pythonic(_WholeAnswer):
         return calls
 
 
-class Mistral:
+class Mistral(_Tagged):
     keeps_special_tokens = True
     OPEN = "[TOOL_CALLS]"
     ARGS = "[ARGS]"
 
-    def content_end(self, text: str) -> int:
-        return before_prefix(text, self.OPEN)
-
-    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        if self.OPEN not in text:
-            return text, []
-        try:
-            calls = []
-            for body in text.split(self.OPEN)[1:]:
-                if self.ARGS in body:  # name[ARGS]{...}
-                    name, arguments = body.split(self.ARGS, 1)
-                    calls.append(_call(name.strip(), json.loads(arguments)))
-                    continue
+    def _calls(self, text: str) -> list[ToolCall]:
+        calls = []
+        for body in text.split(self.OPEN)[1:]:
+            if self.ARGS in body:  # name[ARGS]{...}
+                name, arguments = body.split(self.ARGS, 1)
+                calls.append(_call(name.strip(), json.loads(arguments)))
+            else:
                 items = json.loads(body)
-                for call in items if isinstance(items, list) else [items]:
-                    calls.append(_call(call["name"], call.get("arguments", call.get("parameters", {}))))
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return text, []  # not the format after all: all of it is content
-        if not calls:
-            return text, []
-        content = text[: text.index(self.OPEN)].strip()
-        return content or None, calls
+                calls.extend(_json_call(call) for call in (items if isinstance(items, list) else [items]))
+        return calls
 
 
 PARSERS: dict[str, ToolParser] = {"hermes": Hermes(), "llama3_json": Llama3Json(), "pythonic": Pythonic(),
