@@ -1,4 +1,5 @@
-"""BERT-family encoders (BERT, MiniLM, RoBERTa, XLM-R) over a flat, unpadded batch.
+"""BERT-family encoders (BERT, MiniLM, RoBERTa, XLM-R; DistilBERT in models/distilbert.py) over a flat,
+unpadded batch.
 
 Attribute names follow HF's `BertModel` / `RobertaModel`, so checkpoint keys load unchanged
 (after `rename_weight` strips a task prefix). Post-LayerNorm blocks: x = LN(x + sublayer(x)).
@@ -97,7 +98,9 @@ class BertEmbeddings(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        # DistilBERT has no token types (type_vocab_size 0)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size) \
+            if config.type_vocab_size else None
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.position_offset = config.position_offset
 
@@ -105,10 +108,9 @@ class BertEmbeddings(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None
     ) -> torch.Tensor:
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions + self.position_offset)
-        if token_type_ids is None:
-            x = x + self.token_type_embeddings.weight[0]  # HF's default: every token is type 0
-        else:
-            x = x + self.token_type_embeddings(token_type_ids)
+        if self.token_type_embeddings is not None:  # without token types, HF's default: every token is type 0
+            types = self.token_type_embeddings
+            x = x + (types.weight[0] if token_type_ids is None else types(token_type_ids))
         return self.LayerNorm(x)  # (T, H)
 
 

@@ -53,7 +53,10 @@ _ENTRIES: dict[str, ModelEntry] = {
         "models.bert_classification", "RobertaForSequenceClassification", Task.CLASSIFY),
     "XLMRobertaForSequenceClassification": ModelEntry(
         "models.bert_classification", "RobertaForSequenceClassification", Task.CLASSIFY),
+    "DistilBertModel": ModelEntry("models.distilbert", "DistilBertModel", Task.EMBED),
+    "DistilBertForMaskedLM": ModelEntry("models.distilbert", "DistilBertModel", Task.EMBED),
     "BertForSparseEmbedding": ModelEntry("models.bert_splade", "BertForSparseEmbedding", Task.EMBED),
+    "DistilBertForSparseEmbedding": ModelEntry("models.distilbert", "DistilBertForSparseEmbedding", Task.EMBED),
     "MarianMTModel": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),
     "T5ForConditionalGeneration": ModelEntry("models.t5", "T5ForConditionalGeneration", Task.TRANSLATE),
 }
@@ -67,6 +70,10 @@ class UnsupportedModelError(ValueError):
 # embedding models: Qwen3-Embedding's config names Qwen3ForCausalLM, as vLLM's --convert embed reads it
 _AS_EMBEDDING = {"LlamaForCausalLM": "LlamaModel", "MistralForCausalLM": "MistralModel",
                  "Qwen2ForCausalLM": "Qwen2Model", "Qwen3ForCausalLM": "Qwen3Model"}
+
+
+# masked LMs whose sentence-transformers folders end in SpladePooling serve sparse embeddings
+_AS_SPARSE = {"BertForMaskedLM": "BertForSparseEmbedding", "DistilBertForMaskedLM": "DistilBertForSparseEmbedding"}
 
 
 def _splade(folder: Path | None) -> bool:
@@ -85,8 +92,8 @@ def lookup(architectures: list[str], folder: Path | None = None) -> tuple[ModelE
         if arch in _ENTRIES:
             if arch in _AS_EMBEDDING and folder is not None and (folder / "modules.json").exists():
                 return _ENTRIES[_AS_EMBEDDING[arch]], arch
-            if arch == "BertForMaskedLM" and _splade(folder):
-                return _ENTRIES["BertForSparseEmbedding"], arch
+            if arch in _AS_SPARSE and _splade(folder):
+                return _ENTRIES[_AS_SPARSE[arch]], arch
             return _ENTRIES[arch], arch
     raise UnsupportedModelError(
         f"unsupported architecture(s) {architectures}; supported: {sorted(_ENTRIES)}"

@@ -25,14 +25,14 @@ def _flat(seqs: list[torch.Tensor]):
     return ids, positions, ctx, lens
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta", "distilbert"])
 def test_hidden_states_match_transformers_on_ragged_batch(kind, tmp_path):
     hf = save_tiny_encoder(kind, tmp_path / kind)
     ours = load_model(str(tmp_path / kind))
     assert ours.info.task == Task.EMBED
     assert ours.model.kv_cache_spec.num_layers == 0  # an encoder allocates no KV cache
     g = torch.Generator().manual_seed(1)
-    lens = [7, 1, 23, 60 if kind == "bert" else 64, 12]  # up to the full position table
+    lens = [7, 1, 23, 60 if kind == "bert" else 64, 12]  # up to the full position table (DistilBERT's: 64)
     # ids >= 2 so RoBERTa's padding id (1) never appears inside a sequence
     seqs = [torch.randint(2, TINY_ENCODER["vocab_size"], (n,), generator=g) for n in lens]
     types = [torch.randint(0, 2 if kind == "bert" else 1, (n,), generator=g) for n in lens]
@@ -93,3 +93,41 @@ def test_unsupported_position_embedding_type_is_refused(tmp_path):
     save_tiny_encoder("bert", tmp_path / "b", position_embedding_type="relative_key")
     with pytest.raises(ModelLoadError, match="relative_key"):
         load_model(str(tmp_path / "b"))
+
+
+def test_distilbert_sentence_transformers_folder_equals_encode(tmp_path):
+    """A DistilBERT bi-encoder as sentence-transformers saves one (msmarco-distilbert's layout: Transformer,
+    mean Pooling, Normalize) embeds as its encode() does; the task checkpoint's MLM head is not needed."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    from engine.config import EngineConfig
+    from engine.embedding_engine import EmbeddingEngine
+    from tests.tiny_models import _spread, minilm_folder
+
+    torch.manual_seed(0)
+    hf = DistilBertForMaskedLM(DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                max_position_embeddings=128)).eval()
+    _spread(hf)
+    hf.save_pretrained(tmp_path / "lm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_folder() / name).exists():
+            shutil.copy(minilm_folder() / name, tmp_path / "lm" / name)
+    body = Transformer(str(tmp_path / "lm"))
+    SentenceTransformer(modules=[body, Pooling(body.get_embedding_dimension(), "mean"), Normalize()],
+                        device="cpu").save(str(tmp_path / "st"))
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    engine = EmbeddingEngine(load_model(str(tmp_path / "st")), EngineConfig(model=str(tmp_path / "st")))
+    assert engine.info.architecture == "DistilBertModel" and engine.sparse is None
+    texts = ["The cat sat on the mat.", "a", "Distilled encoders run six layers " * 5]
+    torch.testing.assert_close(engine.embed(texts), st.encode(texts, convert_to_tensor=True), atol=1e-5, rtol=1e-5)
+    # the masked-LM checkpoint itself loads as the same encoder, its vocab_* head skipped
+    lm = load_model(str(tmp_path / "lm"))
+    assert lm.info.task == Task.EMBED and type(lm.model).__name__ == "DistilBertModel"
+    ids, positions, ctx, _ = _flat([torch.tensor([101, 2023, 2003, 102])])
+    with torch.inference_mode():
+        torch.testing.assert_close(lm.model(ids, positions, ctx),
+                                   hf.distilbert(input_ids=ids[None]).last_hidden_state[0], atol=1e-5, rtol=0)

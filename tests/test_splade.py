@@ -26,18 +26,25 @@ from tests.tiny_models import _spread, minilm_folder  # noqa: E402
 TEXTS = ["The cat sat on the mat.", "Sparse retrieval with learned term weights", "a", "Paris is in France. " * 6]
 
 
-def save_splade(folder: Path, pooling: str, activation: str) -> Path:
+def save_splade(folder: Path, pooling: str, activation: str, arch: str = "bert") -> Path:
+    """arch: bert (naver/splade-*) or distilbert (opensearch's distilled sparse encoders)."""
     from sentence_transformers import SparseEncoder
     from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
     torch.manual_seed(0)
     mlm = folder.parent / f"{folder.name}-mlm"
-    hf = BertForMaskedLM(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=64, max_position_embeddings=128)).eval()
+    if arch == "bert":
+        hf = BertForMaskedLM(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=128)).eval()
+    else:
+        hf = DistilBertForMaskedLM(DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                    max_position_embeddings=128)).eval()
     _spread(hf)
     with torch.no_grad():  # most logits below zero, as a trained SPLADE's: the vectors come out sparse
-        hf.cls.predictions.bias.sub_(1.5)
+        (hf.cls.predictions.bias if arch == "bert" else hf.vocab_projector.bias).sub_(1.5)
+        if arch == "distilbert":  # spread as BERT's head LayerNorm is (_spread knows it by "LayerNorm")
+            hf.vocab_layer_norm.weight.uniform_(0.5, 1.5)
     hf.save_pretrained(mlm)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (minilm_folder() / name).exists():
@@ -48,7 +55,9 @@ def save_splade(folder: Path, pooling: str, activation: str) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", params=[("max", "relu"), ("sum", "log1p_relu")], ids=["max-relu", "sum-log1p_relu"])
+@pytest.fixture(scope="module", params=[("max", "relu", "bert"), ("sum", "log1p_relu", "bert"),
+                                        ("max", "relu", "distilbert")],
+                ids=["max-relu", "sum-log1p_relu", "distilbert"])
 def splade(request, tmp_path_factory):
     from sentence_transformers import SparseEncoder
 

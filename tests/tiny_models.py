@@ -102,8 +102,9 @@ TINY_ENCODER = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_att
 
 
 def save_tiny_encoder(kind: str, folder: Path, **overrides):
-    """kind: bert, roberta, xlm-roberta; returns the HF model (eval) saved to `folder` (no tokenizer)."""
-    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel
+    """kind: bert, roberta, xlm-roberta, distilbert; returns the HF model (eval) saved to `folder` (no tokenizer)."""
+    from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel,
+                              XLMRobertaConfig, XLMRobertaModel)
 
     torch.manual_seed(0)
     if kind == "bert":
@@ -112,6 +113,12 @@ def save_tiny_encoder(kind: str, folder: Path, **overrides):
     elif kind == "roberta":
         cfg = RobertaConfig(max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, **TINY_ENCODER)
         cls = RobertaModel
+    elif kind == "distilbert":
+        t = TINY_ENCODER
+        cfg = DistilBertConfig(vocab_size=t["vocab_size"], dim=t["hidden_size"], n_layers=t["num_hidden_layers"],
+                               n_heads=t["num_attention_heads"], hidden_dim=t["intermediate_size"],
+                               max_position_embeddings=64)
+        cls = DistilBertModel
     else:
         cfg = XLMRobertaConfig(max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, **TINY_ENCODER)
         cls = XLMRobertaModel
