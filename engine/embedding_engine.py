@@ -26,7 +26,7 @@ from engine.forward_context import ForwardContext, metadata_for_sequences
 from engine.request import EngineStats
 from models.bert_splade import splade_config
 from models.loader import LoadedModel, load_model
-from models.pooling import PoolingConfig, finish_embedding, pool
+from models.pooling import PoolingConfig, finish_embedding, pool, read_prompts
 
 
 # Offline batches: past ~1k rows the GEMMs run no faster (measured on 2 cores), and bigger
@@ -140,6 +140,7 @@ class EmbeddingEngine:
         self.sparse = (splade_config(Path(loaded.info.path)) or ("max", "relu")) if hasattr(self.model, "sparse") \
             else None
         self.causal = getattr(self.model, "causal", False)  # decoder-based embedding models attend causally
+        self.prompts = read_prompts(loaded.info.path)  # TEI's prompt_name picks one of them
         self.pooling = PoolingConfig(normalize=False) if self.is_classifier or self.sparse else \
             PoolingConfig.from_folder(loaded.info.path, self.causal)
         hidden = self.model.config.hidden_size

@@ -66,6 +66,16 @@ class PoolingConfig:
         return cls(modes=modes, normalize=normalize)
 
 
+def read_prompts(folder: str | Path) -> dict[str, str]:
+    """The named prompts of a sentence-transformers folder (`config_sentence_transformers.json`), e.g.
+    Qwen3-Embedding's {"query": "Instruct: ...\nQuery:"}: text put before an input, chosen by name."""
+    path = Path(folder) / "config_sentence_transformers.json"
+    if not path.exists():
+        return {}
+    prompts = json.loads(path.read_text(encoding="utf-8")).get("prompts") or {}
+    return {str(k): str(v) for k, v in prompts.items()}
+
+
 def read_pooling_modes(path: Path) -> tuple[str, ...]:
     """Modes of a sentence-transformers Pooling config.json (new or legacy keys); mean if absent."""
     if not path.exists():

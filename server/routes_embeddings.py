@@ -27,8 +27,22 @@ def payload_class() -> type:
     return Payload
 
 
-def embedding_inputs(raw: str | list, tokenizer: Any, vocab_size: int, max_inputs: int) -> list[list[int]]:
-    """Empty lists and strings never get here: the request schema refuses them."""
+def prompt_text(engine: Any, prompt_name: str | None) -> str:
+    """The text a named sentence-transformers prompt puts before each input ("" for none)."""
+    if prompt_name is None:
+        return ""
+    prompts: dict[str, str] = getattr(engine, "prompts", {})
+    if prompt_name not in prompts:
+        known = ", ".join(repr(p) for p in prompts) or "none"
+        raise InvalidRequestError(f"prompt_name {prompt_name!r} is not one of the model's prompts ({known})",
+                                  "prompt_name")
+    return prompts[prompt_name]
+
+
+def embedding_inputs(raw: str | list, tokenizer: Any, vocab_size: int, max_inputs: int,
+                     prompt: str = "") -> list[list[int]]:
+    """Empty lists and strings never get here: the request schema refuses them. `prompt` goes before
+    each text, as sentence-transformers puts it."""
     if isinstance(raw, str):
         items: list = [raw]
     elif isinstance(raw[0], int):
@@ -37,9 +51,11 @@ def embedding_inputs(raw: str | list, tokenizer: Any, vocab_size: int, max_input
         items = list(raw)
     if len(items) > max_inputs:
         raise InvalidRequestError(f"at most {max_inputs} inputs per request, got {len(items)}", "input")
+    if prompt and not isinstance(items[0], str):
+        raise InvalidRequestError("prompt_name applies to text inputs, not token ids", "prompt_name")
     out = []
     for item in items:
-        ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+        ids = tokenizer.encode(prompt + item) if isinstance(item, str) else list(item)
         gen.check_token_ids(ids, vocab_size, "input")
         out.append(ids)
     return out

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from engine.errors import InvalidRequestError
 from server import generation as gen
 from server.openapi import ENGINE_ERRORS, answers
-from server.routes_embeddings import embedding_inputs, payload_class
+from server.routes_embeddings import embedding_inputs, payload_class, prompt_text
 from server.routes_score import ranked, run_score
 from server.schemas import (
     TeiEmbedAllRequest, TeiEmbedAllResponse, TeiEmbedRequest, TeiEmbedResponse, TeiEmbedSparseRequest,
@@ -27,31 +27,34 @@ router = APIRouter()
 MAX_EMBED_ALL_INPUTS = 32  # TEI's --max-client-batch-size default
 
 
-async def _vectors(request: Request, model: str | None, raw_inputs: Any, limit: int, sparse: bool = False,
-                   **fields: Any) -> list[torch.Tensor]:
-    """One request to the embedding model (`sparse`: one that is SPLADE); each input's rows."""
+async def _vectors(request: Request, model: str | None, raw_inputs: Any, limit: int, prompt_name: str | None,
+                   sparse: bool = False, **fields: Any) -> list[torch.Tensor]:
+    """One request to the embedding model (`sparse`: one that is SPLADE), texts behind the named
+    prompt; each input's rows."""
     state, start = get_state(request), time.monotonic()
     name, engine = state.resolve(model, "embed")
     if sparse and getattr(engine, "sparse", None) is None:
         raise InvalidRequestError(f"model {name!r} is not a SPLADE model: /embed_sparse needs a sentence-transformers "
                                   "SparseEncoder folder (SpladePooling)", param="model")
-    inputs = embedding_inputs(raw_inputs, engine.tokenizer, engine.info.vocab_size, limit)
+    inputs = embedding_inputs(raw_inputs, engine.tokenizer, engine.info.vocab_size, limit,
+                              prompt_text(engine, prompt_name))
     payload = payload_class()(inputs=inputs, **fields)
     out = await gen.cancel_on_disconnect(request, state.async_engine.run(name, new_request_id("embd"), payload))
     state.metrics.embedding_request_latency.labels(name).observe(time.monotonic() - start)
     return out.embeddings
 
 
-async def _embed(request: Request, model: str | None, raw_inputs: Any, limit: int, **fields: Any) -> JSONResponse:
+async def _embed(request: Request, model: str | None, raw_inputs: Any, limit: int, prompt_name: str | None,
+                 **fields: Any) -> JSONResponse:
     """/embed and /embed_all: each input's rows as nested lists."""
-    return JSONResponse([v.tolist() for v in await _vectors(request, model, raw_inputs, limit, **fields)])
+    return JSONResponse([v.tolist() for v in await _vectors(request, model, raw_inputs, limit, prompt_name, **fields)])
 
 
 @router.post("/embed", responses=answers(TeiEmbedResponse, ENGINE_ERRORS))
 async def embed(body: TeiEmbedRequest, request: Request) -> Any:
     """Vectors L2-normalised unless `normalize: false` (then as pooled, whatever the folder says)."""
     return await _embed(request, body.model, body.inputs, get_state(request).settings.max_embedding_inputs,
-                        truncate=body.truncate, dimensions=body.dimensions, normalize=body.normalize)
+                        body.prompt_name, truncate=body.truncate, dimensions=body.dimensions, normalize=body.normalize)
 
 
 @router.post("/embed_all", responses=answers(TeiEmbedAllResponse, ENGINE_ERRORS))
@@ -59,14 +62,15 @@ async def embed_all(body: TeiEmbedAllRequest, request: Request) -> Any:
     """Every token's last hidden state, unpooled and unnormalised (for late interaction, e.g. ColBERT-style)."""
     # a row per token makes answers length x hidden size per input: TEI's default batch limit keeps them bounded
     limit = min(MAX_EMBED_ALL_INPUTS, get_state(request).settings.max_embedding_inputs)
-    return await _embed(request, body.model, body.inputs, limit, truncate=body.truncate, per_token=True)
+    return await _embed(request, body.model, body.inputs, limit, body.prompt_name, truncate=body.truncate,
+                        per_token=True)
 
 
 @router.post("/embed_sparse", responses=answers(TeiEmbedSparseResponse, ENGINE_ERRORS))
 async def embed_sparse(body: TeiEmbedSparseRequest, request: Request) -> Any:
     """A SPLADE model's vocabulary weights, the non-zero ones as {index, value} in index order."""
     vectors = await _vectors(request, body.model, body.inputs, get_state(request).settings.max_embedding_inputs,
-                             sparse=True, truncate=body.truncate, normalize=False)
+                             body.prompt_name, sparse=True, truncate=body.truncate, normalize=False)
     rows = []
     for vec in vectors:
         index = vec.nonzero().flatten()

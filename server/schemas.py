@@ -487,8 +487,8 @@ class TeiEmbedRequest(_Request):
     truncation_direction: Literal["Right", "right"] = Field(
         "Right", description="Only right: an input is cut at its end, its trailing special tokens kept")
     dimensions: int | None = Field(None, ge=1)
-    prompt_name: unsupported(str | None, "prompt_name: kvserve applies no sentence-transformers prompts",
-                             {"maxLength": 0}) = None
+    prompt_name: str | None = Field(None, description="One of the model's sentence-transformers prompts "
+                                    "(config_sentence_transformers.json), put before each text input")
 
 
 class TeiEmbedResponse(RootModel[list[list[float]]]):
@@ -501,8 +501,8 @@ class TeiEmbedAllRequest(_Request):
     truncate: bool = False
     truncation_direction: Literal["Right", "right"] = Field(
         "Right", description="Only right: an input is cut at its end, its trailing special tokens kept")
-    prompt_name: unsupported(str | None, "prompt_name: kvserve applies no sentence-transformers prompts",
-                             {"maxLength": 0}) = None
+    prompt_name: str | None = Field(None, description="One of the model's sentence-transformers prompts "
+                                    "(config_sentence_transformers.json), put before each text input")
 
 
 class TeiEmbedAllResponse(RootModel[list[list[list[float]]]]):

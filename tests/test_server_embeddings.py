@@ -3,6 +3,7 @@ openai client, against sentence-transformers vectors from the same folder."""
 from __future__ import annotations
 
 import base64
+import json
 import importlib.util
 import os
 
@@ -134,3 +135,37 @@ def test_metrics_move(base_url, client):
     text = httpx.get(f"{base_url}/metrics").text
     assert metric_value(text, "kvserve:embedding_request_latency_seconds_count", model_name=MODEL) >= 1
     assert metric_value(text, "kvserve:embedding_batch_size_count", model_name=MODEL) >= 1
+
+
+def test_tei_prompt_name_puts_the_named_prompt_before_each_text(tmp_path):
+    """TEI's prompt_name: a sentence-transformers folder's named prompt (as e5 and Qwen3-Embedding
+    declare theirs) goes before each text, as encode(prompt_name=...) puts it."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    from tests.tiny_models import minilm_folder
+
+    folder = tmp_path / "minilm-prompts"
+    shutil.copytree(minilm_folder(), folder)
+    config = folder / "config_sentence_transformers.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prompts": {"query": "query: ", "passage": "passage: "}}))
+    st = SentenceTransformer(str(folder), device="cpu")
+    texts = ["How tall is Mont Blanc?", "Mont Blanc is 4,806 m high."]
+    engine = EmbeddingEngine.from_config(EngineConfig(model=str(folder)))
+    with serve({"e5ish": engine}, settings=ServerSettings(shutdown_timeout_s=2.0)) as url:
+        for name in ("query", "passage"):
+            got = httpx.post(f"{url}/embed", json={"inputs": texts, "prompt_name": name}, timeout=60)
+            assert got.status_code == 200, got.text
+            want = st.encode(texts, prompt_name=name, convert_to_tensor=True)
+            torch.testing.assert_close(torch.tensor(got.json()), want, atol=1e-5, rtol=1e-5)
+        plain = torch.tensor(httpx.post(f"{url}/embed", json={"inputs": texts}, timeout=60).json())
+        assert (plain - want).abs().max() > 1e-2  # the prompt changes the vectors
+        rows = httpx.post(f"{url}/embed_all", json={"inputs": texts[0], "prompt_name": "query"}, timeout=60).json()[0]
+        assert len(rows) == len(engine.tokenizer.encode("query: " + texts[0]))
+        for body, param in (({"inputs": "x", "prompt_name": "nope"}, "prompt_name"),
+                            ({"inputs": [101, 102], "prompt_name": "query"}, "prompt_name")):
+            bad = httpx.post(f"{url}/embed", json=body, timeout=60)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+        assert "'query', 'passage'" in httpx.post(f"{url}/embed", json={"inputs": "x", "prompt_name": "nope"},
+                                                  timeout=60).json()["error"]["message"]
