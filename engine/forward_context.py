@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention.base import AttentionBackend
-from engine.attention.metadata import AttentionMetadata, RelativePositionBias
+from engine.attention.metadata import AttentionMetadata, AttentionVariant, RelativePositionBias
 from engine.lora_batch import LoRABatch
 
 
@@ -33,13 +33,14 @@ class ForwardContext:
         v: torch.Tensor,
         scale: float,
         bias: RelativePositionBias | None = None,
+        variant: AttentionVariant | None = None,
     ) -> torch.Tensor:
         if self.kv_caches is None:
-            return self.backend.varlen_attention(q, k, v, self.meta, scale, bias)
+            return self.backend.varlen_attention(q, k, v, self.meta, scale, bias, variant)
         k_cache, v_cache = self.kv_caches[layer_idx]
         if self.meta.slot_mapping is not None:
             self.backend.store_kv(k, v, k_cache, v_cache, self.meta.slot_mapping)
-        return self.backend.paged_attention(q, k_cache, v_cache, self.meta, scale, bias)
+        return self.backend.paged_attention(q, k_cache, v_cache, self.meta, scale, bias, variant)
 
     def write_target(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(k_cache, v_cache, slot_mapping) where this step writes its new K/V into layer_idx's
@@ -48,11 +49,13 @@ class ForwardContext:
             return None
         return (*self.kv_caches[layer_idx], self.meta.slot_mapping)
 
-    def attend_stored(self, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend_stored(
+        self, layer_idx: int, q: torch.Tensor, scale: float, variant: AttentionVariant | None = None,
+    ) -> torch.Tensor:
         """Attention of q over layer_idx's cache, the step's new K/V already in it."""
         assert self.kv_caches is not None
         k_cache, v_cache = self.kv_caches[layer_idx]
-        return self.backend.paged_attention(q, k_cache, v_cache, self.meta, scale)
+        return self.backend.paged_attention(q, k_cache, v_cache, self.meta, scale, variant=variant)
 
     def attend_cross(self, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Cross-attention: new decoder queries over encoder K/V already in this layer's cache.

@@ -181,3 +181,68 @@ def test_step_cache_builds_once_per_metadata_object():
     assert cache.get(replace(meta), (), build("d")) == 4  # a fourth: the older entries are dropped
     assert cache.get(meta, (), build("e")) == 5
     assert builds == ["a", "b", "c", "d", "e"]
+
+
+def naive_variant(q, k, v, scale, offset, window, softcap):
+    """HF's eager Gemma 2 order: scaled scores, soft-cap, causal + sliding-window mask, softmax."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    qpos = torch.arange(q.shape[0])[:, None] + offset
+    kpos = torch.arange(k.shape[0])[None, :]
+    hidden = kpos > qpos
+    if window is not None:
+        hidden = hidden | (kpos <= qpos - window)
+    s = s.masked_fill(hidden, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("window, softcap", [(5, None), (None, 2.0), (3, 1.5), (64, None), (1, None)])
+def test_sliding_window_and_softcap_equal_dense(window, softcap):
+    """Chunks over earlier context, whole prompts and decodes (long and short, so some windows hide
+    nothing) of the paged path; whole sequences of the varlen path."""
+    from engine.attention.metadata import AttentionVariant
+
+    torch.manual_seed(1)
+    hq, hk, d, bs = 4, 2, 8, 4
+    variant = AttentionVariant(window=window, softcap=softcap)
+    totals, news = [9, 3, 14, 20, 1], [4, 1, 14, 1, 1]
+    nblocks = sum(-(-n // bs) for n in totals) + 2
+    perm = torch.randperm(nblocks).tolist()
+    tables, used = [], 0
+    for n in totals:
+        tables.append(perm[used : used + -(-n // bs)])
+        used += len(tables[-1])
+    ks, vs, qs = ([torch.randn(n, h, d) for n in totals] for h in (hk, hk, hq))
+    qs = [x * 3 for x in qs]  # large scores, so the cap bites
+    kc, vc = torch.randn(nblocks, bs, hk, d), torch.randn(nblocks, bs, hk, d)
+    backend = TorchAttentionBackend()
+    for i, n in enumerate(totals):  # every key in place (earlier context and this step's)
+        inp = prepare_inputs([list(range(n))], [0], [tables[i]], [True], bs)
+        backend.store_kv(ks[i], vs[i], kc, vc, inp.meta.slot_mapping)
+    inp = prepare_inputs([list(range(m)) for m in news], [t - m for t, m in zip(totals, news)], tables,
+                         [True] * len(totals), bs)
+    q = torch.cat([x[t - m:] for x, t, m in zip(qs, totals, news)])
+    out = backend.paged_attention(q, kc, vc, inp.meta, 0.5, variant=variant)
+    row = 0
+    for i, (t, m) in enumerate(zip(totals, news)):
+        ref = naive_variant(qs[i][t - m:], ks[i], vs[i], 0.5, t - m, window, softcap)
+        torch.testing.assert_close(out[row : row + m], ref, atol=1e-5, rtol=1e-5)
+        row += m
+    flat = metadata_for_sequences(totals)
+    out = backend.varlen_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), flat, 0.5, variant=variant)
+    ref = torch.cat([naive_variant(qs[i], ks[i], vs[i], 0.5, 0, window, softcap) for i in range(len(totals))])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_is_refused_for_bidirectional_attention():
+    from engine.attention.metadata import AttentionVariant
+
+    q = torch.randn(6, 2, 8)
+    with pytest.raises(ValueError, match="causal attention only"):
+        TorchAttentionBackend().varlen_attention(q, q, q, metadata_for_sequences([6], causal=False), 0.3,
+                                                 variant=AttentionVariant(window=2))
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        AttentionVariant(window=0)

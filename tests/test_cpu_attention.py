@@ -132,3 +132,21 @@ def test_default_cpu_backend_is_the_kernel():
 def test_env_switch_disables_the_kernel(monkeypatch):
     monkeypatch.setenv(cpu_kernel.DISABLE_ENV, "0")
     assert cpu_kernel.load.__wrapped__() is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("window, softcap", [(7, None), (16, None), (33, 5.0), (None, 3.0), (1, None)])
+def test_decodes_with_sliding_window_and_softcap_match_reference(window, softcap):
+    """Windows starting mid-block, on a block edge and past short contexts; soft-capped scores;
+    GQA groups with code of their own (3) and without (6)."""
+    from engine.attention.metadata import AttentionVariant
+
+    variant = AttentionVariant(window=window, softcap=softcap)
+    k_lens = [1, 5, 16, 17, 40, 100, 33, 64]
+    for hq, hk, d in [(6, 2, 64), (12, 2, 32)]:
+        q, kc, vc, meta = paged_step([1] * len(k_lens), k_lens, hq, hk, d, 16, seed=hq)
+        ref = TorchAttentionBackend().paged_attention(q, kc, vc, meta, 0.5, variant=variant)
+        out = CpuAttentionBackend(cpu_kernel.load()).paged_attention(q, kc, vc, meta, 0.5, variant=variant)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        plain = TorchAttentionBackend().paged_attention(q, kc, vc, meta, 0.5)
+        assert not torch.allclose(out, plain)  # the variant changed something

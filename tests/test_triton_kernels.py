@@ -278,17 +278,23 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
                 "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "slot_ptr": "*i64", "cos_ptr": "*bf16",
                 "sin_ptr": "*bf16", "q_out_ptr": "*bf16", "x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16",
                 "w_ptr": "*bf16", "b_ptr": "*bf16", "res_out_ptr": "*bf16"}
-    prefill = dict(GROUP=4, HAS_SEQ_IDS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
+    prefill = dict(GROUP=4, HAS_SEQ_IDS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32",
+                   HAS_WINDOW=False, SOFTCAP=0.0)
     gemv = dict(HAS_BIAS=False, PDL=False)
     decode = dict(GROUP=4, SPLIT=True, HAS_SEQ_IDS=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32",
-                  PDL=False)
-    reduce = dict(HAS_SEQ_IDS=False, BLOCK_P=64, CHUNK_P=16, BLOCK_D=128, PDL=False)
+                  PDL=False, HAS_WINDOW=False, SOFTCAP=0.0)
+    reduce = dict(HAS_SEQ_IDS=False, BLOCK_P=64, CHUNK_P=16, BLOCK_D=128, PDL=False, HAS_WINDOW=False)
+    gemma2 = dict(HAS_WINDOW=True, SOFTCAP=50.0)  # a sliding layer of Gemma 2
     variants = {
         "store_kv": (triton_kernels._store_kv_kernel, dict(BLOCK_H=8, BLOCK_D=128)),
         "prefill_paged_causal": (triton_kernels._prefill_kernel, dict(prefill, PAGED=True, CAUSAL=True, HAS_BIAS=False)),
         "prefill_varlen_bias": (triton_kernels._prefill_kernel, dict(prefill, PAGED=False, CAUSAL=False, HAS_BIAS=True)),
         "decode_split_bias": (triton_kernels._decode_kernel, dict(decode, HAS_BIAS=True)),
         "decode_reduce": (triton_kernels._decode_reduce_kernel, reduce),
+        "prefill_window_softcap": (triton_kernels._prefill_kernel, dict(prefill, PAGED=True, CAUSAL=True,
+                                                                        HAS_BIAS=False, **gemma2)),
+        "decode_window_softcap": (triton_kernels._decode_kernel, dict(decode, HAS_BIAS=False, **gemma2)),
+        "decode_reduce_window": (triton_kernels._decode_reduce_kernel, dict(reduce, HAS_WINDOW=True)),
         "rotary_store_kv": (triton_ops._rotary_store_kv_kernel, dict(BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=64)),
         # the GEMV's largest tiles: 16 x 256 (SmolLM2's K) and 4 x 1,024 (Llama-1B's)
         "gemv_norm": (triton_gemv._gemv_kernel, dict(gemv, PROLOGUE=1, HAS_RES=True, BLOCK_N=16, BLOCK_K=256)),
@@ -314,7 +320,8 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
         # the launch wrappers' defaults
         is_gemv = "gemv" in name or "qkv" in name
         num_warps = 4 if is_gemv else {
-            "store_kv": 4, "decode_reduce": 4, "pdl_decode_reduce": 4, "rotary_store_kv": 1}.get(name, 8)
+            "store_kv": 4, "decode_reduce": 4, "decode_reduce_window": 4, "pdl_decode_reduce": 4,
+            "rotary_store_kv": 1}.get(name, 8)
         # a launch specializes pointers, strides, K and head_dim divisible by 16 (as real tensors' are)
         aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
                    if arg.endswith("_ptr") or arg.startswith("stride") or arg in ("K", "head_dim")}
@@ -346,7 +353,9 @@ def test_kernels_compile_for_hopper_without_register_spills():
     assert report["prefill_paged_causal"]["HGMMA"] > 0  # wgmma, not the pre-Hopper mma path
     for name in ("gemv_norm", "gemv_silu_mul", "gemv_qkv_rotary", "gemv_qkv_rotary_1b", "pdl_gemv", "pdl_qkv"):
         assert report[name]["LDG.E.128"] > 0, name  # 16-byte weight loads
-    for name in ("prefill_paged_causal", "prefill_varlen_bias", "decode_split_bias", "pdl_decode"):
+    assert report["prefill_window_softcap"]["HGMMA"] > 0
+    for name in ("prefill_paged_causal", "prefill_varlen_bias", "decode_split_bias", "pdl_decode",
+                 "prefill_window_softcap", "decode_window_softcap"):
         assert report[name]["LDGSTS.E.BYPASS.128"] > 0, name  # K/V tiles copied 16 bytes at a time, pipelined
     for name, ops in report.items():  # the wait and the early launch of the next kernel, only where asked
         assert ops["griddepcontrol"] == (2 if name.startswith("pdl") else 0), (name, ops)
@@ -809,3 +818,25 @@ def test_decode_step_launch_count(gemv_rows, per_layer, tmp_path, monkeypatch):
     fused_qkv = triton_calls.count("_norm_qkv_rotary_kernel")
     assert fused_qkv == (layers if gemv_rows else 0)
     assert triton_calls.count("_rotary_store_kv_kernel") == layers - fused_qkv
+
+
+@interpreted
+@pytest.mark.parametrize("window, softcap, split", [(5, None, True), (13, 2.0, False), (None, 1.5, True), (40, None, True)])
+def test_sliding_window_and_softcap_equal_reference(window, softcap, split):
+    """Gemma 2's layers: prefill chunks over earlier context (windows starting mid-tile and rows
+    whose window begins after a whole tile), decodes whose windows skip whole split-K partitions,
+    and varlen prompts, against the reference."""
+    from engine.attention.metadata import AttentionVariant
+
+    variant = AttentionVariant(window=window, softcap=softcap)
+    totals, news = [9, 6, 45, 1, 40, 70], [4, 1, 37, 1, 19, 1]
+    q, k, v, kc, vc, meta = paged_step(totals, news, 4, 2, 16, 4, True, seed=window or 7)
+    q = q * 3  # large scores, so the cap bites
+    backend, ref_backend = TritonAttentionBackend(split_k=split, partition_size=16, **SMALL), TorchAttentionBackend()
+    out = backend.paged_attention(q, kc, vc, meta, 0.4, variant=variant)
+    ref = ref_backend.paged_attention(q, kc, vc, meta, 0.4, variant=variant)
+    assert rel_err(out, ref) < 1e-3
+    assert rel_err(ref_backend.paged_attention(q, kc, vc, meta, 0.4), ref) > 1e-2  # the variant matters
+    flat = metadata_for_sequences(news)
+    out = backend.varlen_attention(q, k, v, flat, 0.4, variant=variant)
+    assert rel_err(out, ref_backend.varlen_attention(q, k, v, flat, 0.4, variant=variant)) < 1e-3

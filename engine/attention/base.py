@@ -5,7 +5,7 @@ from typing import Protocol
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata, RelativePositionBias
+from engine.attention.metadata import AttentionMetadata, AttentionVariant, RelativePositionBias
 
 
 class AttentionBackend(Protocol):
@@ -14,6 +14,7 @@ class AttentionBackend(Protocol):
     Shapes: q (T, num_heads, head_dim); k, v (T, num_kv_heads, head_dim); caches
     (num_blocks, block_size, num_kv_heads, head_dim). num_heads is a multiple of num_kv_heads
     (grouped-query attention); backends must not require K/V repeated per query head.
+    `variant`: the layer's sliding window and score soft-cap, if it has either.
     """
 
     name: str
@@ -37,6 +38,7 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         bias: RelativePositionBias | None = None,
+        variant: AttentionVariant | None = None,
     ) -> torch.Tensor:
         """Attention of the new queries over each sequence's cached keys (new ones included)."""
         ...
@@ -49,6 +51,7 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         bias: RelativePositionBias | None = None,
+        variant: AttentionVariant | None = None,
     ) -> torch.Tensor:
         """Attention within each sequence's own new tokens, no cache (encoders, full prompts)."""
         ...

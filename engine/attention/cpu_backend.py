@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import cpu_kernel
-from engine.attention.metadata import AttentionMetadata, RelativePositionBias, StepCache
+from engine.attention.metadata import AttentionMetadata, AttentionVariant, RelativePositionBias, StepCache
 from engine.attention.ref import TorchAttentionBackend
 
 
@@ -60,14 +60,15 @@ class CpuAttentionBackend(TorchAttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         bias: RelativePositionBias | None = None,
+        variant: AttentionVariant | None = None,
     ) -> torch.Tensor:
         plan = self._decode_plan(meta) if bias is None and cpu_kernel.supports(query, k_cache) else None
         if plan is None:
-            return super().paged_attention(query, k_cache, v_cache, meta, scale, bias)
+            return super().paged_attention(query, k_cache, v_cache, meta, scale, bias, variant)
         out = torch.empty(query.shape, dtype=query.dtype)
         cpu_kernel.paged_decode_attention(
-            self._lib, out, query, k_cache, v_cache, plan.rows, plan.tables, plan.seq_lens, scale
+            self._lib, out, query, k_cache, v_cache, plan.rows, plan.tables, plan.seq_lens, scale, variant
         )
         if not plan.only_decodes:
-            self._attend_paged(query, k_cache, v_cache, meta, scale, None, out, with_decodes=False)
+            self._attend_paged(query, k_cache, v_cache, meta, scale, None, out, with_decodes=False, variant=variant)
         return out

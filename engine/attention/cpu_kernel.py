@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from engine import native
+from engine.attention.metadata import AttentionVariant
 
 SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
 DISABLE_ENV = native.DISABLE_ENV
@@ -23,7 +24,8 @@ def load() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (disabled, no compiler, failed build)."""
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     return native.load(SOURCE, {"paged_decode_attention": [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,
-                                                           i32, i32, i32, i32, i32, ctypes.c_float, i32]})
+                                                           i32, i32, i32, i32, i32, ctypes.c_float, i32,
+                                                           ctypes.c_float, i32]})
 
 
 MAX_GROUP = 8  # query heads per kv head (the kernel's register budget, MAX_GROUP in the C file)
@@ -57,8 +59,10 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # (B, max_blocks) int32, contiguous
     seq_lens: torch.Tensor,  # (B,) int32: keys per sequence, the new one included
     scale: float,
+    variant: AttentionVariant | None = None,
 ) -> torch.Tensor:
-    """Attention of one query token per sequence over its paged K/V, written into `out`."""
+    """Attention of one query token per sequence over its paged K/V, written into `out`; with a
+    `variant`, over its sliding window's keys only and with its scores soft-capped."""
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     assert block_tables.dtype == torch.int32 and seq_lens.dtype == torch.int32 and rows.dtype == torch.int64
     assert block_tables.is_contiguous() and out.stride(2) == 1 and out.stride(1) == head_dim
@@ -66,6 +70,6 @@ def paged_decode_attention(
         out.data_ptr(), out.stride(0), query.data_ptr(), query.stride(0), rows.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
         seq_lens.data_ptr(), rows.numel(), query.shape[1], num_kv_heads, head_dim, block_size,
-        scale, torch.get_num_threads(),
+        scale, (variant and variant.window) or 0, (variant and variant.softcap) or 0.0, torch.get_num_threads(),
     )
     return out

@@ -27,11 +27,12 @@ static inline void prefetch_block(const float *base, int64_t token_stride, int b
         for (int c = 0; c < width; c += 16) __builtin_prefetch(base + t * token_stride + c);
 }
 
-/* Scores of one block's n keys for the G query heads of the group, two keys at a time: 2G
- * independent accumulator chains, K in registers, q read from L1 as FMA operands. */
+/* Scores of n consecutive keys of one block for the G query heads of the group, two keys at a
+ * time: 2G independent accumulator chains, K in registers, q read from L1 as FMA operands.
+ * softcap > 0: each score becomes softcap * tanh(score / softcap) (Gemma 2). */
 static inline __attribute__((always_inline)) void block_scores(
     float *scores, int64_t len, const float *qh, const float *kb, int64_t token_stride, int n,
-    const int G, const int dim, float scale, float *row_max) {
+    const int G, const int dim, float scale, float softcap, float *row_max) {
     for (int t = 0; t < n; t += 2) {
         const float *k0 = kb + t * token_stride;
         const float *k1 = t + 1 < n ? k0 + token_stride : k0; /* odd tail: key t twice, 2nd dropped */
@@ -46,7 +47,11 @@ static inline __attribute__((always_inline)) void block_scores(
             }
         }
         for (int j = 0; j < G; ++j) {
-            const float s0 = hsum(a[j][0]) * scale, s1 = hsum(a[j][1]) * scale;
+            float s0 = hsum(a[j][0]) * scale, s1 = hsum(a[j][1]) * scale;
+            if (softcap > 0.f) {
+                s0 = softcap * tanhf(s0 / softcap);
+                s1 = softcap * tanhf(s1 / softcap);
+            }
             scores[j * len + t] = s0;
             row_max[j] = s0 > row_max[j] ? s0 : row_max[j];
             if (t + 1 < n) {
@@ -76,36 +81,41 @@ static inline float softmax_numerators(float *s, int len, float m) {
     return sum;
 }
 
-/* One (sequence, kv head) work item: scores over the block table, softmax, then the weighted
- * sum of V. V is read once: `dim` is cut in slices narrow enough that the accumulators of all
- * G heads for one slice stay in registers while the slice walks every key. */
+/* One (sequence, kv head) work item: scores over keys begin..len-1 (all of them, or a sliding
+ * window's) through the block table, softmax, then the weighted sum of V. V is read once: `dim`
+ * is cut in slices narrow enough that the accumulators of all G heads for one slice stay in
+ * registers while the slice walks every key. Key t's score sits at scores[j * count + t - begin]. */
 static inline __attribute__((always_inline)) void attend(
     float *out, const float *qh, const float *k_cache, const float *v_cache, const int32_t *table,
-    int len, int64_t token_stride, int64_t block_stride, int block_size, const int G, const int dim,
-    float scale, float *scores, float *row_max) {
+    int len, int begin, int64_t token_stride, int64_t block_stride, int block_size, const int G, const int dim,
+    float scale, float softcap, float *scores, float *row_max) {
+    const int count = len - begin;
     for (int j = 0; j < G; ++j) row_max[j] = -INFINITY;
-    for (int t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
-        const int n = len - t0 < block_size ? len - t0 : block_size;
-        if (t0 + block_size < len) prefetch_block(k_cache + table[b + 1] * block_stride, token_stride, block_size, dim);
-        block_scores(scores + t0, len, qh, k_cache + table[b] * block_stride, token_stride, n, G, dim,
-                     scale, row_max);
+    /* runs of keys within one block: the first may start mid-block (a window's first key) */
+    for (int t0 = begin, n; t0 < len; t0 += n) {
+        const int b = t0 / block_size, off = t0 % block_size;
+        n = len - t0 < block_size - off ? len - t0 : block_size - off;
+        if (t0 + n < len) prefetch_block(k_cache + table[b + 1] * block_stride, token_stride, block_size, dim);
+        block_scores(scores + t0 - begin, count, qh, k_cache + table[b] * block_stride + off * token_stride,
+                     token_stride, n, G, dim, scale, softcap, row_max);
     }
-    for (int j = 0; j < G; ++j) row_max[j] = 1.f / softmax_numerators(scores + (int64_t)j * len, len, row_max[j]);
+    for (int j = 0; j < G; ++j) row_max[j] = 1.f / softmax_numerators(scores + (int64_t)j * count, count, row_max[j]);
     /* vectors of 8 per slice: 4G (or 2G) accumulators plus operands fit 16 AVX registers */
     const int slice = G <= 3 && dim % 32 == 0 ? 4 : G <= 6 && dim % 16 == 0 ? 2 : 1;
     for (int c0 = 0; c0 < dim / 8; c0 += slice) {
         v8 acc[MAX_GROUP][4];
         for (int j = 0; j < G; ++j)
             for (int c = 0; c < slice; ++c) acc[j][c] = (v8){0};
-        for (int t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
-            const float *vb = v_cache + table[b] * block_stride + 8 * c0;
-            const int n = len - t0 < block_size ? len - t0 : block_size;
-            if (t0 + block_size < len)
+        for (int t0 = begin, n; t0 < len; t0 += n) {
+            const int b = t0 / block_size, off = t0 % block_size;
+            const float *vb = v_cache + table[b] * block_stride + off * token_stride + 8 * c0;
+            n = len - t0 < block_size - off ? len - t0 : block_size - off;
+            if (t0 + n < len)
                 prefetch_block(v_cache + table[b + 1] * block_stride + 8 * c0, token_stride, block_size, 8 * slice);
             for (int t = 0; t < n; ++t) {
                 const float *v = vb + t * token_stride;
                 for (int j = 0; j < G; ++j) {
-                    const float p = scores[(int64_t)j * len + t0 + t];
+                    const float p = scores[(int64_t)j * count + t0 - begin + t];
                     for (int c = 0; c < slice; ++c) acc[j][c] += p * *(const v8 *)(v + 8 * c);
                 }
             }
@@ -116,7 +126,8 @@ static inline __attribute__((always_inline)) void attend(
 }
 
 #define ATTEND(G, DIM) \
-    attend(o, qh, kc, vc, table, len, token_stride, block_stride, block_size, G, DIM, scale, scores, row_max)
+    attend(o, qh, kc, vc, table, len, begin, token_stride, block_stride, block_size, G, DIM, scale, softcap, scores, \
+           row_max)
 #define BY_GROUP(DIM)                                                                                   \
     switch (group) {                                                                                    \
     case 1: ATTEND(1, DIM); break;                                                                      \
@@ -132,7 +143,8 @@ void paged_decode_attention(float *out, int64_t out_stride, const float *q, int6
                             const int64_t *rows, const float *k_cache, const float *v_cache,
                             const int32_t *tables, int64_t table_stride, const int32_t *seq_lens,
                             int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads,
-                            int32_t head_dim, int32_t block_size, float scale, int32_t num_threads) {
+                            int32_t head_dim, int32_t block_size, float scale, int32_t window, float softcap,
+                            int32_t num_threads) {
     const int group = num_heads / num_kv_heads, dim = head_dim;
     const int64_t token_stride = (int64_t)num_kv_heads * dim, block_stride = token_stride * block_size;
     const int64_t work = (int64_t)num_seqs * num_kv_heads;
@@ -144,6 +156,7 @@ void paged_decode_attention(float *out, int64_t out_stride, const float *q, int6
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < work; ++w) {
             const int s = (int)(w / num_kv_heads), h = (int)(w % num_kv_heads), len = seq_lens[s];
+            const int begin = window > 0 && len > window ? len - window : 0; /* keys a sliding window keeps */
             if ((int64_t)group * len > capacity) {
                 capacity = (int64_t)group * len;
                 free(scores);

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.attention.metadata import AttentionMetadata, RelativePositionBias, StepCache
+from engine.attention.metadata import AttentionMetadata, AttentionVariant, RelativePositionBias, StepCache
 from engine.workspace import Workspace
 
 
@@ -53,7 +53,10 @@ def _sdpa(
     scale: float,
     bias: torch.Tensor | None,  # (B, H, Q, K)
     is_causal: bool = False,  # instead of `visible`: query i sees keys 0..i (Q == K, no bias)
+    softcap: float | None = None,
 ) -> torch.Tensor:
+    if softcap is not None:
+        return _capped_attention(q, k, v, visible, scale, bias, is_causal, softcap)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     mask = None if visible is None else visible[:, None]
     if bias is not None:
@@ -62,6 +65,37 @@ def _sdpa(
         q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
     )
     return out.transpose(1, 2)  # (B, Q, Hq, D)
+
+
+def _capped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float,
+    bias: torch.Tensor | None, is_causal: bool, softcap: float,
+) -> torch.Tensor:
+    """`_sdpa` with scores soft-capped before the mask, in HF's eager order (Gemma 2): SDPA has no
+    hook between the product and the softmax."""
+    group = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-1, -2) * scale
+    s = torch.tanh(s / softcap) * softcap
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    if is_causal:
+        visible = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()[None]
+    if visible is not None:
+        s = s.masked_fill(~visible[:, None], float("-inf"))
+    p = torch.softmax(s, -1, dtype=torch.float32).to(q.dtype)
+    return (p @ v).transpose(1, 2)
+
+
+def _windowed(group: _Group, window: int) -> torch.Tensor | None:
+    """The group's mask with keys more than `window - 1` before each query hidden; None when the
+    window hides nothing (every context within it). Padded query rows keep their own mask."""
+    if group.k_len <= window:
+        return None
+    near = group.k_pos[:, None, :] > group.q_pos[:, :, None] - window
+    return group.visible & (near | ~group.valid[:, :, None])
 
 
 def _visibility(q_lens: torch.Tensor, k_lens: torch.Tensor, max_q: int, max_k: int, causal: bool):
@@ -184,6 +218,25 @@ def _equal_length_runs(lengths: tuple[int, ...]) -> list[list[int]]:
     return runs
 
 
+def _mask(g: _Group, may_be_causal: bool, causal: bool, variant: AttentionVariant | None,
+          ) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for `_sdpa`: none where every query sees every key, SDPA's own causal
+    square where that is the mask, else the group's, narrowed to a sliding window."""
+    if variant is not None and variant.window is not None:
+        if not causal:
+            raise ValueError("a sliding window applies to causal attention only")
+        windowed = _windowed(g, variant.window)
+        if windowed is not None:
+            return windowed, False
+    if may_be_causal and g.causal_square:
+        return None, True
+    return (None if g.sees_all else g.visible), False
+
+
+def _softcap(variant: AttentionVariant | None) -> float | None:
+    return None if variant is None else variant.softcap
+
+
 class TorchAttentionBackend:
     """Reference backend. Same signatures as the Triton backend (see engine.attention.base)."""
 
@@ -283,8 +336,10 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         bias: RelativePositionBias | None = None,
+        variant: AttentionVariant | None = None,
     ) -> torch.Tensor:
-        return self._attend_paged(query, k_cache, v_cache, meta, scale, bias, torch.empty_like(query))
+        return self._attend_paged(query, k_cache, v_cache, meta, scale, bias, torch.empty_like(query),
+                                  variant=variant)
 
     def _attend_paged(
         self,
@@ -296,6 +351,7 @@ class TorchAttentionBackend:
         bias: RelativePositionBias | None,
         out: torch.Tensor,
         with_decodes: bool = True,
+        variant: AttentionVariant | None = None,
     ) -> torch.Tensor:
         """paged_attention into `out`; without `with_decodes`, rows of one query are left to the caller."""
         token_bytes = k_cache[0, 0].numel() * k_cache.element_size()
@@ -304,8 +360,8 @@ class TorchAttentionBackend:
             k = self._gather(k_cache, g, 0)[:, : g.k_len]  # (b, K, Hk, D)
             v = self._gather(v_cache, g, 1)[:, : g.k_len]
             b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
-            causal = g.causal_square and b is None
-            o = _sdpa(_pad(query, g), k, v, None if causal or g.sees_all else g.visible, scale, b, is_causal=causal)
+            visible, causal = _mask(g, b is None, meta.causal, variant)
+            o = _sdpa(_pad(query, g), k, v, visible, scale, b, is_causal=causal, softcap=_softcap(variant))
             _unpad(o, g, out)
         return out
 
@@ -317,13 +373,15 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         bias: RelativePositionBias | None = None,
+        variant: AttentionVariant | None = None,
     ) -> torch.Tensor:
         groups = self._plan_groups(meta, query.device, block_size=None)
         whole = len(groups) == 1 and groups[0].span == (0, query.shape[0])
         out = None if whole else torch.empty_like(query)
         for g in groups:
             b = _bias_values(bias, g.q_pos, g.k_pos) if bias is not None else None
-            o = _sdpa(_pad(query, g), _pad(key, g), _pad(value, g), None if g.sees_all else g.visible, scale, b)
+            visible, _ = _mask(g, False, meta.causal, variant)
+            o = _sdpa(_pad(query, g), _pad(key, g), _pad(value, g), visible, scale, b, softcap=_softcap(variant))
             if out is None:
                 return _unpad(o, g, None)
             _unpad(o, g, out)

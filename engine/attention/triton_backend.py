@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import triton_kernels as kernels
-from engine.attention.metadata import AttentionMetadata, RelativePositionBias, StepCache
+from engine.attention.metadata import AttentionMetadata, AttentionVariant, RelativePositionBias, StepCache
 from engine.host_copy import to_device
 
 
@@ -39,6 +39,15 @@ def _rows(meta: AttentionMetadata, picked: list[int], device: torch.device) -> _
         max((meta.query_lens[i] for i in picked), default=0),
         max((meta.seq_lens_host[i] for i in picked), default=0),
     )
+
+
+def _variant_args(variant: AttentionVariant | None, causal: bool) -> dict:
+    """The kernels' window/softcap arguments (0: none) for a layer's variant."""
+    if variant is None:
+        return {}
+    if variant.window is not None and not causal:
+        raise ValueError("a sliding window applies to causal attention only")
+    return {"window": variant.window or 0, "softcap": variant.softcap or 0.0}
 
 
 class TritonAttentionBackend:
@@ -91,9 +100,11 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         bias: RelativePositionBias | None = None,
+        variant: AttentionVariant | None = None,
     ) -> torch.Tensor:
         assert meta.block_tables is not None
         out = torch.empty_like(query)
+        mods = _variant_args(variant, meta.causal)
         table = self._bias_table(bias, meta)
         decode, prefill = self._plan(meta, query.device)
         if decode.num_seqs:
@@ -101,13 +112,13 @@ class TritonAttentionBackend:
             kernels.decode_attention(
                 query, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
                 decode.num_seqs, decode.max_seqlen_k, scale, bias=table, seq_ids=decode.seq_ids,
-                split=split, partition_size=self.partition_size, block_n=self.block_n, pdl=self.pdl,
+                split=split, partition_size=self.partition_size, block_n=self.block_n, pdl=self.pdl, **mods,
             )
         if prefill.num_seqs:
             kernels.prefill_attention(
                 query, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
                 prefill.num_seqs, prefill.max_seqlen_q, scale, meta.causal, bias=table,
-                seq_ids=prefill.seq_ids, block_m=self.block_m, block_n=self.block_n,
+                seq_ids=prefill.seq_ids, block_m=self.block_m, block_n=self.block_n, **mods,
             )
         return out
 
@@ -119,12 +130,13 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         bias: RelativePositionBias | None = None,
+        variant: AttentionVariant | None = None,
     ) -> torch.Tensor:
         out = torch.empty_like(query)
         kernels.prefill_attention(
             query, key, value, out, meta.cu_seqlens_q, None, None,
             meta.num_seqs, meta.max_seqlen_q, scale, meta.causal, bias=self._bias_table(bias, meta),
-            block_m=self.block_m, block_n=self.block_n,
+            block_m=self.block_m, block_n=self.block_n, **_variant_args(variant, meta.causal),
         )
         return out
 

@@ -75,12 +75,20 @@ def _bias_tile(bias_ptr, head, q_pos, n, mask, stride_bias_h, bias_radius):
 
 
 @triton.jit
+def _softcap(x, cap: tl.constexpr):
+    """cap * tanh(x / cap) from one exp2: tanh(y) = 1 - 2 / (exp(2y) + 1), which saturates to +-1
+    without overflow trouble (exp2 of a large argument is inf, 2 / inf is 0)."""
+    return cap * (1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634 / cap)) + 1.0))
+
+
+@triton.jit
 def _prefill_tile(
     acc, m_i, l_i, q, start, kv_end, q_pos, head, row_mask, d_mask, kvh, seq, q_start,
     k_ptr, v_ptr, block_tables_ptr, bias_ptr, scale_log2,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_bt, block_size, stride_bias_h, bias_radius,
+    stride_bt, block_size, stride_bias_h, bias_radius, window,
     PAGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One key tile of the online softmax: (acc, m_i, l_i) updated with keys start..start+BLOCK_N.
@@ -88,6 +96,8 @@ def _prefill_tile(
     MASKED=False is for tiles whose keys all exist and are visible to every row (before the
     causal diagonal and the last key): the (rows x keys) score tile then takes no compare and
     no select, which on tensor cores is most of the work besides the two dots and the exp2.
+    HAS_WINDOW hides keys at or before q_pos - window (every tile is then MASKED, and a row may
+    see no key of a tile); SOFTCAP > 0 caps the scaled scores before the mask (Gemma 2).
     """
     n = start + tl.arange(0, BLOCK_N)
     n_mask = n < kv_end
@@ -103,22 +113,31 @@ def _prefill_tile(
         if CAUSAL:
             # a stored row's position is below kv_end, so its causal bound also drops the keys past it
             visible = n[None, :] <= q_pos[:, None]
+            if HAS_WINDOW:  # causal only (the launch wrapper checks)
+                visible = visible & (n[None, :] > q_pos[:, None] - window)
         else:
             visible = n_mask[None, :]
     else:
         visible = row_mask[:, None]  # only bounds the bias table's lanes
-    if HAS_BIAS:
-        s = s * scale_log2 + _bias_tile(bias_ptr, head, q_pos, n, visible & row_mask[:, None], stride_bias_h,
-                                        bias_radius)
+    if SOFTCAP > 0.0:  # capped in natural units, as HF does, then back to the log2 domain
+        s = _softcap(s * (scale_log2 * 0.6931471805599453), SOFTCAP) * 1.4426950408889634
         scale = 1.0
     else:
         scale = scale_log2  # applied inside the exp2's argument: one FMA per score instead of a multiply and a subtract
+    if HAS_BIAS:
+        s = s * scale + _bias_tile(bias_ptr, head, q_pos, n, visible & row_mask[:, None], stride_bias_h,
+                                   bias_radius)
+        scale = 1.0
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     # scale > 0, so the row max of scaled scores is the scaled row max (the same float, rounding is monotonic)
     m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * scale - m_new[:, None])
+    if HAS_WINDOW:  # a row that has seen no key yet keeps m = -inf: exp2 against 0 instead of NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s * scale - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v_off = _kv_offsets(n, n_mask, seq, q_start, block_tables_ptr, stride_bt, block_size, stride_vb, stride_vs, PAGED)
     v = tl.load(v_ptr + v_off[:, None] + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
@@ -134,9 +153,9 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    stride_bt, block_size, head_dim, stride_bias_h, bias_radius,
+    stride_bt, block_size, head_dim, stride_bias_h, bias_radius, window,
     GROUP: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -147,6 +166,7 @@ def _prefill_kernel(
     head r % GROUP. PAGED reads keys 0..seq_len through the block table (context from earlier
     steps plus this chunk, already stored); otherwise keys are the new tokens themselves.
     HAS_BIAS adds bias_ptr[head, key_pos - query_pos + bias_radius] (a T5 table, see `bias_table`).
+    HAS_WINDOW (causal only): each row sees its last `window` keys; SOFTCAP: see `_prefill_tile`.
     """
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -183,16 +203,20 @@ def _prefill_kernel(
         kv_end = seq_len
         full_end = seq_len
     full_end = full_end // BLOCK_N * BLOCK_N
+    kv_lo = 0
+    if HAS_WINDOW:  # from the tile holding the first row's first visible key; every tile masked
+        kv_lo = tl.maximum(seq_len - q_len + (pid_m * BLOCK_M) // GROUP - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_end = kv_lo
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Stage 0: whole tiles every row sees, unmasked; stage 1: the rest (the causal diagonal and
-    # the last partial tile), masked. Key 0 is visible to every row (causal or not), so after the
-    # first tile m_i is finite and exp2(m_i - m_new) never sees -inf - -inf.
+    # the last partial tile), masked. Without a window key 0 is visible to every row (causal or
+    # not), so after the first tile m_i is finite and exp2(m_i - m_new) never sees -inf - -inf.
     for stage in tl.static_range(2):
         if stage == 0:
-            lo, hi = 0, full_end
+            lo, hi = kv_lo, full_end
         else:
             lo, hi = full_end, kv_end
         for start in range(lo, hi, BLOCK_N):
@@ -200,8 +224,8 @@ def _prefill_kernel(
                 acc, m_i, l_i, q, start, kv_end, q_pos, head, row_mask, d_mask, kvh, seq, q_start,
                 k_ptr, v_ptr, block_tables_ptr, bias_ptr, scale_log2,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_bt, block_size, stride_bias_h, bias_radius,
-                PAGED, CAUSAL, HAS_BIAS, stage == 1, BLOCK_N, BLOCK_D, PRECISION)
+                stride_bt, block_size, stride_bias_h, bias_radius, window,
+                PAGED, CAUSAL, HAS_BIAS, stage == 1, HAS_WINDOW, SOFTCAP, BLOCK_N, BLOCK_D, PRECISION)
 
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (an empty encoder output) gives zeros
     o = acc / l_i[:, None]
@@ -219,8 +243,9 @@ def _decode_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt, block_size, head_dim, partition_size, num_q_heads, num_partitions,
-    stride_bias_h, bias_radius,
+    stride_bias_h, bias_radius, window,
     GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -230,6 +255,8 @@ def _decode_kernel(
     and the program writes the normalised output. With SPLIT (flash-decoding) each program covers
     `partition_size` keys and writes its unnormalised accumulator and (max, sum) to scratch that
     `_decode_reduce_kernel` combines: long contexts then use the whole GPU even at batch 1.
+    HAS_WINDOW: only the last `window` keys (partitions wholly before them write nothing);
+    SOFTCAP > 0 caps the scaled scores.
     """
     wait_for_previous(PDL)
     pid_s = tl.program_id(0)
@@ -251,6 +278,10 @@ def _decode_kernel(
     else:
         kv_start = 0
         kv_end = seq_len
+    if HAS_WINDOW:
+        kv_start = tl.maximum(kv_start, seq_len - window)
+        if kv_start >= kv_end:  # a partition before the window
+            return
 
     g = tl.arange(0, BLOCK_G)
     g_mask = g < GROUP
@@ -274,7 +305,11 @@ def _decode_kernel(
         slot = (n % block_size).to(tl.int64)
         k = tl.load(k_cache_ptr + (blk * stride_kb + slot * stride_ks)[:, None] + kvh * stride_kh + d[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2  # (G, N)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # (G, N)
+        if SOFTCAP > 0.0:
+            s = _softcap(s * (scale_log2 * 0.6931471805599453), SOFTCAP) * 1.4426950408889634
+        else:
+            s = s * scale_log2
         if HAS_BIAS:
             s += _bias_tile(bias_ptr, head, q_pos, n, g_mask[:, None] & n_mask[None, :], stride_bias_h, bias_radius)
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -303,11 +338,12 @@ def _decode_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, cu_seqlens_ptr, seq_lens_ptr, seq_ids_ptr,
-    stride_ot, stride_oh, head_dim, partition_size, num_q_heads, num_partitions,
-    HAS_SEQ_IDS: tl.constexpr, BLOCK_P: tl.constexpr, CHUNK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    PDL: tl.constexpr,
+    stride_ot, stride_oh, head_dim, partition_size, num_q_heads, num_partitions, window,
+    HAS_SEQ_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_P: tl.constexpr, CHUNK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Combine the partitions of one (sequence, query head): rescale each by exp2(m_p - max)."""
+    """Combine the partitions of one (sequence, query head): rescale each by exp2(m_p - max).
+    With a window, the partitions before its first key were never written and are skipped."""
     wait_for_previous(PDL)
     pid_s = tl.program_id(0)
     h = tl.program_id(1)
@@ -320,10 +356,14 @@ def _decode_reduce_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     num_parts = tl.cdiv(seq_len, partition_size)  # partitions past this were never written
+    first = 0
+    if HAS_WINDOW:
+        first = tl.maximum(seq_len - window, 0) // partition_size
     base = (pid_s.to(tl.int64) * num_q_heads + h) * num_partitions
 
     p_all = tl.arange(0, BLOCK_P)
-    m_all = tl.load(part_ml_ptr + (base + p_all) * 2, mask=p_all < num_parts, other=float("-inf"))
+    m_all = tl.load(part_ml_ptr + (base + p_all) * 2, mask=(p_all >= first) & (p_all < num_parts),
+                    other=float("-inf"))
     m_max = tl.max(m_all, 0)
 
     d = tl.arange(0, BLOCK_D)
@@ -331,7 +371,7 @@ def _decode_reduce_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     l_sum = tl.zeros([CHUNK_P], dtype=tl.float32)
     # Chunks keep the (P, D) accumulator tile small at 100k-token contexts.
-    for p0 in range(0, num_parts, CHUNK_P):
+    for p0 in range(first, num_parts, CHUNK_P):
         p = p0 + tl.arange(0, CHUNK_P)
         p_mask = p < num_parts
         m = tl.load(part_ml_ptr + (base + p) * 2, mask=p_mask, other=float("-inf"))
@@ -429,6 +469,8 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> None:
     """FlashAttention for sequences with any number of new tokens, written into `out`.
 
@@ -441,7 +483,10 @@ def prefill_attention(
     head_dim 128 (docs/benchmarks.md) before whole tiles ran unmasked. Its SASS has each of the
     two warpgroups compute the tile's whole QK^T (wgmma rows come 64 per warpgroup); 128-row
     tiles or 4 warps do not, and `benchmarks/bench_kernels.py` times them against it.
+    `window` > 0 (causal only): each query sees its last `window` keys; `softcap` > 0: scores are
+    soft-capped (engine.attention.metadata.AttentionVariant).
     """
+    assert causal or not window, "a sliding window applies to causal attention only"
     if num_seqs == 0 or max_seqlen_q == 0:
         return
     _check_last_dim(query, key, value, out)
@@ -466,9 +511,9 @@ def prefill_attention(
         scale * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *kv_strides,
-        stride_bt, block_size, head_dim, stride_bias_h, radius,
+        stride_bt, block_size, head_dim, stride_bias_h, radius, window,
         GROUP=group, PAGED=paged, CAUSAL=causal, HAS_SEQ_IDS=seq_ids is not None,
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None, HAS_WINDOW=window > 0, SOFTCAP=float(softcap),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
         PRECISION=_precision(query.dtype), num_warps=num_warps, num_stages=num_stages,
     )
@@ -493,6 +538,8 @@ def decode_attention(
     num_warps: int = 8,
     num_stages: int = 2,
     pdl: bool = False,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> None:
     """Paged attention for sequences with one new token each (row cu_seqlens_q[i]), into `out`.
 
@@ -501,7 +548,8 @@ def decode_attention(
     `partition_size` should be a multiple of `block_n` (any value is correct; a multiple wastes
     no masked lanes); 64-key tiles need 8 warps at head_dim 128 to avoid register spills.
     Keys are visible up to seq_lens[i] whether the step is causal or not: the new token is the
-    last key (self-attention) or queries see all keys (cross-attention).
+    last key (self-attention) or queries see all keys (cross-attention). `window` > 0: only the
+    last `window` keys; `softcap` > 0: soft-capped scores.
     """
     if num_seqs == 0:
         return
@@ -527,8 +575,9 @@ def decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), block_size, head_dim, partition_size, num_q_heads, num_partitions,
-        stride_bias_h, radius,
+        stride_bias_h, radius, window,
         GROUP=group, SPLIT=split, HAS_SEQ_IDS=seq_ids is not None, HAS_BIAS=bias is not None,
+        HAS_WINDOW=window > 0, SOFTCAP=float(softcap),
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         PRECISION=_precision(query.dtype), PDL=pdl, **launch_options(pdl),
         num_warps=num_warps, num_stages=num_stages,
@@ -536,8 +585,8 @@ def decode_attention(
     if split:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
             out, part_acc, part_ml, cu_seqlens_q, seq_lens, ids,
-            out.stride(0), out.stride(1), head_dim, partition_size, num_q_heads, num_partitions,
-            HAS_SEQ_IDS=seq_ids is not None, BLOCK_P=triton.next_power_of_2(num_partitions),
+            out.stride(0), out.stride(1), head_dim, partition_size, num_q_heads, num_partitions, window,
+            HAS_SEQ_IDS=seq_ids is not None, HAS_WINDOW=window > 0, BLOCK_P=triton.next_power_of_2(num_partitions),
             CHUNK_P=min(16, triton.next_power_of_2(num_partitions)), BLOCK_D=block_d,
             PDL=pdl, **launch_options(pdl),
         )
