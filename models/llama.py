@@ -1,5 +1,6 @@
-"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Phi-3, and the MoE ones: Mixtral,
-Qwen2-MoE, Qwen3-MoE): GQA, RMSNorm, gated MLP (dense or routed experts, models/moe.py), rotary positions.
+"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 2, Phi-3, and the MoE ones:
+Mixtral, Qwen2-MoE, Qwen3-MoE): GQA, RMSNorm, gated MLP (dense or routed experts, models/moe.py), rotary
+positions; per layer, full or sliding-window attention (engine.attention.metadata.AttentionVariant).
 
 Module names equal HF's (`model.layers.N.self_attn.q_proj`, `lm_head`) so checkpoints load unchanged.
 Forward runs over a flat batch of sequences; attention and the KV cache live behind `ctx.attend`.
@@ -7,11 +8,11 @@ Forward runs over a flat batch of sequences; attention and the KV cache live beh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from engine.attention.metadata import AttentionVariant
 from engine.forward_context import ForwardContext
 from engine.greedy_screen import GreedyScreen
 from engine.lora_batch import LoRABatch
@@ -40,12 +41,23 @@ class LlamaConfig:
     o_bias: bool = False  # LLaMA attention_bias covers o_proj too, Qwen2's does not
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
-    sliding_window: int | None = None  # not implemented: the usable context is capped to it
+    sliding_window: int | None = None  # a query sees its last `sliding_window` keys, in `sliding_layers`
+    sliding_layers: tuple[int, ...] | None = None  # None: every layer (Mistral, Phi-3)
     qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before rotary
     moe: MoeConfig | None = None  # routed experts in place of the dense MLP (Mixtral, Qwen2-MoE, Qwen3-MoE)
     merged_checkpoint: bool = False  # Phi-3 saves qkv_proj and gate_up_proj already merged
     embed_scale: float | None = None  # Gemma scales the embeddings by sqrt(hidden_size)
     norm_plus_one: bool = False  # Gemma's RMSNorm multiplies by (1 + weight); folded into the weight on load
+    sandwich_norms: bool = False  # Gemma 2: norms after attention and the MLP too (pre/post_feedforward_layernorm)
+    query_scale: float | None = None  # Gemma 2's query_pre_attn_scalar ** -0.5 in place of head_dim ** -0.5
+    attn_softcap: float | None = None  # Gemma 2: attention scores soft-capped (attn_logit_softcapping)
+    final_softcap: float | None = None  # Gemma 2: logits soft-capped (final_logit_softcapping)
+
+    def window(self, layer_idx: int) -> int | None:
+        """The layer's sliding window, or None for full attention."""
+        if self.sliding_layers is not None and layer_idx not in self.sliding_layers:
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf(cls, config: dict) -> LlamaConfig:
@@ -55,7 +67,8 @@ class LlamaConfig:
         is_qwen2 = model_type == "qwen2" or "Qwen2ForCausalLM" in archs
         is_qwen2_moe = model_type == "qwen2_moe" or "Qwen2MoeForCausalLM" in archs
         is_qwen3 = model_type in ("qwen3", "qwen3_moe") or bool({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM"} & set(archs))
-        is_gemma = model_type == "gemma" or "GemmaForCausalLM" in archs
+        is_gemma2 = model_type == "gemma2" or "Gemma2ForCausalLM" in archs
+        is_gemma = is_gemma2 or model_type == "gemma" or "GemmaForCausalLM" in archs
         is_phi3 = model_type == "phi3" or "Phi3ForCausalLM" in archs
         if config.get("partial_rotary_factor", 1.0) != 1.0:  # Phi-4-mini, for one
             raise ValueError(f"partial rotary (partial_rotary_factor {config['partial_rotary_factor']}) is not supported")
@@ -65,6 +78,10 @@ class LlamaConfig:
         sliding = config.get("sliding_window")
         if (is_qwen2 or is_qwen2_moe or is_qwen3) and not config.get("use_sliding_window", False):
             sliding = None  # Qwen configs carry a window they do not use
+        sliding_layers = None
+        if sliding is not None:
+            sliding_layers = _sliding_layers(config, is_gemma2, is_qwen2 or is_qwen2_moe or is_qwen3)
+        pre_attn = config.get("query_pre_attn_scalar") if is_gemma2 else None
         return cls(
             vocab_size=config["vocab_size"],
             hidden_size=config["hidden_size"],
@@ -82,12 +99,34 @@ class LlamaConfig:
             mlp_bias=bool(config.get("mlp_bias", False)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", is_gemma)),  # Gemma's configs tie by default
             sliding_window=sliding,
+            sliding_layers=sliding_layers,
             qk_norm=is_qwen3,
             moe=MoeConfig.from_hf(config),
             merged_checkpoint=is_phi3,
             embed_scale=config["hidden_size"] ** 0.5 if is_gemma else None,
             norm_plus_one=is_gemma,
+            sandwich_norms=is_gemma2,
+            query_scale=pre_attn**-0.5 if pre_attn else None,
+            attn_softcap=config.get("attn_logit_softcapping") if is_gemma2 else None,
+            final_softcap=config.get("final_logit_softcapping") if is_gemma2 else None,
         )
+
+
+def _sliding_layers(config: dict, is_gemma2: bool, is_qwen: bool) -> tuple[int, ...] | None:
+    """Which layers slide, as transformers decides: its `layer_types` where the config lists them;
+    else Gemma 2's even layers, Qwen's layers from max_window_layers on, every layer otherwise."""
+    n = config["num_hidden_layers"]
+    types = config.get("layer_types")
+    if types is not None:
+        unknown = set(types) - {"sliding_attention", "full_attention"}
+        if unknown:
+            raise ValueError(f"unsupported layer_types {sorted(unknown)}")
+        return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if is_gemma2:
+        return tuple(range(0, n, 2))
+    if is_qwen:
+        return tuple(range(config.get("max_window_layers", n), n))
+    return None
 
 
 class LlamaAttention(nn.Module):
@@ -97,7 +136,10 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = d = config.head_dim
-        self.scale = d**-0.5
+        self.scale = config.query_scale or d**-0.5
+        window = config.window(layer_idx)
+        has_variant = window is not None or config.attn_softcap is not None
+        self.variant = AttentionVariant(window, config.attn_softcap) if has_variant else None
         h = config.hidden_size
         self.qkv_proj: nn.Linear | None = None  # set by merge_projections() after loading
         if config.merged_checkpoint:
@@ -143,13 +185,13 @@ class LlamaAttention(nn.Module):
         if target is None:
             qkv, residual = norm.then(self.qkv_proj, x, residual)
             q, k, v = self.heads(qkv, rope)
-            out = ctx.attend(self.layer_idx, q, k, v, self.scale)
+            out = ctx.attend(self.layer_idx, q, k, v, self.scale, variant=self.variant)
         else:
             q, residual = fused.norm_qkv_rotary_store(
                 x, residual, norm.weight, norm.variance_epsilon, self.qkv_proj, self.num_heads, self.num_kv_heads,
                 *rope, *target,
             )
-            out = ctx.attend_stored(self.layer_idx, q, self.scale)  # (T, Hq, D)
+            out = ctx.attend_stored(self.layer_idx, q, self.scale, self.variant)  # (T, Hq, D)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), residual
 
     def forward_lora(
@@ -161,7 +203,8 @@ class LlamaAttention(nn.Module):
         h, residual = norm(x, residual)
         qkv = lora.apply(self.layer_idx, "qkv_proj", h, self.qkv_proj(h))
         q, k, v = self.heads(qkv, rope)
-        out = ctx.attend(self.layer_idx, q, k, v, self.scale).reshape(x.shape[0], self.num_heads * self.head_dim)
+        out = ctx.attend(self.layer_idx, q, k, v, self.scale, variant=self.variant)
+        out = out.reshape(x.shape[0], self.num_heads * self.head_dim)
         return lora.apply(self.layer_idx, "o_proj", out, self.o_proj(out)), residual
 
 
@@ -217,20 +260,36 @@ class LlamaDecoderLayer(nn.Module):
         moe = config.moe if config.moe is not None and layer_idx not in config.moe.dense_layers else None
         self.mlp = LlamaMLP(config) if moe is None else SparseMoeBlock(config.hidden_size, moe)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Gemma 2's post_attention_layernorm norms the attention output; pre_feedforward_layernorm
+        # is then the MLP's input norm, which LLaMA calls post_attention_layernorm
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pre_feedforward_layernorm: RMSNorm | None = None
+        self.post_feedforward_layernorm: RMSNorm | None = None
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """HF's `h = x + attn(norm(x)); h + mlp(norm(h))` with the residual stream carried apart,
         so each add fuses into the next norm: returns (mlp output, residual before it). Each norm
-        goes with the merged matmul after it, which may take it into its own launch."""
+        goes with the merged matmul after it, which may take it into its own launch. Gemma 2
+        norms the attention and MLP outputs too, before they join the residual."""
         attn, mlp = self.self_attn, self.mlp
         assert attn.qkv_proj is not None, "after_load() merges the projections"
         h, residual = attn(x, residual, self.input_layernorm, rope, ctx)
+        mlp_norm = self.post_attention_layernorm
+        if self.pre_feedforward_layernorm is not None:
+            h = self.post_attention_layernorm(h)[0]
+            mlp_norm = self.pre_feedforward_layernorm
         if ctx.lora is not None:
-            return mlp.forward_lora(h, residual, self.post_attention_layernorm, attn.layer_idx, ctx.lora)
-        return mlp(h, residual, self.post_attention_layernorm)
+            h, residual = mlp.forward_lora(h, residual, mlp_norm, attn.layer_idx, ctx.lora)
+        else:
+            h, residual = mlp(h, residual, mlp_norm)
+        if self.post_feedforward_layernorm is not None:
+            h = self.post_feedforward_layernorm(h)[0]
+        return h, residual
 
 
 class LlamaModel(nn.Module):
@@ -253,9 +312,9 @@ class LlamaModel(nn.Module):
             layer.mlp.merge_projections()
         if self.norm_plus_one:
             with torch.no_grad():
-                for norm in [self.norm, *(n for layer in self.layers
-                                          for n in (layer.input_layernorm, layer.post_attention_layernorm))]:
-                    norm.weight.add_(1.0)
+                for norm in self.modules():
+                    if isinstance(norm, RMSNorm):
+                        norm.weight.add_(1.0)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, H)
@@ -293,10 +352,17 @@ class LlamaForCausalLM(nn.Module):
         self.model.after_load()
         if self.lm_head is None:
             self.lm_head = tied_head(self.model.embed_tokens)
-        self.greedy_screen = GreedyScreen.build(self.lm_head.weight)
+        # a soft-capped head keeps the argmax, yet tanh in fp32 can tie two logits HF then breaks by
+        # index: greedy tokens come from the capped logits, as HF's do
+        if self.config.final_softcap is None:
+            self.greedy_screen = GreedyScreen.build(self.lm_head.weight)
 
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
-        return vocab_logits(hidden, self.lm_head, workspace=workspace)
+        logits = vocab_logits(hidden, self.lm_head, workspace=workspace)
+        cap = self.config.final_softcap
+        if cap is not None:  # Gemma 2: cap * tanh(logits / cap), in place (the logits may be a workspace)
+            logits.div_(cap).tanh_().mul_(cap)
+        return logits
 
     def lora_targets(self) -> dict[str, LoRATarget]:
         """HF projection name -> where it runs here, for PEFT adapters (models/lora.py)."""
@@ -339,14 +405,6 @@ class LlamaForCausalLM(nn.Module):
             return None
         return mixtral_name(name)
 
-    @classmethod
-    def extra_info(cls, folder: Path, config: dict) -> dict:
-        window = LlamaConfig.from_hf(config).sliding_window
-        if window is None:
-            return {}
-        # Sliding-window attention is not implemented; within the window it equals full attention.
-        return {"max_model_len": min(window, config.get("max_position_embeddings", window))}
-
 
 class LlamaEmbeddingModel(nn.Module):
     """A LLaMA-family decoder as an embedding model (Qwen3-Embedding, e5-mistral, gte-Qwen2): causal
@@ -377,6 +435,3 @@ class LlamaEmbeddingModel(nn.Module):
             return None
         return mixtral_name(name if name.startswith("model.") else f"model.{name}")
 
-    @classmethod
-    def extra_info(cls, folder: Path, config: dict) -> dict:
-        return LlamaForCausalLM.extra_info(folder, config)

@@ -24,7 +24,7 @@ VOCAB = 97
 
 
 def hf_config(kind: str):
-    from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+    from transformers import (Gemma2Config, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
                               Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     llama = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -51,6 +51,13 @@ def hf_config(kind: str):
         return Qwen3Config(**llama, head_dim=8, attention_bias=True, tie_word_embeddings=False)
     if kind == "gemma":  # (1 + weight) norms, embeddings scaled by sqrt(hidden), tanh GELU, tied, wide heads
         return GemmaConfig(**llama, head_dim=32)
+    if kind == "gemma2":  # sandwich norms, soft-capped scores and logits, a 4-key window on layers 0 and 2
+        return Gemma2Config(**{**llama, "num_hidden_layers": 3}, head_dim=32, sliding_window=4,
+                            query_pre_attn_scalar=20, attn_logit_softcapping=0.5, final_logit_softcapping=2.0)
+    if kind == "mistral_window":  # a 3-key window on every layer
+        return MistralConfig(**{**llama, "num_key_value_heads": 1}, sliding_window=3)
+    if kind == "qwen2_window":  # Qwen2's window from max_window_layers on: layer 1 only
+        return Qwen2Config(**llama, use_sliding_window=True, sliding_window=5, max_window_layers=1)
     if kind == "phi3":  # q/k/v and gate/up saved merged
         return Phi3Config(**llama, pad_token_id=0, tie_word_embeddings=False)
     if kind == "mixtral":  # every layer routed; the weights saved as block_sparse_moe.experts.N.w1/w2/w3
@@ -69,7 +76,7 @@ def hf_config(kind: str):
 
 
 KINDS = ["llama_gqa", "llama_tied", "llama_bias_mha", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3",
-         "qwen3_bias", "gemma", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
+         "qwen3_bias", "gemma", "gemma2", "mistral_window", "qwen2_window", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
 
 
 def save_hf(kind: str, folder: Path):
@@ -200,3 +207,37 @@ def test_family_config_rules():
         LlamaConfig.from_hf(phi3 | {"partial_rotary_factor": 0.75})
     with pytest.raises(ValueError, match="longrope"):  # Phi-3-128k's, which switches tables past 4k
         LlamaConfig.from_hf(phi3 | {"rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}})
+
+
+def test_sliding_window_config_rules():
+    """Which layers slide, from configs as the hub has them: Gemma 2's older configs list no
+    layer_types (even layers slide), Mistral 7B v0.1 and Phi-3 slide everywhere, Qwen2 only with
+    use_sliding_window and only from max_window_layers on; an explicit layer_types list wins."""
+    from models.llama import LlamaConfig
+
+    gemma2 = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 256000,
+              "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+              "num_key_value_heads": 4, "head_dim": 256, "sliding_window": 4096, "query_pre_attn_scalar": 256,
+              "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh"}
+    cfg = LlamaConfig.from_hf(gemma2)
+    assert [cfg.window(i) for i in range(4)] == [4096, None, 4096, None]
+    assert cfg.sandwich_norms and cfg.norm_plus_one and cfg.tie_word_embeddings and cfg.query_scale == 256**-0.5
+    assert (cfg.attn_softcap, cfg.final_softcap) == (50.0, 30.0)
+    types = ["full_attention", "sliding_attention", "full_attention"]
+    cfg = LlamaConfig.from_hf(gemma2 | {"num_hidden_layers": 3, "layer_types": types})
+    assert [cfg.window(i) for i in range(3)] == [None, 4096, None]
+    with pytest.raises(ValueError, match="chunked_attention"):
+        LlamaConfig.from_hf(gemma2 | {"layer_types": ["chunked_attention"] * 26})
+    mistral = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000,
+               "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "sliding_window": 4096}
+    cfg = LlamaConfig.from_hf(mistral)
+    assert {cfg.window(i) for i in range(32)} == {4096} and cfg.attn_softcap is None and not cfg.sandwich_norms
+    assert LlamaConfig.from_hf(mistral | {"sliding_window": None}).window(0) is None
+    qwen2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896,
+             "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+             "sliding_window": 32768, "max_window_layers": 21, "use_sliding_window": False}
+    assert {LlamaConfig.from_hf(qwen2).window(i) for i in range(24)} == {None}
+    cfg = LlamaConfig.from_hf(qwen2 | {"use_sliding_window": True})
+    assert [cfg.window(i) for i in (0, 20, 21, 23)] == [None, None, 32768, 32768]
+

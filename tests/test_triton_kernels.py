@@ -436,14 +436,16 @@ def test_gpu_tiny_llama_greedy_equals_cpu_reference(tmp_path):
 
 
 @interpreted
-def test_engine_greedy_with_interpreted_kernels_equals_reference(tmp_path):
-    """The whole engine on CPU with the Triton backend: chunked prefills mixed with decodes."""
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_engine_greedy_with_interpreted_kernels_equals_reference(kind, tmp_path):
+    """The whole engine on CPU with the Triton backend: chunked prefills mixed with decodes; for
+    Gemma 2, an 8-key window on layer 0 and soft-capped scores through the fused path."""
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
     from tests.tiny_models import save_tiny
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    folder = save_tiny("llama", tmp_path / "llama")
+    folder = save_tiny(kind, tmp_path / kind)
     gen = torch.Generator().manual_seed(12)
     prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (3, 21, 9)]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
