@@ -1,4 +1,4 @@
-"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 2, Phi-3, and the MoE ones:
+"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 2 and 3, Phi-3, and the MoE ones:
 Mixtral, Qwen2-MoE, Qwen3-MoE): GQA, RMSNorm, gated MLP (dense or routed experts, models/moe.py), rotary
 positions; per layer, full or sliding-window attention (engine.attention.metadata.AttentionVariant).
 
@@ -37,6 +37,7 @@ class LlamaConfig:
     rms_norm_eps: float
     rope: RopeConfig
     hidden_act: str = "silu"
+    local_rope: RopeConfig | None = None  # Gemma 3: the sliding layers' own rotary (rope_local_base_freq)
     qkv_bias: bool = False  # Qwen2 always; LLaMA with attention_bias
     o_bias: bool = False  # LLaMA attention_bias covers o_proj too, Qwen2's does not
     mlp_bias: bool = False
@@ -67,8 +68,11 @@ class LlamaConfig:
         is_qwen2 = model_type == "qwen2" or "Qwen2ForCausalLM" in archs
         is_qwen2_moe = model_type == "qwen2_moe" or "Qwen2MoeForCausalLM" in archs
         is_qwen3 = model_type in ("qwen3", "qwen3_moe") or bool({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM"} & set(archs))
-        is_gemma2 = model_type == "gemma2" or "Gemma2ForCausalLM" in archs
+        is_gemma3 = model_type == "gemma3_text" or "Gemma3ForCausalLM" in archs
+        is_gemma2 = is_gemma3 or model_type == "gemma2" or "Gemma2ForCausalLM" in archs  # Gemma 3 builds on 2
         is_gemma = is_gemma2 or model_type == "gemma" or "GemmaForCausalLM" in archs
+        if config.get("use_bidirectional_attention"):  # EmbeddingGemma
+            raise ValueError("bidirectional Gemma 3 (use_bidirectional_attention) is not supported")
         is_phi3 = model_type == "phi3" or "Phi3ForCausalLM" in archs
         if config.get("partial_rotary_factor", 1.0) != 1.0:  # Phi-4-mini, for one
             raise ValueError(f"partial rotary (partial_rotary_factor {config['partial_rotary_factor']}) is not supported")
@@ -80,7 +84,7 @@ class LlamaConfig:
             sliding = None  # Qwen configs carry a window they do not use
         sliding_layers = None
         if sliding is not None:
-            sliding_layers = _sliding_layers(config, is_gemma2, is_qwen2 or is_qwen2_moe or is_qwen3)
+            sliding_layers = _sliding_layers(config, is_gemma2, is_gemma3, is_qwen2 or is_qwen2_moe or is_qwen3)
         pre_attn = config.get("query_pre_attn_scalar") if is_gemma2 else None
         return cls(
             vocab_size=config["vocab_size"],
@@ -92,7 +96,8 @@ class LlamaConfig:
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             max_position_embeddings=config.get("max_position_embeddings", 2048),
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope=RopeConfig.from_hf(config),
+            rope=_gemma3_rope(config, "full_attention") if is_gemma3 else RopeConfig.from_hf(config),
+            local_rope=_gemma3_rope(config, "sliding_attention") if is_gemma3 else None,
             hidden_act=act,
             qkv_bias=is_qwen2 or (is_qwen2_moe and bool(config.get("qkv_bias", True))) or attention_bias,
             o_bias=attention_bias and not (is_qwen2 or is_qwen2_moe),
@@ -100,7 +105,7 @@ class LlamaConfig:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", is_gemma)),  # Gemma's configs tie by default
             sliding_window=sliding,
             sliding_layers=sliding_layers,
-            qk_norm=is_qwen3,
+            qk_norm=is_qwen3 or is_gemma3,
             moe=MoeConfig.from_hf(config),
             merged_checkpoint=is_phi3,
             embed_scale=config["hidden_size"] ** 0.5 if is_gemma else None,
@@ -112,9 +117,22 @@ class LlamaConfig:
         )
 
 
-def _sliding_layers(config: dict, is_gemma2: bool, is_qwen: bool) -> tuple[int, ...] | None:
+def _gemma3_rope(config: dict, layer_type: str) -> RopeConfig:
+    """Gemma 3's rotary for one layer type: v5 configs nest rope_parameters by type; older ones give
+    the full layers rope_theta and rope_scaling, the sliding layers rope_local_base_freq alone."""
+    nested = config.get("rope_parameters") or {}
+    if layer_type in nested:
+        return RopeConfig.from_hf({"rope_parameters": nested[layer_type]})
+    if layer_type == "full_attention":
+        return RopeConfig.from_hf({"rope_theta": config.get("rope_theta", 1_000_000.0),
+                                   "rope_scaling": config.get("rope_scaling")})
+    return RopeConfig(theta=float(config.get("rope_local_base_freq", 10_000.0)))
+
+
+def _sliding_layers(config: dict, is_gemma2: bool, is_gemma3: bool, is_qwen: bool) -> tuple[int, ...] | None:
     """Which layers slide, as transformers decides: its `layer_types` where the config lists them;
-    else Gemma 2's even layers, Qwen's layers from max_window_layers on, every layer otherwise."""
+    else Gemma 3's all but every sliding_window_pattern-th, Gemma 2's even layers, Qwen's layers
+    from max_window_layers on, every layer otherwise."""
     n = config["num_hidden_layers"]
     types = config.get("layer_types")
     if types is not None:
@@ -122,6 +140,9 @@ def _sliding_layers(config: dict, is_gemma2: bool, is_qwen: bool) -> tuple[int, 
         if unknown:
             raise ValueError(f"unsupported layer_types {sorted(unknown)}")
         return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if is_gemma3:
+        pattern = config.get("sliding_window_pattern") or 6
+        return tuple(i for i in range(n) if (i + 1) % pattern)
     if is_gemma2:
         return tuple(range(0, n, 2))
     if is_qwen:
@@ -297,6 +318,12 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
+        self.rotary_emb_local: RotaryEmbedding | None = None  # Gemma 3's sliding layers
+        if config.local_rope is not None:
+            self.rotary_emb_local = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.local_rope)
+        # the layers that rotate with the local table: a sliding layer, where there is one
+        self.local_layers = frozenset(i for i in range(config.num_hidden_layers)
+                                      if config.local_rope is not None and config.window(i) is not None)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
@@ -321,9 +348,10 @@ class LlamaModel(nn.Module):
         if self.embed_scale is not None:  # HF multiplies by the scale cast to the activations' dtype
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         rope = self.rotary_emb(positions)
+        local = self.rotary_emb_local(positions) if self.rotary_emb_local is not None else rope
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, rope, ctx)
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, local if i in self.local_layers else rope, ctx)
         return self.norm(x, residual)[0]
 
 

@@ -34,6 +34,7 @@ _ENTRIES: dict[str, ModelEntry] = {
     "Qwen3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "GemmaForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Gemma2ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "Gemma3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Phi3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "MixtralForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen2MoeForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),

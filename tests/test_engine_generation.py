@@ -41,7 +41,7 @@ def random_prompts(n: int, lo: int, hi: int, seed: int, vocab: int = 320) -> lis
     return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-@pytest.fixture(scope="module", params=["llama", "llama_tied", "qwen2", "qwen3", "gemma", "gemma2", "mistral_window", "phi3",
+@pytest.fixture(scope="module", params=["llama", "llama_tied", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mistral_window", "phi3",
                                                "qwen3_moe", "mixtral", "gpt2"])
 def tiny(request, tmp_path_factory):
     return save_tiny(request.param, tmp_path_factory.mktemp(request.param))

@@ -24,7 +24,7 @@ VOCAB = 97
 
 
 def hf_config(kind: str):
-    from transformers import (Gemma2Config, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
                               Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     llama = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -54,6 +54,12 @@ def hf_config(kind: str):
     if kind == "gemma2":  # sandwich norms, soft-capped scores and logits, a 4-key window on layers 0 and 2
         return Gemma2Config(**{**llama, "num_hidden_layers": 3}, head_dim=32, sliding_window=4,
                             query_pre_attn_scalar=20, attn_logit_softcapping=0.5, final_logit_softcapping=2.0)
+    if kind == "gemma3":  # q/k norms (1 + weight), local and global rotary tables, windows on layers 0 and 2
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}
+        return Gemma3TextConfig(**{**llama, "num_hidden_layers": 3}, head_dim=24, sliding_window=5,
+                                query_pre_attn_scalar=24, rope_parameters=rope,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     if kind == "mistral_window":  # a 3-key window on every layer
         return MistralConfig(**{**llama, "num_key_value_heads": 1}, sliding_window=3)
     if kind == "qwen2_window":  # Qwen2's window from max_window_layers on: layer 1 only
@@ -76,7 +82,7 @@ def hf_config(kind: str):
 
 
 KINDS = ["llama_gqa", "llama_tied", "llama_bias_mha", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3",
-         "qwen3_bias", "gemma", "gemma2", "mistral_window", "qwen2_window", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
+         "qwen3_bias", "gemma", "gemma2", "gemma3", "mistral_window", "qwen2_window", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
 
 
 def save_hf(kind: str, folder: Path):
@@ -241,3 +247,31 @@ def test_sliding_window_config_rules():
     cfg = LlamaConfig.from_hf(qwen2 | {"use_sliding_window": True})
     assert [cfg.window(i) for i in (0, 20, 21, 23)] == [None, None, 32768, 32768]
 
+
+
+def test_gemma3_config_rules():
+    """Gemma 3 1B's config as the hub has it (no layer_types, no nested rope_parameters): every 6th
+    layer global with rope_theta, the rest a 512-key window with rope_local_base_freq; a v5 config's
+    nested rope_parameters; EmbeddingGemma's bidirectional attention is refused by name."""
+    from models.layers import RopeConfig
+    from models.llama import LlamaConfig
+
+    gemma3 = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144,
+              "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512,
+              "sliding_window_pattern": 6, "rope_theta": 1000000, "rope_local_base_freq": 10000,
+              "rope_scaling": None, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+              "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768}
+    cfg = LlamaConfig.from_hf(gemma3)
+    assert [i for i in range(26) if cfg.window(i) is None] == [5, 11, 17, 23]
+    assert cfg.window(0) == 512 and cfg.qk_norm and cfg.sandwich_norms and cfg.norm_plus_one
+    assert cfg.rope == RopeConfig(theta=1e6) and cfg.local_rope == RopeConfig(theta=1e4)
+    assert cfg.attn_softcap is None and cfg.final_softcap is None and cfg.query_scale == 256**-0.5
+    scaled = LlamaConfig.from_hf(gemma3 | {"rope_scaling": {"rope_type": "linear", "factor": 8.0}})  # 4B and up
+    assert scaled.rope == RopeConfig(theta=1e6, rope_type="linear", factor=8.0) and scaled.local_rope.factor == 1.0
+    nested = {"full_attention": {"rope_type": "default", "rope_theta": 5e5},
+              "sliding_attention": {"rope_type": "default", "rope_theta": 2e3}}
+    cfg = LlamaConfig.from_hf(gemma3 | {"rope_parameters": nested, "sliding_window_pattern": None})
+    assert (cfg.rope.theta, cfg.local_rope.theta) == (5e5, 2e3) and cfg.window(5) is None and cfg.window(6) == 512
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        LlamaConfig.from_hf(gemma3 | {"use_bidirectional_attention": True})

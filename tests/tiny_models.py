@@ -22,9 +22,10 @@ def byte_level_tokenizer_json(folder: Path, vocab_size: int) -> None:
 def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """kind: llama (GQA, untied), llama_tied, qwen2 (q/k/v bias), qwen3 (q/k norms, tied, heads of 32
     on a hidden size of 64), gemma, gemma2 (an 8-key window on layer 0, soft-capped scores and logits),
+    gemma3 (q/k norms, a 6-key window and its own rotary on layers 0 and 2),
     mistral_window (a 5-key window on every layer), phi3 (merged q/k/v and gate/up), qwen3_moe (8 experts, top 2 renormalised, layer 0 dense), mixtral
     (4 experts, top 2), gpt2."""
-    from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig,
+    from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig,
                               MixtralConfig, Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 
     torch.manual_seed(seed)
@@ -55,6 +56,14 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
             attn_logit_softcapping=2.0, final_logit_softcapping=4.0, **common,
+        )
+    elif kind == "gemma3":
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+        cfg = Gemma3TextConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=16, rope_parameters=rope,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **common,
         )
     elif kind == "mistral_window":
         cfg = MistralConfig(
@@ -89,7 +98,7 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(4.0)
-            elif kind in ("qwen3", "qwen3_moe", "gemma", "gemma2") and p.dim() == 1:  # q/k norms start at ones: spread them so they count
+            elif kind in ("qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3") and p.dim() == 1:  # q/k norms start at ones: spread them so they count
                 p.add_(torch.randn_like(p) * 0.2)
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
