@@ -8,6 +8,7 @@ its own process, so the reported peak RSS is its own. Also measures batch-1 deco
 
     python benchmarks/bench_generation.py [--num-prompts 64] [--engines kvserve,hf,ct2]
     python benchmarks/bench_generation.py --model qwen3moe --engines kvserve,hf  # a random MoE model
+    python benchmarks/bench_generation.py --model gemma3 --engines kvserve,hf  # Gemma 3 270M's shape
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 2 and 3, Phi-3, and the MoE ones:
+"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 2 and 3, Phi-3, Granite, and the MoE ones:
 Mixtral, Qwen2-MoE, Qwen3-MoE): GQA, RMSNorm, gated MLP (dense or routed experts, models/moe.py), rotary
 positions; per layer, full or sliding-window attention (engine.attention.metadata.AttentionVariant).
 
@@ -53,6 +53,11 @@ class LlamaConfig:
     query_scale: float | None = None  # Gemma 2's query_pre_attn_scalar ** -0.5 in place of head_dim ** -0.5
     attn_softcap: float | None = None  # Gemma 2: attention scores soft-capped (attn_logit_softcapping)
     final_softcap: float | None = None  # Gemma 2: logits soft-capped (final_logit_softcapping)
+    # Granite's scalars: embeddings times embedding_multiplier (a Python float, unlike Gemma's cast scale),
+    # attention and MLP outputs times residual_multiplier before they join the residual, logits / logits_scaling
+    embedding_multiplier: float | None = None
+    residual_multiplier: float | None = None
+    logits_scaling: float | None = None
 
     def window(self, layer_idx: int) -> int | None:
         """The layer's sliding window, or None for full attention."""
@@ -74,6 +79,7 @@ class LlamaConfig:
         if config.get("use_bidirectional_attention"):  # EmbeddingGemma
             raise ValueError("bidirectional Gemma 3 (use_bidirectional_attention) is not supported")
         is_phi3 = model_type == "phi3" or "Phi3ForCausalLM" in archs
+        is_granite = model_type == "granite" or "GraniteForCausalLM" in archs
         if config.get("partial_rotary_factor", 1.0) != 1.0:  # Phi-4-mini, for one
             raise ValueError(f"partial rotary (partial_rotary_factor {config['partial_rotary_factor']}) is not supported")
         # Gemma names its activation hidden_activation; its older configs say "gelu" and mean the tanh form
@@ -111,10 +117,19 @@ class LlamaConfig:
             embed_scale=config["hidden_size"] ** 0.5 if is_gemma else None,
             norm_plus_one=is_gemma,
             sandwich_norms=is_gemma2,
-            query_scale=pre_attn**-0.5 if pre_attn else None,
+            query_scale=pre_attn**-0.5 if pre_attn else (config.get("attention_multiplier") if is_granite else None),
             attn_softcap=config.get("attn_logit_softcapping") if is_gemma2 else None,
             final_softcap=config.get("final_logit_softcapping") if is_gemma2 else None,
+            embedding_multiplier=_granite(config, "embedding_multiplier", is_granite),
+            residual_multiplier=_granite(config, "residual_multiplier", is_granite),
+            logits_scaling=_granite(config, "logits_scaling", is_granite),
         )
+
+
+def _granite(config: dict, key: str, is_granite: bool) -> float | None:
+    """One of Granite's scalars, None where it is 1 (or the model is no Granite): nothing to do."""
+    value = config.get(key, 1.0) if is_granite else 1.0
+    return None if value == 1.0 else float(value)
 
 
 def _gemma3_rope(config: dict, layer_type: str) -> RopeConfig:
@@ -289,6 +304,7 @@ class LlamaDecoderLayer(nn.Module):
         if config.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_multiplier = config.residual_multiplier
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
@@ -296,10 +312,13 @@ class LlamaDecoderLayer(nn.Module):
         """HF's `h = x + attn(norm(x)); h + mlp(norm(h))` with the residual stream carried apart,
         so each add fuses into the next norm: returns (mlp output, residual before it). Each norm
         goes with the merged matmul after it, which may take it into its own launch. Gemma 2
-        norms the attention and MLP outputs too, before they join the residual."""
+        norms the attention and MLP outputs too, Granite scales them, before they join the residual
+        (scaled as outputs, not folded into o_proj and down_proj, so LoRA deltas are scaled too)."""
         attn, mlp = self.self_attn, self.mlp
         assert attn.qkv_proj is not None, "after_load() merges the projections"
         h, residual = attn(x, residual, self.input_layernorm, rope, ctx)
+        if self.residual_multiplier is not None:
+            h = h * self.residual_multiplier
         mlp_norm = self.post_attention_layernorm
         if self.pre_feedforward_layernorm is not None:
             h = self.post_attention_layernorm(h)[0]
@@ -310,6 +329,8 @@ class LlamaDecoderLayer(nn.Module):
             h, residual = mlp(h, residual, mlp_norm)
         if self.post_feedforward_layernorm is not None:
             h = self.post_feedforward_layernorm(h)[0]
+        if self.residual_multiplier is not None:
+            h = h * self.residual_multiplier
         return h, residual
 
 
@@ -329,6 +350,7 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.embed_scale = config.embed_scale
+        self.embedding_multiplier = config.embedding_multiplier
         self.norm_plus_one = config.norm_plus_one
 
     def after_load(self) -> None:
@@ -347,6 +369,8 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # (T, H)
         if self.embed_scale is not None:  # HF multiplies by the scale cast to the activations' dtype
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        if self.embedding_multiplier is not None:  # Granite multiplies by the Python float
+            x = x * self.embedding_multiplier
         rope = self.rotary_emb(positions)
         local = self.rotary_emb_local(positions) if self.rotary_emb_local is not None else rope
         residual = None
@@ -380,16 +404,18 @@ class LlamaForCausalLM(nn.Module):
         self.model.after_load()
         if self.lm_head is None:
             self.lm_head = tied_head(self.model.embed_tokens)
-        # a soft-capped head keeps the argmax, yet tanh in fp32 can tie two logits HF then breaks by
-        # index: greedy tokens come from the capped logits, as HF's do
-        if self.config.final_softcap is None:
+        # a soft-capped or scaled head keeps the argmax, yet rounding can tie two logits that HF then
+        # breaks by index: greedy tokens come from the final logits, as HF's do
+        if self.config.final_softcap is None and self.config.logits_scaling is None:
             self.greedy_screen = GreedyScreen.build(self.lm_head.weight)
 
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         logits = vocab_logits(hidden, self.lm_head, workspace=workspace)
-        cap = self.config.final_softcap
-        if cap is not None:  # Gemma 2: cap * tanh(logits / cap), in place (the logits may be a workspace)
-            logits.div_(cap).tanh_().mul_(cap)
+        c = self.config  # in place below: the logits may be a workspace
+        if c.logits_scaling is not None:  # Granite
+            logits.div_(c.logits_scaling)
+        if c.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
+            logits.div_(c.final_softcap).tanh_().mul_(c.final_softcap)
         return logits
 
     def lora_targets(self) -> dict[str, LoRATarget]:

@@ -36,6 +36,7 @@ _ENTRIES: dict[str, ModelEntry] = {
     "Gemma2ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Gemma3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Phi3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "GraniteForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "MixtralForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen2MoeForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen3MoeForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),

@@ -41,8 +41,8 @@ def random_prompts(n: int, lo: int, hi: int, seed: int, vocab: int = 320) -> lis
     return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-@pytest.fixture(scope="module", params=["llama", "llama_tied", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mistral_window", "phi3",
-                                               "qwen3_moe", "mixtral", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "llama_tied", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "granite",
+                                        "mistral_window", "phi3", "qwen3_moe", "mixtral", "gpt2"])
 def tiny(request, tmp_path_factory):
     return save_tiny(request.param, tmp_path_factory.mktemp(request.param))
 
@@ -51,7 +51,8 @@ def tiny(request, tmp_path_factory):
 def test_greedy_tokens_equal_transformers_generate(tiny, screen, monkeypatch):
     monkeypatch.setenv("KVSERVE_GREEDY_SCREEN", screen)  # engine/greedy_screen.py, on or off
     llm = LLM(str(tiny), num_kv_blocks=64, block_size=4)
-    capped = getattr(llm.engine.runner.model.config, "final_softcap", None) is not None  # Gemma 2: no screen
+    config = llm.engine.runner.model.config  # Gemma 2's capped and Granite's scaled logits: no screen
+    capped = getattr(config, "final_softcap", None) is not None or getattr(config, "logits_scaling", None) is not None
     assert (llm.engine.runner.model.greedy_screen is not None) == (screen == "1" and not capped)
     prompts = random_prompts(4, 3, 30, seed=1)
     outs = llm.generate(prompts, GREEDY)

@@ -113,11 +113,12 @@ def test_tiny_llama_with_lora_rows_on_gpu_equals_cpu(gemv, tmp_path):
     assert llm.engine.block_manager.num_free_blocks == 96
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mistral_window", "phi3", "qwen3_moe", "mixtral", "gpt2"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "gemma", "gemma2", "gemma3", "granite", "mistral_window", "phi3",
+                                  "qwen3_moe", "mixtral", "gpt2"])
 def test_tiny_decoder_families_on_gpu_equal_cpu(kind, tmp_path):
     """The other decoder families through the GPU runner: Qwen2 (q/k/v bias, GQA 4:1), Qwen3 (q/k
     norms per head, unfused: Triton RMSNorm over head views), Gemma (GELU: the unfused MLP), Gemma 2
-    and windowed Mistral (sliding windows and soft-caps: their own kernel specialisations),
+    and 3 and windowed Mistral (sliding windows and soft-caps: their own kernel specialisations), Granite,
     Phi-3 (merged checkpoint), the MoE models (eager: no graphs) and GPT-2
     (learned positions, LayerNorm, GELU, no fused RMSNorm path), with graphs and running ahead,
     and with GEMV Linears, give the CPU reference's greedy tokens in fp32."""

@@ -24,7 +24,7 @@ VOCAB = 97
 
 
 def hf_config(kind: str):
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
                               Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     llama = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -60,6 +60,9 @@ def hf_config(kind: str):
         return Gemma3TextConfig(**{**llama, "num_hidden_layers": 3}, head_dim=24, sliding_window=5,
                                 query_pre_attn_scalar=24, rope_parameters=rope,
                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    if kind == "granite":  # embedding, attention and residual multipliers, scaled logits
+        return GraniteConfig(**llama, embedding_multiplier=3.0, attention_multiplier=0.05, residual_multiplier=0.4,
+                             logits_scaling=2.5, tie_word_embeddings=True)
     if kind == "mistral_window":  # a 3-key window on every layer
         return MistralConfig(**{**llama, "num_key_value_heads": 1}, sliding_window=3)
     if kind == "qwen2_window":  # Qwen2's window from max_window_layers on: layer 1 only
@@ -82,7 +85,7 @@ def hf_config(kind: str):
 
 
 KINDS = ["llama_gqa", "llama_tied", "llama_bias_mha", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3",
-         "qwen3_bias", "gemma", "gemma2", "gemma3", "mistral_window", "qwen2_window", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
+         "qwen3_bias", "gemma", "gemma2", "gemma3", "granite", "mistral_window", "qwen2_window", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
 
 
 def save_hf(kind: str, folder: Path):
