@@ -172,6 +172,10 @@ class TranslationEngine:
                 raise InvalidRequestError("penalties are not supported with beam search", param="num_beams")
         beams = params.num_beams
         fits = self._max_fitting_tokens(len(src), beams)
+        forced = len(payload.forced_prefix)
+        if params.max_tokens is not None and params.max_tokens <= forced:
+            raise InvalidRequestError(f"max_tokens must exceed the {forced} forced target-language token(s)",
+                                      param="max_tokens")
         if params.max_tokens is None:
             if fits < 1:
                 raise PromptTooLongError(f"input of {len(src)} tokens with num_beams={beams} does not fit the "
@@ -205,13 +209,14 @@ class TranslationEngine:
         src = list(payload.source_token_ids)
         now = time.monotonic()
         cross = Sequence(next(self._seq_ids), request_id, src, len(src), params, max_tokens=0, arrival_time=now)
-        first = Sequence(next(self._seq_ids), request_id, [self.decoder_start_token_id], 1, params,
-                         max_tokens=max_tokens, arrival_time=now)
+        first = Sequence(next(self._seq_ids), request_id, [self.decoder_start_token_id, *payload.forced_prefix], 1,
+                         params, max_tokens=max_tokens, arrival_time=now)
         group = TranslationGroup(request_id, cross, [first], num_beams=params.num_beams)
         beam = None
         if params.num_beams > 1:
             beam = BeamSearch(params.num_beams, self.eos_token_ids, max_tokens, params.length_penalty,
                               params.early_stopping)
+            beam.num_generated = len(payload.forced_prefix)  # already the first beam's output
         generator = None
         if params.seed is not None and not params.is_greedy:
             generator = torch.Generator(device=self.config.device).manual_seed(params.seed)
@@ -443,8 +448,10 @@ class TranslationEngine:
         self,
         inputs: str | Seq[str] | Seq[list[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
+        forced_prefix: tuple[int, ...] = (),
     ) -> list[TranslationOutput]:
-        """Translate every input (text, or source token ids with eos); outputs in input order."""
+        """Translate every input (text, or source token ids with eos); outputs in input order.
+        `forced_prefix`: the first output tokens of every input (NLLB's target-language code)."""
         if isinstance(inputs, str):
             inputs = [inputs]
         sources = [list(x) if not isinstance(x, str) else self.tokenizer.encode(x) for x in inputs]
@@ -453,7 +460,7 @@ class TranslationEngine:
         order = []
         for src, p in zip(sources, params):
             request_id = f"translate-{next(self._offline_ids)}"
-            self.add_request(request_id, TranslationRequest(src, p))
+            self.add_request(request_id, TranslationRequest(src, p, forced_prefix=forced_prefix))
             order.append(request_id)
         done: dict[str, TranslationOutput] = {}
         while self.has_unfinished_requests():

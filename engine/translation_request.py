@@ -21,6 +21,9 @@ class TranslationRequest:
     source_token_ids: list[int]
     params: SamplingParams
     stream: bool = False
+    # tokens forced after the decoder's start token (NLLB's target-language code): the first output
+    # tokens, as HF's forced_bos_token_id makes them, so max_tokens and beam lengths count them
+    forced_prefix: tuple[int, ...] = ()
 
 
 @dataclass

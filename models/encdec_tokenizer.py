@@ -5,6 +5,9 @@
 - `T5Tokenizer.from_folder`: `tokenizer.json` through the tokenizers library when present, else
   `spiece.model` through sentencepiece with T5's `<extra_id_N>` sentinels (ids counted down from
   the end of the vocab), appending `</s>`.
+- `LanguageCodeTokenizer` (NLLB-200, M2M100 folders with a `tokenizer.json`): language codes are
+  special tokens; a source is `[source code] pieces </s>`, and the target code is forced as the
+  decoder's first output token.
 Both expose the kvserve tokenizer surface: encode, decode, eos_token_ids, bos_token_id,
 pad_token_id, vocab_size, id_to_token.
 """
@@ -22,7 +25,7 @@ SPIECE_UNDERLINE = "▁"
 GENERATION_KEYS = (
     "num_beams", "max_length", "max_new_tokens", "min_length", "bad_words_ids", "early_stopping",
     "length_penalty", "no_repeat_ngram_size", "forced_eos_token_id", "decoder_start_token_id",
-    "eos_token_id", "pad_token_id", "bos_token_id", "do_sample", "temperature", "top_k", "top_p",
+    "eos_token_id", "pad_token_id", "bos_token_id", "forced_bos_token_id", "do_sample", "temperature", "top_k", "top_p",
     "repetition_penalty",
 )
 
@@ -272,3 +275,37 @@ class JsonTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text = self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if self.clean_up_spaces else text
+
+
+# NLLB-200's codes (eng_Latn, zho_Hans) and M2M100's (__en__, __zh__)
+_LANGUAGE_CODE = re.compile(r"^(?:[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__)$")
+
+
+class LanguageCodeTokenizer(JsonTokenizer):
+    """NLLB-200's tokenizer.json with its language codes: HF NllbTokenizerFast's source layout
+    `[source code] pieces </s>` (`legacy_behaviour`: `pieces </s> [source code]`). A source with no
+    language named keeps the layout the folder's tokenizer.json was saved with (its src_lang)."""
+
+    def __init__(self, path: Path, eos_token: str, pad_token: str, clean_up_spaces: bool = False,
+                 legacy: bool = False) -> None:
+        super().__init__(path, eos_token, pad_token, clean_up_spaces)
+        added = self.tok.get_added_tokens_decoder()
+        self.language_codes = {t.content: i for i, t in added.items() if _LANGUAGE_CODE.match(t.content)}
+        self.legacy = legacy
+
+    @staticmethod
+    def from_folder(folder: str | Path) -> LanguageCodeTokenizer:
+        folder = Path(folder)
+        cfg = _read_json(folder / "tokenizer_config.json")
+        return LanguageCodeTokenizer(
+            folder / "tokenizer.json", _token_str(cfg.get("eos_token"), "</s>"), _token_str(cfg.get("pad_token"), "<pad>"),
+            bool(cfg.get("clean_up_tokenization_spaces", False)), legacy=bool(cfg.get("legacy_behaviour", False)),
+        )
+
+    def encode_source(self, text: str, source_lang: str | None) -> list[int]:
+        """The encoder input of `text` in language `source_lang` (a code of `language_codes`)."""
+        if source_lang is None:
+            return self.encode(text)
+        ids = self.encode(text, add_special_tokens=False)
+        code = self.language_codes[source_lang]
+        return ids + [self.eos_token_id, code] if self.legacy else [code, *ids, self.eos_token_id]

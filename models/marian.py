@@ -1,4 +1,6 @@
-"""MarianMT (Helsinki-NLP opus-mt) encoder-decoder, with HF attribute names so checkpoint keys load unchanged.
+"""MarianMT (Helsinki-NLP opus-mt) and M2M100 / NLLB-200 encoder-decoders, with HF attribute names so
+checkpoint keys load unchanged. M2M100 (NLLB's architecture) is Marian's blocks with the norms first
+(pre-LN, plus a final norm after each stack), fairseq's sinusoidal positions and no logits bias.
 
 Encoder-decoder interface (shared with models/t5.py; the engine drives it, flat batches, no batch dim):
   encode(input_ids (T,), positions (T,), ctx) -> encoder hidden (T, d_model)
@@ -28,7 +30,7 @@ from torch import nn
 from engine.forward_context import ForwardContext
 from engine.greedy_screen import GreedyScreen
 from engine.workspace import Workspace
-from models.encdec_tokenizer import MarianTokenizer, translation_info
+from models.encdec_tokenizer import LanguageCodeTokenizer, MarianTokenizer, translation_info
 from models.layers import merged_linear, tied_head, vocab_logits
 from models.spec import KVCacheSpec
 
@@ -61,11 +63,13 @@ class MarianConfig:
     pad_token_id: int
     decoder_start_token_id: int
     eos_token_id: int
+    pre_norm: bool = False  # M2M100: x + f(LN(x)) and a LayerNorm after each stack; Marian: LN(x + f(x))
 
     @classmethod
     def from_hf(cls, cfg: dict) -> MarianConfig:
         if cfg.get("activation_function", "gelu") not in ACTIVATIONS:
             raise ValueError(f"unsupported Marian activation_function {cfg['activation_function']!r}")
+        m2m = cfg.get("model_type") == "m2m_100" or "M2M100ForConditionalGeneration" in (cfg.get("architectures") or [])
         pad = cfg.get("pad_token_id", 58100)
         eos = cfg.get("eos_token_id", 0)
         return cls(
@@ -86,6 +90,7 @@ class MarianConfig:
             pad_token_id=pad,
             decoder_start_token_id=cfg.get("decoder_start_token_id", pad),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            pre_norm=m2m,
         )
 
     @property
@@ -106,6 +111,18 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     j = torch.arange(dim, device=positions.device, dtype=torch.float64)
     angles = positions.to(torch.float64)[:, None] / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
     return torch.cat([angles[:, 0::2].sin(), angles[:, 1::2].cos()], dim=-1)
+
+
+def fairseq_positions(positions: torch.Tensor, dim: int, padding_idx: int) -> torch.Tensor:
+    """HF M2M100SinusoidalPositionalEmbedding rows: token i of a sequence without padding sits at
+    row padding_idx + 1 + i of a [sin | cos] table with frequencies 10000^(-j / (dim/2 - 1)), built
+    with the same fp32 ops as HF's table, on the fly (any position works, nothing to load)."""
+    half = dim // 2
+    step = math.log(10000) / (half - 1)
+    freq = torch.exp(torch.arange(half, dtype=torch.int64, device=positions.device).float() * -step)
+    angles = (positions + padding_idx + 1).float()[:, None] * freq[None, :]
+    rows = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.cat([rows, rows.new_zeros(rows.shape[0], 1)], dim=1) if dim % 2 else rows
 
 
 class MarianAttention(nn.Module):
@@ -155,7 +172,7 @@ class MarianAttention(nn.Module):
 
 
 class MarianEncoderLayer(nn.Module):
-    """Post-LN block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
+    """Post-LN block: x = LN(x + attn(x)); x = LN(x + ffn(x)). Pre-LN (M2M100): x + attn(LN(x)), ..."""
 
     def __init__(self, config: MarianConfig) -> None:
         super().__init__()
@@ -166,8 +183,12 @@ class MarianEncoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
         self.act = ACTIVATIONS[config.activation_function]
+        self.pre_norm = config.pre_norm
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.self_attn(self.self_attn_layer_norm(x), ctx, layer_idx)
+            return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
         x = self.self_attn_layer_norm(x + self.self_attn(x, ctx, layer_idx))
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
 
@@ -184,10 +205,15 @@ class MarianDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
         self.act = ACTIVATIONS[config.activation_function]
+        self.pre_norm = config.pre_norm
 
     def forward(
         self, x: torch.Tensor, self_ctx: ForwardContext, cross_ctx: ForwardContext, layer_idx: int
     ) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.self_attn(self.self_attn_layer_norm(x), self_ctx, layer_idx)
+            x = x + self.encoder_attn.cross(self.encoder_attn_layer_norm(x), cross_ctx, layer_idx)
+            return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
         x = self.self_attn_layer_norm(x + self.self_attn(x, self_ctx, layer_idx))
         x = self.encoder_attn_layer_norm(x + self.encoder_attn.cross(x, cross_ctx, layer_idx))
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
@@ -199,6 +225,7 @@ class MarianEncoder(nn.Module):
         if not config.share_encoder_decoder_embeddings:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(MarianEncoderLayer(config) for _ in range(config.encoder_layers))
+        self.layer_norm = nn.LayerNorm(config.d_model) if config.pre_norm else None
 
 
 class MarianDecoder(nn.Module):
@@ -207,6 +234,7 @@ class MarianDecoder(nn.Module):
         if not config.share_encoder_decoder_embeddings:
             self.embed_tokens = nn.Embedding(config.decoder_vocab_size, config.d_model)
         self.layers = nn.ModuleList(MarianDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.layer_norm = nn.LayerNorm(config.d_model) if config.pre_norm else None
 
 
 class MarianModel(nn.Module):
@@ -249,15 +277,19 @@ class MarianMTModel(nn.Module):
         return m.shared if self.config.share_encoder_decoder_embeddings else m.decoder.embed_tokens
 
     def _embed(self, embed: nn.Embedding, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = embed(input_ids) * self.config.embed_scale
-        return x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)
+        c = self.config
+        x = embed(input_ids) * c.embed_scale
+        if c.pre_norm:  # M2M100's table; a pad token inside a sequence gets HF's zero row only there
+            return x + fairseq_positions(positions, c.d_model, c.pad_token_id).to(x.dtype)
+        return x + sinusoidal_positions(positions, c.d_model).to(x.dtype)
 
     # ---- encoder-decoder API ----
     def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self._embed(self.encoder_embed, input_ids, positions)
         for i, layer in enumerate(self.model.encoder.layers):
             x = layer(x, ctx, i)
-        return x
+        norm = self.model.encoder.layer_norm
+        return x if norm is None else norm(x)
 
     def after_load(self) -> None:
         for layer in self.model.encoder.layers:
@@ -282,7 +314,8 @@ class MarianMTModel(nn.Module):
         x = self._embed(self.decoder_embed, input_ids, positions)
         for i, layer in enumerate(self.model.decoder.layers):
             x = layer(x, self_ctx, cross_ctx, i)
-        return x
+        norm = self.model.decoder.layer_norm
+        return x if norm is None else norm(x)
 
     def compute_logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         return vocab_logits(hidden, self.lm_head, self.final_logits_bias.reshape(-1), workspace=workspace)
@@ -299,7 +332,7 @@ class MarianMTModel(nn.Module):
     # ---- loader hooks ----
     def rename_weight(self, name: str) -> str | None:
         """Checkpoint key -> module key; None for keys we know and do not load."""
-        if name.endswith("embed_positions.weight"):
+        if ".embed_positions." in name:
             return None  # old checkpoints store the sinusoid table; we compute it
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None  # tied to the decoder embedding
@@ -315,8 +348,14 @@ class MarianMTModel(nn.Module):
 
     # ---- folder metadata ----
     @classmethod
-    def load_tokenizer(cls, folder: str | Path) -> MarianTokenizer:
-        return MarianTokenizer.from_folder(folder)
+    def load_tokenizer(cls, folder: str | Path) -> MarianTokenizer | LanguageCodeTokenizer:
+        """Marian's SentencePiece pair; M2M100 / NLLB's tokenizer.json with its language codes."""
+        if (Path(folder) / "source.spm").exists():
+            return MarianTokenizer.from_folder(folder)
+        if not (Path(folder) / "tokenizer.json").exists():
+            raise ValueError(f"{folder} has neither Marian's source.spm nor a tokenizer.json (M2M100 folders "
+                             "without one, as facebook/m2m100_418M ships, are not supported)")
+        return LanguageCodeTokenizer.from_folder(folder)
 
     @classmethod
     def extra_info(cls, folder: str | Path, config: dict | MarianConfig) -> dict:

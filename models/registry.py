@@ -61,6 +61,7 @@ _ENTRIES: dict[str, ModelEntry] = {
     "BertForSparseEmbedding": ModelEntry("models.bert_splade", "BertForSparseEmbedding", Task.EMBED),
     "DistilBertForSparseEmbedding": ModelEntry("models.distilbert", "DistilBertForSparseEmbedding", Task.EMBED),
     "MarianMTModel": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),
+    "M2M100ForConditionalGeneration": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),  # NLLB-200
     "T5ForConditionalGeneration": ModelEntry("models.t5", "T5ForConditionalGeneration", Task.TRANSLATE),
 }
 

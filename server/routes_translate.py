@@ -1,4 +1,4 @@
-"""POST /v1/translations: encoder-decoder models (Marian, T5), one text or a list, SSE streaming.
+"""POST /v1/translations: encoder-decoder models (Marian, T5, NLLB), one text or a list, SSE streaming.
 
 Response: `{"id", "object": "translation", "created", "model", "data": [{"index", "translation",
 "finish_reason"}], "usage"}`. Streaming (single input): `translation.chunk` events whose data
@@ -52,6 +52,28 @@ def language_prefix(engine: Any, source_lang: str | None, target_lang: str | Non
     return code + " "
 
 
+def language_code_inputs(engine: Any, texts: list[str], source_lang: str | None,
+                         target_lang: str | None) -> tuple[list[list[int]], tuple[int, ...]]:
+    """NLLB / M2M100: the source code leads each input, the target code is forced as the decoder's
+    first token; with no target_lang, the folder's generation_config forced_bos_token_id."""
+    tok = engine.tokenizer
+    codes = tok.language_codes
+    for param, lang in (("source_lang", source_lang), ("target_lang", target_lang)):
+        if lang is not None and lang not in codes:
+            examples = ", ".join(sorted(codes)[:6])
+            raise InvalidRequestError(f"{param} {lang!r} is not one of this model's {len(codes)} language codes "
+                                      f"({examples}, ...)", param)
+    if target_lang is not None:
+        forced: tuple[int, ...] = (codes[target_lang],)
+    else:
+        default = (engine.info.generation_defaults or {}).get("forced_bos_token_id")
+        if default is None:
+            raise InvalidRequestError("this multilingual model needs target_lang, a language code such as "
+                                      f"{sorted(codes)[0]!r}", "target_lang")
+        forced = (int(default),)
+    return [tok.encode_source(t, source_lang) for t in texts], forced
+
+
 @router.post("/v1/translations", responses=answers(TranslationResponse, ENGINE_ERRORS, stream=TranslationChunk))
 async def translations(body: TranslationRequest, request: Request) -> Any:
     state = get_state(request)
@@ -64,8 +86,12 @@ async def translations(body: TranslationRequest, request: Request) -> Any:
         early_stopping=body.early_stopping, no_repeat_ngram_size=body.no_repeat_ngram_size,
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
     )
-    prefix = language_prefix(engine, body.source_lang, body.target_lang)
-    payloads = [Payload(engine.tokenizer.encode(prefix + t), params, stream=bool(body.stream)) for t in texts]
+    if hasattr(engine.tokenizer, "language_codes"):
+        sources, forced = language_code_inputs(engine, texts, body.source_lang, body.target_lang)
+    else:
+        prefix = language_prefix(engine, body.source_lang, body.target_lang)
+        sources, forced = [engine.tokenizer.encode(prefix + t) for t in texts], ()
+    payloads = [Payload(src, params, stream=bool(body.stream), forced_prefix=forced) for src in sources]
     request_id = new_request_id("trsl")
 
     if body.stream:

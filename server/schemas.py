@@ -614,7 +614,8 @@ class DetokenizeResponse(_Response):
 class TranslationRequest(_Request):
     """Translate one text or several; unset fields take the model's generation_config.json defaults
     (Marian: 4 beams). T5 gets the prefix `translate {source_lang} to {target_lang}: `; a
-    multilingual Marian gets the `>>{target_lang}<<` token."""
+    multilingual Marian gets the `>>{target_lang}<<` token; NLLB takes its codes (`eng_Latn`,
+    `fra_Latn`): the source code leads the input, the target code is the first output token."""
 
     model: str | None = None
     input: VisibleStr | Annotated[list[VisibleStr], Field(min_length=1)]

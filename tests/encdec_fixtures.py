@@ -105,6 +105,47 @@ def make_marian_folder(
     return folder
 
 
+# ---------------------------------------------------------------- NLLB (M2M100)
+NLLB_CODES = ("eng_Latn", "fra_Latn", "deu_Latn")
+
+
+def make_nllb_folder(folder: Path, seed: int = 0) -> Path:
+    """NLLB-200-like folder: an M2M100 model (pre-LN, fairseq positions, tied, ReLU) and a tokenizer.json
+    whose vocabulary is <s>=0, <pad>=1, </s>=2, <unk>=3, the corpus' words, then the language codes as
+    special tokens, with NLLB's layout `eng_Latn pieces </s>` as its saved default."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import M2M100Config, M2M100ForConditionalGeneration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for line in corpus(seed=seed) for w in line.split()})[:150]
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3} | {w: i + 4 for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>", *NLLB_CODES])
+    code = len(vocab)
+    tok.post_processor = processors.TemplateProcessing(
+        single="eng_Latn $A </s>", special_tokens=[("eng_Latn", code), ("</s>", 2)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "NllbTokenizer", "src_lang": "eng_Latn", "eos_token": "</s>", "pad_token": "<pad>"}))
+    torch.manual_seed(seed)
+    config = M2M100Config(
+        vocab_size=len(vocab) + len(NLLB_CODES), d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        scale_embedding=True, activation_function="relu", init_std=0.2,
+    )
+    model = M2M100ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # LayerNorms start at ones and zeros: spread them so a misplaced norm shows
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 0, "decoder_start_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "max_length": 64}))
+    return folder
+
+
 # ---------------------------------------------------------------- T5
 def make_t5_folder(folder: Path, gated: bool = False, tie: bool = True, seed: int = 0) -> Path:
     """T5 folder with spiece.model (pad=0, eos=1, unk=2) and 100 sentinels after the pieces."""

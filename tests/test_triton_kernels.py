@@ -623,6 +623,37 @@ def test_translation_graph_buffers_with_interpreted_kernels_equal_reference(kind
     assert graphed.block_manager.num_free_blocks == 160
 
 
+@interpreted
+def test_nllb_forced_language_with_graph_buffers_equals_reference(tmp_path):
+    """NLLB's first decoder step holds two tokens (start, forced target code) and runs eagerly; the
+    single-token steps after it replay the graph path; greedy and beams equal the torch reference."""
+    from engine.config import CacheConfig, EngineConfig
+    from engine.translation_engine import TranslationEngine
+    from tests.encdec_fixtures import make_nllb_folder
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = make_nllb_folder(tmp_path / "nllb")
+
+    def engine(**kwargs) -> TranslationEngine:
+        return TranslationEngine.from_config(EngineConfig(model=str(folder), cache=CacheConfig(block_size=4, num_blocks=96),
+                                                          **kwargs))
+
+    graphed, reference = engine(attention_backend="triton", decode_graphs=True, max_graph_batch=4), \
+        engine(attention_backend="torch")
+    replays: list[int] = []
+    run = graphed.runner.graphs.run
+    graphed.runner.graphs.run = lambda *a: replays.append(len(a[0])) or run(*a)
+    tok = reference.tokenizer
+    srcs = [tok.encode_source(" ".join(tok.id_to_token(i) for i in ids), "eng_Latn") for ids in ((5, 9), (20, 7, 31, 8))]
+    forced = (tok.language_codes["fra_Latn"],)
+    for beams in (1, 2):
+        tokens = [[o.outputs[0].token_ids for o in e.translate(srcs, e.default_params(max_tokens=8, num_beams=beams),
+                                                                forced_prefix=forced)] for e in (graphed, reference)]
+        assert tokens[0] == tokens[1] and all(t[0] == forced[0] for t in tokens[0]), beams
+    assert replays  # the steps after the first went through the graph buffers
+    assert graphed.block_manager.num_free_blocks == 96
+
+
 def generate_counting_gemv_rows(llm, prompts, params, monkeypatch) -> tuple[list, set[int]]:
     """The outputs, and the row counts the Triton GEMV was launched with meanwhile."""
     from engine.fused import triton_gemv

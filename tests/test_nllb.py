@@ -1,0 +1,150 @@
+"""M2M100 / NLLB-200 vs transformers: a tiny M2M100 with an NLLB-style tokenizer.json. Encoder states and
+decoder logits (pre-LN blocks, final norms, fairseq positions), greedy and beam translations with the
+target language forced as the first output token (HF's forced_bos_token_id), the tokenizer's source
+layout, and /v1/translations with source_lang / target_lang."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from engine.errors import InvalidRequestError  # noqa: E402
+from engine.translation_engine import TranslationEngine  # noqa: E402
+from models.encdec_tokenizer import LanguageCodeTokenizer  # noqa: E402
+from models.marian import MarianMTModel, fairseq_positions  # noqa: E402
+from tests.encdec_fixtures import NLLB_CODES, decoder_logits, encode_batch, load_folder, make_nllb_folder  # noqa: E402
+
+ATOL = 2e-5
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def nllb(tmp_path_factory):
+    from transformers import AutoModelForSeq2SeqLM
+
+    folder = make_nllb_folder(tmp_path_factory.mktemp("nllb") / "tiny-nllb")
+    return folder, load_folder(MarianMTModel, folder), AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+
+
+def _random_seqs(lens: list[int], vocab: int, seed: int) -> list[list[int]]:
+    """Ordinary tokens only (ids 4 and up): HF gives a pad token inside a sequence a zero position."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def _padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    return (torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+            torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]))
+
+
+def test_fairseq_positions_match_hf_table():
+    from transformers.models.m2m_100.modeling_m2m_100 import M2M100SinusoidalPositionalEmbedding
+
+    for dim in (32, 33):
+        table = M2M100SinusoidalPositionalEmbedding.get_embedding(300 + 2, dim, padding_idx=1)
+        assert torch.equal(fairseq_positions(torch.arange(300), dim, padding_idx=1), table[2:])
+
+
+def test_encoder_and_decoder_logits_match_hf(nllb):
+    _, ours, hf = nllb
+    c = ours.config
+    assert c.pre_norm and ours.model.encoder.layer_norm is not None
+    src = _random_seqs([5, 11, 1, 8], c.vocab_size, seed=1)
+    ids, mask = _padded(src, c.pad_token_id)
+    with torch.no_grad():
+        expected = hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+    assert (encode_batch(ours, src) - expected).abs().max() <= ATOL
+    tgt = [[c.decoder_start_token_id] + s for s in _random_seqs([4, 9, 1, 3], c.vocab_size, seed=3)]
+    dec, dec_mask = _padded(tgt, c.pad_token_id)
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+    assert (decoder_logits(ours, src, tgt) - out.logits[dec_mask.bool()]).abs().max() <= ATOL
+
+
+def test_tokenizer_source_layout(nllb):
+    folder, _, _ = nllb
+    tok = MarianMTModel.load_tokenizer(folder)
+    assert isinstance(tok, LanguageCodeTokenizer) and set(tok.language_codes) == set(NLLB_CODES)
+    text = " ".join(tok.id_to_token(i) for i in (4, 9, 30, 7))  # words of the vocabulary
+    words = tok.encode(text, add_special_tokens=False)
+    assert words == [4, 9, 30, 7] and tok.encode(text) == [tok.language_codes["eng_Latn"], *words, 2]  # saved default
+    assert tok.encode_source(text, "fra_Latn") == [tok.language_codes["fra_Latn"], *words, 2]
+    assert tok.encode_source(text, None) == tok.encode(text)
+    assert tok.decode([tok.language_codes["deu_Latn"], *words, 2]) == text  # codes are special: skipped
+
+
+def _engine(folder) -> TranslationEngine:
+    return TranslationEngine.from_config(EngineConfig(
+        model=str(folder), cache=CacheConfig(block_size=4, num_blocks=300),
+        scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=32),
+    ))
+
+
+@pytest.mark.parametrize("beams", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, length_penalty=0.5)])
+def test_forced_target_language_matches_hf_generate(nllb, beams):
+    folder, _, hf = nllb
+    engine = _engine(folder)
+    tok = engine.tokenizer
+    srcs = [tok.encode_source(t, "eng_Latn") for t in ("the quick brown fox", "a red house on the river", "city")]
+    srcs += [[tok.language_codes["deu_Latn"], *s, 2] for s in _random_seqs([3, 7], hf.config.vocab_size, seed=5)]
+    outputs = {}
+    for lang in ("fra_Latn", "deu_Latn"):
+        code = tok.language_codes[lang]
+        outs = engine.translate(srcs, engine.default_params(max_tokens=MAX_NEW, **beams), forced_prefix=(code,))
+        ids, mask = _padded(srcs, 1)
+        with torch.no_grad():
+            rows = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+                               forced_bos_token_id=code, **beams).tolist()
+        expected = [r[1:][: r[1:].index(2) + 1] if 2 in r[1:] else r[1:] for r in rows]
+        got = [o.outputs[0].token_ids for o in outs]
+        assert got == expected
+        assert all(g[0] == code for g in got)  # the forced code is the first output token, as in HF
+        assert all(o.outputs[0].text == tok.decode(o.outputs[0].token_ids) for o in outs)
+        outputs[lang] = got
+    assert outputs["fra_Latn"] != outputs["deu_Latn"]  # the forced code steers the rest
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_forced_prefix_counts_against_max_tokens(nllb):
+    folder, _, _ = nllb
+    engine = _engine(folder)
+    code = engine.tokenizer.language_codes["fra_Latn"]
+    src = engine.tokenizer.encode_source("city", "eng_Latn")
+    with pytest.raises(InvalidRequestError, match="forced target-language"):
+        engine.translate([src], engine.default_params(max_tokens=1), forced_prefix=(code,))
+    out = engine.translate([src], engine.default_params(max_tokens=2, num_beams=1), forced_prefix=(code,))[0]
+    assert len(out.outputs[0].token_ids) <= 2 and out.outputs[0].token_ids[0] == code
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_translations_endpoint_with_language_codes(nllb):
+    """source_lang leads the input, target_lang is forced; unknown codes and a missing target_lang
+    (the folder's generation_config names no forced_bos_token_id) are 400s naming the field."""
+    import httpx
+
+    from tests.server_helpers import serve
+
+    folder, _, _ = nllb
+    engine, offline = _engine(folder), _engine(folder)
+    tok = offline.tokenizer
+    text = " ".join(tok.id_to_token(i) for i in (5, 12, 40))
+    with serve({engine.info.name: engine}) as url:
+        def post(**body) -> httpx.Response:
+            return httpx.post(f"{url}/v1/translations", json={"model": engine.info.name} | body, timeout=60)
+
+        r = post(input=[text, text], source_lang="deu_Latn", target_lang="fra_Latn", num_beams=1, max_tokens=8)
+        assert r.status_code == 200, r.text
+        want = offline.translate([tok.encode_source(text, "deu_Latn")], offline.default_params(num_beams=1, max_tokens=8),
+                                 forced_prefix=(tok.language_codes["fra_Latn"],))[0].outputs[0]
+        assert [d["translation"] for d in r.json()["data"]] == [want.text, want.text]
+        assert r.json()["usage"]["completion_tokens"] == 2 * len(want.token_ids)
+        for body, param in [({"target_lang": "xxx_Yyyy"}, "target_lang"), ({"source_lang": "fr"}, "source_lang"),
+                            ({}, "target_lang"), ({"target_lang": "fra_Latn", "max_tokens": 1}, "max_tokens")]:
+            r = post(input=text, **body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
