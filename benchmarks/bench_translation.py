@@ -6,9 +6,13 @@ batch). Each engine runs in its own process, so the reported peak RSS is its own
 
     python benchmarks/bench_translation.py [--model FOLDER] [--num-sentences 500] [--engines kvserve,hf,ct2]
     python benchmarks/bench_translation.py --engines http-kvserve,http-ct2   # concurrent HTTP clients
+    python benchmarks/bench_translation.py --shape nllb --num-sentences 64 --max-tokens 32  # NLLB-600M's shape
 
 Without --model a random Marian of opus-mt-en-de's shape (with a SentencePiece tokenizer trained in
 seconds) is built in a temp dir; a random model rarely emits eos, so it translates up to --max-tokens.
+`--shape nllb` builds a random M2M100 of nllb-200-distilled-600M's shape instead, and every engine
+forces the target language (fra_Latn) as NLLB is run: kvserve's forced prefix, transformers'
+forced_bos_token_id, CTranslate2's target_prefix.
 """
 from __future__ import annotations
 
@@ -32,10 +36,22 @@ def sentences(num: int) -> list[str]:
     return corpus(num_lines=num, seed=1)
 
 
-def build_default_model() -> str:
+TARGET = "fra_Latn"  # the forced target language of NLLB runs
+
+
+def build_default_model(shape: str = "marian") -> str:
     """A random Marian of opus-mt-en-de's shape (d_model 512, 6+6 layers, 8 heads, FFN 2048, vocab
-    58101): the cost per token of the real checkpoint, without a download."""
-    from tests.encdec_fixtures import make_marian_folder
+    58101): the cost per token of the real checkpoint, without a download. "nllb": an M2M100 of
+    nllb-200-distilled-600M's (d_model 1024, 12+12 layers, 16 heads, FFN 4096, vocab 256206)."""
+    from tests.encdec_fixtures import NLLB_CODES, make_marian_folder, make_nllb_folder
+
+    if shape == "nllb":
+        folder = Path(tempfile.mkdtemp(prefix="kvserve-nllb-")) / "random-nllb-600m-shape"
+        return str(make_nllb_folder(
+            folder, d_model=1024, extra_vocab=256_206 - 154 - len(NLLB_CODES), encoder_layers=12, decoder_layers=12,
+            encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096,
+            max_position_embeddings=1024,
+        ))
 
     folder = Path(tempfile.mkdtemp(prefix="kvserve-marian-")) / "random-marian-opus-shape"
     return str(make_marian_folder(
@@ -53,12 +69,14 @@ def run_kvserve(folder: str, texts: list[str], max_tokens: int) -> dict:
         scheduler=SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=256),
     ))
     sources = [engine.tokenizer.encode(t) for t in texts]
+    codes = getattr(engine.tokenizer, "language_codes", {})
+    forced = (codes[TARGET],) if codes else ()
     out = {}
     for beams in BEAMS:
         params = engine.default_params(num_beams=beams, max_tokens=max_tokens)
-        engine.translate(sources[:4], params)  # warm-up
+        engine.translate(sources[:4], params, forced_prefix=forced)  # warm-up
         start = time.perf_counter()
-        results = engine.translate(sources, params)
+        results = engine.translate(sources, params, forced_prefix=forced)
         out[beams] = {"seconds": time.perf_counter() - start,
                       "tokens": sum(len(r.outputs[0].token_ids) for r in results)}
     return out
@@ -73,6 +91,8 @@ def run_hf(folder: str, texts: list[str], max_tokens: int, batch_size: int = 32)
     tok = load_model(folder).tokenizer  # same ids as kvserve (HF's MarianTokenizer wants sacremoses)
     model = AutoModelForSeq2SeqLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     pad = model.config.pad_token_id
+    codes = getattr(tok, "language_codes", {})
+    forced = {"forced_bos_token_id": codes[TARGET]} if codes else {}
     sources = sorted((tok.encode(t) for t in texts), key=len)  # similar lengths together: less padding
 
     def generate(batch: list[list[int]], beams: int) -> int:
@@ -81,7 +101,7 @@ def run_hf(folder: str, texts: list[str], max_tokens: int, batch_size: int = 32)
         mask = (ids != pad).long()
         with torch.inference_mode():
             res = model.generate(input_ids=ids, attention_mask=mask, num_beams=beams, do_sample=False,
-                                 max_new_tokens=max_tokens)
+                                 max_new_tokens=max_tokens, **forced)
         return int((res[:, 1:] != pad).sum())
 
     out = {}
@@ -103,13 +123,14 @@ def run_ct2(folder: str, texts: list[str], max_tokens: int, batch_size: int = 32
     translator = ctranslate2.Translator(str(out_dir), device="cpu", compute_type="float32", intra_threads=0)
     tok = load_model(folder).tokenizer
     sources = [[tok.id_to_token(i) for i in tok.encode(t)] for t in texts]
+    prefix = {"target_prefix": [[TARGET]] * len(texts)} if getattr(tok, "language_codes", None) else {}
     out = {}
     for beams in BEAMS:
         kwargs = dict(beam_size=beams, max_decoding_length=max_tokens, max_batch_size=batch_size,
                       batch_type="examples")
-        translator.translate_batch(sources[:4], **kwargs)
+        translator.translate_batch(sources[:4], **kwargs, **{k: v[:4] for k, v in prefix.items()})
         start = time.perf_counter()
-        res = translator.translate_batch(sources, **kwargs)
+        res = translator.translate_batch(sources, **kwargs, **prefix)
         out[beams] = {"seconds": time.perf_counter() - start, "tokens": sum(len(r.hypotheses[0]) for r in res)}
     return out
 
@@ -169,6 +190,7 @@ LABELS = {"kvserve": "kvserve TranslationEngine (continuous batching)", "hf": "t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="Marian HF folder (default: a small random one built in a temp dir)")
+    ap.add_argument("--shape", default="marian", choices=["marian", "nllb"], help="the random model's shape")
     ap.add_argument("--num-sentences", type=int, default=500)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--engines", default="kvserve,hf,ct2")
@@ -178,7 +200,7 @@ def main() -> None:
         result = RUNNERS[args.child](args.model, sentences(args.num_sentences), args.max_tokens)
         print(json.dumps({"beams": result, "peak_rss_mib": peak_rss_mib()}))
         return
-    folder = args.model or build_default_model()
+    folder = args.model or build_default_model(args.shape)
     rows, http_rows = [], []
     for name in args.engines.split(","):
         line = run_child([sys.executable, __file__, "--child", name, "--model", folder, "--num-sentences",

@@ -109,15 +109,18 @@ def make_marian_folder(
 NLLB_CODES = ("eng_Latn", "fra_Latn", "deu_Latn")
 
 
-def make_nllb_folder(folder: Path, seed: int = 0) -> Path:
+def make_nllb_folder(folder: Path, seed: int = 0, d_model: int = 32, extra_vocab: int = 0,
+                     **config_overrides: int) -> Path:
     """NLLB-200-like folder: an M2M100 model (pre-LN, fairseq positions, tied, ReLU) and a tokenizer.json
     whose vocabulary is <s>=0, <pad>=1, </s>=2, <unk>=3, the corpus' words, then the language codes as
-    special tokens, with NLLB's layout `eng_Latn pieces </s>` as its saved default."""
+    special tokens, with NLLB's layout `eng_Latn pieces </s>` as its saved default. `extra_vocab`
+    unused words and `config_overrides` build a real checkpoint's shape for the benchmarks."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import M2M100Config, M2M100ForConditionalGeneration
 
     folder.mkdir(parents=True, exist_ok=True)
     words = sorted({w for line in corpus(seed=seed) for w in line.split()})[:150]
+    words += [f"<extra_{i}>" for i in range(extra_vocab)]
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3} | {w: i + 4 for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -126,14 +129,16 @@ def make_nllb_folder(folder: Path, seed: int = 0) -> Path:
     tok.post_processor = processors.TemplateProcessing(
         single="eng_Latn $A </s>", special_tokens=[("eng_Latn", code), ("</s>", 2)])
     tok.save(str(folder / "tokenizer.json"))
+    # a WordLevel tokenizer, so transformers (and CTranslate2's converter) read it as a plain fast one
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "NllbTokenizer", "src_lang": "eng_Latn", "eos_token": "</s>", "pad_token": "<pad>"}))
+        "tokenizer_class": "PreTrainedTokenizerFast", "src_lang": "eng_Latn", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "additional_special_tokens": list(NLLB_CODES)}))
     torch.manual_seed(seed)
+    shape = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128) | config_overrides
     config = M2M100Config(
-        vocab_size=len(vocab) + len(NLLB_CODES), d_model=32, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-        scale_embedding=True, activation_function="relu", init_std=0.2,
+        vocab_size=len(vocab) + len(NLLB_CODES), d_model=d_model, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, scale_embedding=True, activation_function="relu", init_std=0.2, **shape,
     )
     model = M2M100ForConditionalGeneration(config).eval()
     with torch.no_grad():  # LayerNorms start at ones and zeros: spread them so a misplaced norm shows
