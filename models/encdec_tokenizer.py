@@ -277,14 +277,15 @@ class JsonTokenizer:
         return clean_up_tokenization(text) if self.clean_up_spaces else text
 
 
-# NLLB-200's codes (eng_Latn, zho_Hans) and M2M100's (__en__, __zh__)
-_LANGUAGE_CODE = re.compile(r"^(?:[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__)$")
+# NLLB-200's codes (eng_Latn, zho_Hans), M2M100's (__en__, __zh__) and mBART-50's (en_XX, zh_CN)
+_LANGUAGE_CODE = re.compile(r"^(?:[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__|[a-z]{2}_[A-Z]{2})$")
 
 
 class LanguageCodeTokenizer(JsonTokenizer):
-    """NLLB-200's tokenizer.json with its language codes: HF NllbTokenizerFast's source layout
-    `[source code] pieces </s>` (`legacy_behaviour`: `pieces </s> [source code]`). A source with no
-    language named keeps the layout the folder's tokenizer.json was saved with (its src_lang)."""
+    """NLLB-200's or mBART-50's tokenizer.json with its language codes: HF NllbTokenizerFast's and
+    MBart50TokenizerFast's source layout `[source code] pieces </s>` (NLLB's `legacy_behaviour`:
+    `pieces </s> [source code]`). A source with no language named keeps the layout the folder's
+    tokenizer.json was saved with (its src_lang)."""
 
     def __init__(self, path: Path, eos_token: str, pad_token: str, clean_up_spaces: bool = False,
                  legacy: bool = False) -> None:

@@ -1,6 +1,7 @@
-"""MarianMT (Helsinki-NLP opus-mt) and M2M100 / NLLB-200 encoder-decoders, with HF attribute names so
-checkpoint keys load unchanged. M2M100 (NLLB's architecture) is Marian's blocks with the norms first
-(pre-LN, plus a final norm after each stack), fairseq's sinusoidal positions and no logits bias.
+"""MarianMT (Helsinki-NLP opus-mt), M2M100 / NLLB-200 and mBART-50 encoder-decoders, with HF attribute
+names so checkpoint keys load unchanged. M2M100 (NLLB's architecture) is Marian's blocks with the norms
+first (pre-LN, plus a final norm after each stack), fairseq's sinusoidal positions and no logits bias;
+mBART is pre-LN too, with learned positions (offset by 2) and a LayerNorm over the embeddings.
 
 Encoder-decoder interface (shared with models/t5.py; the engine drives it, flat batches, no batch dim):
   encode(input_ids (T,), positions (T,), ctx) -> encoder hidden (T, d_model)
@@ -63,13 +64,16 @@ class MarianConfig:
     pad_token_id: int
     decoder_start_token_id: int
     eos_token_id: int
-    pre_norm: bool = False  # M2M100: x + f(LN(x)) and a LayerNorm after each stack; Marian: LN(x + f(x))
+    pre_norm: bool = False  # M2M100, mBART: x + f(LN(x)) and a LayerNorm after each stack; Marian: LN(x + f(x))
+    learned_positions: bool = False  # mBART: embed_positions rows 2.. (HF's offset); else sinusoids
 
     @classmethod
     def from_hf(cls, cfg: dict) -> MarianConfig:
         if cfg.get("activation_function", "gelu") not in ACTIVATIONS:
             raise ValueError(f"unsupported Marian activation_function {cfg['activation_function']!r}")
-        m2m = cfg.get("model_type") == "m2m_100" or "M2M100ForConditionalGeneration" in (cfg.get("architectures") or [])
+        archs = cfg.get("architectures") or []
+        m2m = cfg.get("model_type") == "m2m_100" or "M2M100ForConditionalGeneration" in archs
+        mbart = cfg.get("model_type") == "mbart" or "MBartForConditionalGeneration" in archs
         pad = cfg.get("pad_token_id", 58100)
         eos = cfg.get("eos_token_id", 0)
         return cls(
@@ -90,7 +94,8 @@ class MarianConfig:
             pad_token_id=pad,
             decoder_start_token_id=cfg.get("decoder_start_token_id", pad),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            pre_norm=m2m,
+            pre_norm=m2m or mbart,
+            learned_positions=mbart,
         )
 
     @property
@@ -219,6 +224,14 @@ class MarianDecoderLayer(nn.Module):
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
 
 
+def add_learned_positions(stack: nn.Module, config: MarianConfig) -> None:
+    """mBART's per-stack position table (2 rows of offset first, as HF keeps them) and embedding norm."""
+    stack.embed_positions = stack.layernorm_embedding = None
+    if config.learned_positions:
+        stack.embed_positions = nn.Embedding(config.max_position_embeddings + 2, config.d_model)
+        stack.layernorm_embedding = nn.LayerNorm(config.d_model)
+
+
 class MarianEncoder(nn.Module):
     def __init__(self, config: MarianConfig) -> None:
         super().__init__()
@@ -226,6 +239,7 @@ class MarianEncoder(nn.Module):
             self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(MarianEncoderLayer(config) for _ in range(config.encoder_layers))
         self.layer_norm = nn.LayerNorm(config.d_model) if config.pre_norm else None
+        add_learned_positions(self, config)
 
 
 class MarianDecoder(nn.Module):
@@ -235,6 +249,7 @@ class MarianDecoder(nn.Module):
             self.embed_tokens = nn.Embedding(config.decoder_vocab_size, config.d_model)
         self.layers = nn.ModuleList(MarianDecoderLayer(config) for _ in range(config.decoder_layers))
         self.layer_norm = nn.LayerNorm(config.d_model) if config.pre_norm else None
+        add_learned_positions(self, config)
 
 
 class MarianModel(nn.Module):
@@ -276,16 +291,19 @@ class MarianMTModel(nn.Module):
         m = self.model
         return m.shared if self.config.share_encoder_decoder_embeddings else m.decoder.embed_tokens
 
-    def _embed(self, embed: nn.Embedding, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _embed(self, stack: nn.Module, embed: nn.Embedding, input_ids: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
         c = self.config
         x = embed(input_ids) * c.embed_scale
+        if stack.embed_positions is not None:  # mBART
+            return stack.layernorm_embedding(x + stack.embed_positions(positions + 2))
         if c.pre_norm:  # M2M100's table; a pad token inside a sequence gets HF's zero row only there
             return x + fairseq_positions(positions, c.d_model, c.pad_token_id).to(x.dtype)
         return x + sinusoidal_positions(positions, c.d_model).to(x.dtype)
 
     # ---- encoder-decoder API ----
     def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self._embed(self.encoder_embed, input_ids, positions)
+        x = self._embed(self.model.encoder, self.encoder_embed, input_ids, positions)
         for i, layer in enumerate(self.model.encoder.layers):
             x = layer(x, ctx, i)
         norm = self.model.encoder.layer_norm
@@ -311,7 +329,7 @@ class MarianMTModel(nn.Module):
         self_ctx: ForwardContext,
         cross_ctx: ForwardContext,
     ) -> torch.Tensor:
-        x = self._embed(self.decoder_embed, input_ids, positions)
+        x = self._embed(self.model.decoder, self.decoder_embed, input_ids, positions)
         for i, layer in enumerate(self.model.decoder.layers):
             x = layer(x, self_ctx, cross_ctx, i)
         norm = self.model.decoder.layer_norm
@@ -332,7 +350,7 @@ class MarianMTModel(nn.Module):
     # ---- loader hooks ----
     def rename_weight(self, name: str) -> str | None:
         """Checkpoint key -> module key; None for keys we know and do not load."""
-        if ".embed_positions." in name:
+        if ".embed_positions." in name and not self.config.learned_positions:
             return None  # old checkpoints store the sinusoid table; we compute it
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None  # tied to the decoder embedding

@@ -62,6 +62,7 @@ _ENTRIES: dict[str, ModelEntry] = {
     "DistilBertForSparseEmbedding": ModelEntry("models.distilbert", "DistilBertForSparseEmbedding", Task.EMBED),
     "MarianMTModel": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),
     "M2M100ForConditionalGeneration": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),  # NLLB-200
+    "MBartForConditionalGeneration": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),  # mBART-50
     "T5ForConditionalGeneration": ModelEntry("models.t5", "T5ForConditionalGeneration", Task.TRANSLATE),
 }
 

@@ -107,16 +107,24 @@ def make_marian_folder(
 
 # ---------------------------------------------------------------- NLLB (M2M100)
 NLLB_CODES = ("eng_Latn", "fra_Latn", "deu_Latn")
+MBART_CODES = ("en_XX", "fr_XX", "de_DE")
 
 
-def make_nllb_folder(folder: Path, seed: int = 0, d_model: int = 32, extra_vocab: int = 0,
+def language_codes(family: str) -> tuple[str, str, str]:
+    """The fixture's (English, French, German) codes of `family` ("nllb" or "mbart")."""
+    return NLLB_CODES if family == "nllb" else MBART_CODES
+
+
+def make_nllb_folder(folder: Path, seed: int = 0, d_model: int = 32, extra_vocab: int = 0, family: str = "nllb",
                      **config_overrides: int) -> Path:
     """NLLB-200-like folder: an M2M100 model (pre-LN, fairseq positions, tied, ReLU) and a tokenizer.json
     whose vocabulary is <s>=0, <pad>=1, </s>=2, <unk>=3, the corpus' words, then the language codes as
     special tokens, with NLLB's layout `eng_Latn pieces </s>` as its saved default. `extra_vocab`
-    unused words and `config_overrides` build a real checkpoint's shape for the benchmarks."""
+    unused words and `config_overrides` build a real checkpoint's shape for the benchmarks.
+    family="mbart": an mBART-50-like folder instead (learned positions, embedding norm, GELU, a
+    logits bias), its codes en_XX, fr_XX, de_DE."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import M2M100Config, M2M100ForConditionalGeneration
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, MBartConfig, MBartForConditionalGeneration
 
     folder.mkdir(parents=True, exist_ok=True)
     words = sorted({w for line in corpus(seed=seed) for w in line.split()})[:150]
@@ -124,27 +132,31 @@ def make_nllb_folder(folder: Path, seed: int = 0, d_model: int = 32, extra_vocab
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3} | {w: i + 4 for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>", *NLLB_CODES])
-    code = len(vocab)
+    codes = language_codes(family)
+    tok.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>", *codes])
     tok.post_processor = processors.TemplateProcessing(
-        single="eng_Latn $A </s>", special_tokens=[("eng_Latn", code), ("</s>", 2)])
+        single=f"{codes[0]} $A </s>", special_tokens=[(codes[0], len(vocab)), ("</s>", 2)])
     tok.save(str(folder / "tokenizer.json"))
     # a WordLevel tokenizer, so transformers (and CTranslate2's converter) read it as a plain fast one
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "src_lang": "eng_Latn", "bos_token": "<s>", "eos_token": "</s>",
-        "pad_token": "<pad>", "unk_token": "<unk>", "additional_special_tokens": list(NLLB_CODES)}))
+        "tokenizer_class": "PreTrainedTokenizerFast", "src_lang": codes[0], "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "additional_special_tokens": list(codes)}))
     torch.manual_seed(seed)
     shape = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
                  encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128) | config_overrides
-    config = M2M100Config(
-        vocab_size=len(vocab) + len(NLLB_CODES), d_model=d_model, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        decoder_start_token_id=2, scale_embedding=True, activation_function="relu", init_std=0.2, **shape,
+    config_cls, model_cls, act = (M2M100Config, M2M100ForConditionalGeneration, "relu") if family == "nllb" else \
+        (MBartConfig, MBartForConditionalGeneration, "gelu")
+    config = config_cls(
+        vocab_size=len(vocab) + len(codes), d_model=d_model, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, scale_embedding=True, activation_function=act, init_std=0.2, **shape,
     )
-    model = M2M100ForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     with torch.no_grad():  # LayerNorms start at ones and zeros: spread them so a misplaced norm shows
         for name, p in model.named_parameters():
-            if "layer_norm" in name:
+            if "layer_norm" in name or "layernorm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
+        if family == "mbart":
+            model.final_logits_bias.normal_(0, 0.5)
     model.save_pretrained(folder)
     (folder / "generation_config.json").write_text(json.dumps({
         "bos_token_id": 0, "decoder_start_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "max_length": 64}))
