@@ -57,6 +57,8 @@ _ENTRIES: dict[str, ModelEntry] = {
     "XLMRobertaForSequenceClassification": ModelEntry(
         "models.bert_classification", "RobertaForSequenceClassification", Task.CLASSIFY),
     "DistilBertModel": ModelEntry("models.distilbert", "DistilBertModel", Task.EMBED),
+    "ModernBertModel": ModelEntry("models.modernbert", "ModernBertModel", Task.EMBED),
+    "ModernBertForMaskedLM": ModelEntry("models.modernbert", "ModernBertModel", Task.EMBED),
     "DistilBertForMaskedLM": ModelEntry("models.distilbert", "DistilBertModel", Task.EMBED),
     "BertForSparseEmbedding": ModelEntry("models.bert_splade", "BertForSparseEmbedding", Task.EMBED),
     "DistilBertForSparseEmbedding": ModelEntry("models.distilbert", "DistilBertForSparseEmbedding", Task.EMBED),

@@ -246,3 +246,25 @@ def test_sliding_window_is_refused_for_bidirectional_attention():
                                                  variant=AttentionVariant(window=2))
     with pytest.raises(ValueError, match="window must be >= 1"):
         AttentionVariant(window=0)
+
+
+@pytest.mark.parametrize("radius", [1, 3, 30])
+def test_bidirectional_radius_equals_dense(radius):
+    """ModernBERT's local layers: |key - query| <= radius, per sequence of a ragged varlen batch."""
+    from engine.attention.metadata import AttentionVariant
+
+    torch.manual_seed(2)
+    lens = [6, 1, 17, 9]
+    qs, ks, vs = ([torch.randn(n, h, 8) for n in lens] for h in (4, 2, 2))
+    out = TorchAttentionBackend().varlen_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs),
+                                                   metadata_for_sequences(lens, causal=False), 0.5,
+                                                   variant=AttentionVariant(radius=radius))
+    refs = []
+    for q, k, v in zip(qs, ks, vs):
+        s = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(2, 1)) * 0.5
+        far = (torch.arange(len(k))[None, :] - torch.arange(len(q))[:, None]).abs() > radius
+        refs.append(torch.einsum("hqk,khd->qhd", s.masked_fill(far, float("-inf")).softmax(-1), v.repeat_interleave(2, 1)))
+    torch.testing.assert_close(out, torch.cat(refs), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="bidirectional attention only"):
+        TorchAttentionBackend().varlen_attention(qs[0], ks[0], vs[0], metadata_for_sequences([6]), 0.5,
+                                                 variant=AttentionVariant(radius=radius))

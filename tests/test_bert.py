@@ -25,7 +25,7 @@ def _flat(seqs: list[torch.Tensor]):
     return ids, positions, ctx, lens
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta", "distilbert"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta", "distilbert", "modernbert"])
 def test_hidden_states_match_transformers_on_ragged_batch(kind, tmp_path):
     hf = save_tiny_encoder(kind, tmp_path / kind)
     ours = load_model(str(tmp_path / kind))

@@ -219,7 +219,7 @@ def test_tiny_translation_on_gpu_equals_cpu(kind, tmp_path):
     assert engines["cuda"].block_manager.num_free_blocks == engines["cuda"].num_blocks
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "modernbert"])
 def test_tiny_encoders_on_gpu_equal_cpu(kind, tmp_path):
     """Encoder-only on the Triton backend (flat varlen batches, non-causal): in fp32 the pooled
     embeddings equal the CPU reference's; in bf16 (`serve`'s GPU default) they stay within its

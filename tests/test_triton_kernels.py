@@ -294,6 +294,8 @@ def compile_for_hopper() -> dict[str, dict[str, int]]:
         "prefill_window_softcap": (triton_kernels._prefill_kernel, dict(prefill, PAGED=True, CAUSAL=True,
                                                                         HAS_BIAS=False, **gemma2)),
         "decode_window_softcap": (triton_kernels._decode_kernel, dict(decode, HAS_BIAS=False, **gemma2)),
+        "prefill_varlen_radius": (triton_kernels._prefill_kernel, dict(prefill, PAGED=False, CAUSAL=False,
+                                                                       HAS_BIAS=False, HAS_WINDOW=True)),
         "decode_reduce_window": (triton_kernels._decode_reduce_kernel, dict(reduce, HAS_WINDOW=True)),
         "rotary_store_kv": (triton_ops._rotary_store_kv_kernel, dict(BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=64)),
         # the GEMV's largest tiles: 16 x 256 (SmolLM2's K) and 4 x 1,024 (Llama-1B's)
@@ -353,7 +355,7 @@ def test_kernels_compile_for_hopper_without_register_spills():
     assert report["prefill_paged_causal"]["HGMMA"] > 0  # wgmma, not the pre-Hopper mma path
     for name in ("gemv_norm", "gemv_silu_mul", "gemv_qkv_rotary", "gemv_qkv_rotary_1b", "pdl_gemv", "pdl_qkv"):
         assert report[name]["LDG.E.128"] > 0, name  # 16-byte weight loads
-    assert report["prefill_window_softcap"]["HGMMA"] > 0
+    assert report["prefill_window_softcap"]["HGMMA"] > 0 and report["prefill_varlen_radius"]["HGMMA"] > 0
     for name in ("prefill_paged_causal", "prefill_varlen_bias", "decode_split_bias", "pdl_decode",
                  "prefill_window_softcap", "decode_window_softcap"):
         assert report[name]["LDGSTS.E.BYPASS.128"] > 0, name  # K/V tiles copied 16 bytes at a time, pipelined
@@ -873,3 +875,22 @@ def test_sliding_window_and_softcap_equal_reference(window, softcap, split):
     flat = metadata_for_sequences(news)
     out = backend.varlen_attention(q, k, v, flat, 0.4, variant=variant)
     assert rel_err(out, ref_backend.varlen_attention(q, k, v, flat, 0.4, variant=variant)) < 1e-3
+
+
+@interpreted
+@pytest.mark.parametrize("radius", [1, 4, 20])
+def test_bidirectional_local_radius_equals_reference(radius):
+    """ModernBERT's local layers: each token sees the keys within `radius` on either side, over row
+    tiles whose first and last rows bound different key ranges (and a tile no row of which sees)."""
+    from engine.attention.metadata import AttentionVariant
+
+    torch.manual_seed(4)
+    lens = [5, 37, 1, 22]
+    t = sum(lens)
+    q, k, v = torch.randn(t, 4, 16) * 3, torch.randn(t, 2, 16), torch.randn(t, 2, 16)
+    meta = metadata_for_sequences(lens, causal=False)
+    variant = AttentionVariant(radius=radius)
+    out = TritonAttentionBackend(**SMALL).varlen_attention(q, k, v, meta, 0.3, variant=variant)
+    ref = TorchAttentionBackend().varlen_attention(q, k, v, meta, 0.3, variant=variant)
+    assert rel_err(out, ref) < 1e-3
+    assert rel_err(TorchAttentionBackend().varlen_attention(q, k, v, meta, 0.3), ref) > 1e-2

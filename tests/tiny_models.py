@@ -129,9 +129,10 @@ TINY_ENCODER = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_att
 
 
 def save_tiny_encoder(kind: str, folder: Path, **overrides):
-    """kind: bert, roberta, xlm-roberta, distilbert; returns the HF model (eval) saved to `folder` (no tokenizer)."""
-    from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel,
-                              XLMRobertaConfig, XLMRobertaModel)
+    """kind: bert, roberta, xlm-roberta, distilbert, modernbert (local layers of radius 4); returns the HF
+    model (eval) saved to `folder` (no tokenizer)."""
+    from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, ModernBertConfig,
+                              ModernBertModel, RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel)
 
     torch.manual_seed(0)
     if kind == "bert":
@@ -146,6 +147,9 @@ def save_tiny_encoder(kind: str, folder: Path, **overrides):
                                n_heads=t["num_attention_heads"], hidden_dim=t["intermediate_size"],
                                max_position_embeddings=64)
         cls = DistilBertModel
+    elif kind == "modernbert":
+        cfg = ModernBertConfig(max_position_embeddings=64, local_attention=8, pad_token_id=0, **TINY_ENCODER)
+        cls = ModernBertModel
     else:
         cfg = XLMRobertaConfig(max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, **TINY_ENCODER)
         cls = XLMRobertaModel

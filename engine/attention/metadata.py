@@ -59,17 +59,22 @@ class AttentionVariant:
     """One layer's changes to plain softmax attention, as HF's attention functions take them.
 
     `window`: a query at position p sees keys p - window + 1 .. p only (HF's sliding_window:
-    Mistral, Gemma 2/3's local layers); causal attention only. `softcap`: scores (already
-    scaled) become softcap * tanh(score / softcap) before the softmax (Gemma 2). A layer holds
-    one for its lifetime, so kernels specialise on it and a captured graph keeps it.
+    Mistral, Gemma 2/3's local layers); causal attention only. `radius`: a query at p sees keys
+    p - radius .. p + radius (ModernBERT's local layers); bidirectional attention only.
+    `softcap`: scores (already scaled) become softcap * tanh(score / softcap) before the softmax
+    (Gemma 2). A layer holds one for its lifetime, so kernels specialise on it and a captured
+    graph keeps it.
     """
 
     window: int | None = None
     softcap: float | None = None
+    radius: int | None = None
 
     def __post_init__(self) -> None:
         if self.window is not None and self.window < 1:
             raise ValueError(f"sliding window must be >= 1, got {self.window}")
+        if self.radius is not None and (self.radius < 1 or self.window is not None):
+            raise ValueError(f"radius must be >= 1 and exclusive with window, got {self.radius}")
         if self.softcap is not None and not self.softcap > 0:
             raise ValueError(f"softcap must be > 0, got {self.softcap}")
 

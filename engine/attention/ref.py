@@ -98,6 +98,15 @@ def _windowed(group: _Group, window: int) -> torch.Tensor | None:
     return group.visible & (near | ~group.valid[:, :, None])
 
 
+def _local(group: _Group, radius: int) -> torch.Tensor | None:
+    """The group's mask with keys more than `radius` positions from each query, on either side,
+    hidden (bidirectional local attention); None when no two positions are that far apart."""
+    if group.k_len <= radius + 1:
+        return None
+    near = (group.k_pos[:, None, :] - group.q_pos[:, :, None]).abs() <= radius
+    return group.visible & (near | ~group.valid[:, :, None])
+
+
 def _visibility(q_lens: torch.Tensor, k_lens: torch.Tensor, max_q: int, max_k: int, causal: bool):
     """Bool (B, max_q, max_k) mask and the query/key positions it was built from."""
     dev = q_lens.device
@@ -228,6 +237,12 @@ def _mask(g: _Group, may_be_causal: bool, causal: bool, variant: AttentionVarian
         windowed = _windowed(g, variant.window)
         if windowed is not None:
             return windowed, False
+    if variant is not None and variant.radius is not None:
+        if causal:
+            raise ValueError("a local radius applies to bidirectional attention only")
+        local = _local(g, variant.radius)
+        if local is not None:
+            return local, False
     if may_be_causal and g.causal_square:
         return None, True
     return (None if g.sees_all else g.visible), False

@@ -42,12 +42,15 @@ def _rows(meta: AttentionMetadata, picked: list[int], device: torch.device) -> _
 
 
 def _variant_args(variant: AttentionVariant | None, causal: bool) -> dict:
-    """The kernels' window/softcap arguments (0: none) for a layer's variant."""
+    """The kernels' window/softcap arguments (0: none) for a layer's variant: `window` is the
+    causal window, or without causality the local radius."""
     if variant is None:
         return {}
     if variant.window is not None and not causal:
         raise ValueError("a sliding window applies to causal attention only")
-    return {"window": variant.window or 0, "softcap": variant.softcap or 0.0}
+    if variant.radius is not None and causal:
+        raise ValueError("a local radius applies to bidirectional attention only")
+    return {"window": variant.window or variant.radius or 0, "softcap": variant.softcap or 0.0}
 
 
 class TritonAttentionBackend:

@@ -96,8 +96,9 @@ def _prefill_tile(
     MASKED=False is for tiles whose keys all exist and are visible to every row (before the
     causal diagonal and the last key): the (rows x keys) score tile then takes no compare and
     no select, which on tensor cores is most of the work besides the two dots and the exp2.
-    HAS_WINDOW hides keys at or before q_pos - window (every tile is then MASKED, and a row may
-    see no key of a tile); SOFTCAP > 0 caps the scaled scores before the mask (Gemma 2).
+    HAS_WINDOW hides keys at or before q_pos - window, or without CAUSAL keys more than `window`
+    away on either side (every tile is then MASKED, and a row may see no key of a tile); SOFTCAP > 0
+    caps the scaled scores before the mask (Gemma 2).
     """
     n = start + tl.arange(0, BLOCK_N)
     n_mask = n < kv_end
@@ -115,6 +116,8 @@ def _prefill_tile(
             visible = n[None, :] <= q_pos[:, None]
             if HAS_WINDOW:  # causal only (the launch wrapper checks)
                 visible = visible & (n[None, :] > q_pos[:, None] - window)
+        elif HAS_WINDOW:  # bidirectional: `window` is a radius, keys within it on either side
+            visible = n_mask[None, :] & (tl.abs(n[None, :] - q_pos[:, None]) <= window)
         else:
             visible = n_mask[None, :]
     else:
@@ -166,7 +169,8 @@ def _prefill_kernel(
     head r % GROUP. PAGED reads keys 0..seq_len through the block table (context from earlier
     steps plus this chunk, already stored); otherwise keys are the new tokens themselves.
     HAS_BIAS adds bias_ptr[head, key_pos - query_pos + bias_radius] (a T5 table, see `bias_table`).
-    HAS_WINDOW (causal only): each row sees its last `window` keys; SOFTCAP: see `_prefill_tile`.
+    HAS_WINDOW: each row sees its last `window` keys (causal), or those within `window` positions
+    (bidirectional: ModernBERT's local layers); SOFTCAP: see `_prefill_tile`.
     """
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -205,7 +209,13 @@ def _prefill_kernel(
     full_end = full_end // BLOCK_N * BLOCK_N
     kv_lo = 0
     if HAS_WINDOW:  # from the tile holding the first row's first visible key; every tile masked
-        kv_lo = tl.maximum(seq_len - q_len + (pid_m * BLOCK_M) // GROUP - window + 1, 0) // BLOCK_N * BLOCK_N
+        first_pos = seq_len - q_len + (pid_m * BLOCK_M) // GROUP
+        if CAUSAL:
+            kv_lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+        else:  # a radius: up to the last row's last visible key too
+            kv_lo = tl.maximum(first_pos - window, 0) // BLOCK_N * BLOCK_N
+            last_pos = seq_len - q_len + tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1)
+            kv_end = tl.minimum(seq_len, last_pos + window + 1)
         full_end = kv_lo
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -483,10 +493,10 @@ def prefill_attention(
     head_dim 128 (docs/benchmarks.md) before whole tiles ran unmasked. Its SASS has each of the
     two warpgroups compute the tile's whole QK^T (wgmma rows come 64 per warpgroup); 128-row
     tiles or 4 warps do not, and `benchmarks/bench_kernels.py` times them against it.
-    `window` > 0 (causal only): each query sees its last `window` keys; `softcap` > 0: scores are
-    soft-capped (engine.attention.metadata.AttentionVariant).
+    `window` > 0: each query sees its last `window` keys (causal), or the keys within `window`
+    positions on either side (not causal: a radius); `softcap` > 0: scores are soft-capped
+    (engine.attention.metadata.AttentionVariant).
     """
-    assert causal or not window, "a sliding window applies to causal attention only"
     if num_seqs == 0 or max_seqlen_q == 0:
         return
     _check_last_dim(query, key, value, out)
