@@ -9,14 +9,17 @@ Normalize) with random weights and SmolLM2's tokenizer (no package ships the rea
 sentence-transformers folder that both contenders load. `--model splade-bert-base-shape` times SPLADE
 sparse embeddings: a random BertForMaskedLM of bert-base's shape (naver/splade-v3's: 12 layers, hidden
 768, the 30,522-entry MLM head) with MiniLM's tokenizer, as a SparseEncoder (max pooling) folder,
-against sentence-transformers' SparseEncoder.encode(). Each contender
+against sentence-transformers' SparseEncoder.encode(). `--model modernbert-base-shape` times a random
+ModernBertModel of ModernBERT-base's shape (22 layers, hidden 768, GeGLU 1152, local attention of 128 on
+two layers of three) with MiniLM's tokenizer, mean pooling and Normalize (modernbert-embed's layout).
+Each contender
 runs in its own process (peak RSS is its own), gets one warm-up call, and reports the fastest
 of --repeats timed runs. sentence-transformers
 uses its default `encode()` (batch 32, length-sorted). The HTTP row starts `kvserve serve` as a
 subprocess on 127.0.0.1 and sends one sentence per request from C concurrent clients.
 
     python benchmarks/bench_embeddings.py [--num-sentences 2000] [--engines kvserve,st,http] [--clients 16] [--repeats 2]
-                                          [--model minilm|qwen3-0.6b-shape|splade-bert-base-shape]
+                                          [--model minilm|qwen3-0.6b-shape|splade-bert-base-shape|modernbert-base-shape]
 """
 from __future__ import annotations
 
@@ -104,6 +107,33 @@ def splade_folder(root: Path) -> str:
     return str(folder)
 
 
+def modernbert_folder(root: Path) -> str:
+    """A sentence-transformers folder around a random ModernBertModel of ModernBERT-base's shape (built once)."""
+    folder = root / "modernbert-base-shape"
+    if (folder / "modules.json").exists():
+        return str(folder)
+    import shutil
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import ModernBertConfig, ModernBertModel
+
+    body = root / "modernbert-body"
+    torch.manual_seed(0)
+    # the config's defaults are ModernBERT-base's; MiniLM's tokenizer and its special token ids
+    ModernBertModel(ModernBertConfig(vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+                                     cls_token_id=101, sep_token_id=102)).save_pretrained(body)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (Path(model_folder()) / name).exists():
+            shutil.copy(Path(model_folder()) / name, body / name)
+    transformer = Transformer(str(body), max_seq_length=512)
+    SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean"), Normalize()],
+                        device="cpu").save(str(folder))
+    shutil.rmtree(body)
+    return str(folder)
+
+
 def is_sparse(folder: str) -> bool:
     return "SpladePooling" in (Path(folder) / "modules.json").read_text(encoding="utf-8")
 
@@ -184,7 +214,8 @@ RUNNERS = {"kvserve": run_kvserve, "st": run_st, "http": run_http}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num-sentences", type=int, default=2000)
-    ap.add_argument("--model", choices=["minilm", "qwen3-0.6b-shape", "splade-bert-base-shape"], default="minilm")
+    ap.add_argument("--model", choices=["minilm", "qwen3-0.6b-shape", "splade-bert-base-shape", "modernbert-base-shape"],
+                    default="minilm")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "kvserve-bench-emb-models"),
                     help="where the random models' folders are built once")
     add_child_args(ap, clients=16)
@@ -196,7 +227,8 @@ def main() -> None:
     import numpy as np
 
     folder = {"minilm": model_folder, "qwen3-0.6b-shape": lambda: decoder_folder(Path(args.cache)),
-              "splade-bert-base-shape": lambda: splade_folder(Path(args.cache))}[args.model]()
+              "splade-bert-base-shape": lambda: splade_folder(Path(args.cache)),
+              "modernbert-base-shape": lambda: modernbert_folder(Path(args.cache))}[args.model]()
     labels = {"kvserve": "kvserve embed() (length-sorted token-budget batches, no padding)",
               "st": "sentence-transformers encode() (batch 32)",
               "http": f"kvserve HTTP /v1/embeddings, {args.clients} clients, 1 sentence/request"}
@@ -214,7 +246,9 @@ def main() -> None:
     model = {"minilm": "all-MiniLM-L6-v2",
              "qwen3-0.6b-shape": "a random Qwen3-Embedding-0.6B-shaped decoder (causal, last token), SmolLM2's tokenizer",
              "splade-bert-base-shape": "a random bert-base-shaped SPLADE model (MLM head, max pooling), MiniLM's "
-                                       "tokenizer"}[args.model]
+                                       "tokenizer",
+             "modernbert-base-shape": "a random ModernBERT-base-shaped encoder (local attention 128, mean pooling, "
+                                      "Normalize), MiniLM's tokenizer"}[args.model]
     print(f"Workload: {args.num_sentences} sentences of 5-250 tokens (uniform), {model}, fp32, CPU\n")
     print(table(["engine", "sentences", "tokens", "seconds", "sentences/s", "tokens/s", "peak RSS MiB"], rows))
     vectors = {name: np.load(tmp / f"{name}.npy") for name in results}

@@ -1,13 +1,17 @@
 """ModernBERT encoders (answerdotai/ModernBERT, gte-modernbert, modernbert-embed): rotary positions, GeGLU,
-bias-free LayerNorms, and local attention (keys within a radius) on two layers of three.
+bias-free LayerNorms, and local attention (keys within a radius) on two layers of three; and its
+sequence classifiers (gte-reranker-modernbert): HF's `head` (dense, activation, norm) over the CLS
+token or the mean of the tokens, then `classifier`.
 
-Module names equal HF's (`embeddings.tok_embeddings`, `layers.N.attn.Wqkv`, `final_norm`); a masked-LM
-checkpoint's `model.` prefix is dropped and its head skipped, so both load as an embedding model.
+Module names equal HF's (`embeddings.tok_embeddings`, `layers.N.attn.Wqkv`, `final_norm`); a task
+checkpoint's `model.` prefix is dropped, and a masked-LM's head skipped, so it loads as an embedding model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,6 +20,7 @@ from engine import fused
 from engine.attention.metadata import AttentionVariant
 from engine.forward_context import ForwardContext
 from models.bert import BertModel
+from models.bert_classification import _labels, score_activation
 from models.layers import RopeConfig, RotaryEmbedding, activation
 
 
@@ -36,6 +41,11 @@ class ModernBertConfig:
     local_radius: int  # HF's sliding_window: local_attention // 2
     global_rope: RopeConfig
     local_rope: RopeConfig
+    # sequence classifiers only
+    labels: tuple[str, ...] = ("LABEL_0", "LABEL_1")
+    classifier_pooling: str = "cls"  # "cls" | "mean"
+    classifier_activation: str = "gelu"
+    classifier_bias: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +85,10 @@ class ModernBertConfig:
             local_radius=config.get("local_attention", 128) // 2,
             global_rope=rope("full_attention", "global_rope_theta", 160_000.0),
             local_rope=rope("sliding_attention", "local_rope_theta", 10_000.0),
+            labels=_labels(config),
+            classifier_pooling=config.get("classifier_pooling", "cls"),
+            classifier_activation=config.get("classifier_activation", "gelu"),
+            classifier_bias=bool(config.get("classifier_bias", False)),
         )
 
 
@@ -164,3 +178,44 @@ class ModernBertModel(BertModel):
 
     def after_load(self) -> None:
         """Nothing to merge: q/k/v and the GeGLU halves are saved as one Linear each."""
+
+
+class ModernBertPredictionHead(nn.Module):
+    def __init__(self, config: ModernBertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
+        self.act = activation(config.classifier_activation)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(x)))
+
+
+class ModernBertForSequenceClassification(ModernBertModel):
+    """Encoder + HF's head + classifier; `classify` turns hidden states into per-sequence logits."""
+
+    _unused = ("decoder.",)  # the head and classifier are ours now
+
+    def __init__(self, config: ModernBertConfig) -> None:
+        if config.classifier_pooling not in ("cls", "mean"):
+            raise ValueError(f"unsupported classifier_pooling {config.classifier_pooling!r}; supported: cls, mean")
+        super().__init__(config)
+        self.head = ModernBertPredictionHead(config)
+        self.classifier = nn.Linear(config.hidden_size, len(config.labels))
+
+    def classify(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """(T, H) hidden states of B concatenated sequences -> (B, num_labels) float32 logits."""
+        cu = cu_seqlens.to(device=hidden.device, dtype=torch.long)
+        if self.config.classifier_pooling == "cls":
+            pooled = hidden[cu[:-1]]
+        else:  # the mean of each sequence's tokens
+            lens = cu[1:] - cu[:-1]
+            seq = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens)
+            pooled = hidden.new_zeros(len(lens), hidden.shape[1]).index_add_(0, seq, hidden) / lens[:, None]
+        return self.classifier(self.head(pooled)).float()
+
+    @classmethod
+    def extra_info(cls, folder: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+        labels = cls.config_class.from_hf(config).labels
+        return {"max_model_len": cls.folder_max_model_len(Path(folder), config), "labels": labels,
+                "activation": score_activation(Path(folder), config, len(labels))}

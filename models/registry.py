@@ -59,6 +59,8 @@ _ENTRIES: dict[str, ModelEntry] = {
     "DistilBertModel": ModelEntry("models.distilbert", "DistilBertModel", Task.EMBED),
     "ModernBertModel": ModelEntry("models.modernbert", "ModernBertModel", Task.EMBED),
     "ModernBertForMaskedLM": ModelEntry("models.modernbert", "ModernBertModel", Task.EMBED),
+    "ModernBertForSequenceClassification": ModelEntry(
+        "models.modernbert", "ModernBertForSequenceClassification", Task.CLASSIFY),
     "DistilBertForMaskedLM": ModelEntry("models.distilbert", "DistilBertModel", Task.EMBED),
     "BertForSparseEmbedding": ModelEntry("models.bert_splade", "BertForSparseEmbedding", Task.EMBED),
     "DistilBertForSparseEmbedding": ModelEntry("models.distilbert", "DistilBertForSparseEmbedding", Task.EMBED),

@@ -110,3 +110,24 @@ def test_sentence_transformers_folder_and_masked_lm_checkpoint(tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(lm.model(ids, positions, ForwardContext(meta, TorchAttentionBackend())),
                                    hf.model(input_ids=ids[None]).last_hidden_state[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pooling, num_labels", [("cls", 1), ("mean", 3)])
+def test_sequence_classifier_logits_match_transformers(pooling, num_labels, tmp_path):
+    """gte-reranker-modernbert's kind (CLS pooling, one label) and a mean-pooled 3-way classifier."""
+    from transformers import ModernBertForSequenceClassification
+
+    torch.manual_seed(0)
+    hf = ModernBertForSequenceClassification(hf_config(num_labels=num_labels, classifier_pooling=pooling)).eval()
+    _spread(hf)
+    hf.save_pretrained(tmp_path / "clf")
+    ours = load_model(str(tmp_path / "clf"))
+    assert ours.info.task == Task.CLASSIFY and len(ours.info.labels) == num_labels
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(103, 30522, (n,), generator=g) for n in LENS]
+    ids, positions, meta = _flat(seqs)
+    with torch.inference_mode():
+        got = ours.model.classify(ours.model(ids, positions, ForwardContext(meta, TorchAttentionBackend())),
+                                  meta.cu_seqlens_q)
+        want = torch.cat([hf(input_ids=s[None]).logits for s in seqs])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
