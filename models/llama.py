@@ -8,6 +8,7 @@ Forward runs over a flat batch of sequences; attention and the KV cache live beh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -458,6 +459,55 @@ class LlamaForCausalLM(nn.Module):
         if name == "lm_head.weight" and self.lm_head is None:
             return None
         return mixtral_name(name)
+
+
+# transformers' Gemma3TextConfig defaults: the text_config of Gemma 3's multimodal checkpoints lists only
+# what differs from them (gemma-3-4b-it's names its size, layers, window and rope scaling, little else)
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+}
+
+
+def gemma3_text_config(config: dict) -> dict:
+    """The language model's config of a Gemma3ForConditionalGeneration folder, defaults filled in."""
+    text = _GEMMA3_TEXT_DEFAULTS | dict(config.get("text_config") or {})
+    return text | {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+
+
+class _Gemma3TextOfMultimodalConfig:
+    """`config_class` of the multimodal checkpoints: the text model's LlamaConfig."""
+
+    @staticmethod
+    def from_hf(config: dict) -> LlamaConfig:
+        return LlamaConfig.from_hf(gemma3_text_config(config))
+
+
+class Gemma3ForConditionalGeneration(LlamaForCausalLM):
+    """Gemma 3's multimodal checkpoints (4B, 12B, 27B) served as text models: the language model's
+    weights load (under v4's `language_model.model.` or v5's `model.language_model.`), the vision
+    tower's and projector's are skipped, so requests are text only."""
+
+    config_class = _Gemma3TextOfMultimodalConfig  # type: ignore[assignment]
+    _vision = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+    def rename_weight(self, name: str) -> str | None:
+        if name.startswith(self._vision):
+            return None
+        for prefix in ("model.language_model.", "language_model.model."):
+            if name.startswith(prefix):
+                name = "model." + name[len(prefix):]
+                break
+        if name == "language_model.lm_head.weight":
+            name = "lm_head.weight"
+        return super().rename_weight(name)
+
+    @classmethod
+    def extra_info(cls, folder: Path, config: dict) -> dict:
+        text = gemma3_text_config(config)
+        return {"max_model_len": text["max_position_embeddings"], "vocab_size": text["vocab_size"]}
 
 
 class LlamaEmbeddingModel(nn.Module):

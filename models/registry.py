@@ -35,6 +35,7 @@ _ENTRIES: dict[str, ModelEntry] = {
     "GemmaForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Gemma2ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Gemma3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "Gemma3ForConditionalGeneration": ModelEntry("models.llama", "Gemma3ForConditionalGeneration", Task.GENERATE),
     "Phi3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "GraniteForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "MixtralForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),

@@ -278,3 +278,41 @@ def test_gemma3_config_rules():
     assert (cfg.rope.theta, cfg.local_rope.theta) == (5e5, 2e3) and cfg.window(5) is None and cfg.window(6) == 512
     with pytest.raises(ValueError, match="use_bidirectional_attention"):
         LlamaConfig.from_hf(gemma3 | {"use_bidirectional_attention": True})
+
+
+def test_gemma3_multimodal_checkpoint_serves_text(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (a tiny SigLIP tower beside the language model) loads
+    as a text model whose logits equal transformers' on text-only inputs (a ragged flat batch); its
+    text_config keeps only what differs from Gemma3TextConfig's defaults, as the hub's do."""
+    import json
+
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(5)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=24, sliding_window=4, max_position_embeddings=128,
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                 "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=16, patch_size=8)
+    hf = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision.to_dict(),
+                                                     mm_tokens_per_image=4, image_token_index=VOCAB - 1)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["architectures"] == ["Gemma3ForConditionalGeneration"] and "vocab_size" not in saved
+    saved["text_config"].pop("rms_norm_eps", None)  # left to the defaults, as hub configs leave it
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    ours = load_model(str(tmp_path))
+    assert type(ours.model).__name__ == "Gemma3ForConditionalGeneration"
+    assert ours.info.vocab_size == VOCAB and ours.info.max_model_len == 128
+    seqs = random_seqs(7)
+    ctx = ForwardContext(meta=metadata_for_sequences(LENS), backend=TorchAttentionBackend())
+    with torch.no_grad():
+        logits = ours.model.compute_logits(ours.model(torch.cat(seqs), torch.cat([torch.arange(n) for n in LENS]), ctx))
+        for got, s in zip(logits.split(LENS), seqs):
+            torch.testing.assert_close(got, hf(input_ids=s[None]).logits[0].float(), atol=1e-4, rtol=0)
