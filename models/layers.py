@@ -58,8 +58,13 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class RopeConfig:
     """Rotary parameters read from an HF config (v5 `rope_parameters` or legacy `rope_theta`/`rope_scaling`).
 
-    Only position-independent frequency rules are supported (default, linear, llama3): "dynamic"
-    NTK rescales every position once a sequence grows, which would invalidate cached keys.
+    Supported: default, linear, llama3, and longrope (Phi-3-128k, Phi-3.5). "dynamic" NTK rescales
+    every position once a sequence grows, which would invalidate cached keys, so it is refused.
+    longrope is kept position-wise: transformers picks the short or the long factors by the length
+    of the current forward call (so a prompt past original_max_position_embeddings rotates all its
+    tokens with the long ones), which a paged cache that keeps every key as first rotated cannot
+    follow; here a position below original_max_position_embeddings always uses the short factors
+    and one at or past it the long ones, identical to transformers up to that length.
     """
 
     theta: float = 10000.0
@@ -68,6 +73,9 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    short_factor: tuple[float, ...] | None = None  # longrope: per frequency, below original_max
+    long_factor: tuple[float, ...] | None = None  # longrope: per frequency, from original_max on
+    attention_factor: float = 1.0  # longrope: cos and sin are scaled by it (HF's attention_scaling)
 
     @classmethod
     def from_hf(cls, config: dict) -> RopeConfig:
@@ -76,20 +84,37 @@ class RopeConfig:
         params.update({k: v for k, v in (config.get("rope_scaling") or {}).items() if k not in params})
         theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"unsupported rope type {rope_type!r}; supported: default, linear, llama3")
+        if rope_type not in ("default", "linear", "llama3", "longrope"):
+            raise ValueError(f"unsupported rope type {rope_type!r}; supported: default, linear, llama3, longrope")
+        # Phi-3's configs keep original_max_position_embeddings at the top level
+        original = params.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+        longrope: dict = {}
+        if rope_type == "longrope":
+            assert original, "longrope needs original_max_position_embeddings"
+            # HF: factor defaults to the ratio of the two context lengths; attention_factor to YaRN's rule
+            factor = params.get("factor") or config.get("max_position_embeddings", original) / original
+            attention = params.get("attention_factor")
+            if attention is None:
+                attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+            longrope = dict(short_factor=tuple(map(float, params["short_factor"])),
+                            long_factor=tuple(map(float, params["long_factor"])), attention_factor=float(attention))
         return cls(
             theta=float(theta),
             rope_type=rope_type,
             factor=float(params.get("factor", 1.0)),
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=params.get("original_max_position_embeddings"),
+            original_max_position_embeddings=original,
+            **longrope,
         )
 
 
-def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """(head_dim/2,) fp32 inverse frequencies, with the same float ops as HF's rope init functions."""
+def rope_inv_freq(rope: RopeConfig, head_dim: int, long: bool = False) -> torch.Tensor:
+    """(head_dim/2,) fp32 inverse frequencies, with the same float ops as HF's rope init functions;
+    `long`: longrope's long factors instead of its short ones."""
+    if rope.rope_type == "longrope":
+        factors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
+        return 1.0 / (factors * rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
@@ -117,9 +142,15 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(rope, head_dim)
-        freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+        positions = torch.arange(max_positions, dtype=torch.int64).float()[:, None]
+        freqs = positions * rope_inv_freq(rope, head_dim)[None, :]
+        if rope.rope_type == "longrope":  # the long factors' rows from original_max_position_embeddings on
+            past = rope.original_max_position_embeddings
+            freqs[past:] = positions[past:] * rope_inv_freq(rope, head_dim, long=True)[None, :]
+        table = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        if rope.attention_factor != 1.0:  # HF scales cos and sin in fp32, before the cast
+            table = table * rope.attention_factor
+        self.register_buffer("cos_sin_cache", table, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T,) positions -> cos, sin of shape (T, 1, D/2) (HF repeats each half; the halves are

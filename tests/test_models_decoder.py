@@ -5,6 +5,7 @@ whole (no cache) and in two chunks through a real paged KV cache (prefix, then t
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -214,8 +215,11 @@ def test_family_config_rules():
     assert cfg.merged_checkpoint and not cfg.tie_word_embeddings and cfg.hidden_act == "silu"
     with pytest.raises(ValueError, match="partial rotary"):
         LlamaConfig.from_hf(phi3 | {"partial_rotary_factor": 0.75})
-    with pytest.raises(ValueError, match="longrope"):  # Phi-3-128k's, which switches tables past 4k
-        LlamaConfig.from_hf(phi3 | {"rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}})
+    # Phi-3-128k / Phi-3.5: longrope, with original_max_position_embeddings at the top level
+    long = LlamaConfig.from_hf(phi3 | {"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                                       "rope_scaling": {"type": "longrope", "long_factor": [2.0], "short_factor": [1.0]}})
+    assert long.rope.rope_type == "longrope" and long.rope.original_max_position_embeddings == 4096
+    assert long.rope.attention_factor == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
 
 
 def test_sliding_window_config_rules():
@@ -316,3 +320,33 @@ def test_gemma3_multimodal_checkpoint_serves_text(tmp_path):
         logits = ours.model.compute_logits(ours.model(torch.cat(seqs), torch.cat([torch.arange(n) for n in LENS]), ctx))
         for got, s in zip(logits.split(LENS), seqs):
             torch.testing.assert_close(got, hf(input_ids=s[None]).logits[0].float(), atol=1e-4, rtol=0)
+
+
+def test_phi3_longrope_matches_hf_up_to_the_original_context(tmp_path):
+    """Phi-3.5's longrope: within original_max_position_embeddings (16 here) logits equal transformers'
+    (short factors, cos/sin scaled by the attention factor); rows from 16 on are transformers' long-factor
+    rows, which it uses for every position once a forward call passes 16 (kvserve keeps the short rows
+    below 16: cached keys are never rotated again)."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    half = 8  # head_dim 16
+    scaling = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(half)],
+               "long_factor": [1.5 + 0.5 * i for i in range(half)]}
+    cfg = Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=128, original_max_position_embeddings=16,
+                     rope_scaling=scaling, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(9)
+    hf = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_model(str(tmp_path))
+    rope = ours.model.config.rope
+    assert rope.rope_type == "longrope" and rope.attention_factor == pytest.approx((1 + math.log(8) / math.log(16)) ** 0.5)
+    seqs = random_seqs(4)
+    ctx = ForwardContext(meta=metadata_for_sequences(LENS), backend=TorchAttentionBackend())
+    with torch.no_grad():
+        logits = ours.model.compute_logits(ours.model(torch.cat(seqs), torch.cat([torch.arange(n) for n in LENS]), ctx))
+        for got, ref in zip(logits.split(LENS), hf_logits(hf, seqs)):
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+        cos, sin = hf.model.rotary_emb(torch.zeros(1, 40, 64), torch.arange(40)[None])  # past 16: long factors
+    table = ours.model.model.rotary_emb.cos_sin_cache
+    torch.testing.assert_close(table[16:40], torch.cat([cos[0, 16:, :half], sin[0, 16:, :half]], -1), atol=1e-6, rtol=0)
