@@ -140,23 +140,42 @@ class RotaryEmbedding(nn.Module):
     flat batches that start mid-sequence (chunked prefill, decode) rotate correctly.
     """
 
-    def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
+    def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig, rotary_dim: int | None = None) -> None:
+        """`rotary_dim` < head_dim (partial rotary): frequencies for the first rotary_dim / 2 pairs, then
+        pairs left as they are (cos 1, sin 0), for heads laid out by `partial_rotary_permutation`."""
         super().__init__()
+        dim = rotary_dim or head_dim
         positions = torch.arange(max_positions, dtype=torch.int64).float()[:, None]
-        freqs = positions * rope_inv_freq(rope, head_dim)[None, :]
+        freqs = positions * rope_inv_freq(rope, dim)[None, :]
         if rope.rope_type == "longrope":  # the long factors' rows from original_max_position_embeddings on
             past = rope.original_max_position_embeddings
-            freqs[past:] = positions[past:] * rope_inv_freq(rope, head_dim, long=True)[None, :]
-        table = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+            freqs[past:] = positions[past:] * rope_inv_freq(rope, dim, long=True)[None, :]
+        cos, sin = freqs.cos(), freqs.sin()
         if rope.attention_factor != 1.0:  # HF scales cos and sin in fp32, before the cast
-            table = table * rope.attention_factor
-        self.register_buffer("cos_sin_cache", table, persistent=False)
+            cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+        if dim < head_dim:  # the unrotated pairs: identity, unscaled (HF passes those dims through)
+            rest = head_dim // 2 - dim // 2
+            cos = torch.cat([cos, cos.new_ones(max_positions, rest)], dim=-1)
+            sin = torch.cat([sin, sin.new_zeros(max_positions, rest)], dim=-1)
+        self.register_buffer("cos_sin_cache", torch.cat([cos, sin], dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T,) positions -> cos, sin of shape (T, 1, D/2) (HF repeats each half; the halves are
         equal, so one is enough), broadcast over heads; once per forward."""
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # (T, D/2) each
         return cos[:, None, :], sin[:, None, :]
+
+
+def partial_rotary_permutation(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """Order of a head's dims that turns HF's partial rotary into a whole-head one: HF rotates dims
+    [0, r) as rotate_half pairs (i, i + r/2) and passes the rest through; whole-head kernels pair
+    (j, j + D/2). Dim j of the new order is old dim perm[j]: the rotated pairs land on (j, j + D/2)
+    for j < r/2 and the passed-through dims fill the pairs whose frequency is zero. q and k rows are
+    permuted alike at load, so their dot products, the scores, are unchanged (v is not)."""
+    half, r2 = head_dim // 2, rotary_dim // 2
+    rest = half - r2
+    return torch.cat([torch.arange(r2), torch.arange(rotary_dim, rotary_dim + rest),
+                      torch.arange(r2, rotary_dim), torch.arange(rotary_dim + rest, head_dim)])
 
 
 def merged_linear(*linears: nn.Linear) -> nn.Linear:

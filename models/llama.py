@@ -19,7 +19,8 @@ from engine.greedy_screen import GreedyScreen
 from engine.lora_batch import LoRABatch
 from engine import fused
 from engine.workspace import Workspace
-from models.layers import RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear, tied_head, vocab_logits
+from models.layers import (RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear, partial_rotary_permutation,
+                           tied_head, vocab_logits)
 from models.lora import LoRATarget
 from models.moe import MoeConfig, SparseMoeBlock, mixtral_name
 from models.spec import KVCacheSpec
@@ -39,6 +40,7 @@ class LlamaConfig:
     rope: RopeConfig
     hidden_act: str = "silu"
     local_rope: RopeConfig | None = None  # Gemma 3: the sliding layers' own rotary (rope_local_base_freq)
+    rotary_dim: int | None = None  # partial rotary (Phi-4-mini): dims of each head that rotate; None: all
     qkv_bias: bool = False  # Qwen2 always; LLaMA with attention_bias
     o_bias: bool = False  # LLaMA attention_bias covers o_proj too, Qwen2's does not
     mlp_bias: bool = False
@@ -81,8 +83,6 @@ class LlamaConfig:
             raise ValueError("bidirectional Gemma 3 (use_bidirectional_attention) is not supported")
         is_phi3 = model_type == "phi3" or "Phi3ForCausalLM" in archs
         is_granite = model_type == "granite" or "GraniteForCausalLM" in archs
-        if config.get("partial_rotary_factor", 1.0) != 1.0:  # Phi-4-mini, for one
-            raise ValueError(f"partial rotary (partial_rotary_factor {config['partial_rotary_factor']}) is not supported")
         # Gemma names its activation hidden_activation; its older configs say "gelu" and mean the tanh form
         act = (config.get("hidden_activation") or "gelu_pytorch_tanh") if is_gemma else config.get("hidden_act", "silu")
         attention_bias = bool(config.get("attention_bias", False))
@@ -105,6 +105,7 @@ class LlamaConfig:
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             rope=_gemma3_rope(config, "full_attention") if is_gemma3 else RopeConfig.from_hf(config),
             local_rope=_gemma3_rope(config, "sliding_attention") if is_gemma3 else None,
+            rotary_dim=_rotary_dim(config, heads),
             hidden_act=act,
             qkv_bias=is_qwen2 or (is_qwen2_moe and bool(config.get("qkv_bias", True))) or attention_bias,
             o_bias=attention_bias and not (is_qwen2 or is_qwen2_moe),
@@ -125,6 +126,18 @@ class LlamaConfig:
             residual_multiplier=_granite(config, "residual_multiplier", is_granite),
             logits_scaling=_granite(config, "logits_scaling", is_granite),
         )
+
+
+def _rotary_dim(config: dict, heads: int) -> int | None:
+    """int(head_dim * partial_rotary_factor), as HF's rope init takes it (top-level or in rope_parameters)."""
+    factor = config.get("partial_rotary_factor") or (config.get("rope_parameters") or {}).get("partial_rotary_factor")
+    if not factor or factor == 1.0:
+        return None
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    dim = int(head_dim * factor)
+    if dim % 2 or not 0 < dim <= head_dim:
+        raise ValueError(f"partial_rotary_factor {factor} gives {dim} rotary dims of {head_dim}: need an even count")
+    return None if dim == head_dim else dim
 
 
 def _granite(config: dict, key: str, is_granite: bool) -> float | None:
@@ -195,6 +208,22 @@ class LlamaAttention(nn.Module):
             return
         self.qkv_proj = merged_linear(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
+
+    @torch.no_grad()
+    def permute_heads(self, perm: torch.Tensor) -> None:
+        """Reorder the dims of every q and k head (rows of the merged projection, per-head norms) by
+        `perm`; v keeps its order, so attention outputs are unchanged."""
+        assert self.qkv_proj is not None
+        d, hq, hk = self.head_dim, self.num_heads, self.num_kv_heads
+        rows = torch.arange(self.qkv_proj.out_features)
+        qk = torch.arange(hq + hk)[:, None] * d + perm[None, :]
+        rows[: (hq + hk) * d] = qk.flatten()
+        self.qkv_proj.weight.copy_(self.qkv_proj.weight[rows])
+        if self.qkv_proj.bias is not None:
+            self.qkv_proj.bias.copy_(self.qkv_proj.bias[rows])
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.weight.copy_(norm.weight[perm])
 
     def heads(
         self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
@@ -339,7 +368,8 @@ class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope, config.rotary_dim)
+        self.rotary_dim = config.rotary_dim
         self.rotary_emb_local: RotaryEmbedding | None = None  # Gemma 3's sliding layers
         if config.local_rope is not None:
             self.rotary_emb_local = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.local_rope)
@@ -356,10 +386,13 @@ class LlamaModel(nn.Module):
 
     def after_load(self) -> None:
         """Checkpoints keep HF's separate q/k/v and gate/up weights; serving runs them merged. Gemma's
-        (1 + weight) norms become plain ones (HF's product in fp32, exactly, in fp32)."""
+        (1 + weight) norms become plain ones (HF's product in fp32, exactly, in fp32). Partial rotary
+        heads are reordered so whole-head rotary kernels serve them (`partial_rotary_permutation`)."""
         for layer in self.layers:
             layer.self_attn.merge_projections()
             layer.mlp.merge_projections()
+            if self.rotary_dim is not None:
+                layer.self_attn.permute_heads(partial_rotary_permutation(layer.self_attn.head_dim, self.rotary_dim))
         if self.norm_plus_one:
             with torch.no_grad():
                 for norm in self.modules():
@@ -421,6 +454,12 @@ class LlamaForCausalLM(nn.Module):
 
     def lora_targets(self) -> dict[str, LoRATarget]:
         """HF projection name -> where it runs here, for PEFT adapters (models/lora.py)."""
+        targets = self._lora_targets()
+        if self.config.rotary_dim is not None:  # q/k rows are reordered at load: no deltas on them
+            targets = {k: v for k, v in targets.items() if k not in ("q_proj", "k_proj", "qkv_proj")}
+        return targets
+
+    def _lora_targets(self) -> dict[str, LoRATarget]:
         c = self.config
         q, kv, h, i = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size, \
             c.intermediate_size

@@ -64,6 +64,8 @@ def hf_config(kind: str):
     if kind == "granite":  # embedding, attention and residual multipliers, scaled logits
         return GraniteConfig(**llama, embedding_multiplier=3.0, attention_multiplier=0.05, residual_multiplier=0.4,
                              logits_scaling=2.5, tie_word_embeddings=True)
+    if kind == "phi4_partial":  # partial rotary: 12 of each head's 16 dims rotate (Phi-4-mini's 3/4)
+        return Phi3Config(**llama, pad_token_id=0, tie_word_embeddings=True, partial_rotary_factor=0.75)
     if kind == "mistral_window":  # a 3-key window on every layer
         return MistralConfig(**{**llama, "num_key_value_heads": 1}, sliding_window=3)
     if kind == "qwen2_window":  # Qwen2's window from max_window_layers on: layer 1 only
@@ -86,7 +88,7 @@ def hf_config(kind: str):
 
 
 KINDS = ["llama_gqa", "llama_tied", "llama_bias_mha", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3",
-         "qwen3_bias", "gemma", "gemma2", "gemma3", "granite", "mistral_window", "qwen2_window", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
+         "qwen3_bias", "gemma", "gemma2", "gemma3", "granite", "phi4_partial", "mistral_window", "qwen2_window", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
 
 
 def save_hf(kind: str, folder: Path):
@@ -213,8 +215,10 @@ def test_family_config_rules():
             "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32, "sliding_window": 2047}
     cfg = LlamaConfig.from_hf(phi3)
     assert cfg.merged_checkpoint and not cfg.tie_word_embeddings and cfg.hidden_act == "silu"
-    with pytest.raises(ValueError, match="partial rotary"):
-        LlamaConfig.from_hf(phi3 | {"partial_rotary_factor": 0.75})
+    assert LlamaConfig.from_hf(phi3 | {"partial_rotary_factor": 0.75}).rotary_dim == 72  # Phi-4-mini's rule
+    with pytest.raises(ValueError, match="even count"):
+        LlamaConfig.from_hf(phi3 | {"partial_rotary_factor": 0.99})  # int(95.04): an odd count cannot pair up
+
     # Phi-3-128k / Phi-3.5: longrope, with original_max_position_embeddings at the top level
     long = LlamaConfig.from_hf(phi3 | {"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
                                        "rope_scaling": {"type": "longrope", "long_factor": [2.0], "short_factor": [1.0]}})
@@ -350,3 +354,18 @@ def test_phi3_longrope_matches_hf_up_to_the_original_context(tmp_path):
         cos, sin = hf.model.rotary_emb(torch.zeros(1, 40, 64), torch.arange(40)[None])  # past 16: long factors
     table = ours.model.model.rotary_emb.cos_sin_cache
     torch.testing.assert_close(table[16:40], torch.cat([cos[0, 16:, :half], sin[0, 16:, :half]], -1), atol=1e-6, rtol=0)
+
+
+def test_partial_rotary_permutation_and_lora_targets(tmp_path):
+    """The head reorder pairs HF's rotated dims (i, i + r/2) as (j, j + D/2) and keeps the others in the
+    zero-frequency pairs; LoRA adapters may not touch the reordered q/k rows."""
+    from models.layers import partial_rotary_permutation
+
+    perm = partial_rotary_permutation(16, 12)
+    assert sorted(perm.tolist()) == list(range(16))
+    assert [(int(perm[j]), int(perm[j + 8])) for j in range(6)] == [(i, i + 6) for i in range(6)]
+    assert set(perm[6:8].tolist()) | set(perm[14:].tolist()) == set(range(12, 16))
+    folder = tmp_path / "phi4"
+    save_hf("phi4_partial", folder)
+    targets = load_model(str(folder)).model.lora_targets()
+    assert "qkv_proj" not in targets and {"o_proj", "gate_up_proj", "down_proj"} <= set(targets)

@@ -23,7 +23,8 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """kind: llama (GQA, untied), llama_tied, qwen2 (q/k/v bias), qwen3 (q/k norms, tied, heads of 32
     on a hidden size of 64), gemma, gemma2 (an 8-key window on layer 0, soft-capped scores and logits),
     gemma3 (q/k norms, a 6-key window and its own rotary on layers 0 and 2),
-    mistral_window (a 5-key window on every layer), granite (its four multipliers), phi3 (merged q/k/v and gate/up), qwen3_moe (8 experts, top 2 renormalised, layer 0 dense), mixtral
+    mistral_window (a 5-key window on every layer), granite (its four multipliers), phi4_partial (12 of 16 dims
+    of each head rotate, longrope), phi3 (merged q/k/v and gate/up), qwen3_moe (8 experts, top 2 renormalised, layer 0 dense), mixtral
     (4 experts, top 2), gpt2."""
     from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig, GPT2Config, LlamaConfig, MistralConfig,
                               MixtralConfig, Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig)
@@ -70,6 +71,14 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=1.5,
             tie_word_embeddings=True, **common,
+        )
+    elif kind == "phi4_partial":
+        scaling = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                   "long_factor": [2.0 + 0.5 * i for i in range(6)]}
+        cfg = Phi3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            pad_token_id=0, tie_word_embeddings=True, partial_rotary_factor=0.75, rope_scaling=scaling,
+            original_max_position_embeddings=64, sliding_window=None, **common,
         )
     elif kind == "mistral_window":
         cfg = MistralConfig(
