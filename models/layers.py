@@ -32,6 +32,19 @@ class RMSNorm(nn.Module):
         return fused.norm_linear(x, residual, self.weight, self.variance_epsilon, linear)
 
 
+class ResidualAdd(nn.Module):
+    """RMSNorm's interface without the norm, for blocks whose inputs are not normed (OLMo 2):
+    (x + residual, x + residual), and `then` applies the linear to that sum."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x if residual is None else x + residual
+        return h, h
+
+    def then(self, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self(x, residual)[0]
+        return linear(h), h
+
+
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     # HF's NewGELUActivation formula verbatim (F.gelu(approximate="tanh") differs in the last bits).
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))

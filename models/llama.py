@@ -1,4 +1,4 @@
-"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 2 and 3, Phi-3, Granite, and the MoE ones:
+"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 2 and 3, Phi-3, Granite, OLMo 2, and the MoE ones:
 Mixtral, Qwen2-MoE, Qwen3-MoE): GQA, RMSNorm, gated MLP (dense or routed experts, models/moe.py), rotary
 positions; per layer, full or sliding-window attention (engine.attention.metadata.AttentionVariant).
 
@@ -19,8 +19,8 @@ from engine.greedy_screen import GreedyScreen
 from engine.lora_batch import LoRABatch
 from engine import fused
 from engine.workspace import Workspace
-from models.layers import (RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear, partial_rotary_permutation,
-                           tied_head, vocab_logits)
+from models.layers import (ResidualAdd, RMSNorm, RopeConfig, RotaryEmbedding, activation, merged_linear,
+                           partial_rotary_permutation, tied_head, vocab_logits)
 from models.lora import LoRATarget
 from models.moe import MoeConfig, SparseMoeBlock, mixtral_name
 from models.spec import KVCacheSpec
@@ -53,6 +53,8 @@ class LlamaConfig:
     embed_scale: float | None = None  # Gemma scales the embeddings by sqrt(hidden_size)
     norm_plus_one: bool = False  # Gemma's RMSNorm multiplies by (1 + weight); folded into the weight on load
     sandwich_norms: bool = False  # Gemma 2: norms after attention and the MLP too (pre/post_feedforward_layernorm)
+    post_norms_only: bool = False  # OLMo 2: attention and MLP read the raw stream; their outputs are normed
+    qk_norm_full: bool = False  # OLMo 2: q_norm / k_norm over all heads' dims at once, not per head
     query_scale: float | None = None  # Gemma 2's query_pre_attn_scalar ** -0.5 in place of head_dim ** -0.5
     attn_softcap: float | None = None  # Gemma 2: attention scores soft-capped (attn_logit_softcapping)
     final_softcap: float | None = None  # Gemma 2: logits soft-capped (final_logit_softcapping)
@@ -83,6 +85,7 @@ class LlamaConfig:
             raise ValueError("bidirectional Gemma 3 (use_bidirectional_attention) is not supported")
         is_phi3 = model_type == "phi3" or "Phi3ForCausalLM" in archs
         is_granite = model_type == "granite" or "GraniteForCausalLM" in archs
+        is_olmo2 = model_type == "olmo2" or "Olmo2ForCausalLM" in archs
         # Gemma names its activation hidden_activation; its older configs say "gelu" and mean the tanh form
         act = (config.get("hidden_activation") or "gelu_pytorch_tanh") if is_gemma else config.get("hidden_act", "silu")
         attention_bias = bool(config.get("attention_bias", False))
@@ -113,7 +116,9 @@ class LlamaConfig:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", is_gemma)),  # Gemma's configs tie by default
             sliding_window=sliding,
             sliding_layers=sliding_layers,
-            qk_norm=is_qwen3 or is_gemma3,
+            qk_norm=is_qwen3 or is_gemma3 or is_olmo2,
+            qk_norm_full=is_olmo2,
+            post_norms_only=is_olmo2,
             moe=MoeConfig.from_hf(config),
             merged_checkpoint=is_phi3,
             embed_scale=config["hidden_size"] ** 0.5 if is_gemma else None,
@@ -199,8 +204,10 @@ class LlamaAttention(nn.Module):
             self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
             self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_bias)
-        self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        width_q, width_k = (self.num_heads * d, self.num_kv_heads * d) if config.qk_norm_full else (d, d)
+        self.q_norm = RMSNorm(width_q, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(width_k, config.rms_norm_eps) if config.qk_norm else None
+        self.qk_norm_full = config.qk_norm_full
 
     def merge_projections(self) -> None:
         """q/k/v as one matmul: a third of the launches, and a wider one that uses the GPU better."""
@@ -232,7 +239,11 @@ class LlamaAttention(nn.Module):
         per head (Qwen3) and rotated."""
         q, k, v = fused.split_heads(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+            if self.qk_norm_full:  # OLMo 2: over each token's whole q (and k) projection
+                q = self.q_norm(q.reshape(q.shape[0], -1))[0].view(q.shape)
+                k = self.k_norm(k.reshape(k.shape[0], -1))[0].view(k.shape)
+            else:
+                q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         q, k = fused.rotary(q, k, *rope)
         return q, k, v
 
@@ -319,21 +330,28 @@ class LlamaMLP(nn.Module):
         return lora.apply(layer_idx, "down_proj", act, self.down_proj(act)), residual
 
 
+_ADD = ResidualAdd()  # stateless (no weights): one serves every OLMo 2 layer
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx)
         moe = config.moe if config.moe is not None and layer_idx not in config.moe.dense_layers else None
         self.mlp = LlamaMLP(config) if moe is None else SparseMoeBlock(config.hidden_size, moe)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # Gemma 2's post_attention_layernorm norms the attention output; pre_feedforward_layernorm
-        # is then the MLP's input norm, which LLaMA calls post_attention_layernorm
+        # OLMo 2 norms no input: attention and the MLP read the stream itself (ResidualAdd adds it up)
+        self.input_layernorm: RMSNorm | None = None if config.post_norms_only else RMSNorm(config.hidden_size,
+                                                                                           config.rms_norm_eps)
+        # Gemma 2's and OLMo 2's post_attention_layernorm norms the attention output; Gemma 2's
+        # pre_feedforward_layernorm is then the MLP's input norm, which LLaMA calls post_attention_layernorm
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.pre_feedforward_layernorm: RMSNorm | None = None
         self.post_feedforward_layernorm: RMSNorm | None = None
         if config.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.sandwich_norms or config.post_norms_only:
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_norms_only = config.post_norms_only
         self.residual_multiplier = config.residual_multiplier
 
     def forward(
@@ -346,13 +364,13 @@ class LlamaDecoderLayer(nn.Module):
         (scaled as outputs, not folded into o_proj and down_proj, so LoRA deltas are scaled too)."""
         attn, mlp = self.self_attn, self.mlp
         assert attn.qkv_proj is not None, "after_load() merges the projections"
-        h, residual = attn(x, residual, self.input_layernorm, rope, ctx)
+        h, residual = attn(x, residual, self.input_layernorm or _ADD, rope, ctx)
         if self.residual_multiplier is not None:
             h = h * self.residual_multiplier
         mlp_norm = self.post_attention_layernorm
-        if self.pre_feedforward_layernorm is not None:
+        if self.pre_feedforward_layernorm is not None or self.post_norms_only:
             h = self.post_attention_layernorm(h)[0]
-            mlp_norm = self.pre_feedforward_layernorm
+            mlp_norm = self.pre_feedforward_layernorm or _ADD
         if ctx.lora is not None:
             h, residual = mlp.forward_lora(h, residual, mlp_norm, attn.layer_idx, ctx.lora)
         else:

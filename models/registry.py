@@ -38,6 +38,7 @@ _ENTRIES: dict[str, ModelEntry] = {
     "Gemma3ForConditionalGeneration": ModelEntry("models.llama", "Gemma3ForConditionalGeneration", Task.GENERATE),
     "Phi3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "GraniteForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
+    "Olmo2ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "MixtralForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen2MoeForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Qwen3MoeForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),

@@ -42,7 +42,7 @@ def random_prompts(n: int, lo: int, hi: int, seed: int, vocab: int = 320) -> lis
 
 
 @pytest.fixture(scope="module", params=["llama", "llama_tied", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "granite",
-                                        "mistral_window", "phi3", "phi4_partial", "qwen3_moe", "mixtral", "gpt2"])
+                                        "mistral_window", "phi3", "phi4_partial", "olmo2", "qwen3_moe", "mixtral", "gpt2"])
 def tiny(request, tmp_path_factory):
     return save_tiny(request.param, tmp_path_factory.mktemp(request.param))
 

@@ -114,7 +114,7 @@ def test_tiny_llama_with_lora_rows_on_gpu_equals_cpu(gemv, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "gemma", "gemma2", "gemma3", "granite", "mistral_window", "phi3",
-                                  "phi4_partial", "qwen3_moe", "mixtral", "gpt2"])
+                                  "phi4_partial", "olmo2", "qwen3_moe", "mixtral", "gpt2"])
 def test_tiny_decoder_families_on_gpu_equal_cpu(kind, tmp_path):
     """The other decoder families through the GPU runner: Qwen2 (q/k/v bias, GQA 4:1), Qwen3 (q/k
     norms per head, unfused: Triton RMSNorm over head views), Gemma (GELU: the unfused MLP), Gemma 2

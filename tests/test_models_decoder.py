@@ -25,7 +25,7 @@ VOCAB = 97
 
 
 def hf_config(kind: str):
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig, Olmo2Config, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
                               Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     llama = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -64,6 +64,8 @@ def hf_config(kind: str):
     if kind == "granite":  # embedding, attention and residual multipliers, scaled logits
         return GraniteConfig(**llama, embedding_multiplier=3.0, attention_multiplier=0.05, residual_multiplier=0.4,
                              logits_scaling=2.5, tie_word_embeddings=True)
+    if kind == "olmo2":  # no input norms, normed outputs, q/k norms over whole projections
+        return Olmo2Config(**llama, tie_word_embeddings=False)
     if kind == "phi4_partial":  # partial rotary: 12 of each head's 16 dims rotate (Phi-4-mini's 3/4)
         return Phi3Config(**llama, pad_token_id=0, tie_word_embeddings=True, partial_rotary_factor=0.75)
     if kind == "mistral_window":  # a 3-key window on every layer
@@ -88,7 +90,7 @@ def hf_config(kind: str):
 
 
 KINDS = ["llama_gqa", "llama_tied", "llama_bias_mha", "llama3_rope", "llama_linear_rope", "mistral", "qwen2", "qwen3",
-         "qwen3_bias", "gemma", "gemma2", "gemma3", "granite", "phi4_partial", "mistral_window", "qwen2_window", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
+         "qwen3_bias", "gemma", "gemma2", "gemma3", "granite", "olmo2", "phi4_partial", "mistral_window", "qwen2_window", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
 
 
 def save_hf(kind: str, folder: Path):

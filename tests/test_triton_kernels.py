@@ -438,7 +438,7 @@ def test_gpu_tiny_llama_greedy_equals_cpu_reference(tmp_path):
 
 
 @interpreted
-@pytest.mark.parametrize("kind", ["llama", "gemma2", "phi4_partial"])
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "phi4_partial", "olmo2"])
 def test_engine_greedy_with_interpreted_kernels_equals_reference(kind, tmp_path):
     """The whole engine on CPU with the Triton backend: chunked prefills mixed with decodes; for
     Gemma 2, an 8-key window on layer 0 and soft-capped scores through the fused path."""

@@ -23,11 +23,12 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """kind: llama (GQA, untied), llama_tied, qwen2 (q/k/v bias), qwen3 (q/k norms, tied, heads of 32
     on a hidden size of 64), gemma, gemma2 (an 8-key window on layer 0, soft-capped scores and logits),
     gemma3 (q/k norms, a 6-key window and its own rotary on layers 0 and 2),
-    mistral_window (a 5-key window on every layer), granite (its four multipliers), phi4_partial (12 of 16 dims
+    mistral_window (a 5-key window on every layer), granite (its four multipliers), olmo2, phi4_partial (12 of 16 dims
     of each head rotate, longrope), phi3 (merged q/k/v and gate/up), qwen3_moe (8 experts, top 2 renormalised, layer 0 dense), mixtral
     (4 experts, top 2), gpt2."""
-    from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig, GPT2Config, LlamaConfig, MistralConfig,
-                              MixtralConfig, Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig)
+    from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GraniteConfig,
+                              LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config,
+                              Qwen3MoeConfig)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=320, max_position_embeddings=256)
@@ -72,6 +73,11 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
             embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=1.5,
             tie_word_embeddings=True, **common,
         )
+    elif kind == "olmo2":
+        cfg = Olmo2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            tie_word_embeddings=False, **common,
+        )
     elif kind == "phi4_partial":
         scaling = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(6)],
                    "long_factor": [2.0 + 0.5 * i for i in range(6)]}
@@ -113,7 +119,7 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(4.0)
-            elif kind in ("qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3") and p.dim() == 1:  # q/k norms start at ones: spread them so they count
+            elif kind in ("qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "olmo2") and p.dim() == 1:  # q/k norms start at ones: spread them so they count
                 p.add_(torch.randn_like(p) * 0.2)
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
