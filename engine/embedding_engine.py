@@ -144,8 +144,10 @@ class EmbeddingEngine:
         self.pooling = PoolingConfig(normalize=False) if self.is_classifier or self.sparse else \
             PoolingConfig.from_folder(loaded.info.path, self.causal)
         hidden = self.model.config.hidden_size
+        self.dense = [layer.to(self.device) for layer in self.pooling.dense]  # applied after pooling
+        pooled_dim = self.dense[-1].weight.shape[0] if self.dense else hidden * len(self.pooling.modes)
         self.embedding_dim = len(loaded.info.labels) if self.is_classifier else self.info.vocab_size if self.sparse \
-            else hidden * len(self.pooling.modes)
+            else pooled_dim
         self.suffix = special_suffix(self.tokenizer)
         self.queue: collections.deque[_Pending] = collections.deque()
         self.num_prompt_tokens = 0
@@ -270,7 +272,10 @@ class EmbeddingEngine:
         if self.sparse is not None:
             pooled = self.model.sparse(hidden, meta.cu_seqlens_q, *self.sparse).cpu()
         else:
-            pooled = pool(hidden, meta.cu_seqlens_q, self.pooling.modes).cpu()  # normalised per request, after
+            pooled = pool(hidden, meta.cu_seqlens_q, self.pooling.modes)
+            for layer in self.dense:  # the folder's Dense projections (fp32, as pooled)
+                pooled = layer(pooled)
+            pooled = pooled.cpu()  # normalised per request, after
         if not per_token or not any(per_token):
             return pooled
         tokens = hidden.float().cpu().split(lens.tolist())

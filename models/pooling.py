@@ -2,8 +2,10 @@
 
 A sentence-transformers folder lists its modules in `modules.json`: a `Pooling` module (its
 `config.json` names the mode, in the new `pooling_mode` or the legacy `pooling_mode_*_tokens`
-format) and optionally `Normalize`. Folders without `modules.json` (a bare HF encoder) get the
-usual default, mean pooling + L2 normalisation. Pooling runs on the flat, unpadded batch the
+format), then optionally `Dense` projections of the pooled vector (LaBSE, EmbeddingGemma) and
+`Normalize`. Any other module is refused by name rather than skipped (skipping one would give
+wrong vectors). Folders without `modules.json` (a bare HF encoder) get the usual default, mean
+pooling + L2 normalisation. Pooling runs on the flat, unpadded batch the
 model returns, with segment sums (`index_add_`) instead of padding back to (B, L, H).
 """
 from __future__ import annotations
@@ -27,16 +29,65 @@ _LEGACY_KEYS = {
 }
 
 
+# sentence-transformers Dense activations, by the class path it saves
+_DENSE_ACTIVATIONS = {
+    "torch.nn.modules.activation.Tanh": torch.tanh,
+    "torch.nn.modules.linear.Identity": lambda x: x,
+    "torch.nn.modules.activation.ReLU": F.relu,
+    "torch.nn.modules.activation.GELU": F.gelu,
+    "torch.nn.modules.activation.Sigmoid": torch.sigmoid,
+}
+# modules.json types (by class name) that this module or the model itself implements
+_KNOWN_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+
+
 class PoolingConfigError(ValueError):
     """The folder's pooling configuration names something kvserve does not implement."""
 
 
+@dataclass(frozen=True, eq=False)
+class DenseLayer:
+    """A sentence-transformers `Dense` module over the pooled vector: activation(x W^T + b)."""
+
+    weight: torch.Tensor  # (out_features, in_features)
+    bias: torch.Tensor | None
+    activation: str  # a key of _DENSE_ACTIVATIONS
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _DENSE_ACTIVATIONS[self.activation](F.linear(x, self.weight, self.bias))
+
+    def to(self, device: torch.device | str) -> DenseLayer:
+        bias = None if self.bias is None else self.bias.to(device)
+        return DenseLayer(self.weight.to(device), bias, self.activation)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> DenseLayer:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        activation = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+        if activation not in _DENSE_ACTIVATIONS:
+            raise PoolingConfigError(f"{folder}: Dense activation {activation!r} not supported; "
+                                     f"supported: {sorted(_DENSE_ACTIVATIONS)}")
+        if cfg.get("use_residual") or cfg.get("module_input_name", "sentence_embedding") != "sentence_embedding":
+            raise PoolingConfigError(f"{folder}: only Dense modules over the pooled vector, without a residual, "
+                                     "are supported")
+        if (folder / "model.safetensors").exists():
+            from safetensors.torch import load_file
+
+            weights = load_file(str(folder / "model.safetensors"))
+        else:  # older sentence-transformers saved a torch pickle; tensors only
+            weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        bias = weights.get("linear.bias") if cfg.get("bias", True) else None
+        return cls(weights["linear.weight"].float(), None if bias is None else bias.float(), activation)
+
+
 @dataclass(frozen=True)
 class PoolingConfig:
-    """Pooling modes (several are concatenated, in order, as sentence-transformers does) and normalisation."""
+    """Pooling modes (several are concatenated, in order, as sentence-transformers does), the Dense
+    projections after them, and normalisation."""
 
     modes: tuple[str, ...] = ("mean",)
     normalize: bool = True
+    dense: tuple[DenseLayer, ...] = ()
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in POOLING_MODES]
@@ -57,13 +108,19 @@ class PoolingConfig:
             return cls(modes=("lasttoken",) if causal else ("mean",))
         modes: tuple[str, ...] = ("mean",)
         normalize = False  # a sentence-transformers folder normalises only if it lists Normalize
+        dense: list[DenseLayer] = []
         for module in json.loads(modules_file.read_text(encoding="utf-8")):
-            kind = module.get("type", "")
-            if kind.endswith("Normalize"):
+            kind = module.get("type", "").rsplit(".", 1)[-1]
+            if kind == "Normalize":
                 normalize = True
             elif kind.endswith("Pooling"):
                 modes = read_pooling_modes(folder / module.get("path", "") / "config.json")
-        return cls(modes=modes, normalize=normalize)
+            elif kind == "Dense":
+                dense.append(DenseLayer.from_folder(folder / module.get("path", "")))
+            elif not kind.endswith(_KNOWN_MODULES):
+                raise PoolingConfigError(f"{folder}: sentence-transformers module {module.get('type')!r} is not "
+                                         f"supported; supported: {', '.join(_KNOWN_MODULES)}")
+        return cls(modes=modes, normalize=normalize, dense=tuple(dense))
 
 
 def read_prompts(folder: str | Path) -> dict[str, str]:

@@ -123,3 +123,39 @@ def test_distilbert_sentence_transformers_folder_equals_encode(tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(lm.model(ids, positions, ctx),
                                    hf.distilbert(input_ids=ids[None]).last_hidden_state[0], atol=1e-5, rtol=0)
+
+
+def test_dense_projections_after_pooling_equal_encode(tmp_path):
+    """LaBSE's layout (CLS pooling, Dense with tanh, Normalize) and EmbeddingGemma's (mean pooling, two
+    Dense without activation, Normalize) embed as sentence-transformers' encode() does; a module kvserve
+    does not implement is refused by name instead of skipped."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+    from engine.config import EngineConfig
+    from engine.embedding_engine import EmbeddingEngine
+    from tests.tiny_models import copy_minilm_tokenizer
+
+    save_tiny_encoder("bert", tmp_path / "body", vocab_size=30522)
+    copy_minilm_tokenizer(tmp_path / "body")
+    h = TINY_ENCODER["hidden_size"]
+    torch.manual_seed(3)
+    layouts = {
+        "labse": [Pooling(h, "cls"), Dense(h, h, activation_function=torch.nn.Tanh())],
+        "gemma": [Pooling(h, "mean"), Dense(h, 4 * h, activation_function=torch.nn.Identity(), bias=False),
+                  Dense(4 * h, 24, activation_function=torch.nn.Identity(), bias=False)],
+    }
+    texts = ["The cat sat on the mat.", "a", "Dense layers project the pooled vector " * 3]
+    for name, modules in layouts.items():
+        SentenceTransformer(modules=[Transformer(str(tmp_path / "body")), *modules, Normalize()],
+                            device="cpu").save(str(tmp_path / name))
+        st = SentenceTransformer(str(tmp_path / name), device="cpu")
+        engine = EmbeddingEngine(load_model(str(tmp_path / name)), EngineConfig(model=str(tmp_path / name)))
+        assert engine.embedding_dim == (h if name == "labse" else 24) and len(engine.dense) == len(modules) - 1
+        torch.testing.assert_close(engine.embed(texts), st.encode(texts, convert_to_tensor=True), atol=1e-5,
+                                   rtol=1e-5)
+    modules = json.loads((tmp_path / "labse" / "modules.json").read_text())
+    modules.insert(2, {"idx": 9, "name": "9", "path": "", "type": "sentence_transformers.models.LayerNorm"})
+    (tmp_path / "labse" / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ModelLoadError, match="LayerNorm"):
+        load_model(str(tmp_path / "labse"))
