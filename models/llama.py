@@ -55,6 +55,8 @@ class LlamaConfig:
     sandwich_norms: bool = False  # Gemma 2: norms after attention and the MLP too (pre/post_feedforward_layernorm)
     post_norms_only: bool = False  # OLMo 2: attention and MLP read the raw stream; their outputs are normed
     qk_norm_full: bool = False  # OLMo 2: q_norm / k_norm over all heads' dims at once, not per head
+    # EmbeddingGemma: attention without causality; a sliding layer then sees sliding_window // 2 keys either side
+    bidirectional: bool = False
     query_scale: float | None = None  # Gemma 2's query_pre_attn_scalar ** -0.5 in place of head_dim ** -0.5
     attn_softcap: float | None = None  # Gemma 2: attention scores soft-capped (attn_logit_softcapping)
     final_softcap: float | None = None  # Gemma 2: logits soft-capped (final_logit_softcapping)
@@ -81,8 +83,6 @@ class LlamaConfig:
         is_gemma3 = model_type == "gemma3_text" or "Gemma3ForCausalLM" in archs
         is_gemma2 = is_gemma3 or model_type == "gemma2" or "Gemma2ForCausalLM" in archs  # Gemma 3 builds on 2
         is_gemma = is_gemma2 or model_type == "gemma" or "GemmaForCausalLM" in archs
-        if config.get("use_bidirectional_attention"):  # EmbeddingGemma
-            raise ValueError("bidirectional Gemma 3 (use_bidirectional_attention) is not supported")
         is_phi3 = model_type == "phi3" or "Phi3ForCausalLM" in archs
         is_granite = model_type == "granite" or "GraniteForCausalLM" in archs
         is_olmo2 = model_type == "olmo2" or "Olmo2ForCausalLM" in archs
@@ -119,6 +119,7 @@ class LlamaConfig:
             qk_norm=is_qwen3 or is_gemma3 or is_olmo2,
             qk_norm_full=is_olmo2,
             post_norms_only=is_olmo2,
+            bidirectional=bool(config.get("use_bidirectional_attention")),
             moe=MoeConfig.from_hf(config),
             merged_checkpoint=is_phi3,
             embed_scale=config["hidden_size"] ** 0.5 if is_gemma else None,
@@ -193,8 +194,12 @@ class LlamaAttention(nn.Module):
         self.head_dim = d = config.head_dim
         self.scale = config.query_scale or d**-0.5
         window = config.window(layer_idx)
-        has_variant = window is not None or config.attn_softcap is not None
-        self.variant = AttentionVariant(window, config.attn_softcap) if has_variant else None
+        if config.bidirectional and window is not None:  # HF's bidirectional overlay: |q - k| < window // 2 + 1
+            self.variant: AttentionVariant | None = AttentionVariant(softcap=config.attn_softcap, radius=window // 2)
+        elif window is not None or config.attn_softcap is not None:
+            self.variant = AttentionVariant(window, config.attn_softcap)
+        else:
+            self.variant = None
         h = config.hidden_size
         self.qkv_proj: nn.Linear | None = None  # set by merge_projections() after loading
         if config.merged_checkpoint:
@@ -441,6 +446,9 @@ class LlamaForCausalLM(nn.Module):
     config_class = LlamaConfig
 
     def __init__(self, config: LlamaConfig) -> None:
+        if config.bidirectional:  # EmbeddingGemma's body: an embedding model, not a generator
+            raise ValueError("a bidirectional config (use_bidirectional_attention) cannot generate; serve its body "
+                             "as an embedding model")
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
@@ -570,19 +578,22 @@ class Gemma3ForConditionalGeneration(LlamaForCausalLM):
 class LlamaEmbeddingModel(nn.Module):
     """A LLaMA-family decoder as an embedding model (Qwen3-Embedding, e5-mistral, gte-Qwen2): causal
     attention within each input, the final norm's hidden states out; the embedding engine pools them
-    as the folder's sentence-transformers modules say (last token, for these models).
+    as the folder's sentence-transformers modules say (last token, for these models). EmbeddingGemma
+    (a Gemma 3 body with `use_bidirectional_attention`) attends both ways, its sliding layers within a
+    radius, and is mean-pooled and projected by its folder's Dense modules.
 
     Such folders keep the bare body (`embed_tokens.weight`, as HF's `Qwen3Model` saves) or a whole
     causal LM (`model.embed_tokens.weight`, `lm_head.weight`): both load, the head is skipped.
     """
 
     config_class = LlamaConfig
-    causal = True  # the engine builds causal attention metadata for it
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
+        # the engine builds causal attention metadata for it, unless the config says otherwise (EmbeddingGemma)
+        self.causal = not config.bidirectional
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

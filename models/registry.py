@@ -47,6 +47,7 @@ _ENTRIES: dict[str, ModelEntry] = {
     "MistralModel": ModelEntry("models.llama", "LlamaEmbeddingModel", Task.EMBED),
     "Qwen2Model": ModelEntry("models.llama", "LlamaEmbeddingModel", Task.EMBED),
     "Qwen3Model": ModelEntry("models.llama", "LlamaEmbeddingModel", Task.EMBED),
+    "Gemma3TextModel": ModelEntry("models.llama", "LlamaEmbeddingModel", Task.EMBED),  # EmbeddingGemma
     "GPT2LMHeadModel": ModelEntry("models.gpt2", "GPT2LMHeadModel", Task.GENERATE),
     "BertModel": ModelEntry("models.bert", "BertModel", Task.EMBED),
     "BertForMaskedLM": ModelEntry("models.bert", "BertModel", Task.EMBED),

@@ -115,3 +115,41 @@ def test_served_over_the_embedding_routes(pair):
         score = httpx.post(f"{url}/v1/score", json={"model": "emb", "text_1": TEXTS[0], "text_2": TEXTS[1]},
                            timeout=30).json()["data"][0]["score"]
         assert score == pytest.approx(float(got[0] @ got[1]), abs=1e-5)
+
+
+def test_embedding_gemma_bidirectional_with_dense_projections(tmp_path):
+    """EmbeddingGemma's layout: a Gemma3TextModel with use_bidirectional_attention (its sliding layers
+    see sliding_window // 2 keys either side, its global ones everything), mean pooling, two Dense
+    projections and Normalize, embeds as sentence-transformers' encode() does."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    from engine.config import EngineConfig
+    from engine.embedding_engine import EmbeddingEngine
+    from models.loader import load_model
+    from tests.tiny_models import copy_minilm_tokenizer
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=30522, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                           max_position_embeddings=128, use_bidirectional_attention=True, pad_token_id=0,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    hf = Gemma3TextModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    hf.save_pretrained(tmp_path / "body")
+    copy_minilm_tokenizer(tmp_path / "body")
+    SentenceTransformer(modules=[Transformer(str(tmp_path / "body")), Pooling(64, "mean"),
+                                 Dense(64, 256, bias=False, activation_function=torch.nn.Identity()),
+                                 Dense(256, 32, bias=False, activation_function=torch.nn.Identity()), Normalize()],
+                        device="cpu").save(str(tmp_path / "st"))
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    engine = EmbeddingEngine(load_model(str(tmp_path / "st")), EngineConfig(model=str(tmp_path / "st")))
+    assert not engine.causal and engine.embedding_dim == 32
+    assert [layer.self_attn.variant.radius if layer.self_attn.variant else None
+            for layer in engine.model.model.layers] == [4, None, 4]
+    texts = ["The cat sat on the mat.", "a", "Bidirectional local attention sees four tokens either side " * 3]
+    torch.testing.assert_close(engine.embed(texts), st.encode(texts, convert_to_tensor=True), atol=1e-5, rtol=1e-5)

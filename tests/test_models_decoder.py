@@ -265,9 +265,9 @@ def test_sliding_window_config_rules():
 def test_gemma3_config_rules():
     """Gemma 3 1B's config as the hub has it (no layer_types, no nested rope_parameters): every 6th
     layer global with rope_theta, the rest a 512-key window with rope_local_base_freq; a v5 config's
-    nested rope_parameters; EmbeddingGemma's bidirectional attention is refused by name."""
+    nested rope_parameters; EmbeddingGemma's bidirectional attention cannot generate."""
     from models.layers import RopeConfig
-    from models.llama import LlamaConfig
+    from models.llama import LlamaConfig, LlamaForCausalLM
 
     gemma3 = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144,
               "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
@@ -286,8 +286,11 @@ def test_gemma3_config_rules():
               "sliding_attention": {"rope_type": "default", "rope_theta": 2e3}}
     cfg = LlamaConfig.from_hf(gemma3 | {"rope_parameters": nested, "sliding_window_pattern": None})
     assert (cfg.rope.theta, cfg.local_rope.theta) == (5e5, 2e3) and cfg.window(5) is None and cfg.window(6) == 512
-    with pytest.raises(ValueError, match="use_bidirectional_attention"):
-        LlamaConfig.from_hf(gemma3 | {"use_bidirectional_attention": True})
+    bidirectional = LlamaConfig.from_hf(gemma3 | {"use_bidirectional_attention": True, "num_hidden_layers": 1,
+                                                  "hidden_size": 64, "intermediate_size": 64, "vocab_size": 64})
+    assert bidirectional.bidirectional
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):  # EmbeddingGemma serves embeddings only
+        LlamaForCausalLM(bidirectional)
 
 
 def test_gemma3_multimodal_checkpoint_serves_text(tmp_path):
