@@ -31,7 +31,14 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.best_of is not None and body.best_of != body.n:
         raise InvalidRequestError(f"best_of must equal n ({body.n}): extra samples are not ranked on the server",
                                   "best_of")
-    params = gen.sampling_params(body, body.max_tokens, body.logprobs)
+    # max_tokens 0 with echo answers the prompt alone (scored, with logprobs): one token is drawn in the
+    # prefill step that scores the prompt anyway, then left out of the answer
+    score_only = body.max_tokens == 0
+    if score_only and not body.echo:
+        raise InvalidRequestError("max_tokens 0 answers with the prompt alone: it needs echo", "max_tokens")
+    if score_only and body.stream:
+        raise InvalidRequestError("max_tokens 0 (the prompt alone) is not streamed", "stream")
+    params = gen.sampling_params(body, 1 if score_only else body.max_tokens, body.logprobs)
     if body.echo and body.logprobs is not None:  # the prompt's tokens are scored too
         params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
     prompts = gen.completion_prompts(
@@ -53,6 +60,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         finals = await gen.cancel_on_disconnect(request, gen.run_all(state.async_engine, name, request_id, payloads))
     finally:
         state.metrics.forget(request_id)
+    if score_only:  # the drawn token goes: no text, no logprob, no usage, finished by length
+        finals = [dataclasses.replace(out, outputs=[dataclasses.replace(
+            c, text="", token_ids=[], logprobs=[] if c.logprobs is not None else None, finish_reason="length",
+            stop_reason=None) for c in out.outputs]) for out in finals]
     choices = []
     for p, out in enumerate(finals):
         for c in out.outputs:

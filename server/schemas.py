@@ -174,7 +174,8 @@ class Usage(_Response):
 # ---- /v1/completions --------------------------------------------------------------------
 class CompletionRequest(_SamplingFields):
     prompt: TextsOrTokens
-    max_tokens: int | None = bounded("max_tokens", 16)
+    # 0 with echo: the prompt back, scored with `logprobs` (vLLM's loglikelihood requests, lm-eval's)
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: the prompt alone, scored")
     logprobs: int | None = bounded("logprobs")
     echo: bool = False
     best_of: int | None = Field(None, description="Only equal to `n` (no server-side ranking of extra samples)")

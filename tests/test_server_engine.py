@@ -244,6 +244,28 @@ def test_echo_with_logprobs_scores_the_prompt_like_openai(base_url, offline, eng
     assert engine.stats().kv_cache_usage == 0.0
 
 
+def test_max_tokens_zero_with_echo_answers_the_scored_prompt(base_url, offline, engine):
+    """lm-eval's loglikelihood request (vLLM answers it): max_tokens 0 with echo and logprobs gives the
+    prompt back with its tokens scored and nothing generated; without echo, or streamed, it is a 400."""
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = offline.tokenizer.encode(prompt)
+    ref = offline.generate([ids], SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1))[0].prompt_logprobs
+    body = {"model": MODEL, "prompt": [prompt, prompt], "max_tokens": 0, "echo": True, "logprobs": 1}
+    r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    for choice in r.json()["choices"]:
+        lp = choice["logprobs"]
+        assert choice["text"] == prompt and choice["finish_reason"] == "length"
+        assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None
+        assert lp["token_logprobs"][1:] == [e.logprob for e in ref[1:]]
+    usage = r.json()["usage"]
+    assert usage["completion_tokens"] == 0 and usage["total_tokens"] == usage["prompt_tokens"] == 2 * len(ids)
+    for extra, param in (({"echo": False}, "max_tokens"), ({"stream": True}, "stream")):
+        r = httpx.post(f"{base_url}/v1/completions", json=body | extra, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert engine.stats().kv_cache_usage == 0.0
+
+
 def test_structured_outputs_over_http(base_url, client, offline, engine):
     """OpenAI's response_format and vLLM's structured_outputs give the offline engine's guided
     tokens, streamed or not; a bad constraint is a 400 naming its field."""
