@@ -575,6 +575,47 @@ class Gemma3ForConditionalGeneration(LlamaForCausalLM):
         return {"max_model_len": text["max_position_embeddings"], "vocab_size": text["vocab_size"]}
 
 
+def qwen_vl_text_config(config: dict) -> dict:
+    """The language model's config of a Qwen2-VL / Qwen2.5-VL folder: transformers 5 nests it in
+    `text_config`, older folders keep it at the top level beside `vision_config`. Its "mrope" rotary
+    is plain rotary for text: with no image, all three position rows are the token index."""
+    text = {k: v for k, v in config.items() if k not in ("vision_config", "text_config", "architectures")}
+    text |= dict(config.get("text_config") or {})
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = text.get(key)
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "mrope":
+            text[key] = {k: v for k, v in rope.items() if k not in ("type", "rope_type", "mrope_section")} | \
+                {"rope_type": "default"}
+    return text | {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
+
+
+class _QwenVLTextConfig:
+    """`config_class` of the Qwen2-VL / Qwen2.5-VL checkpoints: the text model's LlamaConfig."""
+
+    @staticmethod
+    def from_hf(config: dict) -> LlamaConfig:
+        return LlamaConfig.from_hf(qwen_vl_text_config(config))
+
+
+class QwenVLForConditionalGeneration(LlamaForCausalLM):
+    """Qwen2-VL and Qwen2.5-VL checkpoints served as text models: the Qwen2 language model's weights
+    (under `model.` or transformers 5's `model.language_model.`), the vision tower's skipped."""
+
+    config_class = _QwenVLTextConfig  # type: ignore[assignment]
+
+    def rename_weight(self, name: str) -> str | None:
+        if name.startswith(("visual.", "model.visual.")):
+            return None
+        if name.startswith("model.language_model."):
+            name = "model." + name[len("model.language_model."):]
+        return super().rename_weight(name)
+
+    @classmethod
+    def extra_info(cls, folder: Path, config: dict) -> dict:
+        text = qwen_vl_text_config(config)
+        return {"max_model_len": text.get("max_position_embeddings", 32768), "vocab_size": text["vocab_size"]}
+
+
 class LlamaEmbeddingModel(nn.Module):
     """A LLaMA-family decoder as an embedding model (Qwen3-Embedding, e5-mistral, gte-Qwen2): causal
     attention within each input, the final norm's hidden states out; the embedding engine pools them

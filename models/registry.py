@@ -36,6 +36,8 @@ _ENTRIES: dict[str, ModelEntry] = {
     "Gemma2ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Gemma3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Gemma3ForConditionalGeneration": ModelEntry("models.llama", "Gemma3ForConditionalGeneration", Task.GENERATE),
+    "Qwen2VLForConditionalGeneration": ModelEntry("models.llama", "QwenVLForConditionalGeneration", Task.GENERATE),
+    "Qwen2_5_VLForConditionalGeneration": ModelEntry("models.llama", "QwenVLForConditionalGeneration", Task.GENERATE),
     "Phi3ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "GraniteForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),
     "Olmo2ForCausalLM": ModelEntry("models.llama", "LlamaForCausalLM", Task.GENERATE),

@@ -374,3 +374,43 @@ def test_partial_rotary_permutation_and_lora_targets(tmp_path):
     save_hf("phi4_partial", folder)
     targets = load_model(str(folder)).model.lora_targets()
     assert "qkv_proj" not in targets and {"o_proj", "gate_up_proj", "down_proj"} <= set(targets)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["v5-text_config", "hub-flat"])
+def test_qwen2_5_vl_checkpoint_serves_text(flat, tmp_path):
+    """A Qwen2_5_VLForConditionalGeneration folder (a tiny vision tower beside a Qwen2 language model,
+    mrope) loads as a text model whose logits equal transformers' on text-only inputs; also with the
+    config written flat, as the hub's Qwen2.5-VL folders are (text keys at the top, mrope scaling)."""
+    import json
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(6)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128,
+                rope_parameters={"rope_type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=2,
+                  spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0])
+    hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                                             image_token_id=VOCAB - 1, video_token_id=VOCAB - 2)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path)
+    if flat:  # the hub's layout: text keys at the top level, rope_scaling {"type": "mrope"}
+        saved = json.loads((tmp_path / "config.json").read_text())
+        body = saved.pop("text_config")
+        rope = body.pop("rope_parameters")
+        saved |= body | {"rope_theta": rope["rope_theta"],
+                         "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+    ours = load_model(str(tmp_path))
+    assert type(ours.model).__name__ == "QwenVLForConditionalGeneration" and ours.info.vocab_size == VOCAB
+    assert ours.model.config.qkv_bias  # Qwen2's q/k/v biases
+    seqs = random_seqs(8)
+    ctx = ForwardContext(meta=metadata_for_sequences(LENS), backend=TorchAttentionBackend())
+    with torch.no_grad():
+        logits = ours.model.compute_logits(ours.model(torch.cat(seqs), torch.cat([torch.arange(n) for n in LENS]), ctx))
+        for got, s in zip(logits.split(LENS), seqs):
+            torch.testing.assert_close(got, hf(input_ids=s[None]).logits[0].float(), atol=1e-4, rtol=0)
