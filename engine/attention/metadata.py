@@ -78,6 +78,13 @@ class AttentionVariant:
         if self.softcap is not None and not self.softcap > 0:
             raise ValueError(f"softcap must be > 0, got {self.softcap}")
 
+    def check(self, causal: bool) -> None:
+        """A window narrows causal attention only, a radius bidirectional attention only."""
+        if self.window is not None and not causal:
+            raise ValueError("a sliding window applies to causal attention only")
+        if self.radius is not None and causal:
+            raise ValueError("a local radius applies to bidirectional attention only")
+
 
 class StepCache(Generic[T]):
     """Values derived from one step's metadata (index plans), built once and reused by every layer.

@@ -89,21 +89,17 @@ def _capped_attention(
     return (p @ v).transpose(1, 2)
 
 
-def _windowed(group: _Group, window: int) -> torch.Tensor | None:
-    """The group's mask with keys more than `window - 1` before each query hidden; None when the
-    window hides nothing (every context within it). Padded query rows keep their own mask."""
-    if group.k_len <= window:
+def _narrowed(group: _Group, variant: AttentionVariant) -> torch.Tensor | None:
+    """The group's mask with the keys the variant hides hidden: more than `window - 1` before each
+    query (a sliding window), or more than `radius` away on either side (bidirectional local
+    attention). None when it hides nothing (no two positions that far apart); padded query rows
+    keep their own mask."""
+    if variant.window is not None and group.k_len > variant.window:
+        near = group.k_pos[:, None, :] > group.q_pos[:, :, None] - variant.window
+    elif variant.radius is not None and group.k_len > variant.radius + 1:
+        near = (group.k_pos[:, None, :] - group.q_pos[:, :, None]).abs() <= variant.radius
+    else:
         return None
-    near = group.k_pos[:, None, :] > group.q_pos[:, :, None] - window
-    return group.visible & (near | ~group.valid[:, :, None])
-
-
-def _local(group: _Group, radius: int) -> torch.Tensor | None:
-    """The group's mask with keys more than `radius` positions from each query, on either side,
-    hidden (bidirectional local attention); None when no two positions are that far apart."""
-    if group.k_len <= radius + 1:
-        return None
-    near = (group.k_pos[:, None, :] - group.q_pos[:, :, None]).abs() <= radius
     return group.visible & (near | ~group.valid[:, :, None])
 
 
@@ -230,19 +226,12 @@ def _equal_length_runs(lengths: tuple[int, ...]) -> list[list[int]]:
 def _mask(g: _Group, may_be_causal: bool, causal: bool, variant: AttentionVariant | None,
           ) -> tuple[torch.Tensor | None, bool]:
     """(mask, is_causal) for `_sdpa`: none where every query sees every key, SDPA's own causal
-    square where that is the mask, else the group's, narrowed to a sliding window."""
-    if variant is not None and variant.window is not None:
-        if not causal:
-            raise ValueError("a sliding window applies to causal attention only")
-        windowed = _windowed(g, variant.window)
-        if windowed is not None:
-            return windowed, False
-    if variant is not None and variant.radius is not None:
-        if causal:
-            raise ValueError("a local radius applies to bidirectional attention only")
-        local = _local(g, variant.radius)
-        if local is not None:
-            return local, False
+    square where that is the mask, else the group's, narrowed by a window or radius."""
+    if variant is not None:
+        variant.check(causal)
+        narrowed = _narrowed(g, variant)
+        if narrowed is not None:
+            return narrowed, False
     if may_be_causal and g.causal_square:
         return None, True
     return (None if g.sees_all else g.visible), False

@@ -46,10 +46,7 @@ def _variant_args(variant: AttentionVariant | None, causal: bool) -> dict:
     causal window, or without causality the local radius."""
     if variant is None:
         return {}
-    if variant.window is not None and not causal:
-        raise ValueError("a sliding window applies to causal attention only")
-    if variant.radius is not None and causal:
-        raise ValueError("a local radius applies to bidirectional attention only")
+    variant.check(causal)
     return {"window": variant.window or variant.radius or 0, "softcap": variant.softcap or 0.0}
 
 

@@ -75,10 +75,13 @@ def _bias_tile(bias_ptr, head, q_pos, n, mask, stride_bias_h, bias_radius):
 
 
 @triton.jit
-def _softcap(x, cap: tl.constexpr):
-    """cap * tanh(x / cap) from one exp2: tanh(y) = 1 - 2 / (exp(2y) + 1), which saturates to +-1
-    without overflow trouble (exp2 of a large argument is inf, 2 / inf is 0)."""
-    return cap * (1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634 / cap)) + 1.0))
+def _softcap_log2(s, scale_log2, cap: tl.constexpr):
+    """Raw scores `s` scaled and capped in natural units, as HF does (cap * tanh(scaled / cap)),
+    returned in the log2 domain the online softmax uses. tanh comes from one exp2:
+    tanh(y) = 1 - 2 / (exp(2y) + 1), which saturates to +-1 without overflow trouble (exp2 of a
+    large argument is inf, 2 / inf is 0)."""
+    x = s * (scale_log2 * 0.6931471805599453)
+    return cap * (1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634 / cap)) + 1.0)) * 1.4426950408889634
 
 
 @triton.jit
@@ -122,8 +125,8 @@ def _prefill_tile(
             visible = n_mask[None, :]
     else:
         visible = row_mask[:, None]  # only bounds the bias table's lanes
-    if SOFTCAP > 0.0:  # capped in natural units, as HF does, then back to the log2 domain
-        s = _softcap(s * (scale_log2 * 0.6931471805599453), SOFTCAP) * 1.4426950408889634
+    if SOFTCAP > 0.0:
+        s = _softcap_log2(s, scale_log2, SOFTCAP)
         scale = 1.0
     else:
         scale = scale_log2  # applied inside the exp2's argument: one FMA per score instead of a multiply and a subtract
@@ -317,7 +320,7 @@ def _decode_kernel(
                     mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # (G, N)
         if SOFTCAP > 0.0:
-            s = _softcap(s * (scale_log2 * 0.6931471805599453), SOFTCAP) * 1.4426950408889634
+            s = _softcap_log2(s, scale_log2, SOFTCAP)
         else:
             s = s * scale_log2
         if HAS_BIAS:
