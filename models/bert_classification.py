@@ -25,7 +25,7 @@ from models.weights import ModelLoadError
 _ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity"}
 
 
-def _labels(cfg: dict[str, Any]) -> tuple[str, ...]:
+def config_labels(cfg: dict[str, Any]) -> tuple[str, ...]:
     """Label names in id order. HF writes id2label for every classifier; num_labels alone is older."""
     id2label = cfg.get("id2label")
     if id2label:
@@ -39,7 +39,7 @@ class BertClassifierConfig(BertConfig):
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> BertClassifierConfig:
-        return dataclasses.replace(super().from_hf(cfg), labels=_labels(cfg))  # type: ignore[return-value]
+        return dataclasses.replace(super().from_hf(cfg), labels=config_labels(cfg))  # type: ignore[return-value]
 
     @property
     def num_labels(self) -> int:
@@ -92,9 +92,15 @@ class BertForSequenceClassification(BertModel):
 
     @classmethod
     def extra_info(cls, folder: str | Path, config: dict[str, Any]) -> dict[str, Any]:
-        labels = cls.config_class.from_hf(config).labels
-        return {"max_model_len": cls.folder_max_model_len(Path(folder), config), "labels": labels,
-                "activation": score_activation(Path(folder), config, len(labels))}
+        return classifier_info(cls, folder, config)
+
+
+def classifier_info(model_cls: type[BertModel], folder: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """ModelInfo fields of a sequence classifier's folder (BERT-family, ModernBERT): its context,
+    labels, and the activation sentence-transformers' CrossEncoder applies to its logits."""
+    labels = model_cls.config_class.from_hf(config).labels
+    return {"max_model_len": model_cls.folder_max_model_len(Path(folder), config), "labels": labels,
+            "activation": score_activation(Path(folder), config, len(labels))}
 
 
 class RobertaForSequenceClassification(BertForSequenceClassification):

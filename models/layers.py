@@ -125,10 +125,11 @@ class RopeConfig:
 def rope_inv_freq(rope: RopeConfig, head_dim: int, long: bool = False) -> torch.Tensor:
     """(head_dim/2,) fp32 inverse frequencies, with the same float ops as HF's rope init functions;
     `long`: longrope's long factors instead of its short ones."""
+    powers = rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     if rope.rope_type == "longrope":
         factors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
-        return 1.0 / (factors * rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        return 1.0 / (factors * powers)
+    inv_freq = 1.0 / powers
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":

@@ -7,6 +7,7 @@ Forward runs over a flat batch of sequences; attention and the KV cache live beh
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -542,37 +543,51 @@ def gemma3_text_config(config: dict) -> dict:
     return text | {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
 
 
-class _Gemma3TextOfMultimodalConfig:
-    """`config_class` of the multimodal checkpoints: the text model's LlamaConfig."""
+@dataclass(frozen=True)
+class _TextConfigOf:
+    """`config_class` of a multimodal checkpoint served as text: its language model's LlamaConfig,
+    from the text part of its config.json that `text_config` picks out."""
 
-    @staticmethod
-    def from_hf(config: dict) -> LlamaConfig:
-        return LlamaConfig.from_hf(gemma3_text_config(config))
+    text_config: Callable[[dict], dict]
+
+    def from_hf(self, config: dict) -> LlamaConfig:
+        return LlamaConfig.from_hf(self.text_config(config))
 
 
-class Gemma3ForConditionalGeneration(LlamaForCausalLM):
-    """Gemma 3's multimodal checkpoints (4B, 12B, 27B) served as text models: the language model's
-    weights load (under v4's `language_model.model.` or v5's `model.language_model.`), the vision
-    tower's and projector's are skipped, so requests are text only."""
+class _TextOfMultimodal(LlamaForCausalLM):
+    """A multimodal checkpoint served as a text model: its language model's weights load from under
+    `_language` prefixes (renamed to `model.`), its vision tower's and projector's (`_vision`) are
+    skipped, so requests are text only."""
 
-    config_class = _Gemma3TextOfMultimodalConfig  # type: ignore[assignment]
-    _vision = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+    config_class: _TextConfigOf
+    _vision: tuple[str, ...] = ()
+    _language: tuple[str, ...] = ()
 
     def rename_weight(self, name: str) -> str | None:
         if name.startswith(self._vision):
             return None
-        for prefix in ("model.language_model.", "language_model.model."):
+        for prefix in self._language:
             if name.startswith(prefix):
                 name = "model." + name[len(prefix):]
                 break
-        if name == "language_model.lm_head.weight":
-            name = "lm_head.weight"
         return super().rename_weight(name)
 
     @classmethod
     def extra_info(cls, folder: Path, config: dict) -> dict:
-        text = gemma3_text_config(config)
-        return {"max_model_len": text["max_position_embeddings"], "vocab_size": text["vocab_size"]}
+        text = cls.config_class.text_config(config)
+        return {"max_model_len": text.get("max_position_embeddings", 32768), "vocab_size": text["vocab_size"]}
+
+
+class Gemma3ForConditionalGeneration(_TextOfMultimodal):
+    """Gemma 3's multimodal checkpoints (4B, 12B, 27B) as text models: the language model under v4's
+    `language_model.model.` or v5's `model.language_model.` (v4's head: `language_model.lm_head`)."""
+
+    config_class = _TextConfigOf(gemma3_text_config)
+    _vision = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+    _language = ("model.language_model.", "language_model.model.")
+
+    def rename_weight(self, name: str) -> str | None:
+        return super().rename_weight("lm_head.weight" if name == "language_model.lm_head.weight" else name)
 
 
 def qwen_vl_text_config(config: dict) -> dict:
@@ -589,31 +604,13 @@ def qwen_vl_text_config(config: dict) -> dict:
     return text | {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
 
 
-class _QwenVLTextConfig:
-    """`config_class` of the Qwen2-VL / Qwen2.5-VL checkpoints: the text model's LlamaConfig."""
+class QwenVLForConditionalGeneration(_TextOfMultimodal):
+    """Qwen2-VL and Qwen2.5-VL checkpoints as text models: the Qwen2 language model under `model.`
+    (hub folders) or transformers 5's `model.language_model.`."""
 
-    @staticmethod
-    def from_hf(config: dict) -> LlamaConfig:
-        return LlamaConfig.from_hf(qwen_vl_text_config(config))
-
-
-class QwenVLForConditionalGeneration(LlamaForCausalLM):
-    """Qwen2-VL and Qwen2.5-VL checkpoints served as text models: the Qwen2 language model's weights
-    (under `model.` or transformers 5's `model.language_model.`), the vision tower's skipped."""
-
-    config_class = _QwenVLTextConfig  # type: ignore[assignment]
-
-    def rename_weight(self, name: str) -> str | None:
-        if name.startswith(("visual.", "model.visual.")):
-            return None
-        if name.startswith("model.language_model."):
-            name = "model." + name[len("model.language_model."):]
-        return super().rename_weight(name)
-
-    @classmethod
-    def extra_info(cls, folder: Path, config: dict) -> dict:
-        text = qwen_vl_text_config(config)
-        return {"max_model_len": text.get("max_position_embeddings", 32768), "vocab_size": text["vocab_size"]}
+    config_class = _TextConfigOf(qwen_vl_text_config)
+    _vision = ("visual.", "model.visual.")
+    _language = ("model.language_model.",)
 
 
 class LlamaEmbeddingModel(nn.Module):

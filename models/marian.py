@@ -224,8 +224,11 @@ class MarianDecoderLayer(nn.Module):
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
 
 
-def add_learned_positions(stack: nn.Module, config: MarianConfig) -> None:
-    """mBART's per-stack position table (2 rows of offset first, as HF keeps them) and embedding norm."""
+def add_stack_extras(stack: nn.Module, config: MarianConfig) -> None:
+    """What an encoder or decoder stack holds beside its layers: the final `layer_norm` of pre-LN
+    models (M2M100, mBART), and mBART's position table (2 rows of offset first, as HF keeps them)
+    and embedding norm."""
+    stack.layer_norm = nn.LayerNorm(config.d_model) if config.pre_norm else None
     stack.embed_positions = stack.layernorm_embedding = None
     if config.learned_positions:
         stack.embed_positions = nn.Embedding(config.max_position_embeddings + 2, config.d_model)
@@ -238,8 +241,7 @@ class MarianEncoder(nn.Module):
         if not config.share_encoder_decoder_embeddings:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(MarianEncoderLayer(config) for _ in range(config.encoder_layers))
-        self.layer_norm = nn.LayerNorm(config.d_model) if config.pre_norm else None
-        add_learned_positions(self, config)
+        add_stack_extras(self, config)
 
 
 class MarianDecoder(nn.Module):
@@ -248,8 +250,7 @@ class MarianDecoder(nn.Module):
         if not config.share_encoder_decoder_embeddings:
             self.embed_tokens = nn.Embedding(config.decoder_vocab_size, config.d_model)
         self.layers = nn.ModuleList(MarianDecoderLayer(config) for _ in range(config.decoder_layers))
-        self.layer_norm = nn.LayerNorm(config.d_model) if config.pre_norm else None
-        add_learned_positions(self, config)
+        add_stack_extras(self, config)
 
 
 class MarianModel(nn.Module):

@@ -9,9 +9,8 @@ checkpoint's `model.` prefix is dropped, and a masked-LM's head skipped, so it l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,8 +19,9 @@ from engine import fused
 from engine.attention.metadata import AttentionVariant
 from engine.forward_context import ForwardContext
 from models.bert import BertModel
-from models.bert_classification import _labels, score_activation
+from models.bert_classification import classifier_info, config_labels
 from models.layers import RopeConfig, RotaryEmbedding, activation
+from models.pooling import pool
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class ModernBertConfig:
             local_radius=config.get("local_attention", 128) // 2,
             global_rope=rope("full_attention", "global_rope_theta", 160_000.0),
             local_rope=rope("sliding_attention", "local_rope_theta", 10_000.0),
-            labels=_labels(config),
+            labels=config_labels(config),
             classifier_pooling=config.get("classifier_pooling", "cls"),
             classifier_activation=config.get("classifier_activation", "gelu"),
             classifier_bias=bool(config.get("classifier_bias", False)),
@@ -204,18 +204,11 @@ class ModernBertForSequenceClassification(ModernBertModel):
         self.classifier = nn.Linear(config.hidden_size, len(config.labels))
 
     def classify(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """(T, H) hidden states of B concatenated sequences -> (B, num_labels) float32 logits."""
-        cu = cu_seqlens.to(device=hidden.device, dtype=torch.long)
-        if self.config.classifier_pooling == "cls":
-            pooled = hidden[cu[:-1]]
-        else:  # the mean of each sequence's tokens
-            lens = cu[1:] - cu[:-1]
-            seq = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens)
-            pooled = hidden.new_zeros(len(lens), hidden.shape[1]).index_add_(0, seq, hidden) / lens[:, None]
+        """(T, H) hidden states of B concatenated sequences -> (B, num_labels) float32 logits, from
+        the CLS token or the tokens' mean (`classifier_pooling`, an embedding pooling mode too)."""
+        pooled = pool(hidden, cu_seqlens, (self.config.classifier_pooling,)).to(hidden.dtype)
         return self.classifier(self.head(pooled)).float()
 
     @classmethod
     def extra_info(cls, folder: str | Path, config: dict[str, Any]) -> dict[str, Any]:
-        labels = cls.config_class.from_hf(config).labels
-        return {"max_model_len": cls.folder_max_model_len(Path(folder), config), "labels": labels,
-                "activation": score_activation(Path(folder), config, len(labels))}
+        return classifier_info(cls, folder, config)
