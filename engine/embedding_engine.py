@@ -26,7 +26,7 @@ from engine.forward_context import ForwardContext, metadata_for_sequences
 from engine.request import EngineStats
 from models.bert_splade import splade_config
 from models.loader import LoadedModel, load_model
-from models.pooling import PoolingConfig, finish_embedding, pool, read_prompts
+from models.pooling import DenseLayer, PoolingConfig, finish_embedding, pool, read_prompts
 
 
 # Offline batches: past ~1k rows the GEMMs run no faster (measured on 2 cores), and bigger
@@ -144,7 +144,7 @@ class EmbeddingEngine:
         self.pooling = PoolingConfig(normalize=False) if self.is_classifier or self.sparse else \
             PoolingConfig.from_folder(loaded.info.path, self.causal)
         hidden = self.model.config.hidden_size
-        self.dense = [layer.to(self.device) for layer in self.pooling.dense]  # applied after pooling
+        self.dense = [DenseLayer.from_folder(d).to(self.device) for d in self.pooling.dense]  # after pooling
         pooled_dim = self.dense[-1].weight.shape[0] if self.dense else hidden * len(self.pooling.modes)
         self.embedding_dim = len(loaded.info.labels) if self.is_classifier else self.info.vocab_size if self.sparse \
             else pooled_dim

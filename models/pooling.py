@@ -62,32 +62,41 @@ class DenseLayer:
 
     @classmethod
     def from_folder(cls, folder: Path) -> DenseLayer:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        activation = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
-        if activation not in _DENSE_ACTIVATIONS:
-            raise PoolingConfigError(f"{folder}: Dense activation {activation!r} not supported; "
-                                     f"supported: {sorted(_DENSE_ACTIVATIONS)}")
-        if cfg.get("use_residual") or cfg.get("module_input_name", "sentence_embedding") != "sentence_embedding":
-            raise PoolingConfigError(f"{folder}: only Dense modules over the pooled vector, without a residual, "
-                                     "are supported")
+        """The Dense module saved in `folder`: its config checked (`dense_config`), its weights read."""
+        activation, has_bias = dense_config(folder)
         if (folder / "model.safetensors").exists():
             from safetensors.torch import load_file
 
             weights = load_file(str(folder / "model.safetensors"))
         else:  # older sentence-transformers saved a torch pickle; tensors only
             weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        bias = weights.get("linear.bias") if cfg.get("bias", True) else None
+        bias = weights.get("linear.bias") if has_bias else None
         return cls(weights["linear.weight"].float(), None if bias is None else bias.float(), activation)
+
+
+def dense_config(folder: Path) -> tuple[str, bool]:
+    """(activation, has bias) of the Dense module saved in `folder`; refused unless it projects the
+    pooled vector without a residual, with an activation of _DENSE_ACTIVATIONS."""
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    activation = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if activation not in _DENSE_ACTIVATIONS:
+        raise PoolingConfigError(f"{folder}: Dense activation {activation!r} not supported; "
+                                 f"supported: {sorted(_DENSE_ACTIVATIONS)}")
+    if cfg.get("use_residual") or cfg.get("module_input_name", "sentence_embedding") != "sentence_embedding":
+        raise PoolingConfigError(f"{folder}: only Dense modules over the pooled vector, without a residual, "
+                                 "are supported")
+    return activation, bool(cfg.get("bias", True))
 
 
 @dataclass(frozen=True)
 class PoolingConfig:
-    """Pooling modes (several are concatenated, in order, as sentence-transformers does), the Dense
-    projections after them, and normalisation."""
+    """Pooling modes (several are concatenated, in order, as sentence-transformers does), the folders
+    of the Dense projections after them (checked here; their weights are read by whoever runs them,
+    once: `DenseLayer.from_folder`), and normalisation."""
 
     modes: tuple[str, ...] = ("mean",)
     normalize: bool = True
-    dense: tuple[DenseLayer, ...] = ()
+    dense: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in POOLING_MODES]
@@ -108,7 +117,7 @@ class PoolingConfig:
             return cls(modes=("lasttoken",) if causal else ("mean",))
         modes: tuple[str, ...] = ("mean",)
         normalize = False  # a sentence-transformers folder normalises only if it lists Normalize
-        dense: list[DenseLayer] = []
+        dense: list[Path] = []
         for module in json.loads(modules_file.read_text(encoding="utf-8")):
             kind = module.get("type", "").rsplit(".", 1)[-1]
             if kind == "Normalize":
@@ -116,7 +125,8 @@ class PoolingConfig:
             elif kind.endswith("Pooling"):
                 modes = read_pooling_modes(folder / module.get("path", "") / "config.json")
             elif kind == "Dense":
-                dense.append(DenseLayer.from_folder(folder / module.get("path", "")))
+                dense.append(folder / module.get("path", ""))
+                dense_config(dense[-1])
             elif not kind.endswith(_KNOWN_MODULES):
                 raise PoolingConfigError(f"{folder}: sentence-transformers module {module.get('type')!r} is not "
                                          f"supported; supported: {', '.join(_KNOWN_MODULES)}")
