@@ -234,6 +234,25 @@ def load_folder(cls: type, folder: Path) -> torch.nn.Module:
     return model
 
 
+def padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token lists -> right-padded ids (B, L) and their attention mask, as HF takes them."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    return ids, mask
+
+
+def hf_generate(hf: torch.nn.Module, srcs: list[list[int]], eos: int, max_new_tokens: int,
+                **kwargs) -> list[list[int]]:
+    """HF generate on a padded batch; generated ids (start dropped, cut after the first eos)."""
+    ids, mask = padded(srcs, hf.config.pad_token_id)
+    with torch.no_grad():
+        # T5 here has more decoder than encoder layers, which HF's cache sizing gets wrong
+        rows = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                           use_cache=hf.config.model_type != "t5", **kwargs).tolist()
+    return [r[1:][: r[1:].index(eos) + 1] if eos in r[1:] else r[1:] for r in rows]
+
+
 def flat(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged token lists -> flat ids (T,) and per-sequence positions (T,)."""
     ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)

@@ -10,8 +10,8 @@ import torch
 from models.encdec_tokenizer import MarianTokenizer
 from models.marian import MarianMTModel, sinusoidal_positions
 from tests.encdec_fixtures import (
-    TEST_TEXTS, decoder_logits, encode_batch, greedy_decode, load_folder, make_marian_folder, reversal_inputs,
-    train_reversal,
+    TEST_TEXTS, decoder_logits, encode_batch, greedy_decode, load_folder, make_marian_folder, padded,
+    reversal_inputs, train_reversal,
 )
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -31,13 +31,6 @@ def marian(request, tmp_path_factory):
     if trained:
         train_reversal(folder)
     return folder, load_folder(MarianMTModel, folder), HFMarian.from_pretrained(folder).eval()
-
-
-def _padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    return ids, mask
 
 
 def _random_seqs(lens: list[int], vocab: int, seed: int) -> list[list[int]]:
@@ -62,7 +55,7 @@ def test_sinusoid_matches_hf_table():
 def test_encoder_matches_hf(marian):
     _, ours, hf = marian
     src = _random_seqs([5, 11, 1, 8], ours.config.vocab_size, seed=1)
-    ids, mask = _padded(src, ours.config.pad_token_id)
+    ids, mask = padded(src, ours.config.pad_token_id)
     with torch.no_grad():
         expected = hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
     got = encode_batch(ours, src)
@@ -75,8 +68,8 @@ def test_decoder_logits_match_hf(marian):
     vocab = ours.config.vocab_size
     src = _random_seqs([6, 12, 3], vocab, seed=2)
     tgt = [[ours.config.decoder_start_token_id] + s[:-1] for s in _random_seqs([4, 9, 1], vocab, seed=3)]
-    ids, mask = _padded(src, ours.config.pad_token_id)
-    dec, dec_mask = _padded(tgt, ours.config.pad_token_id)
+    ids, mask = padded(src, ours.config.pad_token_id)
+    dec, dec_mask = padded(tgt, ours.config.pad_token_id)
     with torch.no_grad():
         out = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
     expected = out.logits[dec_mask.bool()]
@@ -131,7 +124,7 @@ def test_greedy_matches_hf_generate(marian, request):
     pad = ours.config.pad_token_id
     max_new = 12
     got = greedy_decode(ours, src, start_id=pad, eos_id=0, max_new_tokens=max_new, bad_ids=(pad,))
-    ids, mask = _padded(src, pad)
+    ids, mask = padded(src, pad)
     with torch.no_grad():
         expected = hf.generate(
             input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False, max_new_tokens=max_new,

@@ -135,17 +135,23 @@ def test_config_architecture_and_spec(pair):
     assert ours.info.vocab_size == VOCAB and ours.info.max_model_len == 128
 
 
-def test_flat_batch_matches_hf(pair):
-    hf, ours = pair
-    seqs = random_seqs(1)
+def flat_batch_matches_hf(model, hf, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model` over a flat batch of LENS random sequences, no cache: its logits per sequence equal
+    transformers' on each alone. Returns (hidden, logits)."""
+    seqs = random_seqs(seed)
     ctx = ForwardContext(meta=metadata_for_sequences(LENS), backend=TorchAttentionBackend())
-    positions = torch.cat([torch.arange(n) for n in LENS])
     with torch.no_grad():
-        hidden = ours.model(torch.cat(seqs), positions, ctx)
-        logits = ours.model.compute_logits(hidden)
-    assert hidden.shape == (sum(LENS), hf.config.hidden_size) and logits.dtype == torch.float32
+        hidden = model(torch.cat(seqs), torch.cat([torch.arange(n) for n in LENS]), ctx)
+        logits = model.compute_logits(hidden)
     for got, ref in zip(logits.split(LENS), hf_logits(hf, seqs)):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    return hidden, logits
+
+
+def test_flat_batch_matches_hf(pair):
+    hf, ours = pair
+    hidden, logits = flat_batch_matches_hf(ours.model, hf, seed=1)
+    assert hidden.shape == (sum(LENS), hf.config.hidden_size) and logits.dtype == torch.float32
 
 
 def paged_meta(chunks: list[tuple[int, int]], tables: list[list[int]], block_size: int) -> AttentionMetadata:
@@ -323,12 +329,7 @@ def test_gemma3_multimodal_checkpoint_serves_text(tmp_path):
     ours = load_model(str(tmp_path))
     assert type(ours.model).__name__ == "Gemma3ForConditionalGeneration"
     assert ours.info.vocab_size == VOCAB and ours.info.max_model_len == 128
-    seqs = random_seqs(7)
-    ctx = ForwardContext(meta=metadata_for_sequences(LENS), backend=TorchAttentionBackend())
-    with torch.no_grad():
-        logits = ours.model.compute_logits(ours.model(torch.cat(seqs), torch.cat([torch.arange(n) for n in LENS]), ctx))
-        for got, s in zip(logits.split(LENS), seqs):
-            torch.testing.assert_close(got, hf(input_ids=s[None]).logits[0].float(), atol=1e-4, rtol=0)
+    flat_batch_matches_hf(ours.model, hf, seed=7)
 
 
 def test_phi3_longrope_matches_hf_up_to_the_original_context(tmp_path):
@@ -350,12 +351,8 @@ def test_phi3_longrope_matches_hf_up_to_the_original_context(tmp_path):
     ours = load_model(str(tmp_path))
     rope = ours.model.config.rope
     assert rope.rope_type == "longrope" and rope.attention_factor == pytest.approx((1 + math.log(8) / math.log(16)) ** 0.5)
-    seqs = random_seqs(4)
-    ctx = ForwardContext(meta=metadata_for_sequences(LENS), backend=TorchAttentionBackend())
+    flat_batch_matches_hf(ours.model, hf, seed=4)
     with torch.no_grad():
-        logits = ours.model.compute_logits(ours.model(torch.cat(seqs), torch.cat([torch.arange(n) for n in LENS]), ctx))
-        for got, ref in zip(logits.split(LENS), hf_logits(hf, seqs)):
-            torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
         cos, sin = hf.model.rotary_emb(torch.zeros(1, 40, 64), torch.arange(40)[None])  # past 16: long factors
     table = ours.model.model.rotary_emb.cos_sin_cache
     torch.testing.assert_close(table[16:40], torch.cat([cos[0, 16:, :half], sin[0, 16:, :half]], -1), atol=1e-6, rtol=0)
@@ -408,9 +405,4 @@ def test_qwen2_5_vl_checkpoint_serves_text(flat, tmp_path):
     ours = load_model(str(tmp_path))
     assert type(ours.model).__name__ == "QwenVLForConditionalGeneration" and ours.info.vocab_size == VOCAB
     assert ours.model.config.qkv_bias  # Qwen2's q/k/v biases
-    seqs = random_seqs(8)
-    ctx = ForwardContext(meta=metadata_for_sequences(LENS), backend=TorchAttentionBackend())
-    with torch.no_grad():
-        logits = ours.model.compute_logits(ours.model(torch.cat(seqs), torch.cat([torch.arange(n) for n in LENS]), ctx))
-        for got, s in zip(logits.split(LENS), seqs):
-            torch.testing.assert_close(got, hf(input_ids=s[None]).logits[0].float(), atol=1e-4, rtol=0)
+    flat_batch_matches_hf(ours.model, hf, seed=8)

@@ -17,8 +17,8 @@ from engine.errors import InvalidRequestError  # noqa: E402
 from engine.translation_engine import TranslationEngine  # noqa: E402
 from models.encdec_tokenizer import LanguageCodeTokenizer  # noqa: E402
 from models.marian import MarianMTModel, fairseq_positions  # noqa: E402
-from tests.encdec_fixtures import (decoder_logits, encode_batch, language_codes, load_folder,  # noqa: E402
-                                   make_nllb_folder)
+from tests.encdec_fixtures import (decoder_logits, encode_batch, hf_generate, language_codes,  # noqa: E402
+                                   load_folder, make_nllb_folder, padded)
 
 ATOL = 2e-5
 MAX_NEW = 10
@@ -42,12 +42,6 @@ def _random_seqs(lens: list[int], vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lens]
 
 
-def _padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs))
-    return (torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
-            torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]))
-
-
 def test_fairseq_positions_match_hf_table():
     from transformers.models.m2m_100.modeling_m2m_100 import M2M100SinusoidalPositionalEmbedding
 
@@ -62,12 +56,12 @@ def test_encoder_and_decoder_logits_match_hf(nllb):
     assert c.pre_norm and ours.model.encoder.layer_norm is not None
     assert c.learned_positions == ("mbart" in hf.config.model_type)
     src = _random_seqs([5, 11, 1, 8], c.vocab_size, seed=1)
-    ids, mask = _padded(src, c.pad_token_id)
+    ids, mask = padded(src, c.pad_token_id)
     with torch.no_grad():
         expected = hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
     assert (encode_batch(ours, src) - expected).abs().max() <= ATOL
     tgt = [[c.decoder_start_token_id] + s for s in _random_seqs([4, 9, 1, 3], c.vocab_size, seed=3)]
-    dec, dec_mask = _padded(tgt, c.pad_token_id)
+    dec, dec_mask = padded(tgt, c.pad_token_id)
     with torch.no_grad():
         out = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
     assert (decoder_logits(ours, src, tgt) - out.logits[dec_mask.bool()]).abs().max() <= ATOL
@@ -105,11 +99,7 @@ def test_forced_target_language_matches_hf_generate(nllb, beams):
     for lang in (fra, deu):
         code = tok.language_codes[lang]
         outs = engine.translate(srcs, engine.default_params(max_tokens=MAX_NEW, **beams), forced_prefix=(code,))
-        ids, mask = _padded(srcs, 1)
-        with torch.no_grad():
-            rows = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
-                               forced_bos_token_id=code, **beams).tolist()
-        expected = [r[1:][: r[1:].index(2) + 1] if 2 in r[1:] else r[1:] for r in rows]
+        expected = hf_generate(hf, srcs, 2, MAX_NEW, forced_bos_token_id=code, **beams)
         got = [o.outputs[0].token_ids for o in outs]
         assert got == expected
         assert all(g[0] == code for g in got)  # the forced code is the first output token, as in HF

@@ -10,8 +10,8 @@ import torch
 from models.encdec_tokenizer import JsonTokenizer, T5Tokenizer
 from models.t5 import T5ForConditionalGeneration
 from tests.encdec_fixtures import (
-    TEST_TEXTS, decoder_logits, encode_batch, greedy_decode, load_folder, make_t5_folder, reversal_inputs,
-    train_reversal,
+    TEST_TEXTS, decoder_logits, encode_batch, greedy_decode, load_folder, make_t5_folder, padded,
+    reversal_inputs, train_reversal,
 )
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -36,13 +36,6 @@ def t5(request, tmp_path_factory):
     return folder, load_folder(T5ForConditionalGeneration, folder), HFT5.from_pretrained(folder).eval()
 
 
-def _padded(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    return ids, mask
-
-
 def _random_seqs(lens: list[int], vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() + [1] for n in lens]
@@ -57,7 +50,7 @@ def test_encoder_matches_hf(t5):
     _, ours, hf = t5
     # lengths past max_exact buckets and past max_distance exercise the log buckets
     src = _random_seqs([5, 30, 1, 12], ours.config.vocab_size, seed=1)
-    ids, mask = _padded(src)
+    ids, mask = padded(src, 0)
     with torch.no_grad():
         expected = hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
     got = encode_batch(ours, src)
@@ -70,8 +63,8 @@ def test_decoder_logits_match_hf(t5):
     vocab = ours.config.vocab_size
     src = _random_seqs([6, 25, 3], vocab, seed=2)
     tgt = [[0] + s[:-1] for s in _random_seqs([4, 27, 1], vocab, seed=3)]
-    ids, mask = _padded(src)
-    dec, dec_mask = _padded(tgt)
+    ids, mask = padded(src, 0)
+    dec, dec_mask = padded(tgt, 0)
     with torch.no_grad():
         out = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
     expected = out.logits[dec_mask.bool()]
@@ -106,8 +99,8 @@ def test_untied_head_from_old_style_checkpoint(tmp_path):
     ours = load_folder(T5ForConditionalGeneration, folder)
     assert not ours.config.tie_word_embeddings and not ours.config.scale_decoder_outputs
     src, tgt = [[5, 9, 17, 1], [40, 1]], [[0, 7, 3], [0]]
-    ids, mask = _padded(src)
-    dec, dec_mask = _padded(tgt)
+    ids, mask = padded(src, 0)
+    dec, dec_mask = padded(tgt, 0)
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
     assert (decoder_logits(ours, src, tgt) - expected.logits[dec_mask.bool()]).abs().max() <= ATOL
@@ -144,7 +137,7 @@ def test_greedy_matches_hf_generate(t5, request):
     src = [tok.encode(t) for t in ["the quick brown fox", "kamira tosune lope di ba", "a red house!", "city"]]
     src += _task_inputs(seed=7)
     got = greedy_decode(ours, src, start_id=0, eos_id=1, max_new_tokens=12)
-    ids, mask = _padded(src)
+    ids, mask = padded(src, 0)
     with torch.no_grad():
         expected = hf.generate(
             input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False, max_new_tokens=12,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -14,7 +13,9 @@ from engine.errors import InvalidRequestError, PromptTooLongError  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.translation_engine import TranslationEngine  # noqa: E402
 from engine.translation_request import TranslationRequest  # noqa: E402
-from tests.encdec_fixtures import make_marian_folder, make_t5_folder, reversal_inputs, train_reversal  # noqa: E402
+from tests.encdec_fixtures import (  # noqa: E402
+    hf_generate, make_marian_folder, make_t5_folder, reversal_inputs, train_reversal,
+)
 
 MAX_NEW = 12
 
@@ -47,19 +48,6 @@ def _hf(folder):
     return AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
 
 
-def _hf_generate(hf, srcs: list[list[int]], eos: int, **kwargs) -> list[list[int]]:
-    """HF generate on a padded batch; generated ids (start dropped, cut after the first eos)."""
-    pad = hf.config.pad_token_id
-    width = max(map(len, srcs))
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in srcs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in srcs])
-    with torch.no_grad():
-        # T5 here has more decoder than encoder layers, which HF's cache sizing gets wrong
-        rows = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
-                           use_cache=hf.config.model_type != "t5", **kwargs).tolist()
-    return [r[1:][: r[1:].index(eos) + 1] if eos in r[1:] else r[1:] for r in rows]
-
-
 def _sources(engine: TranslationEngine) -> list[list[int]]:
     eos = engine.eos_token_ids[0]
     texts = ["the quick brown fox", "kamira tosune lope di ba", "a red house on the river!", "city"]
@@ -84,7 +72,7 @@ def test_matches_hf_generate(model, beams, screen, monkeypatch):
     assert (engine.runner.model.greedy_screen is not None) == (screen == "1")
     srcs = _sources(engine)
     outs = engine.translate(srcs, engine.default_params(max_tokens=MAX_NEW, **beams))
-    expected = _hf_generate(_hf(folder), srcs, engine.eos_token_ids[0], **beams)
+    expected = hf_generate(_hf(folder), srcs, engine.eos_token_ids[0], MAX_NEW, **beams)
     got = [o.outputs[0].token_ids for o in outs]
     assert got == expected
     assert len({tuple(g) for g in got}) > 1, "input-independent outputs catch nothing"
