@@ -9,6 +9,7 @@ Request names in the stats:
   chat_stream TTFT   time to the first content token of the same requests (a custom event)
   completions        POST /v1/completions (not streamed)
   generate_stream    POST /generate_stream (TGI's), time until the last event
+  responses_stream   POST /v1/responses, stream=True (OpenAI's Responses API), time until the last event
   embeddings         POST /v1/embeddings
   translations       POST /v1/translations
   /v1/models         each user's one lookup of its model at start
@@ -150,6 +151,42 @@ class TgiStreamUser(KvserveUser):
             details = (last or {}).get("details")
             if not details or details["generated_tokens"] != events or last.get("generated_text") is None:
                 r.failure(f"stream ended early after {events} events: {last}")
+
+
+class ResponsesStreamUser(KvserveUser):
+    """OpenAI's Responses API streamed: numbered events, the last one the whole answer."""
+
+    served_task = "generate"
+
+    @task
+    def responses_stream(self) -> None:
+        body = {"model": self.model, "stream": True, "max_output_tokens": MAX_TOKENS, "temperature": 0.8,
+                "store": False, "input": sentence(self.rng)}
+        start = time.perf_counter()
+        with self.client.post("/v1/responses", json=body, name="responses_stream", stream=True,
+                              catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                return
+            events: list[dict[str, Any]] = []
+            try:
+                for line in r.iter_lines(decode_unicode=True):
+                    if line and line.startswith("data: "):
+                        event = json.loads(line[len("data: "):])
+                        if "error" in event:
+                            raise ValueError(f"error event: {event['error']}")
+                        if event["sequence_number"] != len(events):
+                            raise ValueError(f"event {len(events)} has sequence_number {event['sequence_number']}")
+                        events.append(event)
+            except (ValueError, KeyError, OSError) as e:
+                r.failure(f"broken stream: {e!r}")
+                return
+            r.request_meta["response_time"] = (time.perf_counter() - start) * 1000
+            last = events[-1] if events else {}
+            if last.get("type") not in ("response.completed", "response.incomplete"):
+                r.failure(f"stream ended early after {len(events)} events: {last.get('type')}")
+            elif not last["response"]["usage"]["output_tokens"]:
+                r.failure("no tokens generated")
 
 
 class CompletionUser(KvserveUser):

@@ -21,7 +21,7 @@ from typing import Any
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 # ModelCard.task -> the locust classes that exercise it
 CLASSES_BY_TASK = {
-    "generate": ("ChatStreamUser", "CompletionUser", "TgiStreamUser"),
+    "generate": ("ChatStreamUser", "CompletionUser", "TgiStreamUser", "ResponsesStreamUser"),
     "embed": ("EmbeddingUser",),
     "classify": ("RerankUser",),
     "translate": ("TranslationUser",),

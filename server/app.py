@@ -14,17 +14,19 @@ from prometheus_client import CollectorRegistry
 
 from engine.async_engine import AsyncEngine
 from server import (
-    routes_admin, routes_embeddings, routes_generate, routes_lora, routes_score, routes_tei, routes_tgi, routes_translate,
+    routes_admin, routes_embeddings, routes_generate, routes_lora, routes_responses, routes_score, routes_tei, routes_tgi,
+    routes_translate,
 )
 from server.auth import ApiKeyAuth
 from server.errors import BodySizeLimit, install_error_handlers
 from server.metrics import ServerMetrics
 from server.openapi import install_openapi
+from server.responses_store import ResponseStore
 from server.settings import ServerSettings
 from server.state import ServerState, task_of
 
-_ROUTERS = [routes_admin.router, routes_generate.router, routes_embeddings.router, routes_score.router,
-            routes_tei.router, routes_tgi.router, routes_translate.router]
+_ROUTERS = [routes_admin.router, routes_generate.router, routes_responses.router, routes_embeddings.router,
+            routes_score.router, routes_tei.router, routes_tgi.router, routes_translate.router]
 
 
 def create_app(
@@ -51,7 +53,7 @@ def create_app(
             await async_engine.shutdown(timeout=settings.shutdown_timeout_s)
 
     app = FastAPI(title="kvserve", version="0.1.0", lifespan=lifespan)
-    app.state.kv = ServerState(async_engine, served, settings, metrics)
+    app.state.kv = ServerState(async_engine, served, settings, metrics, ResponseStore(settings.responses_store_size))
     install_error_handlers(app, settings.retry_after_s)
     install_openapi(app)
     for router in _ROUTERS:

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         "([f(a=1)], Llama 3.2/4) or mistral ([TOOL_CALLS] then the calls); unset, auto is refused (required and named functions work)")
     opt("reasoning-parser", str, None, "split a chat answer's <think> block into the message's reasoning: "
         "deepseek_r1 (the template opens the block: DeepSeek-R1, QwQ) or qwen3 (the answer opens it)")
+    opt("responses-store-size", int, 1024, "Responses API answers kept in memory (the oldest go first) for "
+        "GET /v1/responses/{id} and previous_response_id; 0 keeps none")
     opt("api-key", str, None, "requests other than health, metrics and version must send "
         "'Authorization: Bearer <key>' (prefer the environment variable: flags show in ps)")
     opt("max-waiting", int, 256, "waiting requests per model before 503")
@@ -260,7 +262,8 @@ def serve(args: argparse.Namespace) -> None:
                               max_waiting=args.max_waiting, shutdown_timeout_s=args.shutdown_timeout,
                               tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
                               api_key=args.api_key or None,
-                              allow_runtime_lora_updating=args.allow_runtime_lora_updating)
+                              allow_runtime_lora_updating=args.allow_runtime_lora_updating,
+                              responses_store_size=args.responses_store_size)
     metrics = ServerMetrics(CollectorRegistry())
     async_engine = AsyncEngine(served, max_waiting=settings.max_waiting, on_step=metrics.on_step,
                                executor=compute)

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.errors import KVServeError, QueueFullError
@@ -94,6 +95,18 @@ def _message(err: dict[str, Any]) -> str:
     return str(err.get("msg"))
 
 
+def _allowed_methods(routes: list[Any], scope: Scope) -> set[str]:
+    """The methods of every route whose path matches (FastAPI may nest an included router's routes)."""
+    allowed: set[str] = set()
+    for route in routes:
+        nested = getattr(getattr(route, "original_router", None), "routes", None)
+        if nested is not None:
+            allowed |= _allowed_methods(nested, scope)
+        elif getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
+            allowed |= set(route.methods)
+    return allowed
+
+
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(KVServeError)
     async def _kvserve(_: Request, exc: KVServeError) -> JSONResponse:
@@ -106,9 +119,15 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         return error_response(400, message, param=param, code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # keep Starlette's headers: a 405 must list the allowed methods in `Allow` (RFC 9110)
-        return error_response(exc.status_code, str(exc.detail), code=exc.status_code, headers=exc.headers)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # keep Starlette's headers: a 405 must list the allowed methods in `Allow` (RFC 9110); Starlette's
+        # names only the first route of the path, so one path served by two routes (GET and DELETE of a
+        # stored response) gets every route's methods
+        headers = exc.headers
+        allowed = _allowed_methods(request.app.router.routes, request.scope) if exc.status_code == 405 else None
+        if allowed:
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return error_response(exc.status_code, str(exc.detail), code=exc.status_code, headers=headers)
 
     @app.exception_handler(ClientDisconnected)
     async def _disconnected(request: Request, _: ClientDisconnected) -> Response:

@@ -17,13 +17,13 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server import schemas, schemas_tgi
+from server import schemas, schemas_responses, schemas_tgi
 from server.schemas import ErrorResponse
 
 _WHY = {
     400: "Invalid request: a malformed body, a parameter out of range, a prompt over the context",
     401: "The server has an API key (`--api-key`) and the request's `Authorization: Bearer` token is not it",
-    404: "The named model is not served",
+    404: "The named model is not served, or (/v1/responses) no stored response has the id",
     413: "The request body is over the server's limit",
     503: "The waiting queue is full (retry after `Retry-After` seconds), or the engine is not running",
 }
@@ -72,7 +72,8 @@ def stream_chunk_models(doc: dict[str, Any]) -> dict[str, tuple[type[BaseModel],
                 done = "anyOf" in data
                 ref = (data["anyOf"][0] if done else data)["contentSchema"]["anyOf"][0]["$ref"]
                 name = ref.rsplit("/", 1)[-1]
-                found[path] = (getattr(schemas, name, None) or getattr(schemas_tgi, name), done)
+                module = next(m for m in (schemas, schemas_responses, schemas_tgi) if hasattr(m, name))
+                found[path] = (getattr(module, name), done)
     return found
 
 

@@ -31,6 +31,7 @@ class ServerSettings:
     reasoning_parser: str | None = None  # how a chat answer's thinking block is split off (server/reasoning.py)
     api_key: str | None = None  # requests must send `Authorization: Bearer <key>` (server/auth.py); None: open
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter exist
+    responses_store_size: int = 1024  # /v1/responses answers kept for retrieval and previous_response_id; 0: none
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -40,5 +41,7 @@ class ServerSettings:
         check_parsers(self.tool_call_parser, self.reasoning_parser)
         if self.api_key == "":
             raise ValueError("api_key must not be empty (leave it unset for an open server)")
+        if self.responses_store_size < 0:
+            raise ValueError(f"responses_store_size must be >= 0, got {self.responses_store_size}")
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be positive, got {self.max_waiting}")

@@ -14,8 +14,10 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = "data: [DONE]\n\n"
 
 
-def event(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+def event(data: dict | str, name: str | None = None) -> str:
+    """One event; `name` adds its `event:` line (the Responses API names each event by its type)."""
+    head = "" if name is None else f"event: {name}\n"
+    return f"{head}data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 async def guard(events: AsyncIterator[str], state: ServerState, request_id: str,

@@ -11,6 +11,7 @@ from engine.async_engine import AsyncEngine
 from engine.errors import InvalidRequestError, ModelNotFoundError
 from engine.lora import LoRAModule
 from server.metrics import ServerMetrics
+from server.responses_store import ResponseStore
 from server.settings import ServerSettings
 
 
@@ -26,6 +27,7 @@ class ServerState:
     served: dict[str, Any]  # served name -> engine (with .info and .tokenizer)
     settings: ServerSettings
     metrics: ServerMetrics
+    responses: ResponseStore  # stored /v1/responses answers
 
     def engine(self, model: str) -> Any:
         """The engine serving `model` (a served model's name, or a LoRA adapter's that one of

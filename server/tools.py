@@ -185,4 +185,6 @@ class ToolStream:
             rest, self.sent = self.text[self.sent :], len(self.text)
             return ({"content": rest} if rest else None), reason
         delta: dict[str, Any] = {"tool_calls": [c.to_openai(i) for i, c in enumerate(calls)]}
+        if content and not self.sent:  # the answer came in one delta: its content had no event yet
+            delta = {"content": content, **delta}
         return delta, finish_reason(self.plan, reason, True)

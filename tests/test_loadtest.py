@@ -65,10 +65,10 @@ def test_load_run_has_no_failures_and_frees_kv(server, tmp_path):
     summary = json.loads(Path(f"{prefix}_summary.json").read_text())
     # chosen from the tasks in /v1/models
     assert summary["classes"] == ["RerankUser", "ChatStreamUser", "CompletionUser", "TgiStreamUser",
-                                  "TranslationUser"]  # by task
+                                  "ResponsesStreamUser", "TranslationUser"]  # by task
     assert summary["failures"] == 0
     assert summary["requests"] > 20 and summary["requests_per_s"] > 0
-    endpoints = ("chat_stream", "completions", "generate_stream", "rerank", "translations")
+    endpoints = ("chat_stream", "completions", "generate_stream", "responses_stream", "rerank", "translations")
     assert set(summary["endpoints"]) == {"/v1/models", *endpoints}
     assert all(summary["endpoints"][n]["requests"] > 0 for n in endpoints)
     assert 0 < summary["ttft_requests"] <= summary["endpoints"]["chat_stream"]["requests"]

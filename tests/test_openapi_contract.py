@@ -84,8 +84,13 @@ def _assert_stream_fits(text: str, chunk_model, done: bool, whole: bool) -> None
     events = [e for e in text.split("\n\n") if e.strip()]
     if not whole:
         events = events[:-1]  # the last may be cut mid-event
-    assert all(e.startswith("data: ") for e in events), text[:500]
-    data = [e[len("data: "):] for e in events]
+    data = []
+    for e in events:  # `data: ...`, after `event: <its type>` where the API names events (Responses)
+        lines = e.split("\n")
+        assert len(lines) in (1, 2) and lines[-1].startswith("data: "), text[:500]
+        if len(lines) == 2:
+            assert lines[0] == f"event: {json.loads(lines[1][len('data: '):])['type']}", e
+        data.append(lines[-1][len("data: "):])
     if whole and done:
         assert data and data[-1] == "[DONE]", text[-500:]
         data = data[:-1]

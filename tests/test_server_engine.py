@@ -363,3 +363,38 @@ def test_forced_tool_calls_on_the_real_engine(base_url, client, offline, engine)
                                                                 "response_format": {"type": "json_object"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
     assert engine.stats().kv_cache_usage == 0.0 and len(engine.guides) == 0
+
+
+def test_responses_api_on_the_real_engine(base_url, client, offline, engine):
+    """/v1/responses is chat under another shape: its text, its `text.format` JSON and its named
+    function's arguments equal /v1/chat/completions' for the same conversation, streamed or not."""
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "yz"]}}, "required": ["a"],
+              "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    messages = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Answer in JSON"}]
+    chat = dict(model=MODEL, messages=messages, temperature=0, max_tokens=12)
+    resp = dict(model=MODEL, instructions="Be brief", input="Answer in JSON", temperature=0, max_output_tokens=12)
+    plain = client.chat.completions.create(**chat).choices[0]
+    r = client.responses.create(**resp)
+    assert r.output_text == plain.message.content
+    assert r.status == ("incomplete" if plain.finish_reason == "length" else "completed")
+    fmt = {"format": {"type": "json_schema", "name": "a", "schema": schema}}
+    shaped = client.chat.completions.create(**chat, response_format={"type": "json_schema", "json_schema": {
+        "name": "a", "schema": schema}}).choices[0].message.content
+    r = client.responses.create(**resp, text=fmt)
+    assert r.output_text == shaped and json.loads(shaped) in ({"a": "x"}, {"a": "yz"})
+    assert r.text.format.type == "json_schema"
+    with client.responses.stream(**resp, text=fmt) as stream:
+        assert stream.get_final_response().output_text == shaped
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                                     "required": ["city"], "additionalProperties": False}}
+    called = client.chat.completions.create(**{**chat, "max_tokens": 40}, tools=[{"type": "function", "function": weather}],
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    r = client.responses.create(**{**resp, "max_output_tokens": 40}, tools=[{"type": "function", **weather}],
+                                tool_choice={"type": "function", "name": "get_weather"})
+    (call,) = r.output
+    assert (call.type, call.name, call.arguments) == ("function_call", "get_weather",
+                                                     called.choices[0].message.tool_calls[0].function.arguments)
+    bad = httpx.post(f"{base_url}/v1/responses", json={**resp, "text": {"format": {"type": "json_schema", "name": "a",
+                                                                                      "schema": {"type": "nope"}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "text.format"
+    assert engine.stats().kv_cache_usage == 0.0 and len(engine.guides) == 0

@@ -1,0 +1,183 @@
+"""POST /v1/responses (OpenAI's Responses API, SSE streaming), and GET/DELETE of stored answers.
+
+A request is a chat request in another shape: its input items (after a stored conversation, with
+`previous_response_id`) become chat messages under the model's template, and the answer's
+reasoning, text and tool calls are split exactly as /v1/chat/completions splits them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from engine.errors import InvalidRequestError
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import GenerationRequest
+from engine.sampling_params import SamplingParams
+from server import generation as gen
+from server import reasoning, sse, tools
+from server.openapi import ENGINE_ERRORS, answers
+from server.responses import (
+    ResponseBuilder, chat_messages, chat_tools, input_messages, new_item_id, output_message, reasoning_tokens,
+    structured_output,
+)
+from server.responses_store import StoredResponse
+from server.schemas_responses import ResponseDeleted, ResponseEvent, ResponseObject, ResponsesRequest
+from server.state import get_state, lora_name
+
+router = APIRouter()
+
+LOGPROBS = "message.output_text.logprobs"
+
+
+@dataclasses.dataclass
+class _Answer:
+    """What turning one choice's deltas into events needs, kept across a stream's events."""
+
+    builder: ResponseBuilder
+    tool_plan: tools.ToolPlan
+    thinking: reasoning.Thinking | None
+    text_of: gen.TokenText | None  # set when logprobs are asked for
+    num_top: int
+    thoughts: reasoning.ReasoningStream | None = None
+    tool_stream: tools.ToolStream | None = None
+    sent_logprobs: int = 0
+
+    def feed(self, c: CompletionOutput) -> list[dict[str, Any]]:
+        finished = c.finish_reason is not None
+        new_text, thought = c.new_text, ""
+        if self.thinking is not None:
+            self.thoughts = self.thoughts or self.thinking.stream()
+            thought, new_text = self.thinking.feed(self.thoughts, new_text, finished)
+        events = self.builder.reasoning(thought) if thought else []
+        logprobs = None
+        if self.text_of is not None and c.logprobs is not None:
+            fresh, self.sent_logprobs = c.logprobs[self.sent_logprobs:], len(c.logprobs)
+            logprobs = gen.chat_logprobs(fresh, self.text_of, self.num_top)["content"]
+        if self.tool_plan.calls_tools:
+            self.tool_stream = self.tool_stream or tools.ToolStream(self.tool_plan)
+            delta, _ = self.tool_stream.feed(new_text, c.finish_reason)
+            delta = delta or {}
+            events += self.builder.text(delta.get("content", ""), logprobs)
+            events += self.builder.tool_calls(delta.get("tool_calls", []))
+        else:
+            events += self.builder.text(new_text, logprobs)
+        return events
+
+    def finish(self, out: RequestOutput, tokenizer: Any) -> list[dict[str, Any]]:
+        c = out.outputs[0]
+        status = "incomplete" if c.finish_reason == "length" else "completed"
+        thought = self.thoughts is not None and self.thoughts.entered
+        end_ids = tokenizer.encode(reasoning.END, add_special_tokens=False) if thought else []
+        used = reasoning_tokens(c.token_ids, end_ids, thought)
+        usage = {"input_tokens": len(out.prompt_token_ids),
+                 "input_tokens_details": {"cached_tokens": out.num_cached_tokens,
+                                          "cache_write_tokens": len(out.prompt_token_ids) - out.num_cached_tokens},
+                 "output_tokens": len(c.token_ids), "output_tokens_details": {"reasoning_tokens": used},
+                 "total_tokens": len(out.prompt_token_ids) + len(c.token_ids)}
+        return self.builder.finish(status, usage)
+
+
+def _sampling_params(body: ResponsesRequest, logprobs: int | None) -> SamplingParams:
+    fields = {"max_tokens": body.max_output_tokens, "logprobs": logprobs, "seed": body.seed,
+              **{k: v for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+                 if (v := getattr(body, k)) is not None}}
+    return SamplingParams(**fields, structured=structured_output(body))  # checks ranges: a 400
+
+
+def _head(body: ResponsesRequest, response_id: str, model: str, stored: bool) -> dict[str, Any]:
+    fmt = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format else None
+    tool_choice = body.tool_choice or ("auto" if body.tools else "none")
+    return {
+        "id": response_id, "object": "response", "created_at": int(time.time()), "error": None,
+        "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": model,
+        "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": body.previous_response_id,
+        "reasoning": body.reasoning.model_dump() if body.reasoning else None, "store": stored,
+        "temperature": body.temperature, "text": {"format": fmt or {"type": "text"}},
+        "tool_choice": tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump(),
+        "tools": [t.model_dump(exclude_none=True) for t in body.tools or []], "top_p": body.top_p,
+        "top_logprobs": body.top_logprobs, "truncation": "disabled", "background": False, "user": body.user,
+        "metadata": body.metadata or {},
+    }
+
+
+@router.post("/v1/responses", responses=answers(ResponseObject, ENGINE_ERRORS, stream=ResponseEvent, done=False))
+async def create_response(body: ResponsesRequest, request: Request) -> Any:
+    state = get_state(request)
+    name, engine = state.resolve(body.model, "generate")
+    history = list(state.responses.get(body.previous_response_id, "previous_response_id").messages
+                   if body.previous_response_id else ())
+    conversation = history + input_messages(body.input)
+    wants_logprobs = LOGPROBS in (body.include or ())
+    if body.top_logprobs and not wants_logprobs:
+        raise InvalidRequestError(f"top_logprobs needs include: [\"{LOGPROBS}\"]", "top_logprobs")
+    params = _sampling_params(body, (body.top_logprobs or 0) if wants_logprobs else None)
+    chat_tool_defs, choice = chat_tools(body)
+    tool_plan = tools.plan(chat_tool_defs, choice, state.settings.tool_call_parser)
+    forced = tool_plan.constraint(chat_tool_defs or [], body.parallel_tool_calls)
+    if forced is not None:
+        if params.structured is not None:
+            raise InvalidRequestError("a tool_choice that forces a call takes no text.format", "tool_choice")
+        params = dataclasses.replace(params, structured=forced)
+    if tool_plan.keeps_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if body.reasoning and body.reasoning.effort:
+        template_kwargs["reasoning_effort"] = body.reasoning.effort
+    tool_defs = [t.model_dump(exclude_none=True) for t in chat_tool_defs] if chat_tool_defs else None
+    text = gen.render_chat(chat_messages(body.instructions, conversation), engine.tokenizer, True, tool_defs,
+                           template_kwargs)
+    payload = GenerationRequest(gen.chat_prompt(text, engine.tokenizer), params, lora_name(engine, name))
+    response_id = new_item_id("resp")
+    stored = body.store and state.responses.capacity > 0
+    answer = _Answer(ResponseBuilder(_head(body, response_id, name, stored)), tool_plan,
+                     reasoning.plan(state.settings.reasoning_parser, text, params.structured is not None, True),
+                     gen.TokenText(engine.tokenizer) if wants_logprobs else None, body.top_logprobs or 0)
+
+    def keep(final: dict[str, Any]) -> None:
+        if stored:
+            state.responses.put(response_id, StoredResponse(final, tuple(conversation + output_message(final["output"]))))
+
+    if body.stream:
+        merged = await gen.open_streams(state.async_engine, name, response_id, [payload])
+        return sse.response(_events(merged, answer, engine.tokenizer, keep), state, response_id, done=False)
+
+    try:
+        finals = await gen.cancel_on_disconnect(request, gen.run_all(state.async_engine, name, response_id, [payload]))
+    finally:
+        state.metrics.forget(response_id)
+    out = finals[0]
+    whole = dataclasses.replace(out.outputs[0], new_text=out.outputs[0].text)
+    answer.feed(whole)
+    final = answer.finish(out, engine.tokenizer)[-1]["response"]
+    keep(final)
+    return JSONResponse(final)
+
+
+async def _events(merged: AsyncIterator[tuple[int, RequestOutput]], answer: _Answer, tokenizer: Any,
+                  keep: Any) -> AsyncIterator[str]:
+    for e in answer.builder.start():
+        yield sse.event(e, e["type"])
+    async for _, out in merged:
+        events = answer.feed(out.outputs[0])
+        if out.outputs[0].finish_reason is not None:
+            events += answer.finish(out, tokenizer)
+            keep(events[-1]["response"])
+        for e in events:
+            yield sse.event(e, e["type"])
+
+
+@router.get("/v1/responses/{response_id}", responses=answers(ResponseObject, (401, 404)))
+async def get_response(response_id: str, request: Request) -> Any:
+    return JSONResponse(get_state(request).responses.get(response_id).body)
+
+
+@router.delete("/v1/responses/{response_id}", responses=answers(ResponseDeleted, (401, 404)))
+async def delete_response(response_id: str, request: Request) -> Any:
+    get_state(request).responses.delete(response_id)
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+

@@ -1,0 +1,274 @@
+"""POST /v1/responses (OpenAI's Responses API) on fake engines: the answer and every streamed event
+held to the `openai` package's own types, conversations continued through the store, tool calls
+and reasoning split as chat splits them, and refusals. The grammar-driven paths (text.format, forced
+calls) run on the real engine in tests/test_server_engine.py."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from server.responses import ResponseBuilder, reasoning_tokens
+from server.schemas_responses import ResponseEvent, ResponseObject
+from server.settings import ServerSettings
+from tests.server_helpers import FakeEngine, free_port, leave_stream_early, serve
+
+EVENTS = TypeAdapter(ResponseStreamEvent)
+HERMES = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+          '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+WEATHER = {"type": "function", "name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+TIME = {"type": "function", "name": "get_time"}
+THINK = "<think>\nhmm, hi.\n</think>\n\nHello!"
+
+
+@pytest.fixture(scope="module")
+def engine() -> FakeEngine:
+    return FakeEngine(max_model_len=160)
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with serve({"fake": engine}, ServerSettings(port=free_port(), shutdown_timeout_s=2.0, responses_store_size=3)) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def _greedy(engine: FakeEngine, prompt: str, n: int) -> str:
+    """The fake engine's greedy text for a rendered chat prompt (its rule, restated)."""
+    ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    return "".join(chr(ord("a") + (sum(ids) + 3 * k) % 26) for k in range(n))
+
+
+def _post(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/responses", json={"model": "fake", **body}, timeout=30)
+
+
+def _events(url: str, **body) -> list[dict]:
+    """A streamed answer's events, each held to OpenAI's event types; `event:` names its data's type."""
+    events = []
+    with httpx.stream("POST", f"{url}/v1/responses", json={"model": "fake", "stream": True, **body}, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        for block in r.read().decode().split("\n\n"):
+            if not block.strip():
+                continue
+            name, data = block.split("\n")
+            event = json.loads(data.removeprefix("data: "))
+            assert name == f"event: {event['type']}"
+            EVENTS.validate_python(event)
+            ResponseEvent.model_validate(event)
+            events.append(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    return events
+
+
+def test_a_text_answer_like_openai(url, client, engine):
+    raw = _post(url, input="hello", instructions="be brief", max_output_tokens=5).json()
+    Response.model_validate(raw)
+    ResponseObject.model_validate(raw)
+    prompt = "<s>[system]be brief\n[user]hello\n[assistant]"
+    r = client.responses.create(model="fake", input="hello", instructions="be brief", max_output_tokens=5)
+    assert r.output_text == _greedy(engine, prompt, 5) == raw["output"][0]["content"][0]["text"]
+    assert r.id.startswith("resp_") and r.object == "response" and r.model == "fake"
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output[0].status == "incomplete" and r.output[0].role == "assistant"
+    assert r.usage.input_tokens == len(prompt) and r.usage.output_tokens == 5 and r.usage.total_tokens == len(prompt) + 5
+    assert r.instructions == "be brief" and r.max_output_tokens == 5 and r.store
+    # input as message items, content as parts: the same prompt
+    items = [{"role": "system", "content": [{"type": "input_text", "text": "be brief"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hel"},
+                                                            {"type": "input_text", "text": "lo"}]}]
+    assert client.responses.create(model="fake", input=items, max_output_tokens=5).output_text == r.output_text
+
+
+def test_the_stream_ends_in_the_answer_the_json_gives(url, client, engine):
+    whole = _post(url, input="hi", max_output_tokens=6).json()
+    events = _events(url, input="hi", max_output_tokens=6)
+    kinds = [e["type"] for e in events]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", *["response.output_text.delta"] * 6, "response.output_text.done",
+                     "response.content_part.done", "response.output_item.done", "response.incomplete"]
+    assert events[0]["response"]["status"] == "in_progress" and events[0]["response"]["output"] == []
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    last = events[-1]["response"]
+    assert text == last["output"][0]["content"][0]["text"] == whole["output"][0]["content"][0]["text"]
+    assert last["usage"] == whole["usage"] and last["status"] == "incomplete"
+    assert len({e["item_id"] for e in events if "item_id" in e}) == 1
+    # OpenAI's own stream helper accumulates the events to the same answer
+    with client.responses.stream(model="fake", input="hi", max_output_tokens=6) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == text
+
+
+def test_previous_response_id_continues_the_stored_conversation(url, client, engine):
+    first = client.responses.create(model="fake", input="hi", instructions="old", max_output_tokens=3)
+    second = client.responses.create(model="fake", input="more", previous_response_id=first.id, max_output_tokens=4)
+    # the earlier instructions are not carried over; its answer is the assistant's turn
+    prompt = f"<s>[user]hi\n[assistant]{first.output_text}\n[user]more\n[assistant]"
+    assert second.output_text == _greedy(engine, prompt, 4) and second.usage.input_tokens == len(prompt)
+    assert second.previous_response_id == first.id
+    third = client.responses.create(model="fake", input="again", previous_response_id=second.id, max_output_tokens=2)
+    assert third.usage.input_tokens == len(prompt + f"{second.output_text}\n[user]again\n[assistant]")
+    # retrieval and deletion; the store holds three, the oldest goes first
+    assert client.responses.retrieve(second.id).model_dump() == second.model_dump()
+    client.responses.create(model="fake", input="x", max_output_tokens=1)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    client.responses.delete(third.id)
+    for gone in (lambda: client.responses.retrieve(third.id), lambda: client.responses.delete(third.id),
+                 lambda: client.responses.create(model="fake", input="x", previous_response_id=third.id)):
+        with pytest.raises(openai.NotFoundError):
+            gone()
+    unstored = client.responses.create(model="fake", input="x", store=False, max_output_tokens=1)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    # a streamed answer is stored once it has ended
+    streamed = _events(url, input="hi", max_output_tokens=2)[-1]["response"]
+    assert _post(url, input="x", previous_response_id=streamed["id"], max_output_tokens=1).status_code == 200
+
+
+def test_a_server_that_stores_nothing_says_so():
+    with serve({"fake": FakeEngine()}, ServerSettings(port=free_port(), responses_store_size=0)) as u:
+        r = _post(u, input="hi", max_output_tokens=1).json()
+        assert r["store"] is False
+        err = _post(u, input="hi", previous_response_id=r["id"])
+        assert err.status_code == 404 and "--responses-store-size is 0" in err.json()["error"]["message"]
+        assert err.json()["error"]["param"] == "previous_response_id"
+
+
+def test_logprobs_ride_on_the_text(url, engine):
+    r = _post(url, input="hi", max_output_tokens=3, top_logprobs=2, include=["message.output_text.logprobs"]).json()
+    part = r["output"][0]["content"][0]
+    assert [e["token"] for e in part["logprobs"]] == list(part["text"])
+    assert all(e["logprob"] == -0.5 and len(e["top_logprobs"]) == 2 for e in part["logprobs"])
+    events = _events(url, input="hi", max_output_tokens=3, top_logprobs=2, include=["message.output_text.logprobs"])
+    streamed = [lp for e in events if e["type"] == "response.output_text.delta" for lp in e["logprobs"]]
+    assert streamed == part["logprobs"] == events[-1]["response"]["output"][0]["content"][0]["logprobs"]
+    assert _post(url, input="hi", top_logprobs=2).status_code == 400  # without the include
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": ""}, "input"),
+    ({"input": []}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "truncation": "auto"}, "truncation"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tools": [WEATHER]}, "tool_choice"),  # auto needs a parser
+    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a"}}}, "text"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "temperature": "1"}, "temperature"),
+    ({"input": "x", "max_output_tokens": 200}, "prompt"),
+])
+def test_refusals_are_400s_naming_the_field(url, engine, body, param):
+    r = _post(url, **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    assert engine.stats().kv_cache_usage == 0
+
+
+def test_an_unknown_model_is_a_404(url):
+    assert _post(url, input="x", model="nope").status_code == 404
+
+
+def test_leaving_a_stream_frees_its_blocks(url, engine):
+    leave_stream_early(f"{url}/v1/responses", {"model": "fake", "input": "hi", "stream": True, "max_output_tokens": 60},
+                       engine, lines=8)
+    assert engine.stats().kv_cache_usage == 0
+
+
+@pytest.fixture(scope="module")
+def hermes_url():
+    settings = ServerSettings(port=free_port(), shutdown_timeout_s=2.0, tool_call_parser="hermes")
+    with serve({"fake": FakeEngine(max_model_len=400, script=HERMES)}, settings) as u:
+        yield u
+
+
+def test_tool_calls_become_function_call_items_and_their_outputs_go_back(hermes_url):
+    r = _post(hermes_url, input="weather?", tools=[WEATHER, TIME]).json()
+    Response.model_validate(r)
+    message, weather, clock = r["output"]
+    assert message["content"][0]["text"] == "Let me check."
+    assert (weather["type"], weather["name"], json.loads(weather["arguments"])) == ("function_call", "get_weather",
+                                                                                    {"city": "Paris"})
+    assert (clock["name"], clock["arguments"], r["status"]) == ("get_time", "{}", "completed")
+    assert weather["call_id"].startswith("call_") and weather["call_id"] != clock["call_id"]
+    events = _events(hermes_url, input="weather?", tools=[WEATHER, TIME])
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert [(i["type"], i.get("name")) for i in done] == [("message", None), ("function_call", "get_weather"),
+                                                          ("function_call", "get_time")]
+    args = [e["arguments"] for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert [json.loads(a) for a in args] == [{"city": "Paris"}, {}]
+    # the calls and their results go back as items; the template sees one assistant turn, then tool turns
+    back = [{"role": "user", "content": "weather?"}, message, weather, clock,
+            {"type": "function_call_output", "call_id": weather["call_id"], "output": "sunny"},
+            {"type": "function_call_output", "call_id": clock["call_id"], "output": [{"type": "input_text", "text": "noon"}]}]
+    again = _post(hermes_url, input=back, tools=[WEATHER, TIME]).json()
+    prompt = ("<s>[tools]get_weather,get_time\n[user]weather?\n[assistant]Let me check.\n[tool]sunny\n[tool]noon\n"
+              "[assistant]")
+    assert again["usage"]["input_tokens"] == len(prompt)
+    # continuing by id gives the same prompt as sending the history back
+    follow = [{"type": "function_call_output", "call_id": weather["call_id"], "output": "sunny"},
+              {"type": "function_call_output", "call_id": clock["call_id"], "output": "noon"}]
+    by_id = _post(hermes_url, input=follow, previous_response_id=r["id"], tools=[WEATHER, TIME]).json()
+    assert by_id["usage"]["input_tokens"] == len(prompt)
+    # tool_choice none: the same text is all message
+    plain = _post(hermes_url, input="weather?", tools=[WEATHER], tool_choice="none").json()
+    assert [i["type"] for i in plain["output"]] == ["message"] and plain["output"][0]["content"][0]["text"] == HERMES
+
+
+def test_reasoning_is_its_own_item():
+    settings = ServerSettings(port=free_port(), shutdown_timeout_s=2.0, reasoning_parser="qwen3")
+    with serve({"fake": FakeEngine(max_model_len=400, script=THINK)}, settings) as u:
+        r = _post(u, input="hi").json()
+        Response.model_validate(r)
+        thought, message = r["output"]
+        assert thought["type"] == "reasoning" and thought["content"] == [{"type": "reasoning_text", "text": "hmm, hi."}]
+        assert message["content"][0]["text"] == "Hello!" and thought["summary"] == []
+        # each character is a token: the reasoning runs through the closing tag
+        assert r["usage"]["output_tokens_details"]["reasoning_tokens"] == THINK.index("</think>") + len("</think>")
+        events = _events(u, input="hi")
+        assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == "hmm, hi."
+        assert [e["output_index"] for e in events if e["type"] == "response.output_item.done"] == [0, 1]
+        assert events[-1]["response"]["output"][0]["content"] == thought["content"]
+        # the reasoning stays out of the next turn's prompt
+        r2 = _post(u, input="and?", previous_response_id=r["id"]).json()
+        assert r2["usage"]["input_tokens"] == len("<s>[user]hi\n[assistant]Hello!\n[user]and?\n[assistant]")
+        cut = _post(u, input="hi", max_output_tokens=10).json()  # "<think>\nhm"
+        assert cut["status"] == "incomplete" and [i["type"] for i in cut["output"]] == ["reasoning"]
+        assert cut["output"][0]["content"][0]["text"] == "hm" and cut["output"][0]["status"] == "incomplete"
+        assert cut["usage"]["output_tokens_details"]["reasoning_tokens"] == 10
+
+
+def test_reasoning_tokens_count_through_the_closing_tag():
+    assert reasoning_tokens([5, 6, 9, 7, 9], [9], True) == 3
+    assert reasoning_tokens([5, 6, 8, 9, 7], [8, 9], True) == 4
+    assert reasoning_tokens([5, 6, 7], [9], True) == 3  # never closed: all of it
+    assert reasoning_tokens([5, 6, 9], [9], False) == 0
+
+
+def test_builder_closes_each_item_before_the_next_opens():
+    b = ResponseBuilder({"id": "resp_x"})
+    events = b.start() + b.reasoning("a") + b.text("b", None) + b.tool_calls(
+        [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{"}}]) + b.tool_calls(
+        [{"index": 0, "function": {"arguments": "}"}}]) + b.finish("completed", {})
+    added = [e["sequence_number"] for e in events if e["type"] == "response.output_item.added"]
+    done = [e["sequence_number"] for e in events if e["type"] == "response.output_item.done"]
+    assert all(d < a for d, a in zip(done, added[1:])) and len(done) == len(added) == 3
+    assert events[-1]["response"]["output"][2]["arguments"] == "{}"
+    assert [i["status"] for i in events[-1]["response"]["output"]] == ["completed"] * 3
+
+
+def test_a_wrong_method_lists_both_of_the_paths_methods(url):
+    r = httpx.put(f"{url}/v1/responses/resp_x", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
