@@ -1,4 +1,5 @@
-"""`--api-key`: requests that do work must carry `Authorization: Bearer <key>`, as vLLM and TEI ask.
+"""`--api-key`: requests that do work must carry `Authorization: Bearer <key>`, as vLLM and TEI ask
+(or `x-api-key: <key>`, as Anthropic's clients send it).
 
 Health, metrics, version and the API description stay open: load balancers, Prometheus and
 orchestrators probe them without secrets, and they reveal nothing a request could not. The key is
@@ -18,10 +19,14 @@ OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json", "/do
 
 
 def _bearer(scope: Scope) -> str | None:
+    """The request's key: `Authorization: Bearer`, or `x-api-key` (what Anthropic's clients send)."""
     for key, value in scope.get("headers", ()):
         if key == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if scheme.lower() == "bearer" else None
+    for key, value in scope.get("headers", ()):
+        if key == b"x-api-key":
+            return value.decode("latin-1").strip()
     return None
 
 
@@ -45,5 +50,5 @@ class ApiKeyAuth:
         message = ("Incorrect API key provided" if token is not None else
                    "No API key provided: send it as 'Authorization: Bearer <key>'")
         resp = error_response(401, message, "invalid_request_error", code="invalid_api_key",
-                              headers={"WWW-Authenticate": "Bearer"})
+                              headers={"WWW-Authenticate": "Bearer"}, path=scope.get("path", ""))
         await resp(scope, receive, send)

@@ -38,21 +38,45 @@ _TYPE_BY_STATUS = {
 }
 
 
+# Anthropic's Messages API answers errors in its own shape: {"type": "error", "error": {"type", "message"}}
+ANTHROPIC_PATH = "/v1/messages"
+_ANTHROPIC_TYPE_BY_STATUS = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
 def error_body(message: str, err_type: str, param: str | None = None, code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
+def anthropic_error_body(status: int, message: str) -> dict:
+    err_type = _ANTHROPIC_TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": err_type, "message": message}}
+
+
+def is_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
 def error_response(
     status: int, message: str, err_type: str | None = None, param: str | None = None,
-    code: str | int | None = None, headers: dict[str, str] | None = None,
+    code: str | int | None = None, headers: dict[str, str] | None = None, path: str = "",
 ) -> JSONResponse:
+    """The error in OpenAI's shape, or in Anthropic's on its API's `path`."""
+    if is_anthropic(path):
+        return JSONResponse(anthropic_error_body(status, message), status_code=status, headers=headers)
     err_type = err_type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return JSONResponse(error_body(message, err_type, param, code), status_code=status, headers=headers)
 
 
-def kvserve_error_response(exc: KVServeError, retry_after_s: int = 1) -> JSONResponse:
+def kvserve_error_response(exc: KVServeError, retry_after_s: int = 1, path: str = "") -> JSONResponse:
     headers = {"Retry-After": str(retry_after_s)} if isinstance(exc, QueueFullError) else None
-    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.status_code, headers)
+    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.status_code, headers, path)
 
 
 # pydantic names the branch of a union that failed ("constrained-str", "list[int]",
@@ -109,14 +133,14 @@ def _allowed_methods(routes: list[Any], scope: Scope) -> set[str]:
 
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(KVServeError)
-    async def _kvserve(_: Request, exc: KVServeError) -> JSONResponse:
-        return kvserve_error_response(exc, retry_after_s)
+    async def _kvserve(request: Request, exc: KVServeError) -> JSONResponse:
+        return kvserve_error_response(exc, retry_after_s, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         # OpenAI (and vLLM) answer bad parameters with 400, not FastAPI's default 422.
         message, param = _describe_validation(list(exc.errors()))
-        return error_response(400, message, param=param, code=400)
+        return error_response(400, message, param=param, code=400, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -127,7 +151,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         allowed = _allowed_methods(request.app.router.routes, request.scope) if exc.status_code == 405 else None
         if allowed:
             headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
-        return error_response(exc.status_code, str(exc.detail), code=exc.status_code, headers=headers)
+        return error_response(exc.status_code, str(exc.detail), code=exc.status_code, headers=headers,
+                              path=request.url.path)
 
     @app.exception_handler(ClientDisconnected)
     async def _disconnected(request: Request, _: ClientDisconnected) -> Response:
@@ -135,9 +160,10 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}", "server_error", code=500)
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error", code=500,
+                              path=request.url.path)
 
 
 class BodySizeLimit:
@@ -151,8 +177,8 @@ class BodySizeLimit:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _reject(self, send: Send, message: str) -> None:
-        resp = error_response(413, message, param=None, code=413)
+    async def _reject(self, scope: Scope, send: Send, message: str) -> None:
+        resp = error_response(413, message, param=None, code=413, path=scope.get("path", ""))
         await resp({"type": "http"}, _no_receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -165,10 +191,10 @@ class BodySizeLimit:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await self._reject_bad(send)
+                    await self._reject_bad(scope, send)
                     return
                 if declared > self.max_bytes:
-                    await self._reject(send, limit_msg)
+                    await self._reject(scope, send, limit_msg)
                     return
         chunks, size = [], 0
         while True:
@@ -178,7 +204,7 @@ class BodySizeLimit:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                await self._reject(send, limit_msg)
+                await self._reject(scope, send, limit_msg)
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -194,8 +220,8 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject_bad(self, send: Send) -> None:
-        resp = error_response(400, "invalid Content-Length header", code=400)
+    async def _reject_bad(self, scope: Scope, send: Send) -> None:
+        resp = error_response(400, "invalid Content-Length header", code=400, path=scope.get("path", ""))
         await resp({"type": "http"}, _no_receive, send)
 
 

@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server import schemas, schemas_responses, schemas_tgi
+from server import schemas, schemas_anthropic, schemas_responses, schemas_tgi
 from server.schemas import ErrorResponse
 
 _WHY = {
@@ -32,33 +32,33 @@ TOKENIZER_ERRORS = (400, 401, 404, 413)  # routes that only use a tokenizer
 _REF = "#/components/schemas/{model}"
 
 
-def sse_event(chunk: type[BaseModel], done: bool = True) -> dict[str, Any]:
+def sse_event(chunk: type[BaseModel], done: bool = True, error: type[BaseModel] = ErrorResponse) -> dict[str, Any]:
     """One server-sent event (before OpenAPI 3.2, a stream's `schema` describes one event); `done`:
     the stream ends with `data: [DONE]` (OpenAI's streams do, TGI's do not)."""
-    chunk_ref, error_ref = (_REF.format(model=m.__name__) for m in (chunk, ErrorResponse))
+    chunk_ref, error_ref = (_REF.format(model=m.__name__) for m in (chunk, error))
     json_data = {
         "type": "string",
         "contentMediaType": "application/json",
         "contentSchema": {"anyOf": [{"$ref": chunk_ref}, {"$ref": error_ref}]},
     }
-    why = f"A JSON `{chunk.__name__}`, or an `ErrorResponse` if the engine fails mid-stream"
+    why = f"A JSON `{chunk.__name__}`, or an `{error.__name__}` if the engine fails mid-stream"
     data = ({"description": why + "; the last event's data is `[DONE]`", "anyOf": [json_data, {"const": "[DONE]"}]}
             if done else {"description": why, **json_data})
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
 def answers(model: type[BaseModel] | None, errors: tuple[int, ...], stream: type[BaseModel] | None = None,
-            done: bool = True) -> dict[int | str, Any]:
+            done: bool = True, error: type[BaseModel] = ErrorResponse) -> dict[int | str, Any]:
     """`responses=` for a route: `model` on success, or with `stream: true` events of `stream`
     chunks (only those when `model` is None: a route that always streams); then the error
-    statuses the route can give."""
+    statuses the route can give, as `error` bodies (Anthropic's API has its own)."""
     ok: dict[str, Any] = {"description": "Success"} if model is None else {"model": model, "description": "Success"}
     if stream is not None:
         ending = " ending in `data: [DONE]`" if done else ""
         ok["description"] = (f"Server-sent events{ending}" if model is None
                              else f"Success; with `stream: true`, server-sent events{ending}")
-        ok["content"] = {"text/event-stream": {"schema": sse_event(stream, done)}}
-    return {200: ok, **{code: {"model": ErrorResponse, "description": _WHY[code]} for code in errors}}
+        ok["content"] = {"text/event-stream": {"schema": sse_event(stream, done, error)}}
+    return {200: ok, **{code: {"model": error, "description": _WHY[code]} for code in errors}}
 
 
 def stream_chunk_models(doc: dict[str, Any]) -> dict[str, tuple[type[BaseModel], bool]]:
@@ -72,7 +72,7 @@ def stream_chunk_models(doc: dict[str, Any]) -> dict[str, tuple[type[BaseModel],
                 done = "anyOf" in data
                 ref = (data["anyOf"][0] if done else data)["contentSchema"]["anyOf"][0]["$ref"]
                 name = ref.rsplit("/", 1)[-1]
-                module = next(m for m in (schemas, schemas_responses, schemas_tgi) if hasattr(m, name))
+                module = next(m for m in (schemas, schemas_anthropic, schemas_responses, schemas_tgi) if hasattr(m, name))
                 found[path] = (getattr(module, name), done)
     return found
 

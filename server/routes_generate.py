@@ -138,14 +138,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = gen.sampling_params(body, max_tokens, num_top if body.logprobs else None)
     tool_plan = tools.plan(body.tools, body.tool_choice, state.settings.tool_call_parser)
-    forced = tool_plan.constraint(body.tools or [], body.parallel_tool_calls)
-    if forced is not None:
-        if params.structured is not None:
-            raise InvalidRequestError("a tool_choice that forces a call takes no response_format or structured_outputs",
-                                      "tool_choice")
-        params = dataclasses.replace(params, structured=forced)
-    if tool_plan.keeps_special_tokens:
-        params = dataclasses.replace(params, skip_special_tokens=False)
+    params = tools.apply(params, tool_plan, body.tools, body.parallel_tool_calls,
+                         "response_format or structured_outputs")
     tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     text = gen.render_chat(body.messages, engine.tokenizer, body.add_generation_prompt, tool_defs,
                            body.chat_template_kwargs, body.continue_final_message)

@@ -20,6 +20,7 @@ from engine.request import GenerationRequest
 from engine.sampling_params import SamplingParams
 from server import generation as gen
 from server import reasoning, sse, tools
+from server.deltas import DeltaSplitter
 from server.openapi import ENGINE_ERRORS, answers
 from server.responses import (
     ResponseBuilder, chat_messages, chat_tools, input_messages, new_item_id, output_message, reasoning_tokens,
@@ -39,39 +40,24 @@ class _Answer:
     """What turning one choice's deltas into events needs, kept across a stream's events."""
 
     builder: ResponseBuilder
-    tool_plan: tools.ToolPlan
-    thinking: reasoning.Thinking | None
+    split: DeltaSplitter
     text_of: gen.TokenText | None  # set when logprobs are asked for
     num_top: int
-    thoughts: reasoning.ReasoningStream | None = None
-    tool_stream: tools.ToolStream | None = None
     sent_logprobs: int = 0
 
     def feed(self, c: CompletionOutput) -> list[dict[str, Any]]:
-        finished = c.finish_reason is not None
-        new_text, thought = c.new_text, ""
-        if self.thinking is not None:
-            self.thoughts = self.thoughts or self.thinking.stream()
-            thought, new_text = self.thinking.feed(self.thoughts, new_text, finished)
+        thought, content, calls = self.split.feed(c.new_text, c.finish_reason)
         events = self.builder.reasoning(thought) if thought else []
         logprobs = None
         if self.text_of is not None and c.logprobs is not None:
             fresh, self.sent_logprobs = c.logprobs[self.sent_logprobs:], len(c.logprobs)
             logprobs = gen.chat_logprobs(fresh, self.text_of, self.num_top)["content"]
-        if self.tool_plan.calls_tools:
-            self.tool_stream = self.tool_stream or tools.ToolStream(self.tool_plan)
-            delta, _ = self.tool_stream.feed(new_text, c.finish_reason)
-            delta = delta or {}
-            events += self.builder.text(delta.get("content", ""), logprobs)
-            events += self.builder.tool_calls(delta.get("tool_calls", []))
-        else:
-            events += self.builder.text(new_text, logprobs)
-        return events
+        return events + self.builder.text(content, logprobs) + self.builder.tool_calls(calls)
 
     def finish(self, out: RequestOutput, tokenizer: Any) -> list[dict[str, Any]]:
         c = out.outputs[0]
         status = "incomplete" if c.finish_reason == "length" else "completed"
-        thought = self.thoughts is not None and self.thoughts.entered
+        thought = self.split.reasoned
         end_ids = tokenizer.encode(reasoning.END, add_special_tokens=False) if thought else []
         used = reasoning_tokens(c.token_ids, end_ids, thought)
         usage = {"input_tokens": len(out.prompt_token_ids),
@@ -118,13 +104,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     params = _sampling_params(body, (body.top_logprobs or 0) if wants_logprobs else None)
     chat_tool_defs, choice = chat_tools(body)
     tool_plan = tools.plan(chat_tool_defs, choice, state.settings.tool_call_parser)
-    forced = tool_plan.constraint(chat_tool_defs or [], body.parallel_tool_calls)
-    if forced is not None:
-        if params.structured is not None:
-            raise InvalidRequestError("a tool_choice that forces a call takes no text.format", "tool_choice")
-        params = dataclasses.replace(params, structured=forced)
-    if tool_plan.keeps_special_tokens:
-        params = dataclasses.replace(params, skip_special_tokens=False)
+    params = tools.apply(params, tool_plan, chat_tool_defs, body.parallel_tool_calls, "text.format")
     template_kwargs = dict(body.chat_template_kwargs or {})
     if body.reasoning and body.reasoning.effort:
         template_kwargs["reasoning_effort"] = body.reasoning.effort
@@ -134,8 +114,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     payload = GenerationRequest(gen.chat_prompt(text, engine.tokenizer), params, lora_name(engine, name))
     response_id = new_item_id("resp")
     stored = body.store and state.responses.capacity > 0
-    answer = _Answer(ResponseBuilder(_head(body, response_id, name, stored)), tool_plan,
-                     reasoning.plan(state.settings.reasoning_parser, text, params.structured is not None, True),
+    thinking = reasoning.plan(state.settings.reasoning_parser, text, params.structured is not None, True)
+    answer = _Answer(ResponseBuilder(_head(body, response_id, name, stored)), DeltaSplitter(tool_plan, thinking),
                      gen.TokenText(engine.tokenizer) if wants_logprobs else None, body.top_logprobs or 0)
 
     def keep(final: dict[str, Any]) -> None:

@@ -11,11 +11,13 @@ model's text becomes OpenAI `tool_calls`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutput
 from server.tool_parsers import PARSERS, ToolCall, new_call_id
 
@@ -88,6 +90,20 @@ class ToolPlan:
     def keeps_special_tokens(self) -> bool:
         """Whether the answer's text must keep special tokens for the parser to see its calls."""
         return self.mode == "auto" and PARSERS[self.parser or ""].keeps_special_tokens
+
+
+def apply(params: SamplingParams, tool_plan: ToolPlan, tools: list[Any] | None, parallel: bool,
+          format_field: str) -> SamplingParams:
+    """`params` under the plan: a forced call's grammar (which leaves no room for the request's own
+    `format_field` constraint: a 400), and special tokens kept where the parser reads them."""
+    forced = tool_plan.constraint(tools or [], parallel)
+    if forced is not None:
+        if params.structured is not None:
+            raise InvalidRequestError(f"a tool_choice that forces a call takes no {format_field}", "tool_choice")
+        params = dataclasses.replace(params, structured=forced)
+    if tool_plan.keeps_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)
+    return params
 
 
 def plan(tools: list[Any] | None, tool_choice: Any, parser: str | None) -> ToolPlan:

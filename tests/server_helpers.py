@@ -179,6 +179,26 @@ class FakeEngine:
         return outputs
 
 
+# a Hermes-format answer (text, then two calls) and a thinking answer, for scripted fake engines
+HERMES = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+          '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+THINK = "<think>\nhmm, hi.\n</think>\n\nHello!"
+
+
+def greedy_text(prompt: str, n: int) -> str:
+    """What FakeEngine generates greedily after a rendered chat prompt (its rule, restated)."""
+    ids = FakeTokenizer().encode(prompt, add_special_tokens=False)
+    return "".join(chr(ord("a") + (sum(ids) + 3 * k) % 26) for k in range(n))
+
+
+@contextmanager
+def scripted(script: str, **settings: Any) -> Iterator[str]:
+    """A live server whose fake engine always writes `script`, under these ServerSettings."""
+    with serve({"fake": FakeEngine(max_model_len=400, script=script)},
+               ServerSettings(port=free_port(), shutdown_timeout_s=2.0, **settings)) as url:
+        yield url
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

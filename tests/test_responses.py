@@ -15,15 +15,14 @@ from pydantic import TypeAdapter
 from server.responses import ResponseBuilder, reasoning_tokens
 from server.schemas_responses import ResponseEvent, ResponseObject
 from server.settings import ServerSettings
-from tests.server_helpers import FakeEngine, free_port, leave_stream_early, serve
+from tests.server_helpers import (
+    HERMES, THINK, FakeEngine, free_port, greedy_text, leave_stream_early, scripted, serve,
+)
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
-HERMES = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
-          '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
 WEATHER = {"type": "function", "name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 TIME = {"type": "function", "name": "get_time"}
-THINK = "<think>\nhmm, hi.\n</think>\n\nHello!"
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +40,6 @@ def url(engine):
 def client(url) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
 
-
-def _greedy(engine: FakeEngine, prompt: str, n: int) -> str:
-    """The fake engine's greedy text for a rendered chat prompt (its rule, restated)."""
-    ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-    return "".join(chr(ord("a") + (sum(ids) + 3 * k) % 26) for k in range(n))
 
 
 def _post(url: str, **body) -> httpx.Response:
@@ -76,7 +70,7 @@ def test_a_text_answer_like_openai(url, client, engine):
     ResponseObject.model_validate(raw)
     prompt = "<s>[system]be brief\n[user]hello\n[assistant]"
     r = client.responses.create(model="fake", input="hello", instructions="be brief", max_output_tokens=5)
-    assert r.output_text == _greedy(engine, prompt, 5) == raw["output"][0]["content"][0]["text"]
+    assert r.output_text == greedy_text(prompt, 5) == raw["output"][0]["content"][0]["text"]
     assert r.id.startswith("resp_") and r.object == "response" and r.model == "fake"
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.output[0].status == "incomplete" and r.output[0].role == "assistant"
@@ -113,7 +107,7 @@ def test_previous_response_id_continues_the_stored_conversation(url, client, eng
     second = client.responses.create(model="fake", input="more", previous_response_id=first.id, max_output_tokens=4)
     # the earlier instructions are not carried over; its answer is the assistant's turn
     prompt = f"<s>[user]hi\n[assistant]{first.output_text}\n[user]more\n[assistant]"
-    assert second.output_text == _greedy(engine, prompt, 4) and second.usage.input_tokens == len(prompt)
+    assert second.output_text == greedy_text(prompt, 4) and second.usage.input_tokens == len(prompt)
     assert second.previous_response_id == first.id
     third = client.responses.create(model="fake", input="again", previous_response_id=second.id, max_output_tokens=2)
     assert third.usage.input_tokens == len(prompt + f"{second.output_text}\n[user]again\n[assistant]")
@@ -189,8 +183,7 @@ def test_leaving_a_stream_frees_its_blocks(url, engine):
 
 @pytest.fixture(scope="module")
 def hermes_url():
-    settings = ServerSettings(port=free_port(), shutdown_timeout_s=2.0, tool_call_parser="hermes")
-    with serve({"fake": FakeEngine(max_model_len=400, script=HERMES)}, settings) as u:
+    with scripted(HERMES, tool_call_parser="hermes") as u:
         yield u
 
 
@@ -228,8 +221,7 @@ def test_tool_calls_become_function_call_items_and_their_outputs_go_back(hermes_
 
 
 def test_reasoning_is_its_own_item():
-    settings = ServerSettings(port=free_port(), shutdown_timeout_s=2.0, reasoning_parser="qwen3")
-    with serve({"fake": FakeEngine(max_model_len=400, script=THINK)}, settings) as u:
+    with scripted(THINK, reasoning_parser="qwen3") as u:
         r = _post(u, input="hi").json()
         Response.model_validate(r)
         thought, message = r["output"]

@@ -398,3 +398,31 @@ def test_responses_api_on_the_real_engine(base_url, client, offline, engine):
                                                                                       "schema": {"type": "nope"}}}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "text.format"
     assert engine.stats().kv_cache_usage == 0.0 and len(engine.guides) == 0
+
+
+def test_messages_api_on_the_real_engine(base_url, client, engine):
+    """/v1/messages is chat under another shape: its text and a forced tool's input equal
+    /v1/chat/completions' for the same conversation, streamed or not."""
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    chat = dict(model=MODEL, messages=[{"role": "system", "content": "Be brief"}, *messages], temperature=0)
+    plain = client.chat.completions.create(**chat, max_tokens=12).choices[0]
+    m = claude.messages.create(model=MODEL, system="Be brief", messages=messages, max_tokens=12,
+                               extra_body={"temperature": 0})
+    assert m.content[0].text == plain.message.content
+    assert m.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[plain.finish_reason]
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                                     "required": ["city"], "additionalProperties": False}}
+    called = client.chat.completions.create(**chat, max_tokens=40, tools=[{"type": "function", "function": weather}],
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    tool = {"name": "get_weather", "input_schema": weather["parameters"]}
+    fields = dict(model=MODEL, system="Be brief", messages=messages, max_tokens=40, tools=[tool],
+                  tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 0})
+    (use,) = claude.messages.create(**fields).content
+    assert (use.type, use.name, use.input) == ("tool_use", "get_weather",
+                                               json.loads(called.choices[0].message.tool_calls[0].function.arguments))
+    with claude.messages.stream(**fields) as stream:
+        assert stream.get_final_message().content[0].input == use.input
+    assert engine.stats().kv_cache_usage == 0.0 and len(engine.guides) == 0

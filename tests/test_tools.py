@@ -15,13 +15,11 @@ from server import tools
 from server.tool_parsers import PARSERS
 from server.schemas import ChatCompletionRequest
 from server.settings import ServerSettings
-from tests.server_helpers import FakeEngine, free_port, serve
+from tests.server_helpers import HERMES, FakeEngine, free_port, serve
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TIME = {"type": "function", "function": {"name": "get_time"}}
-HERMES = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
-          '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
 
 
 def _request(**fields) -> ChatCompletionRequest:
