@@ -42,10 +42,15 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_num_seqs: int = 64  # sequences running at once
     max_model_len: int = 2048  # prompt + output limit (capped by the model's own)
+    # "fcfs": first come, first served; "priority": requests' `priority` first (lower first, then
+    # arrival), and a waiting request preempts running ones it outranks when it cannot start
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise InvalidRequestError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.policy not in ("fcfs", "priority"):
+            raise InvalidRequestError(f"policy must be fcfs or priority, got {self.policy!r}")
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ class LLMEngine:
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_num_seqs=config.scheduler.max_num_seqs,
             max_model_len=self.max_model_len,
+            policy=config.scheduler.policy,
         )
         self.loras = LoRAAdapters(config.lora, loaded.model, dtype, config.device) if config.lora is not None else None
         if self.loras is not None and not supports_lora(loaded.model):
@@ -165,6 +166,9 @@ class LLMEngine:
 
     # ---- admission ------------------------------------------------------------------
     def validate(self, payload: GenerationRequest) -> None:
+        if payload.priority != 0 and self.scheduler.config.policy != "priority":
+            raise InvalidRequestError(f"priority {payload.priority} needs a server started with --scheduling-policy "
+                                      "priority", param="priority")
         if payload.lora_name is not None:
             if self.loras is None:
                 raise ModelNotFoundError(f"The model `{payload.lora_name}` does not exist: {self.info.name} "
@@ -215,6 +219,7 @@ class LLMEngine:
                 sample_index=i,
                 arrival_time=now,
                 lora_id=lora_id,
+                priority=payload.priority,
             )
             for i in range(params.n)
         ]

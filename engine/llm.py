@@ -40,6 +40,7 @@ class LLM:
         enable_lora: bool = False,
         max_loras: int = 4,
         max_lora_rank: int = 16,
+        scheduling_policy: str = "fcfs",
     ) -> None:
         """`speculative_config`: vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4}.
         `enable_lora`: requests may run PEFT LoRA adapters (`generate(..., lora_request=)`)."""
@@ -54,7 +55,8 @@ class LLM:
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory_gib=kv_cache_memory_gib,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                      policy=scheduling_policy),
             seed=seed,
             decode_graphs=decode_graphs,
             max_graph_batch=max_graph_batch,
@@ -73,9 +75,11 @@ class LLM:
         prompts: str | Seq[str] | Seq[list[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
         lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+        priority: Seq[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs in prompt order. `lora_request`:
-        the adapter every prompt (or each prompt, given a list) runs; None: the base model."""
+        the adapter every prompt (or each prompt, given a list) runs; None: the base model.
+        `priority`: each prompt's (lower first; needs `scheduling_policy="priority"`)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         token_lists = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
@@ -86,9 +90,9 @@ class LLM:
             if lora.lora_name not in self.engine.lora_names and lora.lora_path:  # else add_request says it is unknown
                 self.engine.add_lora(lora.lora_name, lora.lora_path)
         order = []
-        for ids, p, lora in zip(token_lists, params, loras):
+        for ids, p, lora, rank in zip(token_lists, params, loras, priority or [0] * len(token_lists)):
             request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, GenerationRequest(ids, p, lora.lora_name if lora else None))
+            self.engine.add_request(request_id, GenerationRequest(ids, p, lora.lora_name if lora else None, rank))
             order.append(request_id)
         return self._run(order)
 

@@ -11,6 +11,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     lora_name: str | None = None  # a LoRA adapter the engine has loaded; None: the base model
+    priority: int = 0  # lower goes first, under the priority scheduling policy (SchedulerConfig.policy)
 
 
 @dataclass(frozen=True)

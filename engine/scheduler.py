@@ -8,6 +8,11 @@ the newest running sequence is preempted by recompute and goes back to the front
 (and, its blocks being cached, mostly finds them again). A sequence whose LoRA adapter would
 make more than `max_loras` distinct ones run at once waits, and the ones behind it go first.
 
+Under the priority policy both queues are kept in `Sequence.rank` order (priority, then arrival),
+so the preemption victim, the last running one, is the lowest-ranked; and a waiting sequence that
+outranks running ones but cannot start (no free seat or too few free blocks for its first chunk)
+preempts them, lowest first, before the step is planned.
+
 A step's bookkeeping has two halves: `advance` (its chunks are computed, its sampling rows have
 a token in flight) when it is launched, and `land` (the tokens are appended, stop rules applied)
 when its tokens reach the host; `update` does both for a step that is not run ahead of.
@@ -18,10 +23,11 @@ the ones the step's samples rejected, so computed tokens never run ahead of veri
 """
 from __future__ import annotations
 
+from bisect import insort
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, cdiv
 from engine.config import SchedulerConfig
 from engine.lora import fits
 from engine.sequence import Sequence, SequenceStatus
@@ -82,8 +88,15 @@ class Scheduler:
         self.num_draft_tokens = 0  # drafts verified (speculative decoding)
         self.num_accepted_tokens = 0  # of those, accepted
 
+    @property
+    def by_priority(self) -> bool:
+        return self.config.policy == "priority"
+
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.by_priority:
+            insort(self.waiting, seq, key=_rank)
+        else:
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -91,6 +104,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        if self.by_priority:
+            self._make_room_for_waiting(out)
+        starved = False  # a running sequence had to preempt: the pool is already too full
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -105,9 +121,10 @@ class Scheduler:
                 continue  # no room for the drafts: the plain decode below may still preempt for its token
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.allocate_slots(seq, n):
-                victim = self.running.pop()  # the newest: it loses the least work
+                victim = self.running.pop()  # the newest (lowest-ranked): it loses the least work
                 self._preempt(victim)
                 out.preempted.append(victim)
+                starved = True
                 if victim is seq:
                     break
             else:
@@ -118,7 +135,7 @@ class Scheduler:
             break  # `seq` preempted itself: nothing older is left to make room for
         # A step that had to preempt admits nothing new: the pool is already too full.
         skipped: list[Sequence] = []  # their adapter would exceed max_loras: they keep their place
-        while not out.preempted and self.waiting and budget > 0:
+        while not starved and self.waiting and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
@@ -137,12 +154,31 @@ class Scheduler:
                 self.num_prefix_hit_tokens += cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            if self.by_priority:
+                insort(self.running, seq, key=_rank)
+            else:
+                self.running.append(seq)
             out.add(seq, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         out.block_copies = self.block_manager.take_pending_copies()
         return out
+
+    def _make_room_for_waiting(self, out: SchedulerOutput) -> None:
+        """Preempt the lowest-ranked running sequences while the first waiting one outranks them and
+        has no free seat or too few free blocks for its first chunk (counted without cache hits)."""
+        while self.waiting and self.running and self.running[-1].rank > self.waiting[0].rank:
+            head = self.waiting[0]
+            if self.max_loras is not None and not fits(head.lora_id, (s.lora_id for s in self.running[:-1]),
+                                                        self.max_loras):
+                return  # its adapter would not fit even then: preempting would not let it start
+            first_chunk = min(head.num_uncomputed_tokens, self.config.max_num_batched_tokens)
+            seated = len(self.running) < self.config.max_num_seqs
+            if seated and cdiv(first_chunk, self.block_manager.block_size) <= self.block_manager.num_free_blocks:
+                return
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
 
     def _drafts(self, seq: Sequence, budget: int) -> list[int]:
         """Draft tokens for a sequence about to decode, leaving room for the token the step always
@@ -164,7 +200,10 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)  # popped newest-first, so the oldest ends up in front
+        if self.by_priority:
+            insort(self.waiting, seq, key=_rank)
+        else:
+            self.waiting.appendleft(seq)  # popped newest-first, so the oldest ends up in front
 
     def update(self, out: SchedulerOutput, sampled: list[int | None],
                accepted: list[list[int]] | None = None) -> list[Sequence]:
@@ -228,3 +267,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq)
+
+
+def _rank(seq: Sequence) -> tuple[int, float, int]:
+    return seq.rank

@@ -54,6 +54,12 @@ class Sequence:
     # (engine/speculative.py), packed once per token rather than whole every step
     packed_token_ids: bytearray = field(default_factory=bytearray)
     lora_id: int = 0  # the LoRA adapter its request names (engine/lora.py); 0: the base model
+    priority: int = 0  # its request's; lower goes first under the priority policy
+
+    @property
+    def rank(self) -> tuple[int, float, int]:
+        """Its place under the priority policy: priority, then arrival (then id, for a total order)."""
+        return self.priority, self.arrival_time, self.seq_id
 
     @property
     def num_tokens(self) -> int:

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt("gpu-memory-utilization", float, 0.9, "share of GPU memory for weights + KV cache")
     opt("max-num-batched-tokens", int, 2048, "token budget of one engine step")
     opt("max-num-seqs", int, 64, "sequences running at once")
+    serve.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=_env("scheduling-policy", "fcfs"),
+                       help="fcfs: first come, first served; priority: requests' `priority` first (lower first, "
+                            "then arrival), preempting running requests a waiting one outranks "
+                            "(env KVSERVE_SCHEDULING_POLICY)")
     opt("max-model-len", int, None, "context limit (default: the model's own)")
     switch("no-enable-prefix-caching", "compute every prompt in full, even where its start is cached "
            "(prefix caching is on by default for generation)")
@@ -163,7 +167,7 @@ def engine_config(model: str, args: argparse.Namespace, gpu_kv_share: float = 1.
                           gpu_memory_utilization=args.gpu_memory_utilization, gpu_kv_share=gpu_kv_share,
                           enable_prefix_caching=not args.no_enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs),
+                                  max_num_seqs=args.max_num_seqs, policy=args.scheduling_policy),
     )
 
 

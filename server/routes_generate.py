@@ -44,7 +44,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     prompts = gen.completion_prompts(
         body.prompt, engine.tokenizer, engine.info.vocab_size, state.settings.max_prompts_per_request
     )
-    payloads = [GenerationRequest(p, params, lora_name(engine, name)) for p in prompts]
+    payloads = [GenerationRequest(p, params, lora_name(engine, name), body.priority) for p in prompts]
     request_id = new_request_id("cmpl")
     text_of = gen.TokenText(engine.tokenizer)
     echo = [engine.tokenizer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
@@ -143,7 +143,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     text = gen.render_chat(body.messages, engine.tokenizer, body.add_generation_prompt, tool_defs,
                            body.chat_template_kwargs, body.continue_final_message)
-    payloads = [GenerationRequest(gen.chat_prompt(text, engine.tokenizer), params, lora_name(engine, name))]
+    payloads = [GenerationRequest(gen.chat_prompt(text, engine.tokenizer), params, lora_name(engine, name),
+                                  body.priority)]
     request_id = new_request_id("chatcmpl")
     text_of = gen.TokenText(engine.tokenizer)
     thinking = reasoning.plan(state.settings.reasoning_parser, text, params.structured is not None,

@@ -111,7 +111,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     tool_defs = [t.model_dump(exclude_none=True) for t in chat_tool_defs] if chat_tool_defs else None
     text = gen.render_chat(chat_messages(body.instructions, conversation), engine.tokenizer, True, tool_defs,
                            template_kwargs)
-    payload = GenerationRequest(gen.chat_prompt(text, engine.tokenizer), params, lora_name(engine, name))
+    payload = GenerationRequest(gen.chat_prompt(text, engine.tokenizer), params, lora_name(engine, name), body.priority)
     response_id = new_item_id("resp")
     stored = body.store and state.responses.capacity > 0
     thinking = reasoning.plan(state.settings.reasoning_parser, text, params.structured is not None, True)

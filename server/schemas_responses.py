@@ -163,6 +163,8 @@ class ResponsesRequest(_Request):
     repetition_penalty: float | None = bounded("repetition_penalty")
     seed: int | None = bounded("seed")
     chat_template_kwargs: dict[str, Any] | None = None
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="Lower is served first; needs "
+                                                                    "--scheduling-policy priority")
 
 
 # ---- answer --------------------------------------------------------------------------------

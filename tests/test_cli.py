@@ -13,9 +13,10 @@ def test_flags_and_environment_build_the_engine_config(monkeypatch):
     monkeypatch.setenv("KVSERVE_NO_RUN_AHEAD", "1")
     monkeypatch.setenv("KVSERVE_ENABLE_PDL", "1")
     args = cli.build_parser().parse_args(["serve", "--device", "cuda", "--gemv-max-rows", "4", "--enforce-eager",
-                                          "--no-enable-prefix-caching"])
+                                          "--no-enable-prefix-caching", "--scheduling-policy", "priority"])
     config = cli.engine_config("smollm2", args)
     assert config.device == "cuda" and config.gemv_max_rows == 4 and config.enable_pdl
+    assert config.scheduler.policy == "priority"
     assert not config.cache.enable_prefix_caching
     assert config.scheduler.max_num_seqs == 12  # from the environment
     assert config.decode_graphs is False and config.run_ahead is False
@@ -23,7 +24,7 @@ def test_flags_and_environment_build_the_engine_config(monkeypatch):
     monkeypatch.delenv("KVSERVE_ENABLE_PDL")
     default = cli.engine_config("smollm2", cli.build_parser().parse_args(["serve"]))
     assert default.gemv_max_rows == 0 and default.decode_graphs is None and default.run_ahead is None
-    assert not default.enable_pdl and default.cache.enable_prefix_caching
+    assert not default.enable_pdl and default.cache.enable_prefix_caching and default.scheduler.policy == "fcfs"
 
 
 @pytest.mark.parametrize("flags", [["--gemv-max-rows", "2"], ["--enable-pdl"]])

@@ -238,3 +238,30 @@ def test_a_step_that_raises_leaves_no_named_blocks_behind(tmp_path, monkeypatch)
     assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == expected
     assert engine.block_manager.num_free_blocks == 64
     engine.block_manager.check_integrity()
+
+
+def test_priority_scheduling_serves_the_urgent_request_first_with_the_same_tokens(tmp_path):
+    """One seat: a later, more urgent request preempts the running one, finishes first, and both
+    outputs equal the ones each gets alone (the preempted one is recomputed)."""
+    folder = save_tiny("llama", tmp_path / "m")
+    slow, urgent = random_prompts(2, 6, 9, 5)
+    alone = LLM(str(folder), num_kv_blocks=64, block_size=4).generate([slow, urgent], GREEDY)
+    llm = LLM(str(folder), num_kv_blocks=64, block_size=4, max_num_seqs=1, scheduling_policy="priority")
+    engine = llm.engine
+    engine.add_request("slow", GenerationRequest(slow, GREEDY, priority=5))
+    for _ in range(4):
+        engine.step()
+    engine.add_request("urgent", GenerationRequest(urgent, GREEDY, priority=-1))
+    order, done = [], {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                order.append(out.request_id)
+                done[out.request_id] = out
+    assert order == ["urgent", "slow"] and engine.scheduler.num_preemptions == 1
+    assert [done[r].outputs[0].token_ids for r in ("slow", "urgent")] == [o.outputs[0].token_ids for o in alone]
+    assert engine.block_manager.num_free_blocks == 64
+    # without the policy, a priority is refused rather than ignored
+    with pytest.raises(InvalidRequestError, match="--scheduling-policy priority") as err:
+        LLM(str(folder), num_kv_blocks=16, block_size=4).engine.add_request("p", GenerationRequest(slow, GREEDY, priority=1))
+    assert err.value.param == "priority"

@@ -189,3 +189,91 @@ def test_admission_that_does_not_fit_gives_the_cached_blocks_back():
     assert out.seqs == [a] and b.block_table == [] and b.num_computed_tokens == 0
     assert bm.ref_count(a.block_table[0]) == 1 and sched.num_prefix_hit_tokens == 0
     bm.check_integrity()
+
+
+def make_priority_scheduler(num_blocks: int = 16, block_size: int = 4, budget: int = 16, max_seqs: int = 8):
+    bm = BlockManager(num_blocks, block_size)
+    cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=64, policy="priority")
+    return Scheduler(cfg, bm, frozenset({EOS})), bm
+
+
+def ranked(seq_id: int, num_tokens: int, priority: int, arrival: float, max_tokens: int = 8) -> Sequence:
+    seq = make_seq(seq_id, num_tokens, max_tokens)
+    seq.priority, seq.arrival_time = priority, arrival
+    return seq
+
+
+def test_priority_admits_by_priority_then_arrival():
+    sched, _ = make_priority_scheduler(budget=100, max_seqs=1)
+    seqs = [ranked(0, 2, 2, 0.0), ranked(1, 2, 0, 1.0), ranked(2, 2, 1, 2.0), ranked(3, 2, 0, 3.0)]
+    for s in seqs:
+        sched.add(s)
+    assert [s.seq_id for s in sched.waiting] == [1, 3, 2, 0]
+    out, _ = step(sched)
+    assert [s.seq_id for s in out.seqs] == [1]  # one seat: the earliest of the highest priority
+    # fcfs keeps arrival order whatever the priorities
+    fcfs, _ = make_scheduler(budget=100, max_seqs=1)
+    for s in [ranked(i, 2, p, float(i)) for i, p in enumerate((2, 0, 1))]:
+        fcfs.add(s)
+    assert [s.seq_id for s in fcfs.schedule().seqs] == [0]
+
+
+def test_priority_preempts_the_lowest_ranked_not_the_newest():
+    # 4 blocks of 2 tokens: two 3-token sequences take 2 blocks each; the next decode needs a third
+    sched, bm = make_priority_scheduler(num_blocks=4, block_size=2, budget=16)
+    low, high = ranked(0, 3, 5, 0.0), ranked(1, 3, 1, 1.0)  # the older one is the less important
+    sched.add(low)
+    sched.add(high)
+    step(sched)
+    assert [s.seq_id for s in sched.running] == [1, 0]  # kept in rank order
+    assert step(sched)[0].preempted == []  # the 4th tokens fit the blocks they have
+    out, _ = step(sched)
+    assert out.preempted == [low] and [s.seq_id for s in out.seqs] == [1]
+    assert low.status is SequenceStatus.WAITING and low.num_computed_tokens == 0 and high.num_tokens == 6
+    bm.check_integrity()
+
+
+def test_a_waiting_request_preempts_running_ones_it_outranks():
+    sched, bm = make_priority_scheduler(budget=100, max_seqs=2)
+    a, b = ranked(0, 2, 3, 0.0), ranked(1, 2, 1, 1.0)
+    sched.add(a)
+    sched.add(b)
+    step(sched)
+    same = ranked(2, 2, 1, 2.0)  # outranks a, but only by priority 1 vs 3: it takes a's seat
+    sched.add(same)
+    out, _ = step(sched)
+    assert out.preempted == [a] and sorted(s.seq_id for s in out.seqs) == [1, 2]
+    later = ranked(3, 2, 1, 3.0)  # ranks below both running ones (same priority, later): it waits
+    sched.add(later)
+    out, _ = step(sched)
+    assert out.preempted == [] and [s.seq_id for s in sched.waiting] == [3, 0]
+    # too few free blocks (not seats) also make room: 3 blocks of 4, two running hold 2
+    sched, bm = make_priority_scheduler(num_blocks=3, block_size=4, budget=100)
+    low, mid = ranked(0, 3, 2, 0.0), ranked(1, 3, 1, 1.0)
+    sched.add(low)
+    sched.add(mid)
+    step(sched)
+    urgent = ranked(2, 8, 0, 2.0)  # 8 tokens: 2 blocks, 1 free
+    sched.add(urgent)
+    out, _ = step(sched)
+    assert out.preempted == [low] and urgent.status is SequenceStatus.RUNNING and mid.status is SequenceStatus.RUNNING
+    bm.check_integrity()
+
+
+def test_priority_runs_every_sequence_to_the_end():
+    sched, bm = make_priority_scheduler(num_blocks=6, block_size=2, budget=8, max_seqs=3)
+    seqs = [ranked(i, 1 + i % 3, (i * 7) % 4, float(i), max_tokens=5) for i in range(8)]
+    finished = []
+    for s in seqs[:4]:
+        sched.add(s)
+    for n in range(300):
+        if n == 3:
+            for s in seqs[4:]:
+                sched.add(s)
+        _, done = step(sched)
+        finished += done
+        bm.check_integrity()
+        if not sched.has_unfinished():
+            break
+    assert sorted(s.seq_id for s in finished) == list(range(8)) and bm.num_free_blocks == 6
+    assert all(s.num_output_tokens == 5 for s in seqs)

@@ -426,3 +426,13 @@ def test_messages_api_on_the_real_engine(base_url, client, engine):
     with claude.messages.stream(**fields) as stream:
         assert stream.get_final_message().content[0].input == use.input
     assert engine.stats().kv_cache_usage == 0.0 and len(engine.guides) == 0
+
+
+def test_a_priority_without_the_priority_policy_is_a_400(base_url, engine):
+    for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": [
+            {"role": "user", "content": "hi"}]}), ("/v1/responses", {"input": "hi"})):
+        r = httpx.post(f"{base_url}{path}", json={"model": MODEL, "max_tokens": 2, "priority": 3, **body}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "priority", (path, r.text)
+        assert "--scheduling-policy priority" in r.json()["error"]["message"]
+    ok = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "priority": 0})
+    assert ok.status_code == 200 and engine.stats().kv_cache_usage == 0.0
