@@ -17,6 +17,8 @@ weight (same memory); `torch.nn.functional.linear` over the unpacked weight is t
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -64,10 +66,16 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every fp32 CPU `nn.Linear` below `model` by a `PackedLinear`; returns how many."""
+def pack_linears(model: nn.Module, quantized: dict[nn.Linear, Any] | None = None) -> int:
+    """Replace every fp32 CPU `nn.Linear` below `model` by a `PackedLinear`, or by a
+    `QuantizedLinear` where `quantized` holds its weight's GGUF blocks; returns how many."""
+    from engine.quant_linear import QuantizedLinear  # it builds on PackedLinear
+
+    quantized = quantized or {}
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Linear and available(child.weight)]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear.from_linear(child))
+        blocks = quantized.get(child)
+        setattr(parent, name, PackedLinear.from_linear(child) if blocks is None
+                else QuantizedLinear(child.weight, child.bias, blocks))
     return len(swaps)

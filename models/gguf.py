@@ -4,6 +4,10 @@ The folder holds config.json, model.safetensors (fp32, dequantized), tokenizer.j
 GGUF's vocabulary and merges, tokenizer_config.json (special tokens, chat template) and
 generation_config.json. Every step mirrors what transformers does when it loads the same GGUF
 (`from_pretrained(dir, gguf_file=name)`), so the two agree token for token and logit for logit.
+
+It also keeps the quantized weights' blocks as they are (gguf/blocks.safetensors: raw uint8 rows,
+each tensor's format in the metadata, q/k rows in HF order), for the CPU kernels that read them
+(engine/quant_linear.py): `quantized_linears` matches them to the loaded model's Linears.
 """
 from __future__ import annotations
 
@@ -17,14 +21,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGUFReader
-from gguf.quants import dequantize
+from gguf.quants import dequantize as gguf_dequantize
+from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from engine.quant_linear import FORMATS, QuantizedWeight, dequantize
 from models.weights import ModelLoadError
 
 CACHE_ENV = "KVSERVE_CACHE_DIR"
+CONVERSION = 2  # bumped when a converted folder gains files: older caches are converted again
+BLOCKS = Path("gguf") / "blocks.safetensors"  # in a subfolder: the weight loader reads *.safetensors
+# LLaMA Linears that after_load merges, and the checkpoint Linears whose rows they stack
+_MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 # GGUF tensor name pieces -> HF LLaMA module names (transformers' DENSE_DECODER_RENAMINGS).
@@ -61,7 +72,8 @@ def cache_dir_for(gguf_path: Path) -> Path:
     """`$KVSERVE_CACHE_DIR` (default ~/.cache/kvserve) / `<stem>-<hash of size and mtime>`."""
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kvserve")
     stat = gguf_path.stat()
-    digest = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return root / f"{gguf_path.stem}-{digest}"
 
 
@@ -77,8 +89,8 @@ def gguf_to_folder(gguf_path: str | Path) -> Path:
     try:
         _convert(gguf_path, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        for f in tmp.iterdir():
-            f.chmod(0o644)
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -105,7 +117,10 @@ def _convert(gguf_path: Path, out: Path) -> None:
     config.update({"bos_token_id": special_ids["bos_token"], "eos_token_id": special_ids["eos_token"],
                    "pad_token_id": special_ids["pad_token"]})
 
-    save_file(_llama_weights(reader, config), str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights, blocks, formats = _llama_weights(reader, config)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / BLOCKS).parent.mkdir()
+    save_file(blocks, str(out / BLOCKS), metadata=formats)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {
         k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None})
@@ -161,16 +176,49 @@ def _hf_name(gguf_name: str) -> str:
     return name
 
 
-def _llama_weights(reader: GGUFReader, config: dict) -> dict[str, torch.Tensor]:
-    out = {}
+def _llama_weights(reader: GGUFReader, config: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                                dict[str, str]]:
+    """(fp32 weights, the raw blocks of those stored in a format the CPU kernels read, their formats)."""
+    out, blocks, formats = {}, {}, {}
+    heads = {".attn_q.": config["num_attention_heads"], ".attn_k.": config["num_key_value_heads"]}
     for t in reader.tensors:
-        w = dequantize(t.data, t.tensor_type)  # (rows, cols) in HF orientation, fp32
-        if ".attn_q." in t.name:
-            w = _unpermute(w, config["num_attention_heads"])
-        elif ".attn_k." in t.name:
-            w = _unpermute(w, config["num_key_value_heads"])
-        out[_hf_name(t.name)] = torch.from_numpy(np.array(w, dtype=np.float32))  # copy: F32 tensors are read-only memmaps
-    return out
+        w = gguf_dequantize(t.data, t.tensor_type)  # (rows, cols) in HF orientation, fp32
+        raw = t.data if t.tensor_type.name in FORMATS and len(t.data.shape) == 2 else None  # (rows, row bytes)
+        for piece, n_head in heads.items():
+            if piece in t.name:  # rows are permuted whole: the same on blocks as on weights
+                w = _unpermute(w, n_head)
+                raw = None if raw is None else _unpermute(raw, n_head)
+        name = _hf_name(t.name)
+        out[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # copy: F32 tensors are read-only memmaps
+        if raw is not None:
+            blocks[name], formats[name] = torch.from_numpy(np.array(raw, dtype=np.uint8)), t.tensor_type.name
+    return out, blocks, formats
+
+
+def quantized_linears(model: nn.Module, folder: Path) -> dict[nn.Linear, QuantizedWeight]:
+    """The model's Linears whose weight the folder's GGUF blocks hold exactly: a checkpoint Linear,
+    a merged one (its parts' rows stacked), or a tied head (the embedding's). Each match is checked
+    by dequantizing, so a weight changed after loading is never served from stale blocks."""
+    if not (folder / BLOCKS).exists():
+        return {}
+    with safe_open(str(folder / BLOCKS), framework="pt") as f:
+        formats = f.metadata() or {}
+        blocks = {name: f.get_tensor(name) for name in f.keys()}
+    found = {}
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        parts = [name] if f"{name}.weight" in blocks else [f"{prefix}.{p}" for p in _MERGED.get(leaf, ())]
+        if name == "lm_head" and "lm_head.weight" not in blocks:
+            parts = ["model.embed_tokens"]  # tied
+        keys = [f"{p}.weight" for p in parts]
+        if not keys or any(k not in blocks for k in keys) or len({formats.get(k) for k in keys}) != 1:
+            continue
+        weight = QuantizedWeight(FORMATS[formats[keys[0]]], torch.cat([blocks[k] for k in keys]))
+        if weight.shape == tuple(module.weight.shape) and torch.equal(dequantize(weight), module.weight):
+            found[module] = weight
+    return found
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from engine.cpu_linear import pack_linears
 from engine.cpu_memory import retain_freed_memory
-from models.gguf import gguf_to_folder
+from models.gguf import gguf_to_folder, quantized_linears
 from models.registry import UnsupportedModelError, lookup, model_class
 from models.spec import ModelInfo
 from models.tokenizer import Tokenizer
@@ -75,8 +75,9 @@ def load_model(
     if hasattr(model, "after_load"):  # e.g. merging projections that checkpoints store apart
         model.after_load()
     model.eval().requires_grad_(False)
-    if pack_cpu_linears:
-        pack_linears(model)
+    if pack_cpu_linears:  # GGUF blocks are read by decode steps on CPU in fp32 (engine/quant_linear.py)
+        on_cpu = torch.device(device).type == "cpu" and dtype == torch.float32
+        pack_linears(model, quantized_linears(model, folder) if on_cpu else {})
     tokenizer = _load_tokenizer(cls, folder)
     info = _model_info(name, folder, arch, entry.task, config, cls, tokenizer, max_model_len)
     return LoadedModel(model=model, info=info, tokenizer=tokenizer)
