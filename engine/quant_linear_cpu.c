@@ -39,69 +39,57 @@ static inline v8 i8_to_v8(i8x8 q) {
     return __builtin_convertvector(__builtin_convertvector(q, v8i), v8);
 }
 
-/* One output row of Q4_1 against R input rows (R <= 4, a compile-time constant once inlined):
- * each block's weights are converted once and scaled by d, then fed to R rows' accumulators, two
- * per row (four for one row) so consecutive blocks' FMAs do not wait on each other. */
-static inline __attribute__((always_inline)) void q4_1_row(const float *x, int64_t in, const uint8_t *row,
-                                                            int64_t nb, const float *sums, int R, float *dot) {
+/* A block's 32 weights, scaled by d, as four 8-float vectors; Q4_1 also gives its minimum m. */
+static inline void q4_1_weights(const uint8_t *blk, v8 *w, float *m) {
+    const float d = half_to_float(blk);
+    *m = half_to_float(blk + 2);
+    const u8x16 qs = *(const u8x16 *)(blk + 4);
+    const u8x16 lo = qs & 15, hi = qs >> 4;
+    w[0] = d * u8_to_v8(__builtin_shufflevector(lo, lo, 0, 1, 2, 3, 4, 5, 6, 7));
+    w[1] = d * u8_to_v8(__builtin_shufflevector(lo, lo, 8, 9, 10, 11, 12, 13, 14, 15));
+    w[2] = d * u8_to_v8(__builtin_shufflevector(hi, hi, 0, 1, 2, 3, 4, 5, 6, 7));
+    w[3] = d * u8_to_v8(__builtin_shufflevector(hi, hi, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+static inline void q8_0_weights(const uint8_t *blk, v8 *w) {
+    const float d = half_to_float(blk);
+    const i8x8 *qs = (const i8x8 *)(blk + 2);
+    for (int k = 0; k < 4; ++k) w[k] = d * i8_to_v8(qs[k]);
+}
+
+/* One output row against R input rows (R <= 4 and the format: compile-time constants once inlined):
+ * each block's weights are converted once, then fed to R rows' accumulators, two per row (four for
+ * one row) so consecutive blocks' FMAs do not wait on each other. */
+static inline __attribute__((always_inline)) void dot_row(const float *x, int64_t in, const uint8_t *row,
+                                                           int64_t nb, const float *sums, int q4, int R,
+                                                           float *dot) {
     v8 acc[4][2] = {{{0}}}, acc1b[2] = {{0}};
     float extra[4] = {0};
     for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t *blk = row + b * 20;
-        const float d = half_to_float(blk), m = half_to_float(blk + 2);
-        const u8x16 qs = *(const u8x16 *)(blk + 4);
-        const u8x16 lo = qs & 15, hi = qs >> 4;
-        const v8 w0 = d * u8_to_v8(__builtin_shufflevector(lo, lo, 0, 1, 2, 3, 4, 5, 6, 7));
-        const v8 w1 = d * u8_to_v8(__builtin_shufflevector(lo, lo, 8, 9, 10, 11, 12, 13, 14, 15));
-        const v8 w2 = d * u8_to_v8(__builtin_shufflevector(hi, hi, 0, 1, 2, 3, 4, 5, 6, 7));
-        const v8 w3 = d * u8_to_v8(__builtin_shufflevector(hi, hi, 8, 9, 10, 11, 12, 13, 14, 15));
+        v8 w[4];
+        float m = 0.f;
+        if (q4)
+            q4_1_weights(row + b * 20, w, &m);
+        else
+            q8_0_weights(row + b * 34, w);
         for (int r = 0; r < R; ++r) {
             const float *xb = x + r * in + b * 32;
             if (R == 1) {
-                acc[0][0] += *(const v8 *)xb * w0;
-                acc[0][1] += *(const v8 *)(xb + 8) * w1;
-                acc1b[0] += *(const v8 *)(xb + 16) * w2;
-                acc1b[1] += *(const v8 *)(xb + 24) * w3;
+                acc[0][0] += *(const v8 *)xb * w[0];
+                acc[0][1] += *(const v8 *)(xb + 8) * w[1];
+                acc1b[0] += *(const v8 *)(xb + 16) * w[2];
+                acc1b[1] += *(const v8 *)(xb + 24) * w[3];
             } else {
-                acc[r][0] += *(const v8 *)xb * w0 + *(const v8 *)(xb + 16) * w2;
-                acc[r][1] += *(const v8 *)(xb + 8) * w1 + *(const v8 *)(xb + 24) * w3;
+                acc[r][0] += *(const v8 *)xb * w[0] + *(const v8 *)(xb + 16) * w[2];
+                acc[r][1] += *(const v8 *)(xb + 8) * w[1] + *(const v8 *)(xb + 24) * w[3];
             }
-            extra[r] += m * sums[r * nb + b];
+            if (q4) extra[r] += m * sums[r * nb + b];
         }
     }
     for (int r = 0; r < R; ++r) {
         v8 a = acc[r][0] + acc[r][1];
         if (R == 1) a += acc1b[0] + acc1b[1];
         dot[r] = hsum(a) + extra[r];
-    }
-}
-
-static inline __attribute__((always_inline)) void q8_0_row(const float *x, int64_t in, const uint8_t *row,
-                                                            int64_t nb, int R, float *dot) {
-    v8 acc[4][2] = {{{0}}}, acc1b[2] = {{0}};
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t *blk = row + b * 34;
-        const float d = half_to_float(blk);
-        const i8x8 *qs = (const i8x8 *)(blk + 2);
-        const v8 w0 = d * i8_to_v8(qs[0]), w1 = d * i8_to_v8(qs[1]);
-        const v8 w2 = d * i8_to_v8(qs[2]), w3 = d * i8_to_v8(qs[3]);
-        for (int r = 0; r < R; ++r) {
-            const float *xb = x + r * in + b * 32;
-            if (R == 1) {
-                acc[0][0] += *(const v8 *)xb * w0;
-                acc[0][1] += *(const v8 *)(xb + 8) * w1;
-                acc1b[0] += *(const v8 *)(xb + 16) * w2;
-                acc1b[1] += *(const v8 *)(xb + 24) * w3;
-            } else {
-                acc[r][0] += *(const v8 *)xb * w0 + *(const v8 *)(xb + 16) * w2;
-                acc[r][1] += *(const v8 *)(xb + 8) * w1 + *(const v8 *)(xb + 24) * w3;
-            }
-        }
-    }
-    for (int r = 0; r < R; ++r) {
-        v8 a = acc[r][0] + acc[r][1];
-        if (R == 1) a += acc1b[0] + acc1b[1];
-        dot[r] = hsum(a);
     }
 }
 
@@ -139,7 +127,7 @@ void q4_1_linear(const float *x, int64_t rows, int64_t in, const uint8_t *w, int
                  float *y) {
     const int64_t nb = in / 32;
     float *sums = block_sums(x, rows, in);
-#define Q4_CALL(R) q4_1_row(xr, in, w + o * nb * 20, nb, sums + r0 * nb, R, dot)
+#define Q4_CALL(R) dot_row(xr, in, w + o * nb * 20, nb, sums + r0 * nb, 1, R, dot)
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out; ++o) {
         FOR_ROW_GROUPS(Q4_CALL)
@@ -150,7 +138,7 @@ void q4_1_linear(const float *x, int64_t rows, int64_t in, const uint8_t *w, int
 void q8_0_linear(const float *x, int64_t rows, int64_t in, const uint8_t *w, int64_t out, const float *bias,
                  float *y) {
     const int64_t nb = in / 32;
-#define Q8_CALL(R) q8_0_row(xr, in, w + o * nb * 34, nb, R, dot)
+#define Q8_CALL(R) dot_row(xr, in, w + o * nb * 34, nb, NULL, 0, R, dot)
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out; ++o) {
         FOR_ROW_GROUPS(Q8_CALL)

@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from engine.errors import InvalidRequestError
+from engine.structured_output import StructuredOutput
 from server.schemas import NamedToolChoice, Tool
 from server.schemas_anthropic import CountTokensRequest, TextBlockIn, ToolResultIn, ToolUseIn
 
@@ -68,10 +69,20 @@ def chat_tools(body: CountTokensRequest) -> tuple[list[Tool] | None, Any, bool]:
 
 
 def template_kwargs(body: CountTokensRequest) -> dict[str, Any]:
-    """`thinking` enabled/disabled as Qwen3-style templates read it; templates without the switch ignore it."""
-    if body.thinking is None or body.thinking.type == "adaptive":
-        return {}
-    return {"enable_thinking": body.thinking.type == "enabled"}
+    """`thinking` enabled/disabled as Qwen3-style templates read it, and `output_config.effort` as
+    `reasoning_effort` (vLLM's name); templates without these variables ignore them."""
+    kwargs: dict[str, Any] = {}
+    if body.thinking is not None and body.thinking.type != "adaptive":
+        kwargs["enable_thinking"] = body.thinking.type == "enabled"
+    if body.output_config is not None and body.output_config.effort is not None:
+        kwargs["reasoning_effort"] = body.output_config.effort
+    return kwargs
+
+
+def structured_output(body: CountTokensRequest) -> StructuredOutput | None:
+    """`output_config.format`: the answer's text is JSON following the schema."""
+    fmt = body.output_config.format if body.output_config is not None else None
+    return None if fmt is None else StructuredOutput.json_schema(fmt.schema_, "output_config.format")
 
 
 def stop_reason(finish: str | None, stop: str | int | None, called: bool) -> tuple[str | None, str | None]:

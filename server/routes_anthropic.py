@@ -18,7 +18,9 @@ from engine.request import GenerationRequest
 from engine.sampling_params import SamplingParams
 from server import generation as gen
 from server import reasoning, sse, tools
-from server.anthropic import MessageBuilder, chat_conversation, chat_tools, new_id, stop_reason, template_kwargs
+from server.anthropic import (
+    MessageBuilder, chat_conversation, chat_tools, new_id, stop_reason, structured_output, template_kwargs,
+)
 from server.deltas import DeltaSplitter
 from server.openapi import ENGINE_ERRORS, TOKENIZER_ERRORS, answers
 from server.schemas import ChatMessage
@@ -68,8 +70,8 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
     fields = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(body, k)) is not None}
     if body.stop_sequences:
         fields["stop"] = tuple(body.stop_sequences)
-    params = tools.apply(SamplingParams(max_tokens=body.max_tokens, **fields), prompt.tool_plan, prompt.tools,
-                         prompt.parallel, "other constraint")
+    params = tools.apply(SamplingParams(max_tokens=body.max_tokens, structured=structured_output(body), **fields),
+                         prompt.tool_plan, prompt.tools, prompt.parallel, "output_config.format")
     payload = GenerationRequest(prompt.ids, params, lora_name(engine, name))
     message_id = new_id("msg")
     builder = MessageBuilder(message_id, name)

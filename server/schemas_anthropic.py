@@ -85,6 +85,17 @@ class ThinkingConfig(_Request):
     budget_tokens: int | None = Field(None, ge=1, description="Accepted, not enforced: max_tokens bounds thinking")
 
 
+class JsonOutputFormat(_Request):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON Schema the answer's text follows")
+
+
+class OutputConfig(_Request):
+    format: JsonOutputFormat | None = Field(None, description="Structured output: the text is JSON of this schema")
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = Field(
+        None, description="Passed to the chat template as `reasoning_effort`; templates without it ignore it")
+
+
 class SystemText(_Request):
     type: Literal["text"]
     text: str
@@ -98,6 +109,7 @@ class CountTokensRequest(_Request):
     tool_choice: AnthropicToolChoice | None = None
     thinking: ThinkingConfig | None = Field(
         None, description="enabled/disabled reach the chat template as `enable_thinking` (Qwen3's switch)")
+    output_config: OutputConfig | None = None
 
 
 class MessagesRequest(CountTokensRequest):

@@ -425,6 +425,20 @@ def test_messages_api_on_the_real_engine(base_url, client, engine):
                                                json.loads(called.choices[0].message.tool_calls[0].function.arguments))
     with claude.messages.stream(**fields) as stream:
         assert stream.get_final_message().content[0].input == use.input
+    # output_config.format is chat's json_schema response_format
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "yz"]}}, "required": ["a"],
+              "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    shaped = client.chat.completions.create(**chat, max_tokens=12, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}}).choices[0].message.content
+    m = claude.messages.create(model=MODEL, system="Be brief", messages=messages, max_tokens=12,
+                               output_config={"format": {"type": "json_schema", "schema": schema}},
+                               extra_body={"temperature": 0})
+    assert m.content[0].text == shaped and json.loads(shaped) in ({"a": "x"}, {"a": "yz"})
+    for bad in ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "nope"}}}},
+                {"output_config": {"format": {"type": "json_schema", "schema": schema}}, "tools": [tool],
+                 "tool_choice": {"type": "any"}}):
+        r = httpx.post(f"{base_url}/v1/messages", json={"model": MODEL, "max_tokens": 8, "messages": messages, **bad})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
     assert engine.stats().kv_cache_usage == 0.0 and len(engine.guides) == 0
 
 
