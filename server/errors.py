@@ -86,7 +86,9 @@ _UNION_BRANCH = re.compile(r"(constrained-)?(str|int|float|bool|list|dict|tuple)
 
 
 def _where(loc: Any) -> str:
-    return ".".join(str(p) for p in loc if p != "body" and not (isinstance(p, str) and _UNION_BRANCH.fullmatch(p)))
+    """The field a validation error names: its location less where it came from (body, query, path)."""
+    loc = tuple(loc)[1:] if loc and loc[0] in ("body", "query", "path") else tuple(loc)
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and _UNION_BRANCH.fullmatch(p)))
 
 
 def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:

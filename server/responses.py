@@ -44,6 +44,46 @@ def input_messages(given: str | list[InputItem]) -> list[dict[str, Any]]:
     return out
 
 
+def stored_items(given: str | list[InputItem]) -> list[dict[str, Any]]:
+    """The request's input as the API lists it back (`GET /v1/responses/{id}/input_items`): each item
+    with an id, an assistant message as output text, a text as one user message."""
+    if isinstance(given, str):
+        return [{"id": new_item_id("msg"), "type": "message", "role": "user", "status": "completed",
+                 "content": [{"type": "input_text", "text": given}]}]
+    out: list[dict[str, Any]] = []
+    for item in given:
+        if isinstance(item, MessageItem) and item.role == "assistant":
+            out.append({"id": new_item_id("msg"), "type": "message", "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": item.text(), "annotations": []}]})
+        elif isinstance(item, MessageItem):
+            parts = ([{"type": "input_text", "text": item.content}] if isinstance(item.content, str)
+                     else [p.model_dump() for p in item.content])
+            out.append({"id": new_item_id("msg"), "type": "message", "role": item.role, "status": "completed",
+                        "content": parts})
+        elif isinstance(item, FunctionCallItem):
+            out.append({"id": new_item_id("fc"), "type": "function_call", "call_id": item.call_id, "name": item.name,
+                        "arguments": item.arguments, "status": "completed"})
+        elif isinstance(item, FunctionCallOutputItem):
+            out.append({"id": new_item_id("fco"), "type": "function_call_output", "call_id": item.call_id,
+                        "output": item.text(), "status": "completed"})
+        else:
+            out.append({"id": new_item_id("rs"), "type": "reasoning", "summary": []})
+    return out
+
+
+def page(items: list[dict[str, Any]], limit: int, order: str, after: str | None,
+         before: str | None) -> dict[str, Any]:
+    """OpenAI's cursor page over `items` (in input order): `order` desc lists the last first, and
+    `after`/`before` name the item the page starts after or ends before, in that order."""
+    ordered = items[::-1] if order == "desc" else list(items)
+    ids = [i["id"] for i in ordered]
+    start = ids.index(after) + 1 if after in ids else 0
+    end = ids.index(before) if before in ids else len(ordered)
+    data = ordered[start:end][:limit]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": end - start > limit}
+
+
 def output_message(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """An answer's output items as the chat turn that continues its conversation (none if empty)."""
     text = "".join(p["text"] for item in output if item["type"] == "message" for p in item["content"])

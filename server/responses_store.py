@@ -22,6 +22,7 @@ class ResponseNotFoundError(KVServeError):
 class StoredResponse:
     body: dict[str, Any]  # the answer as it was sent
     messages: tuple[dict[str, Any], ...]  # the conversation through this answer, as chat messages (no instructions)
+    input_items: tuple[dict[str, Any], ...] = ()  # the request's own input, as GET .../input_items lists it
 
 
 class ResponseStore:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from engine.errors import InvalidRequestError
@@ -23,11 +23,11 @@ from server import reasoning, sse, tools
 from server.deltas import DeltaSplitter
 from server.openapi import ENGINE_ERRORS, answers
 from server.responses import (
-    ResponseBuilder, chat_messages, chat_tools, input_messages, new_item_id, output_message, reasoning_tokens,
-    structured_output,
+    ResponseBuilder, chat_messages, chat_tools, input_messages, new_item_id, output_message, page, reasoning_tokens,
+    stored_items, structured_output,
 )
 from server.responses_store import StoredResponse
-from server.schemas_responses import ResponseDeleted, ResponseEvent, ResponseObject, ResponsesRequest
+from server.schemas_responses import InputItemList, ResponseDeleted, ResponseEvent, ResponseObject, ResponsesRequest
 from server.state import get_state, lora_name
 
 router = APIRouter()
@@ -120,7 +120,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
 
     def keep(final: dict[str, Any]) -> None:
         if stored:
-            state.responses.put(response_id, StoredResponse(final, tuple(conversation + output_message(final["output"]))))
+            state.responses.put(response_id, StoredResponse(final, tuple(conversation + output_message(final["output"])),
+                                                            tuple(stored_items(body.input))))
 
     if body.stream:
         merged = await gen.open_streams(state.async_engine, name, response_id, [payload])
@@ -161,3 +162,10 @@ async def delete_response(response_id: str, request: Request) -> Any:
     get_state(request).responses.delete(response_id)
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
+
+@router.get("/v1/responses/{response_id}/input_items", responses=answers(InputItemList, (400, 401, 404)))
+async def list_input_items(response_id: str, request: Request, limit: int = Query(20, ge=1, le=100),
+                           order: Literal["asc", "desc"] = "desc", after: str | None = None,
+                           before: str | None = None) -> Any:
+    stored = get_state(request).responses.get(response_id)
+    return JSONResponse(page(list(stored.input_items), limit, order, after, before))

@@ -267,6 +267,16 @@ class ResponseObject(_Response):
     metadata: dict[str, str] | None = None
 
 
+class InputItemList(_Response):
+    """A page of a stored response's input items (messages, function calls and outputs, reasoning)."""
+
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class ResponseDeleted(_Response):
     id: str
     object: Literal["response.deleted"] = "response.deleted"

@@ -264,3 +264,34 @@ def test_builder_closes_each_item_before_the_next_opens():
 def test_a_wrong_method_lists_both_of_the_paths_methods(url):
     r = httpx.put(f"{url}/v1/responses/resp_x", timeout=10)
     assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
+
+
+def test_input_items_are_listed_back_like_openai(url, client):
+    from openai.types.responses import ResponseItemList
+
+    items = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+             {"role": "assistant", "content": "hello"},
+             {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "call_1", "output": "done"}, {"role": "user", "content": "and?"}]
+    r = client.responses.create(model="fake", input=items, max_output_tokens=1)
+    raw = httpx.get(f"{url}/v1/responses/{r.id}/input_items", params={"order": "asc"}, timeout=10).json()
+    ResponseItemList.model_validate(raw)
+    assert [(i["type"], i.get("role")) for i in raw["data"]] == [
+        ("message", "system"), ("message", "user"), ("message", "assistant"), ("function_call", None),
+        ("function_call_output", None), ("message", "user")]
+    assert raw["data"][2]["content"] == [{"type": "output_text", "text": "hello", "annotations": []}]
+    assert (raw["first_id"], raw["last_id"], raw["has_more"]) == (raw["data"][0]["id"], raw["data"][-1]["id"], False)
+    ids = [i["id"] for i in raw["data"]]
+    listed = client.responses.input_items.list(r.id)  # OpenAI's default order: the last first
+    assert [i.id for i in listed.data] == ids[::-1]
+    first = httpx.get(f"{url}/v1/responses/{r.id}/input_items", params={"order": "asc", "limit": 2}, timeout=10).json()
+    assert [i["id"] for i in first["data"]] == ids[:2] and first["has_more"]
+    rest = httpx.get(f"{url}/v1/responses/{r.id}/input_items",
+                     params={"order": "asc", "limit": 10, "after": first["last_id"]}, timeout=10).json()
+    assert [i["id"] for i in rest["data"]] == ids[2:] and not rest["has_more"]
+    bad = httpx.get(f"{url}/v1/responses/{r.id}/input_items", params={"limit": 0}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
+    assert httpx.get(f"{url}/v1/responses/resp_nope/input_items", timeout=10).status_code == 404
+    text_only = client.responses.create(model="fake", input="just text", max_output_tokens=1)
+    (item,) = client.responses.input_items.list(text_only.id).data
+    assert (item.role, item.content[0].text) == ("user", "just text")
