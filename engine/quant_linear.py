@@ -25,7 +25,6 @@ from engine.cpu_linear import PackedLinear
 
 SOURCE = Path(__file__).with_name("quant_linear_cpu.c")
 BLOCK = 32  # weights per block, in every format here
-MAX_ROWS = 64  # rows the kernel is ever given (it takes any count, four at a time)
 DEFAULT_ROWS = 2  # rows up to which the blocks beat oneDNN's fp32 GEMM (measured: docs/benchmarks.md)
 
 
@@ -81,10 +80,10 @@ def load() -> ctypes.CDLL | None:
 
 
 def quant_linear(lib: ctypes.CDLL, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) fp32 @ the blocks' weight^T (+ bias): at most MAX_ROWS rows."""
+    """x (..., in) fp32 @ the blocks' weight^T (+ bias), any number of rows (four at a time)."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
-    assert rows <= MAX_ROWS and x.dtype == torch.float32
+    assert x.dtype == torch.float32
     x2 = x.reshape(rows, in_features).contiguous()
     y = x.new_empty(rows, out_features)
     getattr(lib, weight.format.kernel)(x2.data_ptr(), rows, in_features, weight.blocks.data_ptr(), out_features,
@@ -99,7 +98,7 @@ class QuantizedLinear(PackedLinear):
                  max_rows: int = DEFAULT_ROWS) -> None:
         super().__init__(weight, bias)
         self.quantized = quantized
-        self.max_rows = min(max_rows, MAX_ROWS)
+        self.max_rows = max_rows
         self.lib = load()
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
-import uuid
 from typing import Any
 
 from engine.errors import InvalidRequestError
 from engine.structured_output import StructuredOutput
 from server.schemas import NamedToolChoice, Tool
 from server.schemas_anthropic import CountTokensRequest, TextBlockIn, ToolResultIn, ToolUseIn
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+from server.tool_parsers import ToolCall
 
 
 # ---- request -> chat ---------------------------------------------------------------------
@@ -40,8 +36,7 @@ def chat_conversation(body: CountTokensRequest) -> list[dict[str, Any]]:
             raise InvalidRequestError(f"messages.{at}: {kind} blocks do not belong in {m.role} messages", "messages")
         text = "".join(b.text for b in m.content if isinstance(b, TextBlockIn))
         if m.role == "assistant":
-            calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
-                     for b in m.content if isinstance(b, ToolUseIn)]
+            calls = [ToolCall(b.name, json.dumps(b.input), b.id).to_openai() for b in m.content if isinstance(b, ToolUseIn)]
             out.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
             continue
         out += [{"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text()}

@@ -8,18 +8,15 @@ event always hold the same output.
 from __future__ import annotations
 
 import copy
-import uuid
 from typing import Any
 
 from engine.structured_output import StructuredOutput
 from server.schemas import ChatMessage, NamedToolChoice, Tool
+from server.state import new_item_id
+from server.tool_parsers import ToolCall
 from server.schemas_responses import (
     FunctionCallItem, FunctionCallOutputItem, FunctionToolChoice, InputItem, MessageItem, ResponsesRequest,
 )
-
-
-def new_item_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 # ---- request -> chat ---------------------------------------------------------------------
@@ -34,7 +31,7 @@ def input_messages(given: str | list[InputItem]) -> list[dict[str, Any]]:
         if isinstance(item, MessageItem):
             out.append({"role": item.role, "content": item.text()})
         elif isinstance(item, FunctionCallItem):
-            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+            call = ToolCall(item.name, item.arguments, item.call_id).to_openai()
             if out and out[-1]["role"] == "assistant":
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -87,8 +84,7 @@ def page(items: list[dict[str, Any]], limit: int, order: str, after: str | None,
 def output_message(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """An answer's output items as the chat turn that continues its conversation (none if empty)."""
     text = "".join(p["text"] for item in output if item["type"] == "message" for p in item["content"])
-    calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}
-             for i in output if i["type"] == "function_call"]
+    calls = [ToolCall(i["name"], i["arguments"], i["call_id"]).to_openai() for i in output if i["type"] == "function_call"]
     if not text and not calls:
         return []
     return [{"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}]

@@ -19,7 +19,7 @@ from engine.sampling_params import SamplingParams
 from server import generation as gen
 from server import reasoning, sse, tools
 from server.anthropic import (
-    MessageBuilder, chat_conversation, chat_tools, new_id, stop_reason, structured_output, template_kwargs,
+    MessageBuilder, chat_conversation, chat_tools, stop_reason, structured_output, template_kwargs,
 )
 from server.deltas import DeltaSplitter
 from server.openapi import ENGINE_ERRORS, TOKENIZER_ERRORS, answers
@@ -27,7 +27,7 @@ from server.schemas import ChatMessage
 from server.schemas_anthropic import (
     AnthropicErrorResponse, CountTokensRequest, MessageResponse, MessagesRequest, MessageStreamEvent, TokenCount,
 )
-from server.state import ServerState, get_state, lora_name
+from server.state import ServerState, get_state, lora_name, new_item_id
 
 router = APIRouter()
 
@@ -73,7 +73,7 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
     params = tools.apply(SamplingParams(max_tokens=body.max_tokens, structured=structured_output(body), **fields),
                          prompt.tool_plan, prompt.tools, prompt.parallel, "output_config.format")
     payload = GenerationRequest(prompt.ids, params, lora_name(engine, name))
-    message_id = new_id("msg")
+    message_id = new_item_id("msg")
     builder = MessageBuilder(message_id, name)
     split = DeltaSplitter(prompt.tool_plan, reasoning.plan(state.settings.reasoning_parser, prompt.text,
                                                           params.structured is not None, True))

@@ -23,12 +23,12 @@ from server import reasoning, sse, tools
 from server.deltas import DeltaSplitter
 from server.openapi import ENGINE_ERRORS, answers
 from server.responses import (
-    ResponseBuilder, chat_messages, chat_tools, input_messages, new_item_id, output_message, page, reasoning_tokens,
-    stored_items, structured_output,
+    ResponseBuilder, chat_messages, chat_tools, input_messages, output_message, page, reasoning_tokens, stored_items,
+    structured_output,
 )
 from server.responses_store import StoredResponse
 from server.schemas_responses import InputItemList, ResponseDeleted, ResponseEvent, ResponseObject, ResponsesRequest
-from server.state import get_state, lora_name
+from server.state import get_state, lora_name, new_item_id
 
 router = APIRouter()
 

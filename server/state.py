@@ -90,3 +90,8 @@ def lora_name(engine: Any, model: str) -> str | None:
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def new_item_id(prefix: str) -> str:
+    """Ids in the Responses and Messages APIs' form (`resp_...`, `msg_...`, `fc_...`)."""
+    return f"{prefix}_{uuid.uuid4().hex}"

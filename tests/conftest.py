@@ -4,7 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.server_helpers import HERMES, scripted
 from tests.tiny_models import save_tiny
+
+
+@pytest.fixture(scope="module")
+def hermes_url():
+    """A live server whose fake engine answers every request with HERMES (text, then two calls in the
+    Hermes format), read by `--tool-call-parser hermes`."""
+    with scripted(HERMES, tool_call_parser="hermes") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -175,12 +175,6 @@ def test_leaving_a_stream_frees_its_blocks(url, engine):
     assert engine.stats().kv_cache_usage == 0
 
 
-@pytest.fixture(scope="module")
-def hermes_url():
-    with scripted(HERMES, tool_call_parser="hermes") as u:
-        yield u
-
-
 def test_tool_use_blocks_and_their_results_go_back(hermes_url):
     client = anthropic.Anthropic(base_url=hermes_url, api_key="unused", max_retries=0, timeout=30)
     m = client.messages.create(model="fake", max_tokens=300, messages=[{"role": "user", "content": "weather?"}],

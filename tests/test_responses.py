@@ -181,12 +181,6 @@ def test_leaving_a_stream_frees_its_blocks(url, engine):
     assert engine.stats().kv_cache_usage == 0
 
 
-@pytest.fixture(scope="module")
-def hermes_url():
-    with scripted(HERMES, tool_call_parser="hermes") as u:
-        yield u
-
-
 def test_tool_calls_become_function_call_items_and_their_outputs_go_back(hermes_url):
     r = _post(hermes_url, input="weather?", tools=[WEATHER, TIME]).json()
     Response.model_validate(r)

@@ -141,14 +141,6 @@ def test_streams_reassemble_to_the_whole_answer():
     assert [plain.feed("Hi <to", None), plain.feed("ast>", "stop")] == [({"content": "Hi "}, None), ({"content": "<toast>"}, "stop")]
 
 
-@pytest.fixture(scope="module")
-def hermes_url():
-    port = free_port()
-    settings = ServerSettings(port=port, shutdown_timeout_s=2.0, tool_call_parser="hermes")
-    with serve({"fake": FakeEngine(max_model_len=400, script=HERMES)}, settings) as url:
-        yield url
-
-
 def test_auto_tool_calls_over_http_like_openai(hermes_url):
     client = openai.OpenAI(base_url=f"{hermes_url}/v1", api_key="unused", max_retries=0, timeout=30)
     kwargs = dict(model="fake", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER, TIME],
