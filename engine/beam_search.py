@@ -141,52 +141,67 @@ def no_repeat_ngram_bans(ids: list[int], n: int) -> list[int]:
 
 
 @dataclass(frozen=True)
+class DecoderRows:
+    """What `Constraints` reads of each decoder row (one entry per row): its tokens (start token
+    included), how many it generated, its limit, its minimum (eos banned before it) and its
+    no-repeat n-gram size."""
+
+    token_ids: list[list[int]]
+    num_generated: list[int]
+    max_tokens: list[int]
+    min_tokens: list[int]
+    no_repeat: list[int]
+
+
+@dataclass(frozen=True)
 class Constraints:
-    """Model-level logit rules from generation_config.json, applied to every decoder row."""
+    """Logit rules from generation_config.json and the request, applied to every decoder row."""
 
     banned_ids: tuple[int, ...] = ()  # single-token bad_words_ids (Marian bans <pad>)
     forced_eos_token_id: int | None = None  # forced as the last token a request may generate
+    eos_token_ids: tuple[int, ...] = ()  # banned while a row is short of its min_tokens
 
-    def bans(self, decoder_ids: list[list[int]], no_repeat: list[int]) -> list[list[int]]:
-        """Each row's banned tokens: its no-repeat n-gram completions, then the bad words. Rows:
-        decoder sequences (start token included) and their no_repeat_ngram_size."""
-        return [no_repeat_ngram_bans(ids, n) + list(self.banned_ids) for ids, n in zip(decoder_ids, no_repeat)]
+    def bans(self, rows: DecoderRows) -> list[list[int]]:
+        """Each row's banned tokens: its no-repeat n-gram completions, the bad words, then eos
+        while the row has generated fewer than its min_tokens (HF's min_length, which counts the
+        start token, is min_tokens + 1)."""
+        return [
+            no_repeat_ngram_bans(ids, n) + list(self.banned_ids) + (list(self.eos_token_ids) if g < m else [])
+            for ids, n, g, m in zip(rows.token_ids, rows.no_repeat, rows.num_generated, rows.min_tokens)
+        ]
 
-    def forced_eos(self, num_generated: list[int], max_tokens: list[int]) -> list[bool]:
+    def forced_eos(self, rows: DecoderRows) -> list[bool]:
         """Rows whose next token is their last allowed one, where eos is forced."""
         if self.forced_eos_token_id is None:
-            return [False] * len(num_generated)
-        return [g + 1 == m for g, m in zip(num_generated, max_tokens)]
+            return [False] * len(rows.num_generated)
+        return [g + 1 == m for g, m in zip(rows.num_generated, rows.max_tokens)]
 
-    def apply(self, scores: torch.Tensor, decoder_ids: list[list[int]], num_generated: list[int],
-              max_tokens: list[int], no_repeat: list[int]) -> torch.Tensor:
-        """In HF's processor order: no-repeat n-grams, bad words, forced eos (which overrides
-        both); `scores` edited in place."""
-        ban_(scores, self.bans(decoder_ids, no_repeat))
-        forced = self.forced_eos(num_generated, max_tokens)
+    def apply(self, scores: torch.Tensor, rows: DecoderRows) -> torch.Tensor:
+        """In HF's processor order: no-repeat n-grams, bad words, min length, forced eos (which
+        overrides them); `scores` edited in place."""
+        ban_(scores, self.bans(rows))
+        forced = self.forced_eos(rows)
         if any(forced):
             last = torch.tensor(forced, device=scores.device)
             scores[last] = float("-inf")
             scores[last, self.forced_eos_token_id] = 0.0
         return scores
 
-    def argmax(self, pick: Callable[[list[list[int]]], torch.Tensor], decoder_ids: list[list[int]],
-               num_generated: list[int], max_tokens: list[int], no_repeat: list[int]) -> list[int]:
+    def argmax(self, pick: Callable[[list[list[int]]], torch.Tensor], rows: DecoderRows) -> list[int]:
         """The argmax of each of `apply`'s rows, from `pick(bans)` (each row's argmax with its bans
         excluded, e.g. a bf16-screened one) without the rows themselves: where eos is forced, eos."""
-        tokens = pick(self.bans(decoder_ids, no_repeat)).tolist()
-        for row, forced in enumerate(self.forced_eos(num_generated, max_tokens)):
+        tokens = pick(self.bans(rows)).tolist()
+        for row, forced in enumerate(self.forced_eos(rows)):
             if forced:
                 tokens[row] = self.forced_eos_token_id
         return tokens
 
-    def top_logprobs(self, logits: torch.Tensor, k: int, decoder_ids: list[list[int]], num_generated: list[int],
-                     max_tokens: list[int], no_repeat: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_logprobs(self, logits: torch.Tensor, k: int, rows: DecoderRows) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k of log_softmax(logits) after `apply`'s rules, without the full log-prob tensor
         (engine/top_logprobs.py); `logits` is overwritten. A row where eos is forced gets eos at 0
         first and -inf after, what the top-k of `apply`'s row of -inf but eos gives."""
-        values, ids = top_logprobs(logits, min(k, logits.shape[-1]), self.bans(decoder_ids, no_repeat))
-        forced = self.forced_eos(num_generated, max_tokens)
+        values, ids = top_logprobs(logits, min(k, logits.shape[-1]), self.bans(rows))
+        forced = self.forced_eos(rows)
         if any(forced):
             last = torch.tensor(forced, device=values.device)
             values[last] = float("-inf")

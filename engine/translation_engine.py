@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from engine.attention import get_backend
-from engine.beam_search import BeamSearch, BeamStep, Constraints, beam_steps
+from engine.beam_search import BeamSearch, BeamStep, Constraints, DecoderRows, beam_steps
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.encdec_graphs import EncDecGraphs
@@ -70,6 +70,10 @@ def _generation_params(defaults: dict) -> dict[str, Any]:
         out["max_tokens"] = defaults["max_new_tokens"]
     elif defaults.get("max_length"):
         out["max_tokens"] = max(1, defaults["max_length"] - 1)  # HF's max_length counts the start token
+    # HF applies both minimums; min_length counts the start token as max_length does
+    minimum = max((defaults.get("min_length") or 0) - 1, defaults.get("min_new_tokens") or 0, 0)
+    if minimum:
+        out["min_tokens"] = minimum
     for key in ("num_beams", "length_penalty", "no_repeat_ngram_size", "repetition_penalty"):
         if defaults.get(key) is not None:
             out[key] = defaults[key]
@@ -78,12 +82,22 @@ def _generation_params(defaults: dict) -> dict[str, Any]:
     return out
 
 
-def _constraints(defaults: dict) -> Constraints:
+def _task_params(defaults: dict, task: dict) -> dict[str, Any]:
+    """SamplingParams fields of a task (config.json's task_specific_params entry) laid over the
+    generation defaults, as HF's pipelines do; its `prefix` is the server's business."""
+    merged = defaults | {k: v for k, v in task.items() if k != "prefix"}
+    if "max_length" in task:
+        merged.pop("max_new_tokens", None)  # the task's own length wins
+    return _generation_params(merged)
+
+
+def _constraints(defaults: dict, eos_token_ids: tuple[int, ...]) -> Constraints:
     bad = defaults.get("bad_words_ids") or []
     # multi-token bad words would need a prefix match per row; no shipped Marian/T5 config has one
     return Constraints(
         banned_ids=tuple(w[0] for w in bad if isinstance(w, list) and len(w) == 1),
         forced_eos_token_id=defaults.get("forced_eos_token_id"),
+        eos_token_ids=eos_token_ids,
     )
 
 
@@ -109,11 +123,15 @@ class TranslationEngine:
         self.sampler = Sampler(torch.Generator(device=config.device).manual_seed(config.seed))
         defaults = loaded.info.generation_defaults or {}
         self.generation_params = _generation_params(defaults)
-        self.constraints = _constraints(defaults)
+        self.task_params = {task: _task_params(defaults, p) for task, p in loaded.info.task_defaults.items()}
         self.decoder_start_token_id = loaded.info.decoder_start_token_id
         if self.decoder_start_token_id is None:
             self.decoder_start_token_id = loaded.info.pad_token_id or 0
         self.eos_token_ids = tuple(loaded.info.eos_token_ids)
+        self.constraints = _constraints(defaults, self.eos_token_ids)
+        # BART's <s>: forced as the first output token when a request forces nothing else
+        forced_bos = defaults.get("forced_bos_token_id")
+        self.forced_bos: tuple[int, ...] = () if forced_bos is None else (int(forced_bos),)
         self._requests: dict[str, _RequestState] = {}
         self._pending_outputs: list[TranslationOutput] = []  # aborts, reported at the next step
         self._seq_ids = itertools.count()
@@ -126,13 +144,17 @@ class TranslationEngine:
         loaded = load_model(config.model, getattr(torch, config.dtype), config.device, config.max_model_len)
         return cls(loaded, config)
 
-    def default_params(self, **overrides: Any) -> SamplingParams:
-        """The model's generation_config.json defaults, then `overrides` (None values ignored).
-        Asking for sampling (temperature > 0) without num_beams turns the default beams off."""
-        fields = dict(self.generation_params)
+    def default_params(self, task: str | None = None, **overrides: Any) -> SamplingParams:
+        """The model's generation_config.json defaults (with `task`'s settings laid over them
+        where config.json has some, e.g. "summarization"), then `overrides` (None values ignored).
+        Asking for sampling (temperature > 0) without num_beams turns the default beams off, and a
+        max_tokens under the default minimum lowers the minimum to it (as HF's forced eos would)."""
+        fields = dict(self.task_params.get(task or "", self.generation_params))
         given = {k: v for k, v in overrides.items() if v is not None}
         if given.get("temperature", 0.0) > 0.0 and "num_beams" not in given:
             fields["num_beams"] = 1
+        if "max_tokens" in given and "min_tokens" not in given and "min_tokens" in fields:
+            fields["min_tokens"] = min(fields["min_tokens"], given["max_tokens"])
         return SamplingParams(**(fields | given))
 
     # ---- admission ------------------------------------------------------------------
@@ -160,8 +182,8 @@ class TranslationEngine:
             raise InvalidRequestError("logprobs are not supported for translations", param="logprobs")
         if params.stop:
             raise InvalidRequestError("stop strings are not supported for translations", param="stop")
-        if params.logit_bias or params.min_tokens:
-            raise InvalidRequestError("logit_bias and min_tokens are not supported for translations", param="logit_bias")
+        if params.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported for translations", param="logit_bias")
         if params.structured is not None:
             raise InvalidRequestError("structured outputs are not supported for translations", param="structured_outputs")
         if params.num_beams > 1:
@@ -172,9 +194,9 @@ class TranslationEngine:
                 raise InvalidRequestError("penalties are not supported with beam search", param="num_beams")
         beams = params.num_beams
         fits = self._max_fitting_tokens(len(src), beams)
-        forced = len(payload.forced_prefix)
+        forced = len(self._forced(payload))
         if params.max_tokens is not None and params.max_tokens <= forced:
-            raise InvalidRequestError(f"max_tokens must exceed the {forced} forced target-language token(s)",
+            raise InvalidRequestError(f"max_tokens must exceed the {forced} token(s) forced at the start of the output",
                                       param="max_tokens")
         if params.max_tokens is None:
             if fits < 1:
@@ -191,6 +213,9 @@ class TranslationEngine:
                 param="max_tokens",
             )
         return params.max_tokens
+
+    def _forced(self, payload: TranslationRequest) -> tuple[int, ...]:
+        return self.forced_bos if payload.forced_prefix is None else payload.forced_prefix
 
     def _max_fitting_tokens(self, source_len: int, num_beams: int) -> int:
         """Longest output whose worst-case footprint (group_max_blocks with a decoder of
@@ -209,14 +234,15 @@ class TranslationEngine:
         src = list(payload.source_token_ids)
         now = time.monotonic()
         cross = Sequence(next(self._seq_ids), request_id, src, len(src), params, max_tokens=0, arrival_time=now)
-        first = Sequence(next(self._seq_ids), request_id, [self.decoder_start_token_id, *payload.forced_prefix], 1,
+        forced = self._forced(payload)
+        first = Sequence(next(self._seq_ids), request_id, [self.decoder_start_token_id, *forced], 1,
                          params, max_tokens=max_tokens, arrival_time=now)
         group = TranslationGroup(request_id, cross, [first], num_beams=params.num_beams)
         beam = None
         if params.num_beams > 1:
             beam = BeamSearch(params.num_beams, self.eos_token_ids, max_tokens, params.length_penalty,
                               params.early_stopping)
-            beam.num_generated = len(payload.forced_prefix)  # already the first beam's output
+            beam.num_generated = len(forced)  # already the first beam's output
         generator = None
         if params.seed is not None and not params.is_greedy:
             generator = torch.Generator(device=self.config.device).manual_seed(params.seed)
@@ -277,11 +303,10 @@ class TranslationEngine:
         return outputs
 
     @staticmethod
-    def _constraint_rows(rows: list[Sequence]) -> tuple[list[list[int]], list[int], list[int], list[int]]:
-        """What `Constraints` reads of each decoder row: its tokens, how many it generated, its
-        limit and its no-repeat n-gram size."""
-        return ([s.token_ids for s in rows], [s.num_output_tokens for s in rows], [s.max_tokens for s in rows],
-                [s.params.no_repeat_ngram_size for s in rows])
+    def _constraint_rows(rows: list[Sequence]) -> DecoderRows:
+        return DecoderRows([s.token_ids for s in rows], [s.num_output_tokens for s in rows],
+                           [s.max_tokens for s in rows], [s.params.min_tokens for s in rows],
+                           [s.params.no_repeat_ngram_size for s in rows])
 
     @staticmethod
     def _kind(state: _RequestState) -> str:
@@ -289,7 +314,7 @@ class TranslationEngine:
         sample: the sampler, which takes whole rows of logits."""
         if state.beam is not None:
             return "beam"
-        if state.params.is_plain_greedy:
+        if state.params.is_greedy and state.params.is_plain:  # min_tokens is one of the argmax's bans
             return "greedy"
         return "sample"
 
@@ -298,20 +323,20 @@ class TranslationEngine:
         same bans; forced eos overrides it as it does there)."""
         seqs = [s.seq for s in states]
         tokens = self.constraints.argmax(lambda bans: self.runner.greedy_tokens(hidden, bans),
-                                         *self._constraint_rows(seqs))
+                                         self._constraint_rows(seqs))
         self._append(states, seqs, tokens)
 
     def _beam(self, states: list[_RequestState], hidden: torch.Tensor) -> None:
         k = max(s.beam.num_candidates for s in states)  # type: ignore[union-attr]
         top_lp, top_ids = self.constraints.top_logprobs(
-            self.runner.logits(hidden), k, *self._constraint_rows([b for s in states for b in s.group.beams]))
+            self.runner.logits(hidden), k, self._constraint_rows([b for s in states for b in s.group.beams]))
         self._beam_steps(states, top_lp, top_ids)
 
     def _sample(self, states: list[_RequestState], hidden: torch.Tensor) -> None:
         """Sampled requests (and greedy ones with penalties or logprobs): one token each, from one
         batched sampler call."""
         seqs = [s.seq for s in states]
-        logits = self.constraints.apply(self.runner.logits(hidden), *self._constraint_rows(seqs))
+        logits = self.constraints.apply(self.runner.logits(hidden), self._constraint_rows(seqs))
         rows = [
             SamplingRow(
                 params=s.params,
@@ -448,10 +473,11 @@ class TranslationEngine:
         self,
         inputs: str | Seq[str] | Seq[list[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
-        forced_prefix: tuple[int, ...] = (),
+        forced_prefix: tuple[int, ...] | None = None,
     ) -> list[TranslationOutput]:
         """Translate every input (text, or source token ids with eos); outputs in input order.
-        `forced_prefix`: the first output tokens of every input (NLLB's target-language code)."""
+        `forced_prefix`: the first output tokens of every input (NLLB's target-language code;
+        None: the model's forced_bos_token_id, if any)."""
         if isinstance(inputs, str):
             inputs = [inputs]
         sources = [list(x) if not isinstance(x, str) else self.tokenizer.encode(x) for x in inputs]

@@ -22,8 +22,9 @@ class TranslationRequest:
     params: SamplingParams
     stream: bool = False
     # tokens forced after the decoder's start token (NLLB's target-language code): the first output
-    # tokens, as HF's forced_bos_token_id makes them, so max_tokens and beam lengths count them
-    forced_prefix: tuple[int, ...] = ()
+    # tokens, as HF's forced_bos_token_id makes them, so max_tokens and beam lengths count them;
+    # None: the model's generation_config forced_bos_token_id (BART's <s>), if it has one
+    forced_prefix: tuple[int, ...] | None = None
 
 
 @dataclass

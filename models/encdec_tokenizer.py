@@ -42,7 +42,7 @@ def generation_defaults(folder: Path, config: dict) -> dict:
 def translation_info(folder: str | Path, config: dict | object, cfg: object, max_model_len: int) -> dict:
     """ModelInfo fields of an encoder-decoder folder (config.json as a raw dict or as the family's
     parsed `cfg`): its start and end tokens, where generation_config.json overrides config.json,
-    and its generation defaults."""
+    its generation defaults and its per-task ones."""
     raw = config if isinstance(config, dict) else json.loads((Path(folder) / "config.json").read_text())
     defaults = generation_defaults(Path(folder), raw)
     eos = defaults.get("eos_token_id", cfg.eos_token_id)
@@ -53,6 +53,7 @@ def translation_info(folder: str | Path, config: dict | object, cfg: object, max
         "bos_token_id": None,
         "max_model_len": max_model_len,
         "generation_defaults": defaults,
+        "task_defaults": {k: v for k, v in (raw.get("task_specific_params") or {}).items() if isinstance(v, dict)},
     }
 
 
@@ -207,7 +208,7 @@ class T5Tokenizer:
         pad = _token_str(cfg.get("pad_token"), "<pad>")
         clean = bool(cfg.get("clean_up_tokenization_spaces", False))
         if (folder / "tokenizer.json").exists():
-            return JsonTokenizer(folder / "tokenizer.json", eos, pad, clean)
+            return JsonTokenizer.from_folder(folder)
         return T5Tokenizer(
             folder / "spiece.model", extra_ids=cfg.get("extra_ids", 100), eos_token=eos,
             unk_token=_token_str(cfg.get("unk_token"), "<unk>"), pad_token=pad, clean_up_spaces=clean,
@@ -253,6 +254,14 @@ class JsonTokenizer:
         self.eos_token_id = self.tok.token_to_id(eos_token)
         self.pad_token_id: int | None = self.tok.token_to_id(pad_token)
         self.clean_up_spaces = clean_up_spaces
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> JsonTokenizer:
+        """The folder's tokenizer.json with its tokenizer_config.json's eos, pad and clean-up."""
+        folder = Path(folder)
+        cfg = _read_json(folder / "tokenizer_config.json")
+        return cls(folder / "tokenizer.json", _token_str(cfg.get("eos_token"), "</s>"),
+                   _token_str(cfg.get("pad_token"), "<pad>"), bool(cfg.get("clean_up_tokenization_spaces", False)))
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

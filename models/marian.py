@@ -1,7 +1,8 @@
-"""MarianMT (Helsinki-NLP opus-mt), M2M100 / NLLB-200 and mBART-50 encoder-decoders, with HF attribute
-names so checkpoint keys load unchanged. M2M100 (NLLB's architecture) is Marian's blocks with the norms
-first (pre-LN, plus a final norm after each stack), fairseq's sinusoidal positions and no logits bias;
-mBART is pre-LN too, with learned positions (offset by 2) and a LayerNorm over the embeddings.
+"""MarianMT (Helsinki-NLP opus-mt), M2M100 / NLLB-200, mBART-50 and BART encoder-decoders, with HF
+attribute names so checkpoint keys load unchanged. M2M100 (NLLB's architecture) is Marian's blocks with
+the norms first (pre-LN, plus a final norm after each stack), fairseq's sinusoidal positions and no logits
+bias; mBART is pre-LN too, with learned positions (offset by 2) and a LayerNorm over the embeddings;
+BART (bart-large-cnn, distilbart) is Marian's post-LN blocks with mBART's positions and embedding norm.
 
 Encoder-decoder interface (shared with models/t5.py; the engine drives it, flat batches, no batch dim):
   encode(input_ids (T,), positions (T,), ctx) -> encoder hidden (T, d_model)
@@ -31,7 +32,7 @@ from torch import nn
 from engine.forward_context import ForwardContext
 from engine.greedy_screen import GreedyScreen
 from engine.workspace import Workspace
-from models.encdec_tokenizer import LanguageCodeTokenizer, MarianTokenizer, translation_info
+from models.encdec_tokenizer import JsonTokenizer, LanguageCodeTokenizer, MarianTokenizer, translation_info
 from models.layers import merged_linear, tied_head, vocab_logits
 from models.spec import KVCacheSpec
 
@@ -64,8 +65,8 @@ class MarianConfig:
     pad_token_id: int
     decoder_start_token_id: int
     eos_token_id: int
-    pre_norm: bool = False  # M2M100, mBART: x + f(LN(x)) and a LayerNorm after each stack; Marian: LN(x + f(x))
-    learned_positions: bool = False  # mBART: embed_positions rows 2.. (HF's offset); else sinusoids
+    pre_norm: bool = False  # M2M100, mBART: x + f(LN(x)) and a LayerNorm after each stack; Marian, BART: LN(x + f(x))
+    learned_positions: bool = False  # mBART, BART: embed_positions rows 2.. (HF's offset); else sinusoids
 
     @classmethod
     def from_hf(cls, cfg: dict) -> MarianConfig:
@@ -74,6 +75,7 @@ class MarianConfig:
         archs = cfg.get("architectures") or []
         m2m = cfg.get("model_type") == "m2m_100" or "M2M100ForConditionalGeneration" in archs
         mbart = cfg.get("model_type") == "mbart" or "MBartForConditionalGeneration" in archs
+        bart = cfg.get("model_type") == "bart" or "BartForConditionalGeneration" in archs
         pad = cfg.get("pad_token_id", 58100)
         eos = cfg.get("eos_token_id", 0)
         return cls(
@@ -95,7 +97,7 @@ class MarianConfig:
             decoder_start_token_id=cfg.get("decoder_start_token_id", pad),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
             pre_norm=m2m or mbart,
-            learned_positions=mbart,
+            learned_positions=mbart or bart,
         )
 
     @property
@@ -226,7 +228,7 @@ class MarianDecoderLayer(nn.Module):
 
 def add_stack_extras(stack: nn.Module, config: MarianConfig) -> None:
     """What an encoder or decoder stack holds beside its layers: the final `layer_norm` of pre-LN
-    models (M2M100, mBART), and mBART's position table (2 rows of offset first, as HF keeps them)
+    models (M2M100, mBART), and (m)BART's position table (2 rows of offset first, as HF keeps them)
     and embedding norm."""
     stack.layer_norm = nn.LayerNorm(config.d_model) if config.pre_norm else None
     stack.embed_positions = stack.layernorm_embedding = None
@@ -296,7 +298,7 @@ class MarianMTModel(nn.Module):
                positions: torch.Tensor) -> torch.Tensor:
         c = self.config
         x = embed(input_ids) * c.embed_scale
-        if stack.embed_positions is not None:  # mBART
+        if stack.embed_positions is not None:  # (m)BART
             return stack.layernorm_embedding(x + stack.embed_positions(positions + 2))
         if c.pre_norm:  # M2M100's table; a pad token inside a sequence gets HF's zero row only there
             return x + fairseq_positions(positions, c.d_model, c.pad_token_id).to(x.dtype)
@@ -367,14 +369,16 @@ class MarianMTModel(nn.Module):
 
     # ---- folder metadata ----
     @classmethod
-    def load_tokenizer(cls, folder: str | Path) -> MarianTokenizer | LanguageCodeTokenizer:
-        """Marian's SentencePiece pair; M2M100 / NLLB's tokenizer.json with its language codes."""
+    def load_tokenizer(cls, folder: str | Path) -> MarianTokenizer | JsonTokenizer:
+        """Marian's SentencePiece pair; M2M100 / NLLB / mBART-50's tokenizer.json with its language
+        codes; BART's (byte-level BPE, `<s> ... </s>`) as it is."""
         if (Path(folder) / "source.spm").exists():
             return MarianTokenizer.from_folder(folder)
         if not (Path(folder) / "tokenizer.json").exists():
             raise ValueError(f"{folder} has neither Marian's source.spm nor a tokenizer.json (M2M100 folders "
                              "without one, as facebook/m2m100_418M ships, are not supported)")
-        return LanguageCodeTokenizer.from_folder(folder)
+        coded = LanguageCodeTokenizer.from_folder(folder)
+        return coded if coded.language_codes else JsonTokenizer.from_folder(folder)
 
     @classmethod
     def extra_info(cls, folder: str | Path, config: dict | MarianConfig) -> dict:

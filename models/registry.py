@@ -17,7 +17,7 @@ class Task(str, Enum):
     GENERATE = "generate"  # decoder-only: /v1/completions, /v1/chat/completions
     EMBED = "embed"  # encoder-only: /v1/embeddings (and bi-encoder /v1/score, /v1/rerank)
     CLASSIFY = "classify"  # encoder + classifier: /classify; one label (a cross-encoder): /v1/score, /v1/rerank
-    TRANSLATE = "translate"  # encoder-decoder: /v1/translations
+    TRANSLATE = "translate"  # encoder-decoder: /v1/translations, /v1/summarizations
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ _ENTRIES: dict[str, ModelEntry] = {
     "MarianMTModel": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),
     "M2M100ForConditionalGeneration": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),  # NLLB-200
     "MBartForConditionalGeneration": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),  # mBART-50
+    "BartForConditionalGeneration": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),  # bart-large-cnn
     "T5ForConditionalGeneration": ModelEntry("models.t5", "T5ForConditionalGeneration", Task.TRANSLATE),
 }
 

@@ -32,6 +32,9 @@ class ModelInfo:
     chat_template: str | None = None
     # generation_config.json / sentence-transformers settings, as read (defaults for requests)
     generation_defaults: dict = field(default_factory=dict)
+    # encoder-decoder: config.json's task_specific_params, the per-task settings HF's pipelines lay over
+    # them ({"summarization": {"num_beams": 4, "min_length": 56, ..., "prefix": "summarize: "}})
+    task_defaults: dict = field(default_factory=dict)
     pooling: str | None = None  # embeddings: "mean" | "cls" | "lasttoken"
     normalize: bool = False
     labels: tuple[str, ...] = ()  # classifiers: label names in id order (one label: a cross-encoder)

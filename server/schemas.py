@@ -613,18 +613,15 @@ class DetokenizeResponse(_Response):
     prompt: str
 
 
-# ---- /v1/translations (kvserve extension) -----------------------------------------------
-class TranslationRequest(_Request):
-    """Translate one text or several; unset fields take the model's generation_config.json defaults
-    (Marian: 4 beams). T5 gets the prefix `translate {source_lang} to {target_lang}: `; a
-    multilingual Marian gets the `>>{target_lang}<<` token; NLLB takes its codes (`eng_Latn`,
-    `fra_Latn`): the source code leads the input, the target code is the first output token."""
+# ---- /v1/translations and /v1/summarizations (kvserve extensions) ----------------------
+class _TextToTextRequest(_Request):
+    """What an encoder-decoder request takes; unset fields take the model's defaults."""
 
     model: str | None = None
     input: VisibleStr | Annotated[list[VisibleStr], Field(min_length=1)]
-    source_lang: str | None = None
-    target_lang: str | None = None
     max_tokens: int | None = bounded("max_tokens")
+    min_tokens: int | None = Field(None, ge=0, description="No end of text before this many tokens (HF's "
+                                   "min_length less the start token); default: the model's")
     num_beams: int | None = bounded("num_beams")
     length_penalty: float | None = bounded("length_penalty")
     early_stopping: bool | None = None
@@ -635,6 +632,24 @@ class TranslationRequest(_Request):
     seed: int | None = bounded("seed")
     stream: bool = False
     user: str | None = None
+
+
+class TranslationRequest(_TextToTextRequest):
+    """Translate one text or several; unset fields take the model's generation_config.json defaults
+    (Marian: 4 beams). T5 gets the prefix `translate {source_lang} to {target_lang}: `; a
+    multilingual Marian gets the `>>{target_lang}<<` token; NLLB takes its codes (`eng_Latn`,
+    `fra_Latn`): the source code leads the input, the target code is the first output token."""
+
+    source_lang: str | None = None
+    target_lang: str | None = None
+
+
+class SummarizationRequest(_TextToTextRequest):
+    """Summarize one text or several with an encoder-decoder summarizer: BART (bart-large-cnn,
+    distilbart) or a model whose config.json has task_specific_params.summarization, as T5's does.
+    Unset fields take the model's summarization settings, as HF's summarization pipeline does
+    (bart-large-cnn: 4 beams, 56 to 142 tokens, no repeated trigram); T5 gets its `summarize: `
+    prefix."""
 
 
 class TranslationData(_Response):
@@ -659,6 +674,27 @@ class TranslationChunk(_Answer):
     """One event of a streamed translation; a last one has no data and carries the usage."""
 
     object: Literal["translation.chunk"] = "translation.chunk"
+    data: list[TranslationDelta]
+    usage: Usage | None = None
+
+
+class SummarizationData(_Response):
+    index: int
+    summary: str
+    finish_reason: str | None = None
+
+
+class SummarizationResponse(_Answer):
+    object: Literal["summarization"] = "summarization"
+    data: list[SummarizationData]
+    usage: Usage
+
+
+class SummarizationChunk(_Answer):
+    """One event of a streamed summary (a beam search's summary arrives whole, in one event); a last
+    one has no data and carries the usage."""
+
+    object: Literal["summarization.chunk"] = "summarization.chunk"
     data: list[TranslationDelta]
     usage: Usage | None = None
 

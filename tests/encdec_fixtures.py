@@ -163,6 +163,58 @@ def make_nllb_folder(folder: Path, seed: int = 0, d_model: int = 32, extra_vocab
     return folder
 
 
+# ---------------------------------------------------------------- BART
+BART_SUMMARIZATION = {"early_stopping": True, "length_penalty": 2.0, "max_length": 24, "min_length": 8,
+                      "no_repeat_ngram_size": 3, "num_beams": 4}
+
+
+def make_bart_folder(folder: Path, seed: int = 0, d_model: int = 32, **config_overrides: int) -> Path:
+    """bart-large-cnn-like folder: a BART model (post-LN, learned positions, embedding norm, GELU, a
+    logits bias) and a byte-level BPE tokenizer.json trained on the corpus with RoBERTa's specials
+    (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4) and its `<s> $A </s>` layout; the generation config
+    forces <s> first and </s> last, and config.json carries bart-large-cnn's summarization settings
+    (scaled down) under task_specific_params, as HF's pipeline reads them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(seed=seed), trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BartTokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "mask_token": "<mask>", "sep_token": "</s>", "cls_token": "<s>",
+        "add_prefix_space": False}))
+    torch.manual_seed(seed)
+    shape = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128) | config_overrides
+    config = BartConfig(
+        vocab_size=tok.get_vocab_size(), d_model=d_model, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, forced_bos_token_id=0, forced_eos_token_id=2, init_std=0.2,
+        task_specific_params={"summarization": BART_SUMMARIZATION}, **shape,
+    )
+    model = BartForConditionalGeneration(config).eval()
+    with torch.no_grad():  # LayerNorms start at ones and zeros: spread them so a misplaced norm shows
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or "layernorm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+        model.final_logits_bias.normal_(0, 0.5)
+        # random outputs then end at input-dependent lengths (2 to the limit), which the minimum
+        # length and beam finishing need to be exercised
+        model.final_logits_bias[0, 2] = 3.0
+    model.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 0, "decoder_start_token_id": 2, "eos_token_id": 2, "pad_token_id": 1,
+        "forced_bos_token_id": 0, "forced_eos_token_id": 2, **BART_SUMMARIZATION}))
+    return folder
+
+
 # ---------------------------------------------------------------- T5
 def make_t5_folder(folder: Path, gated: bool = False, tie: bool = True, seed: int = 0) -> Path:
     """T5 folder with spiece.model (pad=0, eos=1, unk=2) and 100 sentinels after the pieces."""

@@ -115,7 +115,7 @@ def test_forced_prefix_counts_against_max_tokens(nllb):
     eng, fra, _ = _codes(folder)
     code = engine.tokenizer.language_codes[fra]
     src = engine.tokenizer.encode_source("city", eng)
-    with pytest.raises(InvalidRequestError, match="forced target-language"):
+    with pytest.raises(InvalidRequestError, match="forced at the start"):
         engine.translate([src], engine.default_params(max_tokens=1), forced_prefix=(code,))
     out = engine.translate([src], engine.default_params(max_tokens=2, num_beams=1), forced_prefix=(code,))[0]
     assert len(out.outputs[0].token_ids) <= 2 and out.outputs[0].token_ids[0] == code

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import top_logprobs as tl
-from engine.beam_search import Constraints
+from engine.beam_search import Constraints, DecoderRows
 
 LIB = tl.load()
 needs_kernel = pytest.mark.skipif(LIB is None, reason="no C compiler: the reference serves")
@@ -71,15 +71,19 @@ def test_k_past_the_kernel_list_takes_the_reference() -> None:
 
 
 def test_constraints_split_equals_apply() -> None:
-    c = Constraints(banned_ids=(0,), forced_eos_token_id=2)
+    c = Constraints(banned_ids=(0,), forced_eos_token_id=2, eos_token_ids=(2,))
     ids = [[5, 1, 3, 1], [5, 4, 4], [5, 6]]
     scores = torch.randn(3, 8)
-    applied = c.apply(scores.clone(), ids, [3, 2, 1], [4, 9, 9], [2, 2, 0])
-    assert c.bans(ids, [2, 2, 0]) == [[3, 0], [4, 0], [0]]
-    assert c.forced_eos([3, 2, 1], [4, 9, 9]) == [True, False, False]
+    rows = DecoderRows(ids, [3, 2, 1], [4, 9, 9], [0, 0, 0], [2, 2, 0])
+    applied = c.apply(scores.clone(), rows)
+    assert c.bans(rows) == [[3, 0], [4, 0], [0]]
+    assert c.forced_eos(rows) == [True, False, False]
     assert applied[0].tolist() == [float("-inf")] * 2 + [0.0] + [float("-inf")] * 5
     assert torch.isinf(applied[1, [0, 4]]).all() and torch.isinf(applied[2, 0])
     assert torch.equal(applied[2, 1:], scores[2, 1:])
+    short = DecoderRows(ids, [3, 2, 1], [4, 9, 9], [9, 3, 1], [2, 2, 0])  # rows 0 and 1 are under their minimum
+    assert c.bans(short) == [[3, 0, 2], [4, 0, 2], [0]]
+    assert c.apply(scores.clone(), short)[0].tolist() == applied[0].tolist()  # forced eos beats the minimum
 
 
 @needs_kernel
@@ -98,23 +102,26 @@ def test_argmax_matches_torch_and_leaves_logits_alone() -> None:
 
 
 def test_constraints_top_logprobs_is_the_top_k_of_apply() -> None:
-    c = Constraints(banned_ids=(0,), forced_eos_token_id=2)
+    c = Constraints(banned_ids=(0,), forced_eos_token_id=2, eos_token_ids=(2,))
     ids = [[5, 1, 3, 1], [5, 4, 4], [5, 6]]
-    args = (ids, [3, 2, 1], [4, 9, 9], [2, 2, 0])  # row 0 is at its limit: eos forced
+    # row 0 is at its limit: eos forced (over its minimum); row 1 is short of its minimum: eos banned
+    rows = DecoderRows(ids, [3, 2, 1], [4, 9, 9], [9, 3, 0], [2, 2, 0])
     logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(7))
-    ref_v, ref_i = torch.topk(c.apply(torch.log_softmax(logits, -1), *args), 4)
-    values, top = c.top_logprobs(logits.clone(), 4, *args)
+    ref_v, ref_i = torch.topk(c.apply(torch.log_softmax(logits, -1), rows), 4)
+    values, top = c.top_logprobs(logits.clone(), 4, rows)
     assert torch.equal(top[1:], ref_i[1:])
     torch.testing.assert_close(values[1:], ref_v[1:], rtol=0, atol=1e-5)
     assert top[0, 0] == 2 and values[0].tolist() == [0.0] + [float("-inf")] * 3
 
 
 def test_constraints_argmax_is_the_argmax_of_apply() -> None:
-    c = Constraints(banned_ids=(0,), forced_eos_token_id=2)
+    c = Constraints(banned_ids=(0,), forced_eos_token_id=2, eos_token_ids=(2,))
     ids = [[5, 1, 3, 1], [5, 4, 4], [5, 6]]
-    args = (ids, [3, 2, 1], [4, 9, 9], [2, 2, 0])  # row 0 is at its limit: eos forced
+    # row 0 is at its limit: eos forced (over its minimum); row 1 is short of its minimum: eos banned
+    rows = DecoderRows(ids, [3, 2, 1], [4, 9, 9], [9, 3, 0], [2, 2, 0])
     logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(8))
     logits[1, 4] = logits[2, 0] = 99.0  # the winners the bans (no-repeat, bad words) take away
-    expected = c.apply(logits.clone(), *args).argmax(-1).tolist()
-    got = c.argmax(lambda bans: tl.ban_(logits.clone(), bans).argmax(-1), *args)
-    assert got == expected and got[0] == 2 and got[1] != 4 and got[2] != 0
+    logits[1, 2] = 98.0  # and eos, under row 1's minimum
+    expected = c.apply(logits.clone(), rows).argmax(-1).tolist()
+    got = c.argmax(lambda bans: tl.ban_(logits.clone(), bans).argmax(-1), rows)
+    assert got == expected and got[0] == 2 and got[1] not in (2, 4) and got[2] != 0
