@@ -1,4 +1,5 @@
-"""Offline translation throughput: kvserve TranslationEngine vs transformers generate() vs CTranslate2.
+"""Offline translation (and summarization) throughput: kvserve TranslationEngine vs transformers
+generate() vs CTranslate2.
 
 Same machine, same run, same Marian folder (fp32), same sentences, greedy and 4-beam. Baselines
 get what a user would give them: sentences sorted by length and batched (padding only within a
@@ -7,12 +8,17 @@ batch). Each engine runs in its own process, so the reported peak RSS is its own
     python benchmarks/bench_translation.py [--model FOLDER] [--num-sentences 500] [--engines kvserve,hf,ct2]
     python benchmarks/bench_translation.py --engines http-kvserve,http-ct2   # concurrent HTTP clients
     python benchmarks/bench_translation.py --shape nllb --num-sentences 64 --max-tokens 32  # NLLB-600M's shape
+    python benchmarks/bench_translation.py --shape bart --num-sentences 32 --max-tokens 48  # distilbart-cnn-6-6's
 
 Without --model a random Marian of opus-mt-en-de's shape (with a SentencePiece tokenizer trained in
 seconds) is built in a temp dir; a random model rarely emits eos, so it translates up to --max-tokens.
 `--shape nllb` builds a random M2M100 of nllb-200-distilled-600M's shape instead, and every engine
 forces the target language (fra_Latn) as NLLB is run: kvserve's forced prefix, transformers'
-forced_bos_token_id, CTranslate2's target_prefix.
+forced_bos_token_id, CTranslate2's target_prefix. `--shape bart` builds a random BART of
+distilbart-cnn-6-6's shape and summarizes "articles" of eight sentences each with the folder's
+summarization settings (bart-large-cnn's, scaled down: <s> forced first, a minimum length, no repeated
+trigram, length penalty 2), which kvserve and transformers read from the folder and CTranslate2 is
+given as arguments.
 """
 from __future__ import annotations
 
@@ -30,9 +36,13 @@ from benchmarks.common import free_port, machine, pct, peak_rss_mib, run_child, 
 BEAMS = (1, 4)
 
 
-def sentences(num: int) -> list[str]:
+def sentences(num: int, shape: str = "marian") -> list[str]:
+    """`num` inputs: sentences, or for BART articles of eight sentences."""
     from tests.encdec_fixtures import corpus
 
+    if shape == "bart":
+        lines = corpus(num_lines=8 * num, seed=1)
+        return [" ".join(lines[8 * i : 8 * i + 8]) for i in range(num)]
     return corpus(num_lines=num, seed=1)
 
 
@@ -42,8 +52,17 @@ TARGET = "fra_Latn"  # the forced target language of NLLB runs
 def build_default_model(shape: str = "marian") -> str:
     """A random Marian of opus-mt-en-de's shape (d_model 512, 6+6 layers, 8 heads, FFN 2048, vocab
     58101): the cost per token of the real checkpoint, without a download. "nllb": an M2M100 of
-    nllb-200-distilled-600M's (d_model 1024, 12+12 layers, 16 heads, FFN 4096, vocab 256206)."""
-    from tests.encdec_fixtures import NLLB_CODES, make_marian_folder, make_nllb_folder
+    nllb-200-distilled-600M's (d_model 1024, 12+12 layers, 16 heads, FFN 4096, vocab 256206).
+    "bart": a BART of distilbart-cnn-6-6's (d_model 1024, 6+6 layers, 16 heads, FFN 4096, vocab 50264)."""
+    from tests.encdec_fixtures import NLLB_CODES, make_bart_folder, make_marian_folder, make_nllb_folder
+
+    if shape == "bart":
+        folder = Path(tempfile.mkdtemp(prefix="kvserve-bart-")) / "random-distilbart-cnn-6-6-shape"
+        return str(make_bart_folder(
+            folder, d_model=1024, extra_vocab=50_264 - 400, encoder_layers=6, decoder_layers=6,
+            encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096,
+            max_position_embeddings=1024,
+        ))
 
     if shape == "nllb":
         folder = Path(tempfile.mkdtemp(prefix="kvserve-nllb-")) / "random-nllb-600m-shape"
@@ -70,7 +89,7 @@ def run_kvserve(folder: str, texts: list[str], max_tokens: int) -> dict:
     ))
     sources = [engine.tokenizer.encode(t) for t in texts]
     codes = getattr(engine.tokenizer, "language_codes", {})
-    forced = (codes[TARGET],) if codes else ()
+    forced = (codes[TARGET],) if codes else None  # None: the folder's forced_bos_token_id (BART's <s>)
     out = {}
     for beams in BEAMS:
         params = engine.default_params(num_beams=beams, max_tokens=max_tokens)
@@ -124,10 +143,16 @@ def run_ct2(folder: str, texts: list[str], max_tokens: int, batch_size: int = 32
     tok = load_model(folder).tokenizer
     sources = [[tok.id_to_token(i) for i in tok.encode(t)] for t in texts]
     prefix = {"target_prefix": [[TARGET]] * len(texts)} if getattr(tok, "language_codes", None) else {}
+    settings = {}
+    gen = json.loads((Path(folder) / "generation_config.json").read_text())
+    if gen.get("forced_bos_token_id") is not None:  # BART: what kvserve and transformers read from the folder
+        prefix = {"target_prefix": [[tok.id_to_token(gen["forced_bos_token_id"])]] * len(texts)}
+        settings = dict(min_decoding_length=gen.get("min_length", 1) - 1, length_penalty=gen.get("length_penalty", 1.0),
+                        no_repeat_ngram_size=gen.get("no_repeat_ngram_size", 0))
     out = {}
     for beams in BEAMS:
         kwargs = dict(beam_size=beams, max_decoding_length=max_tokens, max_batch_size=batch_size,
-                      batch_type="examples")
+                      batch_type="examples", **settings)
         translator.translate_batch(sources[:4], **kwargs, **{k: v[:4] for k, v in prefix.items()})
         start = time.perf_counter()
         res = translator.translate_batch(sources, **kwargs, **prefix)
@@ -190,21 +215,22 @@ LABELS = {"kvserve": "kvserve TranslationEngine (continuous batching)", "hf": "t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="Marian HF folder (default: a small random one built in a temp dir)")
-    ap.add_argument("--shape", default="marian", choices=["marian", "nllb"], help="the random model's shape")
+    ap.add_argument("--shape", default="marian", choices=["marian", "nllb", "bart"], help="the random model's shape")
     ap.add_argument("--num-sentences", type=int, default=500)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--engines", default="kvserve,hf,ct2")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        result = RUNNERS[args.child](args.model, sentences(args.num_sentences), args.max_tokens)
+        result = RUNNERS[args.child](args.model, sentences(args.num_sentences, args.shape), args.max_tokens)
         print(json.dumps({"beams": result, "peak_rss_mib": peak_rss_mib()}))
         return
     folder = args.model or build_default_model(args.shape)
     rows, http_rows = [], []
     for name in args.engines.split(","):
         line = run_child([sys.executable, __file__, "--child", name, "--model", folder, "--num-sentences",
-                          str(args.num_sentences), "--max-tokens", str(args.max_tokens)], timeout=7200)
+                          str(args.num_sentences), "--max-tokens", str(args.max_tokens), "--shape", args.shape],
+                         timeout=7200)
         r = json.loads(line)
         print(f"{name}: {r}", file=sys.stderr)
         for beams, res in r["beams"].items():
@@ -215,7 +241,8 @@ def main() -> None:
             rows.append([LABELS[name], beams, args.num_sentences, res["tokens"], res["seconds"],
                          args.num_sentences / res["seconds"], r["peak_rss_mib"]])
     print(f"Machine: {machine()}\n")
-    print(f"Workload: {args.num_sentences} synthetic sentences (3-10 words), max {args.max_tokens} output tokens, "
+    what = "articles (8 sentences each)" if args.shape == "bart" else "sentences (3-10 words)"
+    print(f"Workload: {args.num_sentences} synthetic {what}, max {args.max_tokens} output tokens, "
           f"model {folder}, fp32\n")
     if rows:
         print(table(["engine", "beams", "sentences", "output tokens", "seconds", "sentences/s", "peak RSS MiB"], rows))

@@ -114,6 +114,11 @@ class AsyncEngine:
             return name
         return next((base for base, e in self.engines.items() if name in getattr(e, "lora_names", ())), name)
 
+    def check(self, name: str, payload: Any) -> None:
+        """Raise now what `stream` would raise at admission (bad request, model gone, queue full):
+        for callers that answer before the request runs (background responses)."""
+        self._check_admission(self.serving(name), payload)
+
     def _check_admission(self, name: str, payload: Any) -> StepEngine:
         engine = self.engines.get(name)
         if engine is None:

@@ -52,6 +52,8 @@ def create_app(
             yield
         finally:
             await async_engine.shutdown(timeout=settings.shutdown_timeout_s)
+            for task in list(app.state.kv.background.values()):  # their requests were aborted above
+                task.cancel()
 
     app = FastAPI(title="kvserve", version="0.1.0", lifespan=lifespan)
     app.state.kv = ServerState(async_engine, served, settings, metrics, ResponseStore(settings.responses_store_size))

@@ -1,4 +1,5 @@
-"""POST /v1/responses (OpenAI's Responses API, SSE streaming), and GET/DELETE of stored answers.
+"""POST /v1/responses (OpenAI's Responses API, SSE streaming or in the background), and GET/DELETE
+of stored answers, POST .../cancel of background ones.
 
 A request is a chat request in another shape: its input items (after a stored conversation, with
 `previous_response_id`) become chat messages under the model's template, and the answer's
@@ -6,6 +7,7 @@ reasoning, text and tool calls are split exactly as /v1/chat/completions splits 
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +16,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, KVServeError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import GenerationRequest
 from engine.sampling_params import SamplingParams
@@ -28,7 +30,7 @@ from server.responses import (
 )
 from server.responses_store import StoredResponse
 from server.schemas_responses import InputItemList, ResponseDeleted, ResponseEvent, ResponseObject, ResponsesRequest
-from server.state import get_state, lora_name, new_item_id
+from server.state import ServerState, get_state, lora_name, new_item_id
 
 router = APIRouter()
 
@@ -86,7 +88,8 @@ def _head(body: ResponsesRequest, response_id: str, model: str, stored: bool) ->
         "temperature": body.temperature, "text": {"format": fmt or {"type": "text"}},
         "tool_choice": tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump(),
         "tools": [t.model_dump(exclude_none=True) for t in body.tools or []], "top_p": body.top_p,
-        "top_logprobs": body.top_logprobs, "truncation": "disabled", "background": False, "user": body.user,
+        "top_logprobs": body.top_logprobs, "truncation": "disabled", "background": bool(body.background),
+        "user": body.user,
         "metadata": body.metadata or {},
     }
 
@@ -95,8 +98,13 @@ def _head(body: ResponsesRequest, response_id: str, model: str, stored: bool) ->
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
     state = get_state(request)
     name, engine = state.resolve(body.model, "generate")
-    history = list(state.responses.get(body.previous_response_id, "previous_response_id").messages
-                   if body.previous_response_id else ())
+    history: list[dict[str, Any]] = []
+    if body.previous_response_id:
+        previous = state.responses.get(body.previous_response_id, "previous_response_id")
+        if previous.body["status"] in RUNNING:
+            raise InvalidRequestError(f"response {body.previous_response_id!r} is still {previous.body['status']}",
+                                      "previous_response_id")
+        history = list(previous.messages)
     conversation = history + input_messages(body.input)
     wants_logprobs = LOGPROBS in (body.include or ())
     if body.top_logprobs and not wants_logprobs:
@@ -123,6 +131,19 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
             state.responses.put(response_id, StoredResponse(final, tuple(conversation + output_message(final["output"])),
                                                             tuple(stored_items(body.input))))
 
+    if body.background:
+        if body.stream:
+            raise InvalidRequestError("background responses are not streamed: poll GET /v1/responses/{id}", "stream")
+        if not stored:
+            raise InvalidRequestError("background responses must be stored (store: true, and a server "
+                                      "--responses-store-size above 0)", "background")
+        state.async_engine.check(name, payload)  # a bad request is this call's 4xx, not a failed response
+        pending = StoredResponse(answer.builder.response("queued"), tuple(conversation), tuple(stored_items(body.input)))
+        state.responses.put(response_id, pending)
+        work = _in_background(state, name, response_id, payload, answer, engine.tokenizer, keep, pending)
+        state.background[response_id] = asyncio.create_task(work)
+        return JSONResponse(pending.body)
+
     if body.stream:
         merged = await gen.open_streams(state.async_engine, name, response_id, [payload])
         return sse.response(_events(merged, answer, engine.tokenizer, keep), state, response_id, done=False)
@@ -131,12 +152,39 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         finals = await gen.cancel_on_disconnect(request, gen.run_all(state.async_engine, name, response_id, [payload]))
     finally:
         state.metrics.forget(response_id)
-    out = finals[0]
-    whole = dataclasses.replace(out.outputs[0], new_text=out.outputs[0].text)
-    answer.feed(whole)
-    final = answer.finish(out, engine.tokenizer)[-1]["response"]
+    final = _whole(finals[0], answer, engine.tokenizer)
     keep(final)
     return JSONResponse(final)
+
+
+RUNNING = ("queued", "in_progress")  # a background response's statuses before it ends
+
+
+def _whole(out: RequestOutput, answer: _Answer, tokenizer: Any) -> dict[str, Any]:
+    """The answer to a finished request, all its text fed at once."""
+    answer.feed(dataclasses.replace(out.outputs[0], new_text=out.outputs[0].text))
+    return answer.finish(out, tokenizer)[-1]["response"]
+
+
+async def _in_background(state: ServerState, name: str, response_id: str, payload: GenerationRequest,
+                         answer: _Answer, tokenizer: Any, keep: Any, pending: StoredResponse) -> None:
+    """Run a background response to its end and store the answer; a failure is stored as a
+    `failed` response carrying the error (a cancel stores `cancelled` itself, and stops this)."""
+    def store(status: str, error: dict[str, str] | None = None) -> None:
+        state.responses.put(response_id, dataclasses.replace(pending, body={**pending.body, "status": status,
+                                                                             "error": error}))
+
+    store("in_progress")
+    try:
+        finals = await gen.run_all(state.async_engine, name, response_id, [payload])
+        keep(_whole(finals[0], answer, tokenizer))
+    except KVServeError as exc:
+        store("failed", {"code": exc.error_type, "message": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - nobody awaits this task: the stored answer is the report
+        store("failed", {"code": "server_error", "message": f"{type(exc).__name__}: {exc}"})
+    finally:
+        state.metrics.forget(response_id)
+        state.background.pop(response_id, None)
 
 
 async def _events(merged: AsyncIterator[tuple[int, RequestOutput]], answer: _Answer, tokenizer: Any,
@@ -159,8 +207,28 @@ async def get_response(response_id: str, request: Request) -> Any:
 
 @router.delete("/v1/responses/{response_id}", responses=answers(ResponseDeleted, (401, 404)))
 async def delete_response(response_id: str, request: Request) -> Any:
-    get_state(request).responses.delete(response_id)
+    state = get_state(request)
+    state.responses.delete(response_id)
+    task = state.background.pop(response_id, None)
+    if task is not None:  # nobody can read its answer any more: stop it and free its KV blocks
+        task.cancel()
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+@router.post("/v1/responses/{response_id}/cancel", responses=answers(ResponseObject, (400, 401, 404)))
+async def cancel_response(response_id: str, request: Request) -> Any:
+    """Stop a background response (its KV blocks are freed at once) and store it as `cancelled`;
+    one that already ended is returned as it is, as OpenAI does."""
+    state = get_state(request)
+    stored = state.responses.get(response_id)
+    if not stored.body.get("background"):
+        raise InvalidRequestError("only responses created with background: true can be cancelled", "response_id")
+    task = state.background.pop(response_id, None)
+    if task is not None:
+        task.cancel()
+        stored = dataclasses.replace(stored, body={**stored.body, "status": "cancelled"})
+        state.responses.put(response_id, stored)
+    return JSONResponse(stored.body)
 
 
 @router.get("/v1/responses/{response_id}/input_items", responses=answers(InputItemList, (400, 401, 404)))

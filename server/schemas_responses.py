@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, StringConstraints, Tag, model_validator
 
-from server.schemas import NonEmptyStr, _Request, _Response, bounded, unsupported
+from server.schemas import NonEmptyStr, _Request, _Response, bounded
 
 
 # ---- request -------------------------------------------------------------------------------
@@ -153,7 +153,9 @@ class ResponsesRequest(_Request):
                         Field(max_length=16)] | None = None
     truncation: Literal["disabled"] | None = Field(
         None, description="Only `disabled`: a conversation over the context is a 400, never cut")
-    background: unsupported(bool, "background responses are not supported", {"const": False}) | None = None
+    background: bool | None = Field(None, description="Answer at once with status `queued` and run the response "
+                                    "in the background: poll GET /v1/responses/{id}, stop it with POST "
+                                    "/v1/responses/{id}/cancel. Needs `store`; not streamed")
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = Field(None, description="Accepted; the prefix cache needs no key")
@@ -239,12 +241,18 @@ class IncompleteDetails(_Response):
     reason: Literal["max_output_tokens", "content_filter"]
 
 
+class ResponseError(_Response):
+    code: str
+    message: str
+
+
 class ResponseObject(_Response):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["in_progress", "completed", "incomplete"]
-    error: None = None
+    # queued, cancelled and failed: background responses only
+    status: Literal["queued", "in_progress", "completed", "incomplete", "cancelled", "failed"]
+    error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None
     instructions: str | None = None
     max_output_tokens: int | None = None

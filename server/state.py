@@ -1,8 +1,9 @@
 """What every route reads from `app.state.kv`: the async engine, served models, settings, metrics."""
 from __future__ import annotations
 
+import asyncio
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -28,6 +29,8 @@ class ServerState:
     settings: ServerSettings
     metrics: ServerMetrics
     responses: ResponseStore  # stored /v1/responses answers
+    # background /v1/responses still running, by response id (POST .../cancel cancels them)
+    background: dict[str, asyncio.Task] = field(default_factory=dict)
 
     def engine(self, model: str) -> Any:
         """The engine serving `model` (a served model's name, or a LoRA adapter's that one of

@@ -168,12 +168,14 @@ BART_SUMMARIZATION = {"early_stopping": True, "length_penalty": 2.0, "max_length
                       "no_repeat_ngram_size": 3, "num_beams": 4}
 
 
-def make_bart_folder(folder: Path, seed: int = 0, d_model: int = 32, **config_overrides: int) -> Path:
+def make_bart_folder(folder: Path, seed: int = 0, d_model: int = 32, extra_vocab: int = 0,
+                     **config_overrides: int) -> Path:
     """bart-large-cnn-like folder: a BART model (post-LN, learned positions, embedding norm, GELU, a
     logits bias) and a byte-level BPE tokenizer.json trained on the corpus with RoBERTa's specials
     (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4) and its `<s> $A </s>` layout; the generation config
     forces <s> first and </s> last, and config.json carries bart-large-cnn's summarization settings
-    (scaled down) under task_specific_params, as HF's pipeline reads them."""
+    (scaled down) under task_specific_params, as HF's pipeline reads them. `extra_vocab` unused
+    tokens and `config_overrides` build a real checkpoint's shape for the benchmarks."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import BartConfig, BartForConditionalGeneration
 
@@ -186,6 +188,7 @@ def make_bart_folder(folder: Path, seed: int = 0, d_model: int = 32, **config_ov
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus(seed=seed), trainer)
     tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    tok.add_tokens([f"<extra_{i}>" for i in range(extra_vocab)])
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "BartTokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
@@ -198,6 +201,8 @@ def make_bart_folder(folder: Path, seed: int = 0, d_model: int = 32, **config_ov
         vocab_size=tok.get_vocab_size(), d_model=d_model, pad_token_id=1, bos_token_id=0, eos_token_id=2,
         decoder_start_token_id=2, forced_bos_token_id=0, forced_eos_token_id=2, init_std=0.2,
         task_specific_params={"summarization": BART_SUMMARIZATION}, **shape,
+        # fairseq's flags, as bart-large-cnn's config.json keeps them (HF ignores them; CTranslate2 reads them)
+        normalize_before=False, normalize_embedding=True, add_final_layer_norm=False,
     )
     model = BartForConditionalGeneration(config).eval()
     with torch.no_grad():  # LayerNorms start at ones and zeros: spread them so a misplaced norm shows

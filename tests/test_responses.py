@@ -5,6 +5,7 @@ calls) run on the real engine in tests/test_server_engine.py."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -154,7 +155,9 @@ def test_logprobs_ride_on_the_text(url, engine):
     ({"input": ""}, "input"),
     ({"input": []}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
-    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "background": True, "store": False}, "background"),
+    ({"input": "x", "background": True, "stream": True}, "stream"),
+    ({"input": "x", "background": True, "max_output_tokens": 200}, "prompt"),  # admission errors come at once
     ({"input": "x", "truncation": "auto"}, "truncation"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "x", "tools": [WEATHER]}, "tool_choice"),  # auto needs a parser
@@ -169,6 +172,68 @@ def test_refusals_are_400s_naming_the_field(url, engine, body, param):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
     assert engine.stats().kv_cache_usage == 0
+
+
+def _until_ended(url: str, response_id: str, timeout_s: float = 10.0) -> dict:
+    """GET a background response until it leaves queued / in_progress."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = httpx.get(f"{url}/v1/responses/{response_id}", timeout=10).json()
+        if body["status"] not in ("queued", "in_progress") or time.monotonic() > deadline:
+            return body
+        time.sleep(0.02)
+
+
+def test_a_background_response_is_queued_then_stored(url, client, engine):
+    raw = _post(url, input="hello", max_output_tokens=5, background=True)
+    assert raw.status_code == 200, raw.text
+    queued = raw.json()
+    Response.model_validate(queued)
+    ResponseObject.model_validate(queued)
+    assert queued["status"] == "queued" and queued["background"] and queued["output"] == []
+    done = _until_ended(url, queued["id"])
+    Response.model_validate(done)
+    sync = _post(url, input="hello", max_output_tokens=5).json()
+    assert done["status"] == "incomplete" and done["background"] and done["error"] is None
+    assert done["output"][0]["content"][0]["text"] == sync["output"][0]["content"][0]["text"] == greedy_text(
+        "<s>[user]hello\n[assistant]", 5)
+    assert done["usage"] == sync["usage"]
+    assert client.responses.retrieve(queued["id"]).output_text == sync["output"][0]["content"][0]["text"]
+    again = client.responses.create(model="fake", input="more", previous_response_id=queued["id"], max_output_tokens=2)
+    assert again.status == "incomplete"  # an ended background answer continues like any other
+    # cancelling one that ended returns it as it is; a foreground one cannot be cancelled
+    assert httpx.post(f"{url}/v1/responses/{queued['id']}/cancel", timeout=10).json() == done
+    r = httpx.post(f"{url}/v1/responses/{sync['id']}/cancel", timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_id"
+    assert httpx.post(f"{url}/v1/responses/resp_nope/cancel", timeout=10).status_code == 404
+    assert engine.stats().kv_cache_usage == 0
+
+
+def test_cancel_and_delete_stop_a_background_response_and_free_its_blocks():
+    slow = FakeEngine(max_model_len=400, step_delay_s=0.02)
+    with serve({"fake": slow}, ServerSettings(port=free_port(), shutdown_timeout_s=2.0)) as url:
+        started = [_post(url, input="long", max_output_tokens=300, background=True).json() for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while len(slow.running) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(slow.running) == 2 and slow.stats().kv_cache_usage > 0
+        running = httpx.get(f"{url}/v1/responses/{started[0]['id']}", timeout=10).json()
+        assert running["status"] == "in_progress"
+        r = _post(url, input="next", previous_response_id=started[0]["id"])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+
+        cancelled = httpx.post(f"{url}/v1/responses/{started[0]['id']}/cancel", timeout=10).json()
+        Response.model_validate(cancelled)
+        assert cancelled["status"] == "cancelled" and cancelled["output"] == []
+        assert httpx.delete(f"{url}/v1/responses/{started[1]['id']}", timeout=10).status_code == 200
+        while slow.has_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not slow.has_unfinished_requests() and slow.stats().kv_cache_usage == 0
+        assert slow.generation_tokens < 300  # stopped long before its end
+        time.sleep(0.1)  # nothing overwrites the cancelled answer later
+        assert _until_ended(url, started[0]["id"]) == cancelled
+        assert httpx.post(f"{url}/v1/responses/{started[0]['id']}/cancel", timeout=10).json() == cancelled
+        assert httpx.get(f"{url}/v1/responses/{started[1]['id']}", timeout=10).status_code == 404
 
 
 def test_an_unknown_model_is_a_404(url):
