@@ -63,7 +63,7 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     seed: int = 0
-    served_name: str | None = None
+    served_name: str | None = None  # what requests call the model (default: its alias or folder name)
     # Decode steps through engine.cuda_graphs. None: on for CUDA with the fused backend. True
     # elsewhere runs the same padded static-buffer path without capture (the CPU tests of it).
     decode_graphs: bool | None = None

@@ -155,7 +155,8 @@ class EmbeddingEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> EmbeddingEngine:
-        loaded = load_model(config.model, getattr(torch, config.dtype), config.device, config.max_model_len)
+        loaded = load_model(config.model, getattr(torch, config.dtype), config.device, config.max_model_len,
+                            served_name=config.served_name)
         return cls(loaded, config)
 
     # ---- admission ------------------------------------------------------------------

@@ -134,7 +134,7 @@ class LLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         loaded = load_model(config.model, getattr(torch, config.dtype), config.device, config.max_model_len,
-                            pack_cpu_linears=not config.gemv_max_rows)
+                            pack_cpu_linears=not config.gemv_max_rows, served_name=config.served_name)
         return cls(loaded, config)
 
     # ---- LoRA adapters -------------------------------------------------------------

@@ -141,7 +141,8 @@ class TranslationEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> TranslationEngine:
-        loaded = load_model(config.model, getattr(torch, config.dtype), config.device, config.max_model_len)
+        loaded = load_model(config.model, getattr(torch, config.dtype), config.device, config.max_model_len,
+                            served_name=config.served_name)
         return cls(loaded, config)
 
     def default_params(self, task: str | None = None, **overrides: Any) -> SamplingParams:

@@ -50,12 +50,15 @@ def load_model(
     device: str | torch.device = "cpu",
     max_model_len: int | None = None,
     pack_cpu_linears: bool = True,
+    served_name: str | None = None,
 ) -> LoadedModel:
     """`pack_cpu_linears`: on CPU in fp32, run Linears through oneDNN with packed weights
-    (engine/cpu_linear.py); False keeps plain nn.Linear (F.linear), e.g. to compare the two."""
+    (engine/cpu_linear.py); False keeps plain nn.Linear (F.linear), e.g. to compare the two.
+    `served_name`: the name requests use (default: the alias, or the folder's or GGUF file's name)."""
     if torch.device(device).type == "cpu":
         retain_freed_memory()  # every CPU engine loads through here (engine/cpu_memory.py)
     name, folder = resolve(path_or_alias)
+    name = served_name or name
     config = _read_json(folder / "config.json")
     if config is None:
         raise ModelLoadError(f"no config.json in {folder}")

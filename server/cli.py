@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="path (HF folder or .gguf) or alias; repeat to serve several "
                             f"(env KVSERVE_MODEL, comma-separated; default {', '.join(DEFAULT_MODELS)})")
     serve.set_defaults(env_models=env_models.split(",") if env_models else None)
+    env_names = _env("served-model-name", None)
+    serve.add_argument("--served-model-name", nargs="+", action="extend", default=None, metavar="NAME",
+                       help="the name requests use for each --model, in --model order (default: the alias, or the "
+                            "folder's or GGUF file's name; env KVSERVE_SERVED_MODEL_NAME, comma-separated)")
+    serve.set_defaults(env_served_model_names=env_names.split(",") if env_names else None)
     opt("host", str, "127.0.0.1", "address to bind")
     opt("port", int, 8000, "port to bind")
     opt("dtype", str, "auto", "model dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16")
@@ -150,11 +155,13 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def engine_config(model: str, args: argparse.Namespace, gpu_kv_share: float = 1.0) -> Any:
+def engine_config(model: str, args: argparse.Namespace, gpu_kv_share: float = 1.0,
+                  served_name: str | None = None) -> Any:
     from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
     return EngineConfig(
         model=model,
+        served_name=served_name,
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
@@ -198,6 +205,18 @@ def kv_shares(tasks: list[str]) -> list[float]:
     return shares
 
 
+def served_model_names(args: argparse.Namespace, num_models: int) -> list[str | None]:
+    """--served-model-name's names (or its environment variable's), one per model; None where a
+    model keeps its own. SystemExit when they do not pair one to one with the models."""
+    names = args.served_model_name or args.env_served_model_names
+    if not names:
+        return [None] * num_models
+    if len(names) != num_models or not all(n.strip() for n in names):
+        raise SystemExit(f"kvserve: --served-model-name gives {len(names)} name(s) for {num_models} model(s): "
+                         "give one non-empty name per --model, in the same order")
+    return [n.strip() for n in names]
+
+
 def lora_modules(args: argparse.Namespace) -> list[Any]:
     """--lora-modules (or its environment variable) as LoRAModules; ValueError names a bad one."""
     from engine.errors import InvalidRequestError
@@ -209,8 +228,9 @@ def lora_modules(args: argparse.Namespace) -> list[Any]:
         raise ValueError(f"--lora-modules: {err}") from None
 
 
-def build_engine(model: str, task: str, args: argparse.Namespace, gpu_kv_share: float) -> Any:
-    config = engine_config(model, args, gpu_kv_share)
+def build_engine(model: str, task: str, args: argparse.Namespace, gpu_kv_share: float,
+                 served_name: str | None = None) -> Any:
+    config = engine_config(model, args, gpu_kv_share, served_name)
     if task == "generate":
         from engine.engine import LLMEngine
         from engine.lora import LoRAConfig
@@ -241,13 +261,14 @@ def serve(args: argparse.Namespace) -> None:
     from server.state import load_lora
 
     models = args.model or args.env_models or list(DEFAULT_MODELS)
+    names = served_model_names(args, len(models))
     # the thread that loads the engines is the one that steps them (see engine/async_engine.py)
     compute = ComputeThread()
     served: dict[str, Any] = {}
     tasks = [model_task(model) for model in models]
-    for model, task, share in zip(models, tasks, kv_shares(tasks)):
+    for model, task, share, served_name in zip(models, tasks, kv_shares(tasks), names):
         try:
-            engine = compute.submit(build_engine, model, task, args, share).result()
+            engine = compute.submit(build_engine, model, task, args, share, served_name).result()
         except InvalidRequestError as err:  # a budget or setting that cannot serve: say which, no traceback
             raise SystemExit(f"kvserve: cannot serve {model}: {err}") from None
         name = engine.info.name

@@ -89,7 +89,7 @@ def test_models_are_built_with_their_kv_share_and_a_budget_error_exits_cleanly(m
     tasks = {"smol": "generate", "mini": "embed", "marian": "translate"}
     built = []
 
-    def build(model, task, args, share):
+    def build(model, task, args, share, served_name=None):
         built.append((model, task, share))
         if model == "marian":
             raise InvalidRequestError("no GPU memory left for marian's KV cache")
@@ -178,3 +178,38 @@ def test_parser_names_are_checked_before_anything_loads(monkeypatch, capsys):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["serve", "--device", "cpu", flag, "granite"])
         assert exit_info.value.code == 2 and f"{flag} must be one of" in capsys.readouterr().err
+
+
+def test_served_model_names_pair_with_the_models(monkeypatch, tiny_llama):
+    """--served-model-name renames each --model in order (what requests and /v1/models use); a count
+    that does not pair one to one exits before any model loads."""
+    built = []
+
+    def build(model, task, args, share, served_name=None):
+        built.append((model, served_name))
+        return SimpleNamespace(info=SimpleNamespace(name=served_name or model, task=task, path=model),
+                               stats=lambda: SimpleNamespace(num_blocks_total=0))
+
+    monkeypatch.setattr(cli, "model_task", lambda model: "generate")
+    monkeypatch.setattr(cli, "build_engine", build)
+    parse = cli.build_parser().parse_args
+    args = parse(["serve", "--model", "smol", "--model", "mini", "--served-model-name", "chat", "embed"])
+    assert cli.served_model_names(args, 2) == ["chat", "embed"]
+    assert cli.served_model_names(parse(["serve"]), 2) == [None, None]
+    monkeypatch.setenv("KVSERVE_SERVED_MODEL_NAME", "a,b")  # read when the parser is built
+    assert cli.served_model_names(cli.build_parser().parse_args(["serve"]), 2) == ["a", "b"]
+    assert cli.served_model_names(args, 2) == ["chat", "embed"]  # the flag wins
+    monkeypatch.delenv("KVSERVE_SERVED_MODEL_NAME")
+    for argv in (["--model", "smol", "--served-model-name", "a", "b"], ["--model", "smol", "--model", "mini",
+                                                                       "--served-model-name", "a"]):
+        with pytest.raises(SystemExit, match="one non-empty name per --model"):
+            cli.serve(parse(["serve", *argv]))
+    assert built == []
+    # the name reaches the loaded engine: requests, /v1/models and LoRA bases go by it
+    from engine.engine import LLMEngine
+
+    config = cli.engine_config(str(tiny_llama), parse(["serve", "--device", "cpu", "--dtype", "float32",
+                                                       "--num-kv-blocks", "16"]), served_name="tiny-chat")
+    assert config.served_name == "tiny-chat"
+    engine = LLMEngine.from_config(config)
+    assert engine.info.name == "tiny-chat" and engine.info.path == str(tiny_llama)
