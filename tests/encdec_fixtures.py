@@ -299,6 +299,22 @@ def padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
+def hf_encoder_states(hf: torch.nn.Module, srcs: list[list[int]], pad: int) -> torch.Tensor:
+    """transformers' encoder output of a padded batch, its real rows flattened (T, d_model)."""
+    ids, mask = padded(srcs, pad)
+    with torch.no_grad():
+        return hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+
+
+def hf_decoder_logits(hf: torch.nn.Module, srcs: list[list[int]], tgts: list[list[int]], pad: int) -> torch.Tensor:
+    """transformers' logits of each target prefix given its source, real rows flattened (N, vocab)."""
+    ids, mask = padded(srcs, pad)
+    dec, dec_mask = padded(tgts, pad)
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+    return out.logits[dec_mask.bool()]
+
+
 def hf_generate(hf: torch.nn.Module, srcs: list[list[int]], eos: int, max_new_tokens: int,
                 **kwargs) -> list[list[int]]:
     """HF generate on a padded batch; generated ids (start dropped, cut after the first eos)."""

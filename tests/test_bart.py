@@ -19,8 +19,8 @@ from engine.translation_engine import TranslationEngine  # noqa: E402
 from models.encdec_tokenizer import JsonTokenizer  # noqa: E402
 from models.marian import MarianMTModel  # noqa: E402
 from tests.encdec_fixtures import (BART_SUMMARIZATION, TEST_TEXTS, decoder_logits, encode_batch,  # noqa: E402
-                                   hf_generate, load_folder, make_bart_folder, make_marian_folder, make_t5_folder,
-                                   padded)
+                                   hf_decoder_logits, hf_encoder_states, hf_generate, load_folder, make_bart_folder,
+                                   make_marian_folder, make_t5_folder)
 from tests.server_helpers import serve  # noqa: E402
 
 ATOL = 2e-5
@@ -62,15 +62,9 @@ def test_encoder_and_decoder_logits_match_hf(bart):
     _, ours, hf = bart
     c = ours.config
     src = [[0, *s, 2] for s in _random_seqs([5, 11, 1, 30], c.vocab_size, seed=1)]
-    ids, mask = padded(src, c.pad_token_id)
-    with torch.no_grad():
-        expected = hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
-    assert (encode_batch(ours, src) - expected).abs().max() <= ATOL
+    assert (encode_batch(ours, src) - hf_encoder_states(hf, src, c.pad_token_id)).abs().max() <= ATOL
     tgt = [[c.decoder_start_token_id, 0] + s for s in _random_seqs([4, 9, 0, 3], c.vocab_size, seed=3)]
-    dec, dec_mask = padded(tgt, c.pad_token_id)
-    with torch.no_grad():
-        out = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
-    assert (decoder_logits(ours, src, tgt) - out.logits[dec_mask.bool()]).abs().max() <= ATOL
+    assert (decoder_logits(ours, src, tgt) - hf_decoder_logits(hf, src, tgt, c.pad_token_id)).abs().max() <= ATOL
 
 
 def test_tokenizer_matches_hf(bart):

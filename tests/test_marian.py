@@ -10,7 +10,8 @@ import torch
 from models.encdec_tokenizer import MarianTokenizer
 from models.marian import MarianMTModel, sinusoidal_positions
 from tests.encdec_fixtures import (
-    TEST_TEXTS, decoder_logits, encode_batch, greedy_decode, load_folder, make_marian_folder, padded,
+    TEST_TEXTS, decoder_logits, encode_batch, greedy_decode, hf_decoder_logits, hf_encoder_states, load_folder,
+    make_marian_folder, padded,
     reversal_inputs, train_reversal,
 )
 
@@ -55,9 +56,7 @@ def test_sinusoid_matches_hf_table():
 def test_encoder_matches_hf(marian):
     _, ours, hf = marian
     src = _random_seqs([5, 11, 1, 8], ours.config.vocab_size, seed=1)
-    ids, mask = padded(src, ours.config.pad_token_id)
-    with torch.no_grad():
-        expected = hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+    expected = hf_encoder_states(hf, src, ours.config.pad_token_id)
     got = encode_batch(ours, src)
     assert got.shape == expected.shape
     assert (got - expected).abs().max() <= ATOL
@@ -68,11 +67,7 @@ def test_decoder_logits_match_hf(marian):
     vocab = ours.config.vocab_size
     src = _random_seqs([6, 12, 3], vocab, seed=2)
     tgt = [[ours.config.decoder_start_token_id] + s[:-1] for s in _random_seqs([4, 9, 1], vocab, seed=3)]
-    ids, mask = padded(src, ours.config.pad_token_id)
-    dec, dec_mask = padded(tgt, ours.config.pad_token_id)
-    with torch.no_grad():
-        out = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
-    expected = out.logits[dec_mask.bool()]
+    expected = hf_decoder_logits(hf, src, tgt, ours.config.pad_token_id)
     got = decoder_logits(ours, src, tgt)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     assert (got - expected).abs().max() <= ATOL

@@ -17,8 +17,8 @@ from engine.errors import InvalidRequestError  # noqa: E402
 from engine.translation_engine import TranslationEngine  # noqa: E402
 from models.encdec_tokenizer import LanguageCodeTokenizer  # noqa: E402
 from models.marian import MarianMTModel, fairseq_positions  # noqa: E402
-from tests.encdec_fixtures import (decoder_logits, encode_batch, hf_generate, language_codes,  # noqa: E402
-                                   load_folder, make_nllb_folder, padded)
+from tests.encdec_fixtures import (decoder_logits, encode_batch, hf_decoder_logits, hf_encoder_states,  # noqa: E402
+                                   hf_generate, language_codes, load_folder, make_nllb_folder)
 
 ATOL = 2e-5
 MAX_NEW = 10
@@ -56,15 +56,9 @@ def test_encoder_and_decoder_logits_match_hf(nllb):
     assert c.pre_norm and ours.model.encoder.layer_norm is not None
     assert c.learned_positions == ("mbart" in hf.config.model_type)
     src = _random_seqs([5, 11, 1, 8], c.vocab_size, seed=1)
-    ids, mask = padded(src, c.pad_token_id)
-    with torch.no_grad():
-        expected = hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
-    assert (encode_batch(ours, src) - expected).abs().max() <= ATOL
+    assert (encode_batch(ours, src) - hf_encoder_states(hf, src, c.pad_token_id)).abs().max() <= ATOL
     tgt = [[c.decoder_start_token_id] + s for s in _random_seqs([4, 9, 1, 3], c.vocab_size, seed=3)]
-    dec, dec_mask = padded(tgt, c.pad_token_id)
-    with torch.no_grad():
-        out = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
-    assert (decoder_logits(ours, src, tgt) - out.logits[dec_mask.bool()]).abs().max() <= ATOL
+    assert (decoder_logits(ours, src, tgt) - hf_decoder_logits(hf, src, tgt, c.pad_token_id)).abs().max() <= ATOL
 
 
 def test_tokenizer_source_layout(nllb):

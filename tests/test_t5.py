@@ -10,7 +10,8 @@ import torch
 from models.encdec_tokenizer import JsonTokenizer, T5Tokenizer
 from models.t5 import T5ForConditionalGeneration
 from tests.encdec_fixtures import (
-    TEST_TEXTS, decoder_logits, encode_batch, greedy_decode, load_folder, make_t5_folder, padded,
+    TEST_TEXTS, decoder_logits, encode_batch, greedy_decode, hf_decoder_logits, hf_encoder_states, load_folder,
+    make_t5_folder, padded,
     reversal_inputs, train_reversal,
 )
 
@@ -50,9 +51,7 @@ def test_encoder_matches_hf(t5):
     _, ours, hf = t5
     # lengths past max_exact buckets and past max_distance exercise the log buckets
     src = _random_seqs([5, 30, 1, 12], ours.config.vocab_size, seed=1)
-    ids, mask = padded(src, 0)
-    with torch.no_grad():
-        expected = hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+    expected = hf_encoder_states(hf, src, 0)
     got = encode_batch(ours, src)
     assert got.shape == expected.shape
     assert (got - expected).abs().max() <= ATOL
@@ -63,11 +62,7 @@ def test_decoder_logits_match_hf(t5):
     vocab = ours.config.vocab_size
     src = _random_seqs([6, 25, 3], vocab, seed=2)
     tgt = [[0] + s[:-1] for s in _random_seqs([4, 27, 1], vocab, seed=3)]
-    ids, mask = padded(src, 0)
-    dec, dec_mask = padded(tgt, 0)
-    with torch.no_grad():
-        out = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
-    expected = out.logits[dec_mask.bool()]
+    expected = hf_decoder_logits(hf, src, tgt, 0)
     got = decoder_logits(ours, src, tgt)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     assert (got - expected).abs().max() <= ATOL
@@ -99,11 +94,7 @@ def test_untied_head_from_old_style_checkpoint(tmp_path):
     ours = load_folder(T5ForConditionalGeneration, folder)
     assert not ours.config.tie_word_embeddings and not ours.config.scale_decoder_outputs
     src, tgt = [[5, 9, 17, 1], [40, 1]], [[0, 7, 3], [0]]
-    ids, mask = padded(src, 0)
-    dec, dec_mask = padded(tgt, 0)
-    with torch.no_grad():
-        expected = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
-    assert (decoder_logits(ours, src, tgt) - expected.logits[dec_mask.bool()]).abs().max() <= ATOL
+    assert (decoder_logits(ours, src, tgt) - hf_decoder_logits(hf, src, tgt, 0)).abs().max() <= ATOL
 
 
 def test_tokenizer_matches_hf(t5, tmp_path):
