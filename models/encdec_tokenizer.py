@@ -16,8 +16,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sentencepiece
+
+if TYPE_CHECKING:  # the tokenizers library is imported when a tokenizer.json is read
+    from tokenizers import Tokenizer
 
 SPIECE_UNDERLINE = "▁"
 
@@ -203,12 +207,9 @@ class T5Tokenizer:
     @staticmethod
     def from_folder(folder: str | Path) -> T5Tokenizer | JsonTokenizer:
         folder = Path(folder)
-        cfg = _read_json(folder / "tokenizer_config.json")
-        eos = _token_str(cfg.get("eos_token"), "</s>")
-        pad = _token_str(cfg.get("pad_token"), "<pad>")
-        clean = bool(cfg.get("clean_up_tokenization_spaces", False))
         if (folder / "tokenizer.json").exists():
             return JsonTokenizer.from_folder(folder)
+        cfg, eos, pad, clean = _settings(folder)
         return T5Tokenizer(
             folder / "spiece.model", extra_ids=cfg.get("extra_ids", 100), eos_token=eos,
             unk_token=_token_str(cfg.get("unk_token"), "<unk>"), pad_token=pad, clean_up_spaces=clean,
@@ -244,13 +245,25 @@ class T5Tokenizer:
         return clean_up_tokenization(text) if self.clean_up_spaces else text
 
 
+def _settings(folder: Path) -> tuple[dict, str, str, bool]:
+    """tokenizer_config.json, and the eos token, pad token and clean-up flag it sets (HF's defaults
+    where it sets none)."""
+    cfg = _read_json(folder / "tokenizer_config.json")
+    return (cfg, _token_str(cfg.get("eos_token"), "</s>"), _token_str(cfg.get("pad_token"), "<pad>"),
+            bool(cfg.get("clean_up_tokenization_spaces", False)))
+
+
+def _load_json(folder: Path) -> Tokenizer:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
 class JsonTokenizer:
     """A `tokenizer.json` through the tokenizers library (its post-processor adds `</s>`)."""
 
-    def __init__(self, path: Path, eos_token: str, pad_token: str, clean_up_spaces: bool = False) -> None:
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_file(str(path))
+    def __init__(self, tok: Tokenizer, eos_token: str, pad_token: str, clean_up_spaces: bool = False) -> None:
+        self.tok = tok
         self.eos_token_id = self.tok.token_to_id(eos_token)
         self.pad_token_id: int | None = self.tok.token_to_id(pad_token)
         self.clean_up_spaces = clean_up_spaces
@@ -259,9 +272,8 @@ class JsonTokenizer:
     def from_folder(cls, folder: str | Path) -> JsonTokenizer:
         """The folder's tokenizer.json with its tokenizer_config.json's eos, pad and clean-up."""
         folder = Path(folder)
-        cfg = _read_json(folder / "tokenizer_config.json")
-        return cls(folder / "tokenizer.json", _token_str(cfg.get("eos_token"), "</s>"),
-                   _token_str(cfg.get("pad_token"), "<pad>"), bool(cfg.get("clean_up_tokenization_spaces", False)))
+        _, eos, pad, clean = _settings(folder)
+        return cls(_load_json(folder), eos, pad, clean)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -290,27 +302,34 @@ class JsonTokenizer:
 _LANGUAGE_CODE = re.compile(r"^(?:[a-z]{3}_[A-Z][a-z]{3}|__[a-z]{2,3}__|[a-z]{2}_[A-Z]{2})$")
 
 
+def language_codes(tok: Tokenizer) -> dict[str, int]:
+    """The language codes among a tokenizer's added tokens, with their ids."""
+    added = tok.get_added_tokens_decoder()
+    return {t.content: i for i, t in added.items() if _LANGUAGE_CODE.match(t.content)}
+
+
 class LanguageCodeTokenizer(JsonTokenizer):
     """NLLB-200's or mBART-50's tokenizer.json with its language codes: HF NllbTokenizerFast's and
     MBart50TokenizerFast's source layout `[source code] pieces </s>` (NLLB's `legacy_behaviour`:
     `pieces </s> [source code]`). A source with no language named keeps the layout the folder's
     tokenizer.json was saved with (its src_lang)."""
 
-    def __init__(self, path: Path, eos_token: str, pad_token: str, clean_up_spaces: bool = False,
+    def __init__(self, tok: Tokenizer, eos_token: str, pad_token: str, clean_up_spaces: bool = False,
                  legacy: bool = False) -> None:
-        super().__init__(path, eos_token, pad_token, clean_up_spaces)
-        added = self.tok.get_added_tokens_decoder()
-        self.language_codes = {t.content: i for i, t in added.items() if _LANGUAGE_CODE.match(t.content)}
+        super().__init__(tok, eos_token, pad_token, clean_up_spaces)
+        self.language_codes = language_codes(tok)
         self.legacy = legacy
 
     @staticmethod
-    def from_folder(folder: str | Path) -> LanguageCodeTokenizer:
+    def from_folder(folder: str | Path) -> JsonTokenizer:
+        """The folder's tokenizer.json, read once: a LanguageCodeTokenizer where it has language
+        codes, else a plain JsonTokenizer (BART's)."""
         folder = Path(folder)
-        cfg = _read_json(folder / "tokenizer_config.json")
-        return LanguageCodeTokenizer(
-            folder / "tokenizer.json", _token_str(cfg.get("eos_token"), "</s>"), _token_str(cfg.get("pad_token"), "<pad>"),
-            bool(cfg.get("clean_up_tokenization_spaces", False)), legacy=bool(cfg.get("legacy_behaviour", False)),
-        )
+        cfg, eos, pad, clean = _settings(folder)
+        tok = _load_json(folder)
+        if not language_codes(tok):
+            return JsonTokenizer(tok, eos, pad, clean)
+        return LanguageCodeTokenizer(tok, eos, pad, clean, legacy=bool(cfg.get("legacy_behaviour", False)))
 
     def encode_source(self, text: str, source_lang: str | None) -> list[int]:
         """The encoder input of `text` in language `source_lang` (a code of `language_codes`)."""

@@ -377,8 +377,7 @@ class MarianMTModel(nn.Module):
         if not (Path(folder) / "tokenizer.json").exists():
             raise ValueError(f"{folder} has neither Marian's source.spm nor a tokenizer.json (M2M100 folders "
                              "without one, as facebook/m2m100_418M ships, are not supported)")
-        coded = LanguageCodeTokenizer.from_folder(folder)
-        return coded if coded.language_codes else JsonTokenizer.from_folder(folder)
+        return LanguageCodeTokenizer.from_folder(folder)
 
     @classmethod
     def extra_info(cls, folder: str | Path, config: dict | MarianConfig) -> dict:
