@@ -6,6 +6,7 @@ by test_server_engine.py on a tiny random Llama and by test_server_smollm2.py.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -286,3 +287,18 @@ def leave_stream_early(url: str, body: dict, engine: Any, lines: int = 3) -> Non
     while engine.stats().kv_cache_usage > 0 and time.monotonic() < deadline:
         time.sleep(0.01)
 
+
+
+def named_events(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """POST a streamed request and read its named SSE events (OpenAI's Responses API, Anthropic's
+    Messages API): each block's `event:` line must name its data's `type`; the data, in order."""
+    events = []
+    with httpx.stream("POST", url, json=body, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        for block in r.read().decode().split("\n\n"):
+            if block.strip():
+                name, data = block.split("\n")
+                event = json.loads(data.removeprefix("data: "))
+                assert name == f"event: {event['type']}"
+                events.append(event)
+    return events

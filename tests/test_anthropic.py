@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 from server.schemas_anthropic import AnthropicErrorResponse, MessageResponse, MessageStreamEvent
 from server.settings import ServerSettings
 from tests.server_helpers import (
-    HERMES, THINK, FakeEngine, free_port, greedy_text, leave_stream_early, scripted, serve,
+    HERMES, THINK, FakeEngine, free_port, greedy_text, leave_stream_early, named_events, scripted, serve,
 )
 
 EVENTS = TypeAdapter(RawMessageStreamEvent)
@@ -48,18 +48,10 @@ def _post(url: str, path: str = "/v1/messages", **body) -> httpx.Response:
 
 def _events(url: str, **body) -> list[dict]:
     """A streamed answer's events, each held to Anthropic's event types; `event:` names its data's type."""
-    events = []
-    with httpx.stream("POST", f"{url}/v1/messages", json={"model": "fake", "max_tokens": 8, "stream": True, **body},
-                      timeout=30) as r:
-        assert r.status_code == 200, r.read()
-        for block in r.read().decode().split("\n\n"):
-            if block.strip():
-                name, data = block.split("\n")
-                event = json.loads(data.removeprefix("data: "))
-                assert name == f"event: {event['type']}"
-                EVENTS.validate_python(event)
-                MessageStreamEvent.model_validate(event)
-                events.append(event)
+    events = named_events(f"{url}/v1/messages", {"model": "fake", "max_tokens": 8, "stream": True, **body})
+    for event in events:
+        EVENTS.validate_python(event)
+        MessageStreamEvent.model_validate(event)
     return events
 
 

@@ -17,7 +17,7 @@ from server.responses import ResponseBuilder, reasoning_tokens
 from server.schemas_responses import ResponseEvent, ResponseObject
 from server.settings import ServerSettings
 from tests.server_helpers import (
-    HERMES, THINK, FakeEngine, free_port, greedy_text, leave_stream_early, scripted, serve,
+    HERMES, THINK, FakeEngine, free_port, greedy_text, leave_stream_early, named_events, scripted, serve,
 )
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
@@ -49,18 +49,10 @@ def _post(url: str, **body) -> httpx.Response:
 
 def _events(url: str, **body) -> list[dict]:
     """A streamed answer's events, each held to OpenAI's event types; `event:` names its data's type."""
-    events = []
-    with httpx.stream("POST", f"{url}/v1/responses", json={"model": "fake", "stream": True, **body}, timeout=30) as r:
-        assert r.status_code == 200, r.read()
-        for block in r.read().decode().split("\n\n"):
-            if not block.strip():
-                continue
-            name, data = block.split("\n")
-            event = json.loads(data.removeprefix("data: "))
-            assert name == f"event: {event['type']}"
-            EVENTS.validate_python(event)
-            ResponseEvent.model_validate(event)
-            events.append(event)
+    events = named_events(f"{url}/v1/responses", {"model": "fake", "stream": True, **body})
+    for event in events:
+        EVENTS.validate_python(event)
+        ResponseEvent.model_validate(event)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     return events
 
