@@ -1,8 +1,9 @@
-"""MarianMT (Helsinki-NLP opus-mt), M2M100 / NLLB-200, mBART-50 and BART encoder-decoders, with HF
-attribute names so checkpoint keys load unchanged. M2M100 (NLLB's architecture) is Marian's blocks with
+"""MarianMT (Helsinki-NLP opus-mt), M2M100 / NLLB-200, mBART-50, BART and Pegasus encoder-decoders, with
+HF attribute names so checkpoint keys load unchanged. M2M100 (NLLB's architecture) is Marian's blocks with
 the norms first (pre-LN, plus a final norm after each stack), fairseq's sinusoidal positions and no logits
 bias; mBART is pre-LN too, with learned positions (offset by 2) and a LayerNorm over the embeddings;
-BART (bart-large-cnn, distilbart) is Marian's post-LN blocks with mBART's positions and embedding norm.
+BART (bart-large-cnn, distilbart) is Marian's post-LN blocks with mBART's positions and embedding norm;
+Pegasus (pegasus-xsum, pegasus-cnn_dailymail) is pre-LN with Marian's own sinusoids.
 
 Encoder-decoder interface (shared with models/t5.py; the engine drives it, flat batches, no batch dim):
   encode(input_ids (T,), positions (T,), ctx) -> encoder hidden (T, d_model)
@@ -65,8 +66,10 @@ class MarianConfig:
     pad_token_id: int
     decoder_start_token_id: int
     eos_token_id: int
-    pre_norm: bool = False  # M2M100, mBART: x + f(LN(x)) and a LayerNorm after each stack; Marian, BART: LN(x + f(x))
-    learned_positions: bool = False  # mBART, BART: embed_positions rows 2.. (HF's offset); else sinusoids
+    pre_norm: bool = False  # M2M100, mBART, Pegasus: x + f(LN(x)), a LayerNorm after each stack; Marian, BART: LN(x + f(x))
+    # "sinusoidal": Marian's [sin | cos] table (Marian, Pegasus); "fairseq": M2M100's, offset past the
+    # pad row; "learned": embed_positions rows 2.. (HF's offset) and an embedding LayerNorm (mBART, BART)
+    positions: str = "sinusoidal"
 
     @classmethod
     def from_hf(cls, cfg: dict) -> MarianConfig:
@@ -76,6 +79,7 @@ class MarianConfig:
         m2m = cfg.get("model_type") == "m2m_100" or "M2M100ForConditionalGeneration" in archs
         mbart = cfg.get("model_type") == "mbart" or "MBartForConditionalGeneration" in archs
         bart = cfg.get("model_type") == "bart" or "BartForConditionalGeneration" in archs
+        pegasus = cfg.get("model_type") == "pegasus" or "PegasusForConditionalGeneration" in archs
         pad = cfg.get("pad_token_id", 58100)
         eos = cfg.get("eos_token_id", 0)
         return cls(
@@ -96,9 +100,13 @@ class MarianConfig:
             pad_token_id=pad,
             decoder_start_token_id=cfg.get("decoder_start_token_id", pad),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            pre_norm=m2m or mbart,
-            learned_positions=mbart or bart,
+            pre_norm=m2m or mbart or pegasus,
+            positions="learned" if mbart or bart else "fairseq" if m2m else "sinusoidal",
         )
+
+    @property
+    def learned_positions(self) -> bool:
+        return self.positions == "learned"
 
     @property
     def target_vocab_size(self) -> int:
@@ -300,7 +308,7 @@ class MarianMTModel(nn.Module):
         x = embed(input_ids) * c.embed_scale
         if stack.embed_positions is not None:  # (m)BART
             return stack.layernorm_embedding(x + stack.embed_positions(positions + 2))
-        if c.pre_norm:  # M2M100's table; a pad token inside a sequence gets HF's zero row only there
+        if c.positions == "fairseq":  # M2M100's table; a pad token inside a sequence gets HF's zero row only there
             return x + fairseq_positions(positions, c.d_model, c.pad_token_id).to(x.dtype)
         return x + sinusoidal_positions(positions, c.d_model).to(x.dtype)
 
@@ -371,12 +379,13 @@ class MarianMTModel(nn.Module):
     @classmethod
     def load_tokenizer(cls, folder: str | Path) -> MarianTokenizer | JsonTokenizer:
         """Marian's SentencePiece pair; M2M100 / NLLB / mBART-50's tokenizer.json with its language
-        codes; BART's (byte-level BPE, `<s> ... </s>`) as it is."""
+        codes; BART's (byte-level BPE, `<s> ... </s>`) and Pegasus's (unigram, `... </s>`) as they are."""
         if (Path(folder) / "source.spm").exists():
             return MarianTokenizer.from_folder(folder)
         if not (Path(folder) / "tokenizer.json").exists():
-            raise ValueError(f"{folder} has neither Marian's source.spm nor a tokenizer.json (M2M100 folders "
-                             "without one, as facebook/m2m100_418M ships, are not supported)")
+            raise ValueError(f"{folder} has neither Marian's source.spm nor a tokenizer.json (M2M100 or Pegasus "
+                             "folders with only SentencePiece files, as facebook/m2m100_418M ships, are not "
+                             "supported; HF's fast tokenizer writes tokenizer.json with save_pretrained)")
         return LanguageCodeTokenizer.from_folder(folder)
 
     @classmethod

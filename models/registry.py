@@ -73,6 +73,7 @@ _ENTRIES: dict[str, ModelEntry] = {
     "M2M100ForConditionalGeneration": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),  # NLLB-200
     "MBartForConditionalGeneration": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),  # mBART-50
     "BartForConditionalGeneration": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),  # bart-large-cnn
+    "PegasusForConditionalGeneration": ModelEntry("models.marian", "MarianMTModel", Task.TRANSLATE),  # pegasus-xsum
     "T5ForConditionalGeneration": ModelEntry("models.t5", "T5ForConditionalGeneration", Task.TRANSLATE),
 }
 

@@ -1,5 +1,5 @@
 """POST /v1/translations and /v1/summarizations: encoder-decoder models (Marian, NLLB, T5; BART,
-T5 summarizers), one text or a list, SSE streaming.
+Pegasus, T5 summarizers), one text or a list, SSE streaming.
 
 Response: `{"id", "object": "translation", "created", "model", "data": [{"index", "translation",
 "finish_reason"}], "usage"}` (a summary: `"object": "summarization"`, `"summary"`). Streaming (single
@@ -93,6 +93,7 @@ class _Kind:
 
 TRANSLATION = _Kind("translation", "translation", "trsl")
 SUMMARIZATION = _Kind("summarization", "summary", "summ")
+SUMMARIZER_ARCHITECTURES = ("Bart", "Pegasus")  # trained only to summarize: no task settings needed
 
 
 def _params(engine: Any, body: TranslationRequest | SummarizationRequest, task: str | None) -> SamplingParams:
@@ -121,9 +122,10 @@ async def translations(body: TranslationRequest, request: Request) -> Any:
 
 def summarization_prefix(info: ModelInfo) -> str | None:
     """The text a summarizer expects in front of its input (T5's `summarize: `); None for a model
-    that is not one: neither BART nor with task_specific_params.summarization in its config.json."""
+    that is not one: neither BART nor Pegasus (summarizers by design) nor with
+    task_specific_params.summarization in its config.json."""
     task = info.task_defaults.get("summarization")
-    if task is None and not info.architecture.startswith("Bart"):
+    if task is None and not info.architecture.startswith(SUMMARIZER_ARCHITECTURES):
         return None
     return str((task or {}).get("prefix") or "")
 
@@ -139,8 +141,8 @@ def _summarizer(state: ServerState, model: str | None) -> tuple[str, Any, str]:
     name, engine = state.resolve(model, "translate")
     prefix = summarization_prefix(engine.info)
     if prefix is None:
-        raise InvalidRequestError(f"model {model!r} is not a summarizer: it is not BART and its config.json has no "
-                                  "task_specific_params.summarization", "model")
+        raise InvalidRequestError(f"model {model!r} is not a summarizer: it is not BART or Pegasus and its "
+                                  "config.json has no task_specific_params.summarization", "model")
     return name, engine, prefix
 
 

@@ -220,6 +220,49 @@ def make_bart_folder(folder: Path, seed: int = 0, d_model: int = 32, extra_vocab
     return folder
 
 
+# ---------------------------------------------------------------- Pegasus
+PEGASUS_GENERATION = {"length_penalty": 0.6, "max_length": 24, "num_beams": 4}
+
+
+def make_pegasus_folder(folder: Path, seed: int = 0, d_model: int = 32) -> Path:
+    """pegasus-xsum-like folder: a Pegasus model (pre-LN, Marian's sinusoids, scaled embeddings, a logits
+    bias, decoding starts from <pad>) and HF's own PegasusTokenizer saved as tokenizer.json, built the way
+    its converter lays a SentencePiece model out: <pad>=0, </s>=1, <mask_1>, <mask_2>, <unk_2..102>, then
+    the pieces of a unigram model trained on the corpus. The generation config is xsum's, scaled down."""
+    from transformers import PegasusConfig, PegasusForConditionalGeneration, PegasusTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(train_spm(
+        folder / "spiece", corpus(seed=seed), 160, unk_id=0, bos_id=-1, eos_id=-1)))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<mask_1>", 0.0), ("<mask_2>", 0.0)]
+    vocab += [(f"<unk_{i}>", -100.0) for i in range(2, 103)]
+    vocab += [("<unk>", 0.0)] + [(spm.id_to_piece(i), spm.get_score(i)) for i in range(1, spm.get_piece_size())]
+    for leftover in ("spiece.model", "spiece.vocab"):  # tokenizer.json only, as the fast tokenizer saves it
+        (folder / leftover).unlink()
+    PegasusTokenizer(vocab=vocab).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = PegasusConfig(
+        vocab_size=len(vocab), d_model=d_model, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        activation_function="relu", scale_embedding=True, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, forced_eos_token_id=1, init_std=0.2,
+    )
+    model = PegasusForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:  # spread the norms, so a misplaced one shows
+                p.add_(torch.randn_like(p) * 0.2)
+            elif name.endswith("proj.weight") or ".fc" in name:
+                p.mul_(2.0)  # else the scaled embeddings drown the layers and every output repeats one token
+        model.final_logits_bias.normal_(0, 0.5)
+        model.final_logits_bias[0, 1] = 3.6  # </s> favoured: outputs end at input-dependent lengths
+    model.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({
+        "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "forced_eos_token_id": 1,
+        **PEGASUS_GENERATION}))
+    return folder
+
+
 # ---------------------------------------------------------------- T5
 def make_t5_folder(folder: Path, gated: bool = False, tie: bool = True, seed: int = 0) -> Path:
     """T5 folder with spiece.model (pad=0, eos=1, unk=2) and 100 sentinels after the pieces."""
