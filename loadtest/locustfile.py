@@ -12,6 +12,7 @@ Request names in the stats:
   responses_stream   POST /v1/responses, stream=True (OpenAI's Responses API), time until the last event
   embeddings         POST /v1/embeddings
   translations       POST /v1/translations
+  summarizations     POST /v1/summarizations (no model named: the server's first summarizer answers)
   /v1/models         each user's one lookup of its model at start
 
 Env: KVSERVE_LOAD_MAX_TOKENS (tokens generated per request, default 32).
@@ -255,3 +256,27 @@ class TranslationUser(KvserveUser):
             return f"bad translations {bad}" if bad else None
 
         self.post_json("/v1/translations", "translations", body, check)
+
+
+class SummarizationUser(KvserveUser):
+    """Names no model: the server answers with its first summarizer (BART, Pegasus, a T5 with task
+    settings), which a translate-task lookup could not tell from a translator. loadtest/run.py starts
+    it only where a probe finds one."""
+
+    served_task = "translate"
+
+    def on_start(self) -> None:
+        self.rng = random.Random()
+
+    @task
+    def summarizations(self) -> None:
+        article = ". ".join(sentence(self.rng, 6, 14) for _ in range(self.rng.randint(2, 5)))
+        body = {"input": article, "max_tokens": MAX_TOKENS}
+
+        def check(reply: dict) -> str | None:
+            data = reply["data"]
+            if len(data) != 1 or not isinstance(data[0]["summary"], str) or data[0]["finish_reason"] is None:
+                return f"bad summary {data}"
+            return None
+
+        self.post_json("/v1/summarizations", "summarizations", body, check)

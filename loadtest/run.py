@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ CLASSES_BY_TASK = {
     "generate": ("ChatStreamUser", "CompletionUser", "TgiStreamUser", "ResponsesStreamUser"),
     "embed": ("EmbeddingUser",),
     "classify": ("RerankUser",),
-    "translate": ("TranslationUser",),
+    "translate": ("TranslationUser", "SummarizationUser"),
 }
+NEEDS_SUMMARIZER = "SummarizationUser"  # started only where serves_summaries() finds a summarizer
 TTFT_NAME = "chat_stream TTFT"
 LOOKUP_NAME = "/v1/models"  # each user's start-up lookup: counted as a request, not as load
 
@@ -35,8 +37,22 @@ def served_tasks(host: str) -> list[str]:
         return sorted({m["task"] for m in json.load(r)["data"]})
 
 
-def classes_for(tasks: list[str]) -> list[str]:
-    return [cls for t in tasks for cls in CLASSES_BY_TASK.get(t, ())]
+def serves_summaries(host: str) -> bool:
+    """Whether one of the translate-task models summarizes: /v1/models does not say, so ask for a short
+    summary with no model named; only a 404 means there is none (a 400 for a setting is still one)."""
+    body = json.dumps({"input": "probe", "max_tokens": 4}).encode()
+    req = urllib.request.Request(f"{host.rstrip('/')}/v1/summarizations", data=body,
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status == 200
+    except urllib.error.HTTPError as e:
+        return e.code != 404
+
+
+def classes_for(tasks: list[str], has_summarizer: bool = False) -> list[str]:
+    return [cls for t in tasks for cls in CLASSES_BY_TASK.get(t, ())
+            if cls != NEEDS_SUMMARIZER or has_summarizer]
 
 
 def percentile(hist: dict[int, int], q: float) -> float | None:
@@ -123,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="hard limit on the locust process in seconds (default: run time + 60)")
     args = p.parse_args(argv)
 
-    classes = args.classes or classes_for(served_tasks(args.host))
+    if not args.classes:
+        tasks = served_tasks(args.host)
+        args.classes = classes_for(tasks, "translate" in tasks and serves_summaries(args.host))
+    classes = args.classes
     if not classes:
         print("no user class matches the served models", file=sys.stderr)
         return 2

@@ -15,8 +15,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from loadtest.run import CLASSES_BY_TASK, LOCUSTFILE, percentile, summarise  # noqa: E402
-from tests.encdec_fixtures import make_marian_folder  # noqa: E402
+from loadtest.run import CLASSES_BY_TASK, LOCUSTFILE, classes_for, percentile, summarise  # noqa: E402
+from tests.encdec_fixtures import make_bart_folder, make_marian_folder  # noqa: E402
 from tests.server_helpers import free_port, metric_value, subprocess_server  # noqa: E402
 from tests.tiny_models import make_classifier, save_tiny  # noqa: E402
 
@@ -28,7 +28,7 @@ CHAT_TEMPLATE = (
 # 20 users x (prompt ~20-40 tokens + 16 generated) want ~60 blocks of 16 at peak: 40 per model forces
 # the scheduler to preempt under load, which the run must survive without failures or leaked blocks.
 NUM_BLOCKS = 40
-MODELS = ("tiny-llama", "tiny-marian")
+MODELS = ("tiny-llama", "tiny-marian", "tiny-bart")
 
 
 def _get(url: str) -> str:
@@ -41,12 +41,15 @@ def server(tmp_path_factory):
     folder = save_tiny("llama", tmp_path_factory.mktemp("tiny") / "tiny-llama")
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     marian = make_marian_folder(tmp_path_factory.mktemp("marian") / "tiny-marian")
+    # a summarizer, found by a probe; room for the articles (the tiny BPE splits unseen words finely)
+    bart = make_bart_folder(tmp_path_factory.mktemp("bart") / "tiny-bart", max_position_embeddings=512)
     reranker = tmp_path_factory.mktemp("reranker") / "tiny-reranker"
     make_classifier("bert", reranker)
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVSERVE_NUM_KV_BLOCKS": str(NUM_BLOCKS)}
     args = ["-m", "server.cli", "serve", "--model", str(folder), "--model", str(marian), "--model", str(reranker),
+            "--model", str(bart),
             "--port", str(port),
             "--log-level", "warning"]
     with subprocess_server(args, port, log, env=env, timeout=60) as (url, _):
@@ -65,10 +68,11 @@ def test_load_run_has_no_failures_and_frees_kv(server, tmp_path):
     summary = json.loads(Path(f"{prefix}_summary.json").read_text())
     # chosen from the tasks in /v1/models
     assert summary["classes"] == ["RerankUser", "ChatStreamUser", "CompletionUser", "TgiStreamUser",
-                                  "ResponsesStreamUser", "TranslationUser"]  # by task
+                                  "ResponsesStreamUser", "TranslationUser", "SummarizationUser"]  # by task
     assert summary["failures"] == 0
     assert summary["requests"] > 20 and summary["requests_per_s"] > 0
-    endpoints = ("chat_stream", "completions", "generate_stream", "responses_stream", "rerank", "translations")
+    endpoints = ("chat_stream", "completions", "generate_stream", "responses_stream", "rerank", "translations",
+                 "summarizations")
     assert set(summary["endpoints"]) == {"/v1/models", *endpoints}
     assert all(summary["endpoints"][n]["requests"] > 0 for n in endpoints)
     assert 0 < summary["ttft_requests"] <= summary["endpoints"]["chat_stream"]["requests"]
@@ -106,6 +110,12 @@ def test_runner_classes_exist_in_locustfile_with_their_task():
                     served[node.name] = ast.literal_eval(stmt.value)
     expected = {cls: task for task, classes in CLASSES_BY_TASK.items() for cls in classes}
     assert {k: v for k, v in served.items() if v} == expected
+
+
+def test_summarization_user_needs_a_summarizer():
+    assert "SummarizationUser" not in classes_for(["translate"])  # a translator alone: its 400s are no load
+    assert classes_for(["translate"], has_summarizer=True) == ["TranslationUser", "SummarizationUser"]
+    assert classes_for(["embed", "generate"], has_summarizer=True)[0] == "EmbeddingUser"
 
 
 def test_percentile_follows_locust_rule():
