@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.bad_words import banned_by_bad_words
 from engine.top_logprobs import ban_, top_logprobs
 
 NEG = -1.0e9  # HF's "impossible" score; kept bit-for-bit so ties and penalties resolve as in HF
@@ -158,6 +159,8 @@ class Constraints:
     """Logit rules from generation_config.json and the request, applied to every decoder row."""
 
     banned_ids: tuple[int, ...] = ()  # single-token bad_words_ids (Marian bans <pad>)
+    # longer bad_words_ids: the last token banned where the rest ends the row (start token included, as HF)
+    bad_sequences: tuple[tuple[int, ...], ...] = ()
     forced_eos_token_id: int | None = None  # forced as the last token a request may generate
     eos_token_ids: tuple[int, ...] = ()  # banned while a row is short of its min_tokens
 
@@ -166,7 +169,8 @@ class Constraints:
         while the row has generated fewer than its min_tokens (HF's min_length, which counts the
         start token, is min_tokens + 1)."""
         return [
-            no_repeat_ngram_bans(ids, n) + list(self.banned_ids) + (list(self.eos_token_ids) if g < m else [])
+            no_repeat_ngram_bans(ids, n) + list(self.banned_ids) + banned_by_bad_words(self.bad_sequences, ids)
+            + (list(self.eos_token_ids) if g < m else [])
             for ids, n, g, m in zip(rows.token_ids, rows.no_repeat, rows.num_generated, rows.min_tokens)
         ]
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from engine.attention import get_backend
+from engine.bad_words import bad_words_token_ids
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SchedulerConfig
 from engine.cuda_graphs import DecodeGraphs
@@ -182,6 +183,8 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if any(token >= vocab for token, _ in payload.params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        if any(max(ids) >= vocab for ids in payload.params.bad_words_token_ids):
+            raise InvalidRequestError(f"bad_words_token_ids must be in [0, {vocab})", param="bad_words_token_ids")
         limit = self.max_model_len
         max_tokens = payload.params.max_tokens
         if num_prompt >= limit:
@@ -203,6 +206,9 @@ class LLMEngine:
         if request_id in self._requests:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         params = payload.params
+        if params.bad_words:  # vLLM's: the words' tokens as this model's tokenizer makes them
+            words = bad_words_token_ids(params.bad_words, lambda text: self.tokenizer.encode(text, False))
+            params = replace(params, bad_words_token_ids=params.bad_words_token_ids + words)
         prompt = list(payload.prompt_token_ids)
         room = self.max_model_len - len(prompt)
         max_tokens = min(params.max_tokens or room, room)

@@ -13,6 +13,7 @@ from torch import nn
 
 from engine import cuda_graphs
 from engine.attention.base import AttentionBackend
+from engine.bad_words import banned_by_bad_words
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.forward_context import ForwardContext
@@ -249,7 +250,7 @@ class ModelRunner:
                 prompt_ids=seqs[i].token_ids[: seqs[i].num_prompt_tokens] if seqs[i].params.needs_penalties else [],
                 output_ids=seqs[i].output_token_ids + drafts[i][:k] if seqs[i].params.needs_penalties else [],
                 generator=self.generator_for(seqs[i]),
-                banned=self._banned(seqs[i], k),
+                banned=self._banned(seqs[i], drafts[i][:k]),
             )
             for i, k in ((rows[j], offsets[j]) for j in rest)
         ]
@@ -263,14 +264,18 @@ class ModelRunner:
         tokens[rest] = sampled
         return tokens, logprobs
 
-    def _banned(self, seq: Sequence, num_drafts: int = 0) -> tuple[int, ...]:
-        """EOS and stop ids while the token sampled now would come before min_tokens. Tokens still
-        in flight and the drafts before the row count: it samples output token
-        num_output_tokens + num_inflight + num_drafts."""
+    def _banned(self, seq: Sequence, drafts: list[int]) -> tuple[int, ...]:
+        """The bad words' last tokens where the output so far (the drafts before the row included)
+        ends with the rest of them, then EOS and stop ids while the token sampled now would come
+        before min_tokens. Tokens still in flight count: it samples output token
+        num_output_tokens + num_inflight + len(drafts). (A row with multi-token bad words is not
+        plain, so its step lands before the next: none of its tokens are in flight.)"""
         params = seq.params
-        if seq.num_output_tokens + seq.num_inflight + num_drafts >= params.min_tokens:
-            return ()
-        return params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
+        bad = tuple(banned_by_bad_words(params.bad_words_token_ids, seq.output_token_ids + drafts)) \
+            if params.bad_words_token_ids else ()
+        if seq.num_output_tokens + seq.num_inflight + len(drafts) >= params.min_tokens:
+            return bad
+        return bad + params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
 
 
 class Launched:

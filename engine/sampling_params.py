@@ -86,6 +86,9 @@ class SamplingParams:
     min_tokens: int = 0  # no EOS, stop token or stop string ends the output before this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
     structured: StructuredOutput | None = None  # output constrained to a grammar (engine/guided.py)
+    bad_words: tuple[str, ...] = ()  # words the output may not contain (vLLM's; engine/bad_words.py)
+    # their token sequences, filled from `bad_words` by the engine's tokenizer at admission (or given)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     # beam search (encoder-decoder path)
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -102,6 +105,11 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
                                       param="min_tokens")
+        if any(not w.strip() for w in self.bad_words):
+            raise InvalidRequestError("bad_words must not contain empty or blank strings", param="bad_words")
+        if any(not ids or min(ids) < 0 for ids in self.bad_words_token_ids):
+            raise InvalidRequestError("bad_words_token_ids must be non-empty lists of token ids >= 0",
+                                      param="bad_words_token_ids")
         for token, bias in self.logit_bias:
             if token < 0 or not LOGIT_BIAS.holds(bias):
                 raise InvalidRequestError(f"logit_bias maps token ids >= 0 to values {LOGIT_BIAS}, got {token}: {bias}",
@@ -113,9 +121,10 @@ class SamplingParams:
 
     @property
     def is_plain(self) -> bool:
-        """No penalties, logprobs or grammar: the token is all a step owes the host, and the row
-        needs none of the sequence's own tokens on the host first."""
-        return not self.needs_penalties and self.logprobs is None and self.structured is None
+        """No penalties, logprobs, grammar or multi-token bad words: the token is all a step owes the
+        host, and the row needs none of the sequence's own tokens on the host first."""
+        return (not self.needs_penalties and self.logprobs is None and self.structured is None
+                and all(len(ids) == 1 for ids in self.bad_words_token_ids))
 
     @property
     def is_plain_greedy(self) -> bool:
@@ -124,9 +133,9 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Logits changed before sampling by the request itself (bias, EOS held back): the row
+        """Logits changed before sampling by the request itself (bias, EOS held back, bad words): the row
         needs its whole row of logits, though not its tokens on the host."""
-        return bool(self.logit_bias) or self.min_tokens > 0
+        return bool(self.logit_bias) or self.min_tokens > 0 or bool(self.bad_words_token_ids)
 
     @property
     def needs_penalties(self) -> bool:

@@ -92,10 +92,10 @@ def _task_params(defaults: dict, task: dict) -> dict[str, Any]:
 
 
 def _constraints(defaults: dict, eos_token_ids: tuple[int, ...]) -> Constraints:
-    bad = defaults.get("bad_words_ids") or []
-    # multi-token bad words would need a prefix match per row; no shipped Marian/T5 config has one
+    bad = [tuple(w) for w in defaults.get("bad_words_ids") or [] if isinstance(w, list) and w]
     return Constraints(
-        banned_ids=tuple(w[0] for w in bad if isinstance(w, list) and len(w) == 1),
+        banned_ids=tuple(w[0] for w in bad if len(w) == 1),
+        bad_sequences=tuple(w for w in bad if len(w) > 1),
         forced_eos_token_id=defaults.get("forced_eos_token_id"),
         eos_token_ids=eos_token_ids,
     )

@@ -48,6 +48,8 @@ def sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int 
         fields["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
     if req.logit_bias:
         fields["logit_bias"] = tuple((int(token), bias) for token, bias in req.logit_bias.items())
+    if req.bad_words:
+        fields["bad_words"] = tuple(req.bad_words)
     if req.stop_token_ids is not None:
         fields["stop_token_ids"] = tuple(req.stop_token_ids)
     kwargs = {k: v for k, v in fields.items() if v is not None or k in ("max_tokens", "logprobs", "seed")}

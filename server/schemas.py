@@ -145,6 +145,8 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     min_tokens: int = bounded("min_tokens", 0)
     structured_outputs: StructuredOutputs | None = None
+    bad_words: list[str] | None = Field(None, description="Words the output may not contain, banned at the start "
+                                                          "and after a space (vLLM extra)")
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="Lower is served first; needs --scheduling-policy "
                                                                     "priority (vLLM extra)")
     # OpenAI's, for chat; vLLM takes it for completions too

@@ -217,3 +217,35 @@ def test_summarizations_errors(served, body, status, param):
     r = _post(served[0], **body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_multi_token_bad_words_from_generation_config(bart, tmp_path, num_beams):
+    """generation_config.json's bad_words_ids with pairs the model writes unconstrained: the outputs
+    equal HF generate's from the same folder, and none holds a banned pair."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    folder, _, _ = bart
+    free_engine = _engine(folder)
+    srcs = [free_engine.tokenizer.encode(t) for t in TEXTS]
+    params = dict(max_tokens=MAX_NEW, num_beams=num_beams, no_repeat_ngram_size=0, min_tokens=0)
+    free = [o.outputs[0].token_ids for o in free_engine.translate(srcs, free_engine.default_params(**params))]
+    pairs = sorted({tuple(out[i:i + 2]) for out in free for i in (1, 3) if len(out) > i + 1})
+    assert pairs
+    banned = shutil.copytree(folder, tmp_path / "banned")
+    config = json.loads((banned / "generation_config.json").read_text())
+    (banned / "generation_config.json").write_text(json.dumps(config | {"bad_words_ids": [list(p) for p in pairs]}))
+    engine = _engine(banned)
+    assert engine.constraints.bad_sequences == tuple(pairs)
+    p = engine.default_params(**params)
+    got = [o.outputs[0].token_ids for o in engine.translate(srcs, p)]
+    hf = AutoModelForSeq2SeqLM.from_pretrained(banned).eval()
+    assert got == hf_generate(hf, srcs, 2, MAX_NEW, num_beams=num_beams, no_repeat_ngram_size=0, min_length=1,
+                              length_penalty=p.length_penalty, early_stopping=p.early_stopping)
+    assert got != free
+    for out in got:
+        assert not any(tuple(out[i:i + 2]) in pairs for i in range(len(out) - 1)), out
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
