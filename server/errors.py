@@ -50,6 +50,28 @@ _ANTHROPIC_TYPE_BY_STATUS = {
 }
 
 
+# text-generation-inference's routes answer in its shape, {"error": message, "error_type": kind}, which its
+# clients (huggingface_hub's InferenceClient) turn into typed errors (ValidationError, OverloadedError, ...),
+# with its statuses: 422 for a request it refuses, 429 when the queue is full
+TGI_PATHS = ("/generate", "/generate_stream", "/")
+_TGI_STATUS = {400: 422, 503: 429}
+_TGI_TYPE_BY_STATUS = {429: "overloaded", 500: "generation"}
+
+
+def tgi_status(status: int) -> int:
+    return _TGI_STATUS.get(status, status)
+
+
+def tgi_error_body(status: int, message: str, param: str | None = None) -> dict:
+    """TGI's error for kvserve's `status` (before tgi_status): bad input is `validation`, a full queue
+    `overloaded`, a failure of ours `generation`. TGI's body has no `param`: the message names it."""
+    status = tgi_status(status)
+    if param and param not in message:
+        message = f"{param}: {message}"
+    return {"error": message, "error_type": _TGI_TYPE_BY_STATUS.get(status, "generation" if status >= 500
+                                                                   else "validation")}
+
+
 def error_body(message: str, err_type: str, param: str | None = None, code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
@@ -67,9 +89,11 @@ def error_response(
     status: int, message: str, err_type: str | None = None, param: str | None = None,
     code: str | int | None = None, headers: dict[str, str] | None = None, path: str = "",
 ) -> JSONResponse:
-    """The error in OpenAI's shape, or in Anthropic's on its API's `path`."""
+    """The error in OpenAI's shape, or in Anthropic's or TGI's on their APIs' `path`s."""
     if is_anthropic(path):
         return JSONResponse(anthropic_error_body(status, message), status_code=status, headers=headers)
+    if path in TGI_PATHS:
+        return JSONResponse(tgi_error_body(status, message, param), status_code=tgi_status(status), headers=headers)
     err_type = err_type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return JSONResponse(error_body(message, err_type, param, code), status_code=status, headers=headers)
 

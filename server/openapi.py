@@ -2,11 +2,11 @@
 
 FastAPI documents a 422 for every route with a body; kvserve answers bad bodies with a 400 in
 OpenAI's error shape instead (see `server.errors`), so the 422 entries are replaced by the
-statuses a route can really give. A streamed answer is documented event by event: each event's
-`data` is one chunk (a model of `server.schemas` or `server.schemas_tgi`, named by `contentSchema`),
-an error body if the engine fails mid-stream, and `[DONE]` last where the API has it (OpenAI's; not
-TGI's). A fuzz test (tests/test_openapi_contract.py) holds the routes to this document, streamed
-chunks included.
+statuses a route can really give (TGI's routes document their own 422, in TGI's shape). A
+streamed answer is documented event by event: each event's `data` is one chunk (a model of
+`server.schemas` or `server.schemas_tgi`, named by `contentSchema`), an error body if the engine
+fails mid-stream, and `[DONE]` last where the API has it (OpenAI's; not TGI's). A fuzz test
+(tests/test_openapi_contract.py) holds the routes to this document, streamed chunks included.
 """
 from __future__ import annotations
 
@@ -25,10 +25,13 @@ _WHY = {
     401: "The server has an API key (`--api-key`) and the request's `Authorization: Bearer` token is not it",
     404: "The named model is not served, or (/v1/responses) no stored response has the id",
     413: "The request body is over the server's limit",
+    422: "Invalid request (TGI's status for it): a malformed body, a parameter out of range, a prompt too long",
+    429: "The waiting queue is full (TGI's status for it; retry after `Retry-After` seconds)",
     503: "The waiting queue is full (retry after `Retry-After` seconds), or the engine is not running",
 }
 ENGINE_ERRORS = (400, 401, 404, 413, 503)  # routes that queue work for an engine
 TOKENIZER_ERRORS = (400, 401, 404, 413)  # routes that only use a tokenizer
+TGI_ERRORS = (401, 404, 413, 422, 429)  # TGI's routes (server.errors.tgi_status)
 _REF = "#/components/schemas/{model}"
 
 
@@ -83,7 +86,9 @@ def install_openapi(app: FastAPI) -> None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             for path in doc.get("paths", {}).values():
                 for operation in path.values():
-                    operation.get("responses", {}).pop("422", None)
+                    responses = operation.get("responses", {})
+                    if "HTTPValidationError" in str(responses.get("422")):  # FastAPI's, not TGI's own
+                        responses.pop("422")
                     content = operation.get("responses", {}).get("200", {}).get("content", {})
                     if "text/event-stream" in content and content.get("application/json") == {"schema": {}}:
                         del content["application/json"]  # a route that only streams (answers(None, ...))

@@ -2,8 +2,9 @@
 client given only the server's URL, as `InferenceClient("http://host:port")` is), and GET /info.
 
 TGI serves one model; here `model` (an extension) picks one, and without it the first generation
-model answers. Errors keep kvserve's OpenAI-style body (TGI clients read `error`; the status says
-the rest), and TGI's streams end without `[DONE]`.
+model answers. Errors come in TGI's body, `{"error": message, "error_type": "validation" | "overloaded" |
+"generation"}` (with 422 for a refused request and 429 for a full queue, as TGI answers; a stream's
+failure is such an event), so TGI's clients raise their typed errors; TGI's streams end without `[DONE]`.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from engine.request import GenerationRequest
 from engine.sampling_params import MAX_N
 from server import generation as gen
 from server import sse, tgi
-from server.openapi import ENGINE_ERRORS, answers
+from server.openapi import TGI_ERRORS, answers
 from server.schemas_tgi import (
-    MAX_STOP_SEQUENCES, ServerInfo, TgiCompatRequest, TgiGenerateRequest, TgiGenerateResponse, TgiStreamResponse,
+    MAX_STOP_SEQUENCES, ServerInfo, TgiCompatRequest, TgiErrorResponse, TgiGenerateRequest, TgiGenerateResponse,
+    TgiStreamResponse,
 )
 from server.state import ServerState, get_state, lora_name, new_request_id, task_of
 
@@ -75,7 +77,8 @@ async def _stream(body: TgiGenerateRequest, request: Request) -> StreamingRespon
     state, name, engine, plan, payload = _start(body, request, stream=True)
     request_id = new_request_id("tgi")
     merged = await gen.open_streams(state.async_engine, name, request_id, [payload])
-    return sse.response(_events(merged, body.inputs, plan, engine.tokenizer), state, request_id, done=False)
+    return sse.response(_events(merged, body.inputs, plan, engine.tokenizer), state, request_id, done=False,
+                        error=sse.tgi_error)
 
 
 async def _events(merged: AsyncIterator[tuple[int, RequestOutput]], inputs: str, plan: tgi.TgiPlan,
@@ -100,19 +103,21 @@ async def _events(merged: AsyncIterator[tuple[int, RequestOutput]], inputs: str,
         sent = len(c.token_ids)
 
 
-@router.post("/generate", responses=answers(TgiGenerateResponse, ENGINE_ERRORS))
+@router.post("/generate", responses=answers(TgiGenerateResponse, TGI_ERRORS, error=TgiErrorResponse))
 async def generate(body: TgiGenerateRequest, request: Request) -> Any:
     """TGI's generation: greedy unless asked to sample; `details` adds the tokens and their logprobs."""
     return await _generate(body, request)
 
 
-@router.post("/generate_stream", responses=answers(None, ENGINE_ERRORS, stream=TgiStreamResponse, done=False))
+@router.post("/generate_stream", responses=answers(None, TGI_ERRORS, stream=TgiStreamResponse, done=False,
+                                                   error=TgiErrorResponse))
 async def generate_stream(body: TgiGenerateRequest, request: Request) -> Any:
     """One server-sent event per generated token; the last also has `generated_text` and `details`."""
     return await _stream(body, request)
 
 
-@router.post("/", responses=answers(TgiGenerateResponse, ENGINE_ERRORS, stream=TgiStreamResponse, done=False))
+@router.post("/", responses=answers(TgiGenerateResponse, TGI_ERRORS, stream=TgiStreamResponse, done=False,
+                                    error=TgiErrorResponse))
 async def compat_generate(body: TgiCompatRequest, request: Request) -> Any:
     """TGI's route for clients that know only the server's URL: /generate, or /generate_stream with `stream`."""
     return await (_stream(body, request) if body.stream else _generate(body, request))

@@ -155,3 +155,10 @@ class ServerInfo(_Response):
     docker_label: str | None = None
     model_type: dict[str, Any] | None = Field(None, description="TEI's: embedding (pooling) or classifier (labels)")
     models: list[str] = Field(description="Extension: every model this server serves (GET /v1/models)")
+
+
+class TgiErrorResponse(_Response):
+    """Every 4xx/5xx answer of TGI's routes, and a stream's failure event, in TGI's shape."""
+
+    error: str
+    error_type: Literal["validation", "overloaded", "generation"]

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi.responses import StreamingResponse
 
 from engine.errors import KVServeError
-from server.errors import anthropic_error_body, error_body
+from server.errors import anthropic_error_body, error_body, tgi_error_body
 from server.state import ServerState
 
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -27,6 +27,11 @@ def _openai_error(status: int, message: str, err_type: str, param: str | None) -
 def anthropic_error(status: int, message: str, err_type: str, param: str | None) -> str:
     """Anthropic's streams name their error event `error`."""
     return event(anthropic_error_body(status, message), "error")
+
+
+def tgi_error(status: int, message: str, err_type: str, param: str | None) -> str:
+    """TGI's streams send its error body as a plain event."""
+    return event(tgi_error_body(status, message, param))
 
 
 async def guard(events: AsyncIterator[str], state: ServerState, request_id: str,

@@ -148,7 +148,7 @@ def test_best_of_returns_the_most_likely_sample(url):
 def test_truncate_keeps_the_end_of_the_prompt(url, engine):
     long = "word " * 300  # over the context
     r = generate(url, long, max_new_tokens=2)
-    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "context" in r.json()["error"], r.text  # TGI's status and body
     ids = engine.tokenizer.encode(long)
     d = generate(url, long, max_new_tokens=2, truncate=20, details=True, decoder_input_details=True).json()["details"]
     assert [t["id"] for t in d["prefill"]] == ids[-20:]
@@ -235,25 +235,23 @@ def test_info_for_an_embedding_server():
 ])
 def test_refusals_name_the_field(url, parameters):
     r = generate(url, **parameters)
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
-    field = "parameters." + next(iter(parameters))
-    # the schema's refusals name the top-level field, as on every route, and the nested one in words
-    assert error["param"] == field or (error["param"] == "parameters" and field in error["message"]), error
+    assert r.status_code == 422, r.text  # TGI's status and body, the field named in the message
+    assert r.json()["error_type"] == "validation" and set(r.json()) == {"error", "error_type"}, r.text
+    assert "parameters." + next(iter(parameters)) in r.json()["error"], r.text
 
 
 def test_an_adapter_not_loaded_is_a_404_naming_the_field(url):
     """This engine was started without LoRA: no adapter_id can be served (tests/test_lora.py serves some)."""
     r = generate(url, adapter_id="lora-1")
-    assert r.status_code == 404 and r.json()["error"]["param"] == "parameters.adapter_id", r.text
+    assert r.status_code == 404 and r.json()["error"].startswith("parameters.adapter_id"), r.text
 
 
 def test_stream_only_refusals(url):
     for parameters, param in (({"best_of": 2, "do_sample": True}, "best_of"),
                               ({"decoder_input_details": True, "details": True}, "decoder_input_details")):
         r = generate(url, route="/generate_stream", **parameters)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "parameters." + param
-    assert httpx.post(url + "/generate", json={"inputs": ""}).status_code == 400
+        assert r.status_code == 422 and "parameters." + param in r.json()["error"], r.text
+    assert httpx.post(url + "/generate", json={"inputs": ""}).status_code == 422
     assert httpx.post(url + "/generate", json={"inputs": "x", "model": "other"}).status_code == 404
 
 
@@ -300,3 +298,50 @@ def test_tokenize_in_tgis_shape(url, engine):
     assert both.json() == tokens  # `inputs` decides; other fields are ignored, as everywhere
     assert httpx.post(f"{url}/tokenize", json={"model": "tiny"}, timeout=30).status_code == 400  # neither
     assert httpx.post(f"{url}/tokenize", json={"inputs": ""}, timeout=30).status_code == 400
+
+
+def test_errors_are_tgis_typed_errors_in_its_client(url, monkeypatch):
+    """TGI's body ({"error", "error_type"}) makes huggingface_hub raise its typed errors."""
+    from huggingface_hub import InferenceClient, constants
+    from huggingface_hub.errors import ValidationError
+
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    client = InferenceClient(url, timeout=60)
+    for stream in (False, True):
+        with pytest.raises(ValidationError, match="max_new_tokens"):
+            out = client.text_generation(PROMPT, max_new_tokens=0, stream=stream)
+            list(out) if stream else out
+
+
+def test_a_full_queue_is_tgis_429_overloaded():
+    import threading
+    import time
+
+    from huggingface_hub.errors import OverloadedError
+
+    from tests.server_helpers import FakeEngine
+
+    slow = FakeEngine(step_delay_s=0.02, max_running=1)
+    body = {"inputs": "a", "parameters": {"max_new_tokens": 40}}
+    with serve({"fake": slow}, max_waiting=1) as base:
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", f"{base}/generate_stream", json=body) as running:
+                assert running.status_code == 200
+                lines = running.iter_lines()  # keep the iterator: dropping it closes the connection
+                next(lines)  # request 1 runs (this engine runs one at a time)
+                second = threading.Thread(target=lambda: httpx.post(f"{base}/generate", json=body, timeout=30))
+                second.start()
+                deadline = time.monotonic() + 5
+                while slow.num_waiting() < 1 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                assert slow.num_waiting() == 1  # request 2 waits, filling the queue
+                r = httpx.post(f"{base}/generate", json={"inputs": "b", "parameters": {"max_new_tokens": 2}})
+        second.join(timeout=30)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+    assert r.json()["error_type"] == "overloaded"
+    # huggingface_hub's client retries a 429 (after Retry-After); given up on, it is its OverloadedError
+    from huggingface_hub.inference._common import raise_text_generation_error
+    from huggingface_hub.utils import HfHubHTTPError
+
+    with pytest.raises(OverloadedError):
+        raise_text_generation_error(HfHubHTTPError("429", response=r))
