@@ -8,6 +8,7 @@ event always hold the same output.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 from engine.structured_output import StructuredOutput
@@ -88,6 +89,30 @@ def output_message(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not text and not calls:
         return []
     return [{"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}]
+
+
+def truncated(conversation: list[dict[str, Any]], fits: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+    """`truncation: "auto"`: the conversation less its oldest turns, as few as `fits` needs. A turn
+    starts at a user message, so no answer or tool result is left without what it answered;
+    system and developer messages stay wherever they were. Where even the last turn alone does
+    not fit, that is what is returned (the engine then refuses it, as with truncation disabled)."""
+    if fits(conversation):
+        return conversation
+    starts = [i for i, m in enumerate(conversation) if m["role"] == "user"][1:]
+    if not starts:
+        return conversation
+
+    def cut(k: int) -> list[dict[str, Any]]:
+        return [m for i, m in enumerate(conversation) if i >= k or m["role"] in ("system", "developer")]
+
+    lo, hi = 0, len(starts) - 1  # find the first start that fits; a later start only drops more
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(cut(starts[mid])):
+            hi = mid
+        else:
+            lo = mid + 1
+    return cut(starts[lo])
 
 
 def chat_messages(instructions: str | None, conversation: list[dict[str, Any]]) -> list[ChatMessage]:

@@ -26,7 +26,7 @@ from server.deltas import DeltaSplitter
 from server.openapi import ENGINE_ERRORS, answers
 from server.responses import (
     ResponseBuilder, chat_messages, chat_tools, input_messages, output_message, page, reasoning_tokens, stored_items,
-    structured_output,
+    structured_output, truncated,
 )
 from server.responses_store import StoredResponse
 from server.schemas_responses import InputItemList, ResponseDeleted, ResponseEvent, ResponseObject, ResponsesRequest
@@ -88,7 +88,7 @@ def _head(body: ResponsesRequest, response_id: str, model: str, stored: bool) ->
         "temperature": body.temperature, "text": {"format": fmt or {"type": "text"}},
         "tool_choice": tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump(),
         "tools": [t.model_dump(exclude_none=True) for t in body.tools or []], "top_p": body.top_p,
-        "top_logprobs": body.top_logprobs, "truncation": "disabled", "background": bool(body.background),
+        "top_logprobs": body.top_logprobs, "truncation": body.truncation or "disabled", "background": bool(body.background),
         "user": body.user,
         "metadata": body.metadata or {},
     }
@@ -117,8 +117,16 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     if body.reasoning and body.reasoning.effort:
         template_kwargs["reasoning_effort"] = body.reasoning.effort
     tool_defs = [t.model_dump(exclude_none=True) for t in chat_tool_defs] if chat_tool_defs else None
-    text = gen.render_chat(chat_messages(body.instructions, conversation), engine.tokenizer, True, tool_defs,
-                           template_kwargs)
+
+    def render(convo: list[dict[str, Any]]) -> str:
+        return gen.render_chat(chat_messages(body.instructions, convo), engine.tokenizer, True, tool_defs,
+                               template_kwargs)
+
+    prompted = conversation  # the whole conversation is stored; truncation cuts only what the model sees
+    if body.truncation == "auto":
+        room = engine.info.max_model_len - (body.max_output_tokens or 1)
+        prompted = truncated(conversation, lambda c: len(gen.chat_prompt(render(c), engine.tokenizer)) <= room)
+    text = render(prompted)
     payload = GenerationRequest(gen.chat_prompt(text, engine.tokenizer), params, lora_name(engine, name), body.priority)
     response_id = new_item_id("resp")
     stored = body.store and state.responses.capacity > 0

@@ -151,8 +151,9 @@ class ResponsesRequest(_Request):
     reasoning: ReasoningConfig | None = None
     metadata: Annotated[dict[str, Annotated[str, StringConstraints(max_length=512)]],
                         Field(max_length=16)] | None = None
-    truncation: Literal["disabled"] | None = Field(
-        None, description="Only `disabled`: a conversation over the context is a 400, never cut")
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None, description="`disabled` (the default): a conversation over the context is a 400; `auto`: its oldest "
+                          "turns are left out of the prompt until it fits (the stored conversation keeps them)")
     background: bool | None = Field(None, description="Answer at once with status `queued` and run the response "
                                     "in the background: poll GET /v1/responses/{id}, stop it with POST "
                                     "/v1/responses/{id}/cancel. Needs `store`; not streamed")
@@ -268,7 +269,7 @@ class ResponseObject(_Response):
     tools: list[dict[str, Any]]
     top_p: float | None = None
     top_logprobs: int | None = None
-    truncation: Literal["disabled"] = "disabled"
+    truncation: Literal["auto", "disabled"] = "disabled"
     background: bool = False
     usage: ResponseUsage | None = None
     user: str | None = None

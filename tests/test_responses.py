@@ -150,7 +150,7 @@ def test_logprobs_ride_on_the_text(url, engine):
     ({"input": "x", "background": True, "store": False}, "background"),
     ({"input": "x", "background": True, "stream": True}, "stream"),
     ({"input": "x", "background": True, "max_output_tokens": 200}, "prompt"),  # admission errors come at once
-    ({"input": "x", "truncation": "auto"}, "truncation"),
+    ({"input": "x", "truncation": "middle"}, "truncation"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "x", "tools": [WEATHER]}, "tool_choice"),  # auto needs a parser
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
@@ -346,3 +346,37 @@ def test_input_items_are_listed_back_like_openai(url, client):
     text_only = client.responses.create(model="fake", input="just text", max_output_tokens=1)
     (item,) = client.responses.input_items.list(text_only.id).data
     assert (item.role, item.content[0].text) == ("user", "just text")
+
+
+def test_truncation_auto_leaves_out_the_oldest_turns(url, engine):
+    a, b, c = "a" * 40, "b" * 40, "c" * 20
+    first = _post(url, input=a, instructions="be brief", max_output_tokens=4).json()
+    second = _post(url, input=b, previous_response_id=first["id"], instructions="be brief", max_output_tokens=4).json()
+    body = dict(input=c, previous_response_id=second["id"], instructions="be brief", max_output_tokens=4)
+    refused = _post(url, **body)  # the whole conversation is over the context
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt", refused.text
+    r = _post(url, **body, truncation="auto")
+    assert r.status_code == 200, r.text
+    raw = r.json()
+    answer = second["output"][0]["content"][0]["text"]
+    prompt = f"<s>[system]be brief\n[user]{b}\n[assistant]{answer}\n[user]{c}\n[assistant]"  # a's turn left out
+    assert raw["output"][0]["content"][0]["text"] == greedy_text(prompt, 4)
+    assert raw["usage"]["input_tokens"] == len(prompt) and raw["truncation"] == "auto"
+    assert engine.stats().kv_cache_usage == 0
+
+
+def test_truncated_keeps_whole_turns_and_system_messages():
+    from server.responses import truncated
+
+    convo = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+             {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, {"role": "tool", "content": "t"},
+             {"role": "assistant", "content": "a1"}, {"role": "developer", "content": "d"},
+             {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}, {"role": "user", "content": "u3"}]
+    def fits(n: int):
+        return lambda c: len(c) <= n
+
+    assert truncated(convo, fits(9)) == convo
+    assert truncated(convo, fits(5)) == [convo[0], convo[5], *convo[6:]]  # u1's turn, tool result included, gone
+    assert truncated(convo, fits(3)) == [convo[0], convo[5], convo[8]]
+    assert truncated(convo, fits(1)) == [convo[0], convo[5], convo[8]]  # the last turn, left for the engine to refuse
+    assert truncated(convo[1:2], fits(0)) == convo[1:2]
