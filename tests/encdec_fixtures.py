@@ -15,7 +15,9 @@ import torch
 
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.ref import TorchAttentionBackend
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.forward_context import ForwardContext, metadata_for_sequences
+from engine.translation_engine import TranslationEngine
 from models.loader import load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -327,6 +329,20 @@ def reversal_inputs(lens: list[int] | tuple[int, ...], eos: int, seed: int) -> l
 
 
 # ---------------------------------------------------------------- loading and running our models
+def small_engine(folder: Path) -> TranslationEngine:
+    """A TranslationEngine on a folder, with room for a test's batch (blocks of 4 tokens)."""
+    return TranslationEngine.from_config(EngineConfig(
+        model=str(folder), cache=CacheConfig(block_size=4, num_blocks=400),
+        scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=32),
+    ))
+
+
+def random_ids(lens: list[int], low: int, high: int, seed: int) -> list[list[int]]:
+    """Seeded random token sequences of the given lengths, ids in [low, high) (past a tokenizer's specials)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, high, (n,), generator=g).tolist() for n in lens]
+
+
 def load_folder(cls: type, folder: Path) -> torch.nn.Module:
     """The folder through models/loader.py, as the server loads it (merged, packed on CPU)."""
     model = load_model(str(folder)).model

@@ -302,3 +302,25 @@ def named_events(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
                 assert name == f"event: {event['type']}"
                 events.append(event)
     return events
+
+
+@contextmanager
+def queue_full(url: str, slow: FakeEngine, path: str, body: dict[str, Any], stream_path: str | None = None,
+               stream_body: dict[str, Any] | None = None) -> Iterator[None]:
+    """Inside the block the waiting queue of a server started with max_waiting=1 is full: one request
+    runs (streamed from `stream_path`, held open; `slow` runs one at a time) and a second to `path`
+    waits; both end after the block."""
+    with httpx.Client(timeout=30) as http:
+        first = stream_body or {**body, "stream": True}
+        with http.stream("POST", f"{url}{stream_path or path}", json=first) as running:
+            assert running.status_code == 200
+            lines = running.iter_lines()  # keep the iterator: dropping it closes the connection
+            assert '"error"' not in next(lines)  # the first request runs
+            second = threading.Thread(target=lambda: httpx.post(f"{url}{path}", json=body, timeout=30))
+            second.start()
+            deadline = time.monotonic() + 5
+            while slow.num_waiting() < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert slow.num_waiting() == 1  # the second waits, filling the queue
+            yield
+    second.join(timeout=30)

@@ -14,13 +14,11 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from engine.translation_engine import TranslationEngine  # noqa: E402
 from models.encdec_tokenizer import JsonTokenizer  # noqa: E402
 from models.marian import MarianMTModel  # noqa: E402
 from tests.encdec_fixtures import (BART_SUMMARIZATION, TEST_TEXTS, decoder_logits, encode_batch,  # noqa: E402
                                    hf_decoder_logits, hf_encoder_states, hf_generate, load_folder, make_bart_folder,
-                                   make_marian_folder, make_t5_folder)
+                                   make_marian_folder, make_t5_folder, random_ids, small_engine)
 from tests.server_helpers import serve  # noqa: E402
 
 ATOL = 2e-5
@@ -36,17 +34,9 @@ def bart(tmp_path_factory):
     return folder, load_folder(MarianMTModel, folder), AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
 
 
-def _engine(folder) -> TranslationEngine:
-    return TranslationEngine.from_config(EngineConfig(
-        model=str(folder), cache=CacheConfig(block_size=4, num_blocks=400),
-        scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=32),
-    ))
-
-
 def _random_seqs(lens: list[int], vocab: int, seed: int) -> list[list[int]]:
-    """Ordinary tokens only (ids 5 and up, past the specials)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lens]
+    """Ordinary tokens only, past the specials."""
+    return random_ids(lens, 5, vocab, seed)
 
 
 def test_config_is_post_ln_with_learned_positions(bart):
@@ -82,7 +72,7 @@ def test_tokenizer_matches_hf(bart):
 
 def test_engine_reads_the_summarization_settings(bart):
     folder, _, _ = bart
-    engine = _engine(folder)
+    engine = small_engine(folder)
     assert engine.forced_bos == (0,) and engine.constraints.forced_eos_token_id == 2
     assert engine.constraints.eos_token_ids == (2,)
     p = engine.default_params()
@@ -103,7 +93,7 @@ def test_engine_reads_the_summarization_settings(bart):
 ])
 def test_summaries_match_hf_generate(bart, overrides):
     folder, _, hf = bart
-    engine = _engine(folder)
+    engine = small_engine(folder)
     tok = engine.tokenizer
     srcs = [tok.encode(t) for t in TEXTS] + [[0, *s, 2] for s in _random_seqs([6, 19], hf.config.vocab_size, seed=5)]
     params = engine.default_params(max_tokens=MAX_NEW, **overrides)
@@ -125,7 +115,7 @@ def test_summaries_match_hf_generate(bart, overrides):
 def test_min_tokens_holds_eos_back(bart):
     """A random model ends early somewhere without a minimum; with one, no output ends before it."""
     folder, _, hf = bart
-    engine = _engine(folder)
+    engine = small_engine(folder)
     srcs = [[0, *s, 2] for s in _random_seqs([3, 5, 8, 2, 9, 4], hf.config.vocab_size, seed=11)]
     free = engine.translate(srcs, engine.default_params(max_tokens=MAX_NEW, num_beams=1, min_tokens=0,
                                                           no_repeat_ngram_size=0))
@@ -151,9 +141,9 @@ def served(bart, tmp_path_factory):
                                                      "no_repeat_ngram_size": 3, "prefix": "summarize: "}}
     (t5 / "config.json").write_text(json.dumps(cfg))
     marian = make_marian_folder(root / "marian")
-    engines = {"bart": _engine(folder), "t5": _engine(t5), "marian": _engine(marian)}
+    engines = {"bart": small_engine(folder), "t5": small_engine(t5), "marian": small_engine(marian)}
     with serve(engines) as url:
-        yield url, engines, {"bart": _engine(folder), "t5": _engine(t5)}
+        yield url, engines, {"bart": small_engine(folder), "t5": small_engine(t5)}
     for engine in engines.values():
         assert engine.block_manager.num_free_blocks == engine.num_blocks
 
@@ -229,7 +219,7 @@ def test_multi_token_bad_words_from_generation_config(bart, tmp_path, num_beams)
     from transformers import AutoModelForSeq2SeqLM
 
     folder, _, _ = bart
-    free_engine = _engine(folder)
+    free_engine = small_engine(folder)
     srcs = [free_engine.tokenizer.encode(t) for t in TEXTS]
     params = dict(max_tokens=MAX_NEW, num_beams=num_beams, no_repeat_ngram_size=0, min_tokens=0)
     free = [o.outputs[0].token_ids for o in free_engine.translate(srcs, free_engine.default_params(**params))]
@@ -238,7 +228,7 @@ def test_multi_token_bad_words_from_generation_config(bart, tmp_path, num_beams)
     banned = shutil.copytree(folder, tmp_path / "banned")
     config = json.loads((banned / "generation_config.json").read_text())
     (banned / "generation_config.json").write_text(json.dumps(config | {"bad_words_ids": [list(p) for p in pairs]}))
-    engine = _engine(banned)
+    engine = small_engine(banned)
     assert engine.constraints.bad_sequences == tuple(pairs)
     p = engine.default_params(**params)
     got = [o.outputs[0].token_ids for o in engine.translate(srcs, p)]

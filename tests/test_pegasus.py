@@ -13,13 +13,11 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from engine.translation_engine import TranslationEngine  # noqa: E402
 from models.encdec_tokenizer import JsonTokenizer  # noqa: E402
 from models.marian import MarianMTModel  # noqa: E402
 from tests.encdec_fixtures import (PEGASUS_GENERATION, TEST_TEXTS, decoder_logits, encode_batch,  # noqa: E402
                                    hf_decoder_logits, hf_encoder_states, hf_generate, load_folder,
-                                   make_pegasus_folder)
+                                   make_pegasus_folder, random_ids, small_engine)
 from tests.server_helpers import serve  # noqa: E402
 
 ATOL = 2e-5
@@ -36,16 +34,9 @@ def pegasus(tmp_path_factory):
     return folder, load_folder(MarianMTModel, folder), AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
 
 
-def _engine(folder) -> TranslationEngine:
-    return TranslationEngine.from_config(EngineConfig(
-        model=str(folder), cache=CacheConfig(block_size=4, num_blocks=400),
-        scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=32),
-    ))
-
-
 def _random_seqs(lens: list[int], vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(FIRST_PIECE, vocab, (n,), generator=g).tolist() for n in lens]
+    """Ordinary tokens only, past the specials."""
+    return random_ids(lens, FIRST_PIECE, vocab, seed)
 
 
 def test_config_is_pre_ln_with_marian_sinusoids(pegasus):
@@ -96,7 +87,7 @@ def test_a_folder_with_only_spiece_model_is_refused(pegasus, tmp_path):
 ])
 def test_summaries_match_hf_generate(pegasus, overrides):
     folder, _, hf = pegasus
-    engine = _engine(folder)
+    engine = small_engine(folder)
     tok = engine.tokenizer
     srcs = [tok.encode(t) for t in TEXTS] + [[*s, 1] for s in _random_seqs([6, 19], hf.config.vocab_size, seed=5)]
     params = engine.default_params("summarization", max_tokens=MAX_NEW, **overrides)
@@ -113,7 +104,7 @@ def test_summaries_match_hf_generate(pegasus, overrides):
 
 def test_defaults_are_the_folders(pegasus):
     folder, _, _ = pegasus
-    engine = _engine(folder)
+    engine = small_engine(folder)
     p = engine.default_params("summarization")
     assert (p.num_beams, p.length_penalty, p.max_tokens) == (
         PEGASUS_GENERATION["num_beams"], PEGASUS_GENERATION["length_penalty"], PEGASUS_GENERATION["max_length"] - 1)
@@ -122,8 +113,8 @@ def test_defaults_are_the_folders(pegasus):
 
 def test_summarizations_endpoint_serves_pegasus(pegasus):
     folder, _, _ = pegasus
-    offline = _engine(folder)
-    engines = {"pegasus": _engine(folder)}
+    offline = small_engine(folder)
+    engines = {"pegasus": small_engine(folder)}
     with serve(engines) as url:
         r = httpx.post(f"{url}/v1/summarizations", json={"input": TEXTS}, timeout=60)  # no model: Pegasus
         assert r.status_code == 200, r.text

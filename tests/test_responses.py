@@ -371,7 +371,8 @@ def test_truncated_keeps_whole_turns_and_system_messages():
     convo = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
              {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, {"role": "tool", "content": "t"},
              {"role": "assistant", "content": "a1"}, {"role": "developer", "content": "d"},
-             {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}, {"role": "user", "content": "u3"}]
+             {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"},
+             {"role": "user", "content": "u3"}]
     def fits(n: int):
         return lambda c: len(c) <= n
 

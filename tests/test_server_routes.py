@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.server_helpers import FakeEngine, metric_value, serve  # noqa: E402
+from tests.server_helpers import FakeEngine, metric_value, queue_full, serve  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -288,19 +287,8 @@ def test_queue_full_is_503_with_retry_after():
     slow = FakeEngine(step_delay_s=0.02, max_running=1)
     body = {"model": "fake", "prompt": "a", "max_tokens": 40}
     with serve({"fake": slow}, max_waiting=1) as url:
-        with httpx.Client(timeout=30) as http:
-            with http.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as running:
-                assert running.status_code == 200
-                lines = running.iter_lines()  # keep the iterator: dropping it closes the connection
-                next(lines)  # request 1 runs (this engine runs one at a time)
-                second = threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", json=body, timeout=30))
-                second.start()
-                deadline = time.monotonic() + 5
-                while slow.num_waiting() < 1 and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                assert slow.num_waiting() == 1  # request 2 waits, filling the queue
-                r = httpx.post(f"{url}/v1/completions", json={"model": "fake", "prompt": "b", "max_tokens": 2})
-        second.join(timeout=30)
+        with queue_full(url, slow, "/v1/completions", body):
+            r = httpx.post(f"{url}/v1/completions", json={"model": "fake", "prompt": "b", "max_tokens": 2})
         err = _assert_error(r, 503)
         assert err["type"] == "server_overloaded"
         assert r.headers["retry-after"] == "1"

@@ -314,29 +314,17 @@ def test_errors_are_tgis_typed_errors_in_its_client(url, monkeypatch):
 
 
 def test_a_full_queue_is_tgis_429_overloaded():
-    import threading
-    import time
-
     from huggingface_hub.errors import OverloadedError
 
-    from tests.server_helpers import FakeEngine
+    from tests.server_helpers import FakeEngine, queue_full
 
     slow = FakeEngine(step_delay_s=0.02, max_running=1)
     body = {"inputs": "a", "parameters": {"max_new_tokens": 40}}
     with serve({"fake": slow}, max_waiting=1) as base:
-        with httpx.Client(timeout=30) as http:
-            with http.stream("POST", f"{base}/generate_stream", json=body) as running:
-                assert running.status_code == 200
-                lines = running.iter_lines()  # keep the iterator: dropping it closes the connection
-                next(lines)  # request 1 runs (this engine runs one at a time)
-                second = threading.Thread(target=lambda: httpx.post(f"{base}/generate", json=body, timeout=30))
-                second.start()
-                deadline = time.monotonic() + 5
-                while slow.num_waiting() < 1 and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                assert slow.num_waiting() == 1  # request 2 waits, filling the queue
-                r = httpx.post(f"{base}/generate", json={"inputs": "b", "parameters": {"max_new_tokens": 2}})
-        second.join(timeout=30)
+        # an OpenAI stream holds the fake engine (its tokenizer is too plain for TGI's token events)
+        held = {"model": "fake", "prompt": "a", "max_tokens": 40, "stream": True}
+        with queue_full(base, slow, "/generate", body, stream_path="/v1/completions", stream_body=held):
+            r = httpx.post(f"{base}/generate", json={"inputs": "b", "parameters": {"max_new_tokens": 2}})
     assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
     assert r.json()["error_type"] == "overloaded"
     # huggingface_hub's client retries a 429 (after Retry-After); given up on, it is its OverloadedError
