@@ -251,6 +251,8 @@ class ModelRunner:
                 output_ids=seqs[i].output_token_ids + drafts[i][:k] if seqs[i].params.needs_penalties else [],
                 generator=self.generator_for(seqs[i]),
                 banned=self._banned(seqs[i], drafts[i][:k]),
+                forced=seqs[i].params.thinking_budget.forced_token(seqs[i].output_token_ids + drafts[i][:k])
+                if seqs[i].params.thinking_budget is not None else None,
             )
             for i, k in ((rows[j], offsets[j]) for j in rest)
         ]

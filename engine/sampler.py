@@ -24,6 +24,7 @@ class SamplingRow:
     output_ids: list[int]
     generator: torch.Generator | None
     banned: tuple[int, ...] = ()  # tokens that may not come yet (EOS and stop ids before min_tokens)
+    forced: int | None = None  # the token this row takes whatever the logits (a thinking budget's end)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -148,6 +149,9 @@ class Sampler:
             for j, i in enumerate(sampling):
                 if rows[i].generator is not None:
                     tokens[i] = _race(probs[j : j + 1], rows[i].generator)[0]
+        for i, row in enumerate(rows):  # after the draw, so a seeded row's generator advances as ever
+            if row.forced is not None:
+                tokens[i] = row.forced
         logprobs: list[TokenLogprob | None] = [None] * len(rows)
         if raw_logprobs is None:
             return tokens, logprobs

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
 from engine.structured_output import StructuredOutput
+from engine.thinking_budget import ThinkingBudget
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()  # words the output may not contain (vLLM's; engine/bad_words.py)
     # their token sequences, filled from `bad_words` by the engine's tokenizer at admission (or given)
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    thinking_budget: ThinkingBudget | None = None  # a reasoning block's end forced after so many tokens
     # beam search (encoder-decoder path)
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -121,10 +123,10 @@ class SamplingParams:
 
     @property
     def is_plain(self) -> bool:
-        """No penalties, logprobs, grammar or multi-token bad words: the token is all a step owes the
-        host, and the row needs none of the sequence's own tokens on the host first."""
+        """No penalties, logprobs, grammar, multi-token bad words or thinking budget: the token is all a
+        step owes the host, and the row needs none of the sequence's own tokens on the host first."""
         return (not self.needs_penalties and self.logprobs is None and self.structured is None
-                and all(len(ids) == 1 for ids in self.bad_words_token_ids))
+                and all(len(ids) == 1 for ids in self.bad_words_token_ids) and self.thinking_budget is None)
 
     @property
     def is_plain_greedy(self) -> bool:
@@ -133,9 +135,10 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Logits changed before sampling by the request itself (bias, EOS held back, bad words): the row
-        needs its whole row of logits, though not its tokens on the host."""
-        return bool(self.logit_bias) or self.min_tokens > 0 or bool(self.bad_words_token_ids)
+        """Logits changed before sampling by the request itself (bias, EOS held back, bad words, a forced
+        end of thinking): the row needs its whole row of logits, though not its tokens on the host."""
+        return (bool(self.logit_bias) or self.min_tokens > 0 or bool(self.bad_words_token_ids)
+                or self.thinking_budget is not None)
 
     @property
     def needs_penalties(self) -> bool:

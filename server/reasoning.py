@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from engine.errors import InvalidRequestError
+from engine.thinking_budget import ThinkingBudget
 from server.tool_parsers import before_prefix
 
 START, END = "<think>", "</think>"
@@ -137,3 +139,13 @@ def plan(parser: str | None, prompt_text: str, constrained: bool, include: bool)
     if parser is None or constrained:
         return None
     return Thinking(opens_in(PARSERS[parser], prompt_text), include)
+
+
+def budget(thinking: Thinking | None, max_tokens: int, tokenizer: Any, param: str) -> ThinkingBudget:
+    """A request's thinking budget (`param` names its field): after `max_tokens` tokens of reasoning,
+    `</think>` is forced and the model answers. Only where answers are split into reasoning and content."""
+    if thinking is None:
+        raise InvalidRequestError(f"{param} needs a server started with --reasoning-parser, and an answer that no "
+                                  "grammar (structured output, a forced tool call) shapes from its first token", param)
+    return ThinkingBudget(max_tokens, tuple(tokenizer.encode(START, add_special_tokens=False)),
+                          tuple(tokenizer.encode(END, add_special_tokens=False)), thinking.opened)

@@ -72,11 +72,17 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
         fields["stop"] = tuple(body.stop_sequences)
     params = tools.apply(SamplingParams(max_tokens=body.max_tokens, structured=structured_output(body), **fields),
                          prompt.tool_plan, prompt.tools, prompt.parallel, "output_config.format")
+    thinking = reasoning.plan(state.settings.reasoning_parser, prompt.text, params.structured is not None, True)
+    # enforced where answers are split into thinking and text; elsewhere accepted as before (Anthropic's
+    # clients send a budget with every thinking request)
+    budget = body.thinking.budget_tokens if body.thinking is not None and body.thinking.type == "enabled" else None
+    if budget is not None and thinking is not None:
+        params = dataclasses.replace(params, thinking_budget=reasoning.budget(
+            thinking, budget, engine.tokenizer, "thinking.budget_tokens"))
     payload = GenerationRequest(prompt.ids, params, lora_name(engine, name))
     message_id = new_item_id("msg")
     builder = MessageBuilder(message_id, name)
-    split = DeltaSplitter(prompt.tool_plan, reasoning.plan(state.settings.reasoning_parser, prompt.text,
-                                                          params.structured is not None, True))
+    split = DeltaSplitter(prompt.tool_plan, thinking)
 
     if body.stream:
         merged = await gen.open_streams(state.async_engine, name, message_id, [payload])

@@ -143,12 +143,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     text = gen.render_chat(body.messages, engine.tokenizer, body.add_generation_prompt, tool_defs,
                            body.chat_template_kwargs, body.continue_final_message)
+    thinking = reasoning.plan(state.settings.reasoning_parser, text, params.structured is not None,
+                              body.include_reasoning)
+    if body.thinking_token_budget is not None:
+        params = dataclasses.replace(params, thinking_budget=reasoning.budget(
+            thinking, body.thinking_token_budget, engine.tokenizer, "thinking_token_budget"))
     payloads = [GenerationRequest(gen.chat_prompt(text, engine.tokenizer), params, lora_name(engine, name),
                                   body.priority)]
     request_id = new_request_id("chatcmpl")
     text_of = gen.TokenText(engine.tokenizer)
-    thinking = reasoning.plan(state.settings.reasoning_parser, text, params.structured is not None,
-                              body.include_reasoning)
 
     if body.stream:
         merged = await gen.open_streams(state.async_engine, name, request_id, payloads)

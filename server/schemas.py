@@ -284,6 +284,9 @@ class ChatCompletionRequest(_SamplingFields):
         None, description="extra variables for the chat template, e.g. {\"enable_thinking\": false} (vLLM extra)")
     include_reasoning: bool = Field(
         True, description="with the server's --reasoning-parser: false leaves the reasoning out (vLLM extra)")
+    thinking_token_budget: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="with the server's --reasoning-parser: after this many tokens of "
+                                              "reasoning `</think>` is forced and the model answers (vLLM extra)")
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="auto (the default with tools) needs the server's --tool-call-parser")

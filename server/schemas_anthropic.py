@@ -82,7 +82,9 @@ class AnthropicToolChoice(_Request):
 
 class ThinkingConfig(_Request):
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = Field(None, ge=1, description="Accepted, not enforced: max_tokens bounds thinking")
+    budget_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="With `enabled` and the server's "
+                                      "--reasoning-parser: after this many thinking tokens the block's end is "
+                                      "forced and the model answers (without a parser: accepted, not enforced)")
 
 
 class JsonOutputFormat(_Request):
