@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from engine.async_engine import AsyncEngine
 from server import (
-    routes_admin, routes_anthropic, routes_embeddings, routes_generate, routes_lora, routes_responses, routes_score,
-    routes_tei, routes_tgi, routes_translate,
+    routes_admin, routes_anthropic, routes_compat, routes_embeddings, routes_generate, routes_lora, routes_responses,
+    routes_score, routes_tei, routes_tgi, routes_translate,
 )
 from server.auth import ApiKeyAuth
 from server.errors import BodySizeLimit, install_error_handlers
@@ -27,7 +27,7 @@ from server.state import ServerState, task_of
 
 _ROUTERS = [routes_admin.router, routes_generate.router, routes_responses.router, routes_anthropic.router,
             routes_embeddings.router,
-            routes_score.router, routes_tei.router, routes_tgi.router, routes_translate.router]
+            routes_score.router, routes_tei.router, routes_tgi.router, routes_compat.router, routes_translate.router]
 
 
 def create_app(

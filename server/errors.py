@@ -104,9 +104,10 @@ def kvserve_error_response(exc: KVServeError, retry_after_s: int = 1, path: str 
 
 
 # pydantic names the branch of a union that failed ("constrained-str", "list[int]",
-# "function-after[_visible(), str]") in the error's location; clients want the field, so these
-# labels are dropped from `param` and messages
-_UNION_BRANCH = re.compile(r"(constrained-)?(str|int|float|bool|list|dict|tuple)(\[.*\])?|function-[\w-]+\[.*\]")
+# "function-after[_visible(), str]", a tagged union's tag) in the error's location; clients want the
+# field, so these labels are dropped from `param` and messages (a label with a space is a tag: no
+# field has one)
+_UNION_BRANCH = re.compile(r"(constrained-)?(str|int|float|bool|list|dict|tuple)(\[.*\])?|function-[\w-]+\[.*\]|.* .*")
 
 
 def _where(loc: Any) -> str:

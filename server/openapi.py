@@ -86,6 +86,11 @@ def install_openapi(app: FastAPI) -> None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             for path in doc.get("paths", {}).values():
                 for operation in path.values():
+                    body = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+                    if "oneOf" in body.get("schema", {}):
+                        # a union told apart by a function of the body (POST /): its branches overlap
+                        # (unknown fields are ignored), so a body may fit several; the function picks
+                        body["schema"]["anyOf"] = body["schema"].pop("oneOf")
                     responses = operation.get("responses", {})
                     if "HTTPValidationError" in str(responses.get("422")):  # FastAPI's, not TGI's own
                         responses.pop("422")

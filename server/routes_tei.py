@@ -1,7 +1,9 @@
-"""text-embeddings-inference's routes and shapes: POST /embed, /embed_all, /embed_sparse, /rerank and /predict.
+"""text-embeddings-inference's routes and shapes: POST /embed, /embed_all, /embed_sparse, /similarity, /rerank
+and /predict.
 
 TEI serves one model and answers bare JSON arrays; here `model` (an extension) picks one, and without
-it the first model of the route's kind answers. Errors keep kvserve's OpenAI-style body.
+it the first model of the route's kind answers. Errors keep kvserve's OpenAI-style body (at POST /, which
+server/routes_compat.py shares with TGI, they come in TGI's, the shape TEI's are).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from server.routes_score import ranked, run_score
 from server.schemas import (
     TeiEmbedAllRequest, TeiEmbedAllResponse, TeiEmbedRequest, TeiEmbedResponse, TeiEmbedSparseRequest,
     TeiEmbedSparseResponse, TeiPredictRequest, TeiPredictResponse, TeiRerankRequest, TeiRerankResponse,
+    TeiSimilarityParameters, TeiSimilarityRequest, TeiSimilarityResponse,
 )
 from server.state import get_state, new_request_id
 
@@ -55,6 +58,17 @@ async def embed(body: TeiEmbedRequest, request: Request) -> Any:
     """Vectors L2-normalised unless `normalize: false` (then as pooled, whatever the folder says)."""
     return await _embed(request, body.model, body.inputs, get_state(request).settings.max_embedding_inputs,
                         body.prompt_name, truncate=body.truncate, dimensions=body.dimensions, normalize=body.normalize)
+
+
+@router.post("/similarity", responses=answers(TeiSimilarityResponse, ENGINE_ERRORS))
+async def similarity(body: TeiSimilarityRequest, request: Request) -> Any:
+    """The cosine similarity of the source sentence with each sentence (one batch of normalised vectors)."""
+    p = body.parameters or TeiSimilarityParameters()
+    texts = [body.inputs.source_sentence, *body.inputs.sentences]
+    vectors = await _vectors(request, body.model, texts, get_state(request).settings.max_embedding_inputs,
+                             p.prompt_name, truncate=p.truncate, normalize=True)
+    source, others = vectors[0].float(), torch.stack([v.float() for v in vectors[1:]])
+    return JSONResponse((others @ source).tolist())
 
 
 @router.post("/embed_all", responses=answers(TeiEmbedAllResponse, ENGINE_ERRORS))

@@ -1,5 +1,6 @@
 """text-generation-inference's routes: POST /generate, /generate_stream and / (TGI's route for a
-client given only the server's URL, as `InferenceClient("http://host:port")` is), and GET /info.
+client given only the server's URL, as `InferenceClient("http://host:port")` is; server/routes_compat.py
+shares it with TEI's embeddings), and GET /info.
 
 TGI serves one model; here `model` (an extension) picks one, and without it the first generation
 model answers. Errors come in TGI's body, `{"error": message, "error_type": "validation" | "overloaded" |
@@ -116,10 +117,8 @@ async def generate_stream(body: TgiGenerateRequest, request: Request) -> Any:
     return await _stream(body, request)
 
 
-@router.post("/", responses=answers(TgiGenerateResponse, TGI_ERRORS, stream=TgiStreamResponse, done=False,
-                                    error=TgiErrorResponse))
-async def compat_generate(body: TgiCompatRequest, request: Request) -> Any:
-    """TGI's route for clients that know only the server's URL: /generate, or /generate_stream with `stream`."""
+async def answer(body: TgiCompatRequest, request: Request) -> Any:
+    """TGI's answer at POST / (server/routes_compat.py): /generate, or /generate_stream with `stream`."""
     return await (_stream(body, request) if body.stream else _generate(body, request))
 
 

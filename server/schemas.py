@@ -499,6 +499,29 @@ class TeiEmbedRequest(_Request):
                                     "(config_sentence_transformers.json), put before each text input")
 
 
+class TeiSimilarityInputs(_Request):
+    source_sentence: NonEmptyStr
+    sentences: Annotated[list[NonEmptyStr], Field(min_length=1)]
+
+
+class TeiSimilarityParameters(_Request):
+    truncate: bool = False
+    truncation_direction: Literal["Right", "right"] = "Right"
+    prompt_name: str | None = None
+
+
+class TeiSimilarityRequest(_Request):
+    """TEI's sentence similarity (huggingface_hub's `sentence_similarity` sends it to the server's URL)."""
+
+    model: str | None = None  # extension: the first embedding model when absent
+    inputs: TeiSimilarityInputs
+    parameters: TeiSimilarityParameters | None = None
+
+
+class TeiSimilarityResponse(RootModel[list[float]]):
+    """The cosine similarity of `source_sentence` with each of `sentences`, in order."""
+
+
 class TeiEmbedResponse(RootModel[list[list[float]]]):
     """One vector per input, in input order (TEI answers bare arrays)."""
 
