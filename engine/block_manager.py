@@ -9,6 +9,10 @@ tokens and of every token before it, so equal digests mean equal K/V. A freed bl
 digest while it waits on the free list; a new sequence whose leading blocks' digests are known
 takes those blocks back instead of computing them, and only a block taken for new tokens loses
 its digest. Free blocks are reused oldest-freed first, so the cache evicts least recently used.
+
+With a sliding window on every layer (Mistral, Phi-3), a block every future query's window has
+passed is given back at once (`free_behind_window`), as vLLM does: a long sequence then holds
+about a window's worth of blocks, not its whole length.
 """
 from __future__ import annotations
 
@@ -28,10 +32,12 @@ def cdiv(a: int, b: int) -> int:
 class BlockManager:
     """Owns which KV blocks are free and how many sequences share each used one."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 sliding_window: int | None = None) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window  # every layer's, where all share one; None: keep all blocks
         # an ordered set: a cache hit takes a block out of the middle, allocation pops the front
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_counts = [0] * num_blocks
@@ -148,17 +154,39 @@ class BlockManager:
         """Let `child` share all of `parent`'s blocks (beams, parallel samples); writes copy later."""
         assert not child.block_table, "fork into a sequence that already holds blocks"
         child.block_table = list(parent.block_table)
-        for block_id in child.block_table:
+        child.num_freed_blocks = parent.num_freed_blocks
+        for block_id in child.block_table[child.num_freed_blocks:]:
             self._ref_counts[block_id] += 1
 
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks; a block returns to the free list when no one shares it."""
-        for block_id in reversed(seq.block_table):  # the tail first: it is evicted first
-            self._ref_counts[block_id] -= 1
-            if self._ref_counts[block_id] == 0:
-                self._free[block_id] = None
+        for block_id in reversed(seq.block_table[seq.num_freed_blocks:]):  # the tail first: it is evicted first
+            self._release(block_id)
         seq.block_table = []
         seq.num_cached_blocks = 0
+        seq.num_freed_blocks = 0
+
+    def free_behind_window(self, seq: Sequence) -> int:
+        """Give back the blocks no query of `seq` will attend again: a query at position p sees keys
+        p - window + 1 .. p, and every query still to run is at `num_computed_tokens` or later, less
+        the tokens of a step launched ahead and not landed (its query is already counted as
+        computed). Call it once a step's tokens have landed (rejected drafts taken back). Returns
+        how many blocks were freed."""
+        if self.sliding_window is None:
+            return 0
+        first_needed = seq.num_computed_tokens - seq.num_inflight - self.sliding_window + 1
+        behind = min(max(0, first_needed) // self.block_size, len(seq.block_table))
+        if behind <= seq.num_freed_blocks:
+            return 0
+        for block_id in seq.block_table[seq.num_freed_blocks:behind]:  # oldest first: evicted first
+            self._release(block_id)
+        freed, seq.num_freed_blocks = behind - seq.num_freed_blocks, behind
+        return freed
+
+    def _release(self, block_id: int) -> None:
+        self._ref_counts[block_id] -= 1
+        if self._ref_counts[block_id] == 0:
+            self._free[block_id] = None
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

@@ -90,7 +90,8 @@ class LLMEngine:
         self.max_model_len = min(
             loaded.info.max_model_len, config.max_model_len or 10**9, num_blocks * block_size
         )
-        self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching,
+                                          loaded.model.kv_cache_spec.sliding_window)
         sched_cfg = SchedulerConfig(
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_num_seqs=config.scheduler.max_num_seqs,

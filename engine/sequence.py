@@ -40,6 +40,10 @@ class Sequence:
     arrival_time: float = 0.0
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # leading entries of `block_table` given back because every future query's sliding window has
+    # passed them (BlockManager.free_behind_window); they stay in the table, unowned, so positions
+    # still index it, and the attention masks whatever those blocks hold by then
+    num_freed_blocks: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -517,7 +517,9 @@ class LlamaForCausalLM(nn.Module):
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
         c = self.config
-        return KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        windows = {c.window(i) for i in range(c.num_hidden_layers)}
+        shared = next(iter(windows)) if len(windows) == 1 and not c.bidirectional else None
+        return KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, sliding_window=shared)
 
     def rename_weight(self, name: str) -> str | None:
         if name.endswith("rotary_emb.inv_freq"):  # older checkpoints saved this buffer

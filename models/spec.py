@@ -13,6 +13,9 @@ class KVCacheSpec:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    # the causal sliding window every layer shares (Mistral, Phi-3): blocks behind it can be freed early;
+    # None where any layer attends to everything (Gemma 2/3's alternating layers included)
+    sliding_window: int | None = None
 
 
 @dataclass(frozen=True)

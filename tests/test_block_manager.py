@@ -155,3 +155,26 @@ def test_a_token_not_yet_on_the_host_names_its_block_later():
     assert bm.allocate_slots(a, 1)
     assert a.num_cached_blocks == 1
     assert bm.match_prefix(seq_of(1, [1, 2, 3, 4, 5])) == 4
+
+
+def test_blocks_behind_a_sliding_window_are_freed_once():
+    bm = BlockManager(num_blocks=8, block_size=4, sliding_window=6)
+    a = make_seq(0, 14)
+    assert bm.allocate_slots(a, 14)
+    a.num_computed_tokens = 14  # the next query is at 14: it sees keys 9..14
+    assert bm.free_behind_window(a) == 2  # blocks 0 (keys 0-3) and 1 (4-7); block 2 holds key 9
+    assert a.block_table == [0, 1, 2, 3] and a.num_freed_blocks == 2  # positions still index the table
+    assert bm.num_free_blocks == 6 and bm.free_behind_window(a) == 0
+    a.num_computed_tokens, a.num_inflight = 17, 1  # a step launched ahead: its query at 16 sees 11..16
+    assert bm.free_behind_window(a) == 0
+    a.num_inflight = 0
+    assert bm.free_behind_window(a) == 1  # the next query at 17 sees 12..17: block 2 (8-11) goes
+    bm.check_integrity()
+    b = make_seq(1, 4)
+    bm.fork(a, b)  # a fork shares only the blocks still held
+    assert b.num_freed_blocks == 3 and bm.ref_count(3) == 2 and bm.ref_count(0) == 0
+    bm.free(a)
+    bm.free(b)  # freed entries are not released twice
+    assert bm.num_free_blocks == 8 and a.num_freed_blocks == b.num_freed_blocks == 0
+    bm.check_integrity()
+    assert BlockManager(num_blocks=8, block_size=4).free_behind_window(make_seq(2, 30)) == 0  # no window

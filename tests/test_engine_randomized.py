@@ -5,7 +5,8 @@ cache hits), greedy and seeded sampling with `n` samples, scored prompts (echo),
 others run, aborts, a pool small enough to preempt, chunked prefill, block sizes 1-8 and running
 ahead. Every request that is not aborted must get the tokens (and prompt scores) it gets alone in
 a roomy engine without a prefix cache; no output may carry a partly scored prompt; the block
-manager must stay consistent after every step and hold nothing at the end.
+manager must stay consistent after every step and hold nothing at the end. The same on a model with
+a sliding window on every layer, whose blocks behind it go back to the pool as it runs.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from engine.sampling_params import SamplingParams
 from tests.tiny_models import save_tiny
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tiny("llama", tmp_path_factory.mktemp("llama"))
+@pytest.fixture(scope="module", params=["llama", "mistral_window"])
+def folder(request, tmp_path_factory):
+    """A Llama, and a model with a 5-key window on every layer, whose blocks behind it are freed while it runs."""
+    return save_tiny(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
