@@ -133,7 +133,8 @@ class BlockManager:
             return
         self._extend_digests(seq, full)
         digests = seq.block_digests
-        for i in range(seq.num_cached_blocks, full):
+        # a block already given back behind a sliding window may hold another sequence's K/V by now
+        for i in range(max(seq.num_cached_blocks, seq.num_freed_blocks), full):
             block_id = seq.block_table[i]
             if digests[i] not in self._cached and self._digest_of[block_id] is None:
                 self._cached[digests[i]] = block_id

@@ -178,3 +178,28 @@ def test_blocks_behind_a_sliding_window_are_freed_once():
     assert bm.num_free_blocks == 8 and a.num_freed_blocks == b.num_freed_blocks == 0
     bm.check_integrity()
     assert BlockManager(num_blocks=8, block_size=4).free_behind_window(make_seq(2, 30)) == 0  # no window
+
+
+def test_a_block_freed_behind_the_window_is_never_named():
+    """Running ahead, a block can fill while its last token is still on the device (so it is not named
+    yet) and leave a one-key window before that token lands: once freed, another sequence may take it,
+    so naming it later would hand that sequence's K/V to whoever matches the prefix."""
+    bm = BlockManager(num_blocks=3, block_size=4, enable_prefix_caching=True, sliding_window=1)
+    a = seq_of(0, [1, 2, 3])
+    computed(bm, a)
+    a.num_inflight = 1  # token 3 sampled on the device
+    for _ in range(2):  # two steps launched ahead: positions 3 (fills block 0) and 4 (block 1)
+        assert bm.allocate_slots(a, 1)
+        a.num_computed_tokens += 1
+        a.num_inflight += 1
+    assert a.num_cached_blocks == 0 and a.block_table == [0, 1]
+    for token in (4, 5):  # the two land
+        a.token_ids.append(token)
+        a.num_inflight -= 1
+        bm.free_behind_window(a)
+    assert a.num_freed_blocks == 1  # block 0 went back unnamed
+    b = seq_of(1, [20, 21, 22, 23, 24])
+    assert bm.allocate_slots(b, 5) and b.block_table == [2, 0]  # b writes block 0 (partly: unnamed)
+    assert bm.allocate_slots(a, 1)  # a's next step names its full blocks: not the one it gave back
+    assert bm.match_prefix(seq_of(2, [1, 2, 3, 4, 9])) == 0
+    bm.check_integrity()
