@@ -164,7 +164,7 @@ class ResponseBuilder:
         self.calls: dict[int, int] = {}  # chat tool-call index -> its output index
         self.pending_logprobs: list[dict[str, Any]] = []  # arrived before any text to carry them
 
-    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self.seq, **copy.deepcopy(fields)}
         self.seq += 1
         return event
@@ -176,14 +176,14 @@ class ResponseBuilder:
 
     def start(self) -> list[dict[str, Any]]:
         snapshot = self.response("in_progress")
-        return [self._event("response.created", response=snapshot),
-                self._event("response.in_progress", response=snapshot)]
+        return [self.event("response.created", response=snapshot),
+                self.event("response.in_progress", response=snapshot)]
 
     def _add(self, item: dict[str, Any]) -> list[dict[str, Any]]:
         events = self._close("completed")
         self.output.append(item)
         self.open = len(self.output) - 1
-        events.append(self._event("response.output_item.added", output_index=self.open, item=item))
+        events.append(self.event("response.output_item.added", output_index=self.open, item=item))
         return events
 
     def _open_kind(self) -> str | None:
@@ -197,7 +197,7 @@ class ResponseBuilder:
             self.output[self.open]["content"].append({"type": "reasoning_text", "text": ""})
         item = self.output[self.open]
         item["content"][0]["text"] += delta
-        events.append(self._event("response.reasoning_text.delta", item_id=item["id"], output_index=self.open,
+        events.append(self.event("response.reasoning_text.delta", item_id=item["id"], output_index=self.open,
                                   content_index=0, delta=delta))
         return events
 
@@ -214,7 +214,7 @@ class ResponseBuilder:
             part = {"type": "output_text", "text": "", "annotations": [],
                     **({"logprobs": []} if logprobs is not None else {})}
             self.output[self.open]["content"].append(part)
-            events.append(self._event("response.content_part.added", item_id=self.output[self.open]["id"],
+            events.append(self.event("response.content_part.added", item_id=self.output[self.open]["id"],
                                       output_index=self.open, content_index=0, part=part))
         item = self.output[self.open]
         part = item["content"][0]
@@ -222,7 +222,7 @@ class ResponseBuilder:
         fresh, self.pending_logprobs = self.pending_logprobs, []
         if "logprobs" in part:
             part["logprobs"] += fresh
-        events.append(self._event("response.output_text.delta", item_id=item["id"], output_index=self.open,
+        events.append(self.event("response.output_text.delta", item_id=item["id"], output_index=self.open,
                                   content_index=0, delta=delta, logprobs=fresh))
         return events
 
@@ -239,7 +239,7 @@ class ResponseBuilder:
             args = fn.get("arguments", "")
             if args:
                 self.output[at]["arguments"] += args
-                events.append(self._event("response.function_call_arguments.delta", item_id=self.output[at]["id"],
+                events.append(self.event("response.function_call_arguments.delta", item_id=self.output[at]["id"],
                                           output_index=at, delta=args))
         return events
 
@@ -251,23 +251,23 @@ class ResponseBuilder:
         item["status"] = status
         events = []
         if item["type"] == "reasoning":
-            events.append(self._event("response.reasoning_text.done", item_id=item["id"], output_index=at,
+            events.append(self.event("response.reasoning_text.done", item_id=item["id"], output_index=at,
                                       content_index=0, text=item["content"][0]["text"]))
         elif item["type"] == "message":
             part = item["content"][0]
-            events.append(self._event("response.output_text.done", item_id=item["id"], output_index=at,
+            events.append(self.event("response.output_text.done", item_id=item["id"], output_index=at,
                                       content_index=0, text=part["text"], logprobs=part.get("logprobs", [])))
-            events.append(self._event("response.content_part.done", item_id=item["id"], output_index=at,
+            events.append(self.event("response.content_part.done", item_id=item["id"], output_index=at,
                                       content_index=0, part=part))
         else:
-            events.append(self._event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
+            events.append(self.event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
                                       arguments=item["arguments"], name=item["name"]))
-        events.append(self._event("response.output_item.done", output_index=at, item=item))
+        events.append(self.event("response.output_item.done", output_index=at, item=item))
         return events
 
     def finish(self, status: str, usage: dict[str, Any]) -> list[dict[str, Any]]:
         """Close what is open (`incomplete` when the answer was cut off) and end the stream."""
         events = self._close(status)
         kind = "response.completed" if status == "completed" else "response.incomplete"
-        events.append(self._event(kind, response=self.response(status, usage)))
+        events.append(self.event(kind, response=self.response(status, usage)))
         return events

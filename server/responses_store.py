@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import KVServeError
+from server.event_log import EventLog
 
 
 class ResponseNotFoundError(KVServeError):
@@ -23,6 +24,7 @@ class StoredResponse:
     body: dict[str, Any]  # the answer as it was sent
     messages: tuple[dict[str, Any], ...]  # the conversation through this answer, as chat messages (no instructions)
     input_items: tuple[dict[str, Any], ...] = ()  # the request's own input, as GET .../input_items lists it
+    events: EventLog | None = None  # a background response's stream events, for GET ...?stream=true
 
 
 class ResponseStore:

@@ -1,5 +1,6 @@
 """POST /v1/responses (OpenAI's Responses API, SSE streaming or in the background), and GET/DELETE
-of stored answers, POST .../cancel of background ones.
+of stored answers, POST .../cancel of background ones. A background response keeps its stream's
+events (server/event_log.py), so `stream: true` follows it and GET ...?stream=true resumes it.
 
 A request is a chat request in another shape: its input items (after a stored conversation, with
 `previous_response_id`) become chat messages under the model's template, and the answer's
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.errors import InvalidRequestError, KVServeError
 from engine.outputs import CompletionOutput, RequestOutput
@@ -23,6 +24,7 @@ from engine.sampling_params import SamplingParams
 from server import generation as gen
 from server import reasoning, sse, tools
 from server.deltas import DeltaSplitter
+from server.event_log import EventLog
 from server.openapi import ENGINE_ERRORS, answers
 from server.responses import (
     ResponseBuilder, chat_messages, chat_tools, input_messages, output_message, page, reasoning_tokens, stored_items,
@@ -134,23 +136,25 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     answer = _Answer(ResponseBuilder(_head(body, response_id, name, stored)), DeltaSplitter(tool_plan, thinking),
                      gen.TokenText(engine.tokenizer) if wants_logprobs else None, body.top_logprobs or 0)
 
+    log = EventLog() if body.background else None
+
     def keep(final: dict[str, Any]) -> None:
         if stored:
             state.responses.put(response_id, StoredResponse(final, tuple(conversation + output_message(final["output"])),
-                                                            tuple(stored_items(body.input))))
+                                                            tuple(stored_items(body.input)), log))
 
-    if body.background:
-        if body.stream:
-            raise InvalidRequestError("background responses are not streamed: poll GET /v1/responses/{id}", "stream")
+    if log is not None:
         if not stored:
             raise InvalidRequestError("background responses must be stored (store: true, and a server "
                                       "--responses-store-size above 0)", "background")
         state.async_engine.check(name, payload)  # a bad request is this call's 4xx, not a failed response
-        pending = StoredResponse(answer.builder.response("queued"), tuple(conversation), tuple(stored_items(body.input)))
+        pending = StoredResponse(answer.builder.response("queued"), tuple(conversation), tuple(stored_items(body.input)),
+                                 log)
         state.responses.put(response_id, pending)
         work = _in_background(state, name, response_id, payload, answer, engine.tokenizer, keep, pending)
         state.background[response_id] = asyncio.create_task(work)
-        return JSONResponse(pending.body)
+        # streamed, the answer follows the log: a client that leaves stops reading, not the response
+        return _replay(log, None) if body.stream else JSONResponse(pending.body)
 
     if body.stream:
         merged = await gen.open_streams(state.async_engine, name, response_id, [payload])
@@ -176,23 +180,48 @@ def _whole(out: RequestOutput, answer: _Answer, tokenizer: Any) -> dict[str, Any
 
 async def _in_background(state: ServerState, name: str, response_id: str, payload: GenerationRequest,
                          answer: _Answer, tokenizer: Any, keep: Any, pending: StoredResponse) -> None:
-    """Run a background response to its end and store the answer; a failure is stored as a
-    `failed` response carrying the error (a cancel stores `cancelled` itself, and stops this)."""
-    def store(status: str, error: dict[str, str] | None = None) -> None:
-        state.responses.put(response_id, dataclasses.replace(pending, body={**pending.body, "status": status,
-                                                                             "error": error}))
+    """Run a background response to its end, its stream events into its log, and store the answer;
+    a failure is stored as a `failed` response carrying the error, its stream's last event
+    `response.failed` (a cancel stores `cancelled` itself, and stops this)."""
+    log = pending.events
+
+    def store(status: str, error: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {**pending.body, "status": status, "error": error}
+        state.responses.put(response_id, dataclasses.replace(pending, body=body))
+        return body
 
     store("in_progress")
+    merged = None
     try:
-        finals = await gen.run_all(state.async_engine, name, response_id, [payload])
-        keep(_whole(finals[0], answer, tokenizer))
+        merged = await gen.open_streams(state.async_engine, name, response_id, [payload])
+        log.append(answer.builder.start())
+        async for _, out in merged:
+            events = answer.feed(out.outputs[0])
+            if out.outputs[0].finish_reason is not None:
+                events += answer.finish(out, tokenizer)
+                keep(events[-1]["response"])
+            log.append(events)
     except KVServeError as exc:
-        store("failed", {"code": exc.error_type, "message": str(exc)})
+        failed = store("failed", {"code": exc.error_type, "message": str(exc)})
+        log.append([answer.builder.event("response.failed", response=failed)])
     except Exception as exc:  # noqa: BLE001 - nobody awaits this task: the stored answer is the report
-        store("failed", {"code": "server_error", "message": f"{type(exc).__name__}: {exc}"})
+        failed = store("failed", {"code": "server_error", "message": f"{type(exc).__name__}: {exc}"})
+        log.append([answer.builder.event("response.failed", response=failed)])
     finally:
+        if merged is not None:
+            await merged.aclose()  # a cancel lands here mid-stream: its engine request is aborted
+        log.close()
         state.metrics.forget(response_id)
         state.background.pop(response_id, None)
+
+
+def _replay(log: EventLog, starting_after: int | None) -> StreamingResponse:
+    """A background response's events after `starting_after`, then each as it comes, until it ends."""
+    async def events() -> AsyncIterator[str]:
+        async for e in log.follow(starting_after):
+            yield sse.event(e, e["type"])
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 async def _events(merged: AsyncIterator[tuple[int, RequestOutput]], answer: _Answer, tokenizer: Any,
@@ -208,9 +237,18 @@ async def _events(merged: AsyncIterator[tuple[int, RequestOutput]], answer: _Ans
             yield sse.event(e, e["type"])
 
 
-@router.get("/v1/responses/{response_id}", responses=answers(ResponseObject, (401, 404)))
-async def get_response(response_id: str, request: Request) -> Any:
-    return JSONResponse(get_state(request).responses.get(response_id).body)
+@router.get("/v1/responses/{response_id}",
+            responses=answers(ResponseObject, (400, 401, 404), stream=ResponseEvent, done=False))
+async def get_response(response_id: str, request: Request, stream: bool = False,
+                       starting_after: int | None = Query(None, ge=0)) -> Any:
+    """The stored answer; with `stream`, a background response's events (after `starting_after`, a
+    sequence number), replayed, then followed live until it ends, as OpenAI resumes a stream."""
+    stored = get_state(request).responses.get(response_id)
+    if not stream:
+        return JSONResponse(stored.body)
+    if stored.events is None:
+        raise InvalidRequestError("only background responses can be streamed again", "stream")
+    return _replay(stored.events, starting_after)
 
 
 @router.delete("/v1/responses/{response_id}", responses=answers(ResponseDeleted, (401, 404)))

@@ -156,7 +156,8 @@ class ResponsesRequest(_Request):
                           "turns are left out of the prompt until it fits (the stored conversation keeps them)")
     background: bool | None = Field(None, description="Answer at once with status `queued` and run the response "
                                     "in the background: poll GET /v1/responses/{id}, stop it with POST "
-                                    "/v1/responses/{id}/cancel. Needs `store`; not streamed")
+                                    "/v1/responses/{id}/cancel. Needs `store`. With `stream`, its events follow; "
+                                    "GET /v1/responses/{id}?stream=true&starting_after=N resumes them")
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = Field(None, description="Accepted; the prefix cache needs no key")

@@ -148,7 +148,6 @@ def test_logprobs_ride_on_the_text(url, engine):
     ({"input": []}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
     ({"input": "x", "background": True, "store": False}, "background"),
-    ({"input": "x", "background": True, "stream": True}, "stream"),
     ({"input": "x", "background": True, "max_output_tokens": 200}, "prompt"),  # admission errors come at once
     ({"input": "x", "truncation": "middle"}, "truncation"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
@@ -381,3 +380,64 @@ def test_truncated_keeps_whole_turns_and_system_messages():
     assert truncated(convo, fits(3)) == [convo[0], convo[5], convo[8]]
     assert truncated(convo, fits(1)) == [convo[0], convo[5], convo[8]]  # the last turn, left for the engine to refuse
     assert truncated(convo[1:2], fits(0)) == convo[1:2]
+
+
+def _blocks(text: str) -> list[dict]:
+    """The complete named SSE events of a stream's text (a partial last block is left out)."""
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        name, data = block.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {event['type']}"
+        EVENTS.validate_python(event)
+        events.append(event)
+    return events
+
+
+def test_a_streamed_background_response_resumes_where_its_reader_left():
+    """OpenAI's resumable streams: the reader of a background stream leaves, the response runs on, and
+    GET ?stream=true&starting_after=N (the openai client's retrieve(stream=True)) gives the rest."""
+    slow = FakeEngine(max_model_len=400, step_delay_s=0.01)
+    with serve({"fake": slow}, ServerSettings(port=free_port(), shutdown_timeout_s=2.0)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        body = {"model": "fake", "input": "hello", "max_output_tokens": 40, "background": True, "stream": True}
+        text = ""
+        with httpx.stream("POST", f"{url}/v1/responses", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            for chunk in r.iter_text():
+                text += chunk
+                if text.count("\n\n") >= 6:
+                    break  # the reader leaves
+        first = _blocks(text)
+        response_id = first[0]["response"]["id"]
+        live = client.responses.retrieve(response_id, stream=True, starting_after=first[-1]["sequence_number"])
+        rest = [e.model_dump(exclude_unset=True) for e in live]  # followed until it ends
+        done = _until_ended(url, response_id)
+        events = first + rest
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert rest[-1]["type"] == "response.incomplete" and rest[-1]["response"]["output"] == done["output"]
+        said = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        assert said == done["output"][0]["content"][0]["text"] == greedy_text("<s>[user]hello\n[assistant]", 40)
+        replay = httpx.get(f"{url}/v1/responses/{response_id}", params={"stream": "true"}, timeout=30)
+        assert _blocks(replay.text) == events  # an ended one replays whole
+        assert slow.stats().kv_cache_usage == 0
+
+        foreground = _post(url, input="hi", max_output_tokens=2).json()
+        r = httpx.get(f"{url}/v1/responses/{foreground['id']}", params={"stream": "true"}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+
+
+def test_cancel_ends_the_streams_that_follow_a_background_response():
+    slow = FakeEngine(max_model_len=400, step_delay_s=0.02)
+    with serve({"fake": slow}, ServerSettings(port=free_port(), shutdown_timeout_s=2.0)) as url:
+        started = _post(url, input="long", max_output_tokens=300, background=True).json()
+        with httpx.stream("GET", f"{url}/v1/responses/{started['id']}", params={"stream": "true"}, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)  # following it
+            cancelled = httpx.post(f"{url}/v1/responses/{started['id']}/cancel", timeout=10).json()
+            rest = list(lines)  # the stream ends: nothing more will come
+        assert cancelled["status"] == "cancelled" and all('"response.completed"' not in x for x in rest)
+        deadline = time.monotonic() + 10
+        while slow.has_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert slow.stats().kv_cache_usage == 0 and slow.generation_tokens < 300
