@@ -90,7 +90,8 @@ def _head(body: ResponsesRequest, response_id: str, model: str, stored: bool) ->
         "temperature": body.temperature, "text": {"format": fmt or {"type": "text"}},
         "tool_choice": tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump(),
         "tools": [t.model_dump(exclude_none=True) for t in body.tools or []], "top_p": body.top_p,
-        "top_logprobs": body.top_logprobs, "truncation": body.truncation or "disabled", "background": bool(body.background),
+        "top_logprobs": body.top_logprobs, "truncation": body.truncation or "disabled",
+        "background": bool(body.background),
         "user": body.user,
         "metadata": body.metadata or {},
     }
@@ -148,8 +149,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
             raise InvalidRequestError("background responses must be stored (store: true, and a server "
                                       "--responses-store-size above 0)", "background")
         state.async_engine.check(name, payload)  # a bad request is this call's 4xx, not a failed response
-        pending = StoredResponse(answer.builder.response("queued"), tuple(conversation), tuple(stored_items(body.input)),
-                                 log)
+        pending = StoredResponse(answer.builder.response("queued"), tuple(conversation),
+                                 tuple(stored_items(body.input)), log)
         state.responses.put(response_id, pending)
         work = _in_background(state, name, response_id, payload, answer, engine.tokenizer, keep, pending)
         state.background[response_id] = asyncio.create_task(work)
