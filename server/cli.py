@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "([f(a=1)], Llama 3.2/4) or mistral ([TOOL_CALLS] then the calls); unset, auto is refused (required and named functions work)")
     opt("reasoning-parser", str, None, "split a chat answer's <think> block into the message's reasoning: "
         "deepseek_r1 (the template opens the block: DeepSeek-R1, QwQ) or qwen3 (the answer opens it)")
+    opt("generation-config", str, "auto", "auto: a model's generation_config.json sampling settings (temperature, "
+        "top_p, top_k, min_p, repetition_penalty, max_new_tokens) are the defaults of requests that set none, as "
+        "vLLM applies them; vllm: the API's own defaults")
     opt("responses-store-size", int, 1024, "Responses API answers kept in memory (the oldest go first) for "
         "GET /v1/responses/{id} and previous_response_id; 0 keeps none")
     opt("api-key", str, None, "requests other than health, metrics and version must send "
@@ -255,10 +258,11 @@ def serve(args: argparse.Namespace) -> None:
     from engine.async_engine import AsyncEngine
     from engine.compute_thread import ComputeThread
     from engine.errors import InvalidRequestError, KVServeError
+    from server import generation as gen
     from server.app import create_app
     from server.metrics import ServerMetrics
     from server.settings import ServerSettings
-    from server.state import load_lora
+    from server.state import load_lora, task_of
 
     models = args.model or args.env_models or list(DEFAULT_MODELS)
     names = served_model_names(args, len(models))
@@ -288,7 +292,12 @@ def serve(args: argparse.Namespace) -> None:
                               tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
                               api_key=args.api_key or None,
                               allow_runtime_lora_updating=args.allow_runtime_lora_updating,
-                              responses_store_size=args.responses_store_size)
+                              responses_store_size=args.responses_store_size,
+                              generation_config=args.generation_config)
+    for name, engine in served.items():
+        defaults = gen.defaults_for(engine, settings) if task_of(engine) == "generate" else {}
+        if defaults:  # as vLLM warns: answers differ from the API's defaults without the request saying so
+            log.info("%s: requests that leave them unset take its generation_config.json's %s", name, defaults)
     metrics = ServerMetrics(CollectorRegistry())
     async_engine = AsyncEngine(served, max_waiting=settings.max_waiting, on_step=metrics.on_step,
                                executor=compute)
@@ -332,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     if args.allow_runtime_lora_updating and not args.enable_lora:
         parser.error("--allow-runtime-lora-updating needs --enable-lora")
+    if args.generation_config not in ("auto", "vllm"):
+        parser.error(f"--generation-config must be auto or vllm, got {args.generation_config!r}")
     for flag, given in (("--gemv-max-rows", args.gemv_max_rows), ("--enable-pdl", args.enable_pdl)):
         if given and not args.device.startswith("cuda"):
             parser.error(f"{flag} runs Triton kernels on a GPU: it needs --device cuda")

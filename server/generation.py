@@ -16,17 +16,39 @@ from engine.async_engine import AsyncEngine
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import GenerationRequest
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import BOUNDS, SamplingParams
 from engine.structured_output import StructuredOutput
 from server.errors import ClientDisconnected
 from server.schemas import ChatMessage, _SamplingFields
+from server.settings import ServerSettings
 from server.tools import template_messages
 
 T = TypeVar("T")
 
 
-def sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """OpenAI fields -> SamplingParams; unset (None) fields keep SamplingParams' defaults."""
+# generation_config.json's sampling settings that become request defaults (vLLM's --generation-config auto)
+MODEL_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def model_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """The sampling settings of a model's generation_config.json that requests inherit where they set
+    none, as vLLM applies them: temperature, top_p, top_k, min_p, repetition_penalty, and
+    max_new_tokens as the default max_tokens. A value out of the API's range is left out."""
+    picked = {k: generation_config[k] for k in MODEL_DEFAULTS if isinstance(generation_config.get(k), (int, float))}
+    if isinstance(generation_config.get("max_new_tokens"), int):
+        picked["max_tokens"] = generation_config["max_new_tokens"]
+    return {k: v for k, v in picked.items() if BOUNDS[k].holds(v)}
+
+
+def defaults_for(engine: Any, settings: ServerSettings) -> dict[str, Any]:
+    """The request defaults `engine`'s model gives under the server's --generation-config."""
+    return model_defaults(engine.info.generation_defaults) if settings.generation_config == "auto" else {}
+
+
+def sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """OpenAI fields -> SamplingParams; unset (None) fields take the model's `defaults`
+    (`model_defaults`), then SamplingParams' own."""
     fields: dict[str, Any] = {
         "n": req.n,
         "max_tokens": max_tokens,
@@ -52,6 +74,9 @@ def sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int 
         fields["bad_words"] = tuple(req.bad_words)
     if req.stop_token_ids is not None:
         fields["stop_token_ids"] = tuple(req.stop_token_ids)
+    for key, value in (defaults or {}).items():
+        if fields.get(key) is None:
+            fields[key] = value
     kwargs = {k: v for k, v in fields.items() if v is not None or k in ("max_tokens", "logprobs", "seed")}
     return SamplingParams(**kwargs, structured=structured_output(req))  # checks ranges: InvalidRequestError -> 400
 

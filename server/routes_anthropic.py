@@ -67,7 +67,9 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
     state = get_state(request)
     name, engine = state.resolve(body.model, "generate")
     prompt = _prompt(body, state, engine)
-    fields = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(body, k)) is not None}
+    # the model's generation_config.json settings where the request sets none (max_tokens it always sets)
+    defaults = {k: v for k, v in gen.defaults_for(engine, state.settings).items() if k != "max_tokens"}
+    fields = defaults | {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(body, k)) is not None}
     if body.stop_sequences:
         fields["stop"] = tuple(body.stop_sequences)
     params = tools.apply(SamplingParams(max_tokens=body.max_tokens, structured=structured_output(body), **fields),

@@ -38,7 +38,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise InvalidRequestError("max_tokens 0 answers with the prompt alone: it needs echo", "max_tokens")
     if score_only and body.stream:
         raise InvalidRequestError("max_tokens 0 (the prompt alone) is not streamed", "stream")
-    params = gen.sampling_params(body, 1 if score_only else body.max_tokens, body.logprobs)
+    params = gen.sampling_params(body, 1 if score_only else body.max_tokens, body.logprobs,
+                                 gen.defaults_for(engine, state.settings))
     if body.echo and body.logprobs is not None:  # the prompt's tokens are scored too
         params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
     prompts = gen.completion_prompts(
@@ -136,7 +137,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
     num_top = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = gen.sampling_params(body, max_tokens, num_top if body.logprobs else None)
+    params = gen.sampling_params(body, max_tokens, num_top if body.logprobs else None,
+                                 gen.defaults_for(engine, state.settings))
     tool_plan = tools.plan(body.tools, body.tool_choice, state.settings.tool_call_parser)
     params = tools.apply(params, tool_plan, body.tools, body.parallel_tool_calls,
                          "response_format or structured_outputs")

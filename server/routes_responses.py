@@ -72,10 +72,12 @@ class _Answer:
         return self.builder.finish(status, usage)
 
 
-def _sampling_params(body: ResponsesRequest, logprobs: int | None) -> SamplingParams:
-    fields = {"max_tokens": body.max_output_tokens, "logprobs": logprobs, "seed": body.seed,
+def _sampling_params(body: ResponsesRequest, logprobs: int | None, defaults: dict[str, Any]) -> SamplingParams:
+    """The request's fields over the model's defaults (server/generation.py's `defaults_for`)."""
+    fields = {**defaults, "logprobs": logprobs, "seed": body.seed,
               **{k: v for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
                  if (v := getattr(body, k)) is not None}}
+    fields["max_tokens"] = body.max_output_tokens if body.max_output_tokens is not None else defaults.get("max_tokens")
     return SamplingParams(**fields, structured=structured_output(body))  # checks ranges: a 400
 
 
@@ -112,7 +114,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     wants_logprobs = LOGPROBS in (body.include or ())
     if body.top_logprobs and not wants_logprobs:
         raise InvalidRequestError(f"top_logprobs needs include: [\"{LOGPROBS}\"]", "top_logprobs")
-    params = _sampling_params(body, (body.top_logprobs or 0) if wants_logprobs else None)
+    params = _sampling_params(body, (body.top_logprobs or 0) if wants_logprobs else None,
+                              gen.defaults_for(engine, state.settings))
     chat_tool_defs, choice = chat_tools(body)
     tool_plan = tools.plan(chat_tool_defs, choice, state.settings.tool_call_parser)
     params = tools.apply(params, tool_plan, chat_tool_defs, body.parallel_tool_calls, "text.format")

@@ -32,6 +32,9 @@ class ServerSettings:
     api_key: str | None = None  # requests must send `Authorization: Bearer <key>` (server/auth.py); None: open
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter exist
     responses_store_size: int = 1024  # /v1/responses answers kept for retrieval and previous_response_id; 0: none
+    # vLLM's --generation-config: "auto" takes each model's generation_config.json sampling settings as the
+    # defaults of requests that leave them unset (server/generation.py); "vllm" keeps the API's own defaults
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -41,6 +44,8 @@ class ServerSettings:
         check_parsers(self.tool_call_parser, self.reasoning_parser)
         if self.api_key == "":
             raise ValueError("api_key must not be empty (leave it unset for an open server)")
+        if self.generation_config not in ("auto", "vllm"):
+            raise ValueError(f"generation_config must be auto or vllm, got {self.generation_config!r}")
         if self.responses_store_size < 0:
             raise ValueError(f"responses_store_size must be >= 0, got {self.responses_store_size}")
         if self.max_waiting < 1:
