@@ -53,8 +53,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
     if body.stream:
         merged = await gen.open_streams(state.async_engine, name, request_id, payloads)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _completion_events(merged, request_id, name, n, body.logprobs, text_of, echo, include_usage)
+        include_usage, continuous = _usage_options(body)
+        events = _completion_events(merged, request_id, name, n, body.logprobs, text_of, echo, include_usage,
+                                    continuous)
         return sse.response(events, state, request_id)
 
     try:
@@ -79,9 +80,16 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                          "model": name, "choices": choices, "usage": gen.usage(finals)})
 
 
+def _usage_options(body: Any) -> tuple[bool, bool]:
+    """(a last chunk with the usage, every chunk with the usage so far): `stream_options`."""
+    opts = body.stream_options
+    include = bool(opts and opts.include_usage)
+    return include, include and opts.continuous_usage_stats
+
+
 async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str,
                              n: int, logprobs: int | None, text_of: gen.TokenText, echo: list[str],
-                             include_usage: bool) -> AsyncIterator[str]:
+                             include_usage: bool, continuous: bool = False) -> AsyncIterator[str]:
     created = int(time.time())
     sent_lp: dict[int, int] = {}  # choice index -> logprob entries already sent
     # choice index -> text_offset of its next logprob entry: summed token widths, as the whole
@@ -92,8 +100,9 @@ async def _completion_events(merged: AsyncIterator[tuple[int, RequestOutput]], r
     finals: dict[int, RequestOutput] = {}
 
     def chunk(choices: list[dict]) -> str:
+        usage = {"usage": gen.usage(list(finals.values()))} if continuous else {}
         return sse.event({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                         "choices": choices})
+                         "choices": choices, **usage})
 
     async for p, out in merged:
         finals[p] = out
@@ -157,9 +166,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 
     if body.stream:
         merged = await gen.open_streams(state.async_engine, name, request_id, payloads)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        include_usage, continuous = _usage_options(body)
         events = _chat_events(merged, request_id, name, body.logprobs, num_top, text_of, include_usage, tool_plan,
-                              thinking)
+                              thinking, continuous)
         return sse.response(events, state, request_id)
 
     try:
@@ -183,7 +192,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 async def _chat_events(merged: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str,
                        logprobs: bool, num_top: int, text_of: gen.TokenText,
                        include_usage: bool, tool_plan: tools.ToolPlan,
-                       thinking: reasoning.Thinking | None) -> AsyncIterator[str]:
+                       thinking: reasoning.Thinking | None, continuous: bool = False) -> AsyncIterator[str]:
     created = int(time.time())
     streams: dict[int, tools.ToolStream] = {}  # per choice, where tools may be called
     thoughts: dict[int, reasoning.ReasoningStream] = {}  # per choice, with a reasoning parser
@@ -193,8 +202,9 @@ async def _chat_events(merged: AsyncIterator[tuple[int, RequestOutput]], request
     final: RequestOutput | None = None
 
     def chunk(choices: list[dict]) -> str:
+        usage = {"usage": gen.usage([final])} if continuous and final is not None else {}
         return sse.event({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                         "choices": choices})
+                         "choices": choices, **usage})
 
     async for _, out in merged:
         final = out

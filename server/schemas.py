@@ -82,6 +82,8 @@ class ErrorResponse(_Response):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="With include_usage, every chunk carries the usage so "
+                                                            "far (vLLM extra)")
 
 
 class JsonSchemaSpec(_Request):

@@ -102,6 +102,25 @@ def test_chat_and_stream_reassemble(client):
     assert chunks[-1].choices == []
 
 
+def test_continuous_usage_stats_count_as_they_go(client):
+    """vLLM's `continuous_usage_stats`: every chunk carries the usage so far, the last the whole."""
+    msgs = [{"role": "user", "content": "count"}]
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chat = list(client.chat.completions.create(model="fake", messages=msgs, max_tokens=6, temperature=0, stream=True,
+                                               stream_options=options))
+    done = [c.usage.completion_tokens for c in chat]
+    assert all(c.usage is not None for c in chat) and done == sorted(done) and done[0] < done[-1] == 6
+    assert len({c.usage.prompt_tokens for c in chat}) == 1
+    text = [c.choices[0].delta.content or "" for c in chat if c.choices]
+    assert [len("".join(text[: i + 1])) for i in range(1, len(text))] == done[1:len(text)]  # a token a character
+    cmpl = list(client.completions.create(model="fake", prompt="count", max_tokens=5, temperature=0, stream=True,
+                                          stream_options=options))
+    assert [c.usage.completion_tokens for c in cmpl][-2:] == [5, 5] and all(c.usage for c in cmpl)
+    plain = list(client.chat.completions.create(model="fake", messages=msgs, max_tokens=6, temperature=0, stream=True,
+                                                stream_options={"include_usage": True, "continuous_usage_stats": False}))
+    assert [c.usage is None for c in plain] == [True] * (len(plain) - 1) + [False]
+
+
 def test_chat_logprobs_and_n(client):
     r = client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}], max_tokens=3,
                                        logprobs=True, top_logprobs=3, n=2, temperature=0.5)
