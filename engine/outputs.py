@@ -11,6 +11,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)
+    rank: int | None = None  # the token's place among all by logprob, 1 the best (scored prompt tokens)
 
 
 @dataclass

@@ -38,12 +38,14 @@ def prompt_rows(seqs: list[Sequence], num_new_tokens: list[int]) -> list[PromptR
 
 
 def score(logits: torch.Tensor, targets: list[int], num_top: int) -> list[TokenLogprob]:
-    """Per row of `logits`: the log-probability of `targets[row]` and the `num_top` best."""
+    """Per row of `logits`: the log-probability of `targets[row]`, its rank and the `num_top` best."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).view(-1, 1)).view(-1).tolist()
+    picked = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).view(-1, 1))
+    ranks = ((logprobs > picked).sum(-1) + 1).tolist()  # vLLM's rank: 1 + the tokens more likely
+    chosen = picked.view(-1).tolist()
     if num_top:
         values, ids = logprobs.topk(num_top, dim=-1)
         tops = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
     else:
         tops = [{} for _ in targets]
-    return [TokenLogprob(token_id=t, logprob=lp, top=top) for t, lp, top in zip(targets, chosen, tops)]
+    return [TokenLogprob(token_id=t, logprob=lp, top=top, rank=r) for t, lp, top, r in zip(targets, chosen, tops, ranks)]

@@ -7,6 +7,7 @@ route) share one implementation of the fiddly parts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -307,6 +308,26 @@ def echo_logprobs(prompt_ids: list[int], scored: list[TokenLogprob | None], text
             "token_logprobs": [None] + head["token_logprobs"] + tail["token_logprobs"],
             "top_logprobs": [None] + head["top_logprobs"] + tail["top_logprobs"],
             "text_offset": [0] + head["text_offset"] + tail["text_offset"]}
+
+
+def prompt_logprobs(scored: list[TokenLogprob | None], text_of: TokenText, num_top: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` answer: None for the first prompt token (nothing predicts it), then per
+    token its own entry first and the `num_top` best, each by token id (a string): logprob, rank
+    (1 + the tokens more likely) and the decoded token."""
+    out: list[dict | None] = [None]
+    for e in scored[1:]:
+        entry = {str(e.token_id): {"logprob": e.logprob, "rank": e.rank, "decoded_token": text_of(e.token_id)}}
+        for rank, (token, lp) in enumerate(sorted(e.top.items(), key=lambda kv: -kv[1])[:num_top], start=1):
+            entry.setdefault(str(token), {"logprob": lp, "rank": rank, "decoded_token": text_of(token)})
+        out.append(entry)
+    return out
+
+
+def top_trimmed(scored: list[TokenLogprob | None], num_top: int) -> list[TokenLogprob | None]:
+    """The scored prompt with each entry's alternatives cut to the `num_top` best (a request that asks
+    two uses of the prompt's scores for different N scores it once, with the larger)."""
+    return [None if e is None else dataclasses.replace(e, top=dict(sorted(e.top.items(), key=lambda kv: -kv[1])
+                                                                    [:num_top])) for e in scored]
 
 
 def chat_logprobs(entries: list[TokenLogprob], text_of: TokenText, num_top: int) -> dict:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.request import GenerationRequest
+from engine.sampling_params import SamplingParams
 from server import generation as gen
 from server import reasoning, sse, tools
 from server.openapi import ENGINE_ERRORS, answers
@@ -40,8 +41,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise InvalidRequestError("max_tokens 0 (the prompt alone) is not streamed", "stream")
     params = gen.sampling_params(body, 1 if score_only else body.max_tokens, body.logprobs,
                                  gen.defaults_for(engine, state.settings))
-    if body.echo and body.logprobs is not None:  # the prompt's tokens are scored too
-        params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
+    echo_scores = body.logprobs if body.echo else None  # echo with logprobs scores the prompt's tokens too
+    params = _scoring_prompt(params, body, echo_scores)
     prompts = gen.completion_prompts(
         body.prompt, engine.tokenizer, engine.info.vocab_size, state.settings.max_prompts_per_request
     )
@@ -72,12 +73,25 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             logprobs = None
             if body.logprobs is not None and c.logprobs is not None:
                 logprobs, _ = gen.completion_logprobs(c.logprobs, text_of, len(echo[p]))
-                if out.prompt_logprobs is not None:
-                    logprobs = gen.echo_logprobs(out.prompt_token_ids, out.prompt_logprobs, text_of, logprobs)
-            choices.append({"index": p * n + c.index, "text": echo[p] + c.text, "logprobs": logprobs,
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                if echo_scores is not None:
+                    logprobs = gen.echo_logprobs(out.prompt_token_ids, gen.top_trimmed(out.prompt_logprobs, echo_scores),
+                                                 text_of, logprobs)
+            choice = {"index": p * n + c.index, "text": echo[p] + c.text, "logprobs": logprobs,
+                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            if body.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = gen.prompt_logprobs(out.prompt_logprobs, text_of, body.prompt_logprobs)
+            choices.append(choice)
     return JSONResponse({"id": request_id, "object": "text_completion", "created": int(time.time()),
                          "model": name, "choices": choices, "usage": gen.usage(finals)})
+
+
+def _scoring_prompt(params: SamplingParams, body: Any, echo_scores: int | None = None) -> SamplingParams:
+    """The params scoring the prompt for vLLM's `prompt_logprobs` (not streamed) and for echo's logprobs,
+    with the larger N where both ask."""
+    if body.prompt_logprobs is not None and body.stream:
+        raise InvalidRequestError("prompt_logprobs is answered in non-streamed requests only", "prompt_logprobs")
+    wanted = [k for k in (body.prompt_logprobs, echo_scores) if k is not None]
+    return dataclasses.replace(params, prompt_logprobs=max(wanted)) if wanted else params
 
 
 def _usage_options(body: Any) -> tuple[bool, bool]:
@@ -151,6 +165,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     tool_plan = tools.plan(body.tools, body.tool_choice, state.settings.tool_call_parser)
     params = tools.apply(params, tool_plan, body.tools, body.parallel_tool_calls,
                          "response_format or structured_outputs")
+    params = _scoring_prompt(params, body)
     tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     text = gen.render_chat(body.messages, engine.tokenizer, body.add_generation_prompt, tool_defs,
                            body.chat_template_kwargs, body.continue_final_message)
@@ -185,8 +200,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             message = thinking.message(message, thought)
         choices.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish,
                         "stop_reason": c.stop_reason})
-    return JSONResponse({"id": request_id, "object": "chat.completion", "created": int(time.time()),
-                         "model": name, "choices": choices, "usage": gen.usage(finals)})
+    answer = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": name,
+              "choices": choices, "usage": gen.usage(finals)}
+    if body.prompt_logprobs is not None:
+        answer["prompt_logprobs"] = gen.prompt_logprobs(out.prompt_logprobs, text_of, body.prompt_logprobs)
+    return JSONResponse(answer)
 
 
 async def _chat_events(merged: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str,

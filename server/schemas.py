@@ -149,6 +149,8 @@ class _SamplingFields(_Request):
     structured_outputs: StructuredOutputs | None = None
     bad_words: list[str] | None = Field(None, description="Words the output may not contain, banned at the start "
                                                           "and after a space (vLLM extra)")
+    # vLLM extra: score the prompt, each token's logprob and rank and the top N (not streamed)
+    prompt_logprobs: int | None = bounded("prompt_logprobs")
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="Lower is served first; needs --scheduling-policy "
                                                                     "priority (vLLM extra)")
     # OpenAI's, for chat; vLLM takes it for completions too
@@ -195,12 +197,24 @@ class CompletionLogprobs(_Response):
     text_offset: list[int]
 
 
+class PromptLogprob(_Response):
+    logprob: float
+    rank: int | None = None  # 1 + how many tokens were more likely
+    decoded_token: str
+
+
+# vLLM's `prompt_logprobs` answer: per prompt token, None for the first, else token id (a string) -> its entry;
+# the prompt's own token first, then the top ones
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra, with the request's prompt_logprobs
 
 
 class CompletionResponse(_Answer):
@@ -353,6 +367,7 @@ class ChatCompletionResponse(_Answer):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra: the templated prompt's, with prompt_logprobs
 
 
 class ToolCallFunctionDelta(_Response):
