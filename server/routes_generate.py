@@ -167,8 +167,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                          "response_format or structured_outputs")
     params = _scoring_prompt(params, body)
     tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if body.reasoning_effort is not None:
+        template_kwargs.setdefault("reasoning_effort", body.reasoning_effort)
     text = gen.render_chat(body.messages, engine.tokenizer, body.add_generation_prompt, tool_defs,
-                           body.chat_template_kwargs, body.continue_final_message)
+                           template_kwargs, body.continue_final_message)
     thinking = reasoning.plan(state.settings.reasoning_parser, text, params.structured is not None,
                               body.include_reasoning)
     if body.thinking_token_budget is not None:

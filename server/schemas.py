@@ -300,6 +300,9 @@ class ChatCompletionRequest(_SamplingFields):
         None, description="extra variables for the chat template, e.g. {\"enable_thinking\": false} (vLLM extra)")
     include_reasoning: bool = Field(
         True, description="with the server's --reasoning-parser: false leaves the reasoning out (vLLM extra)")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        None, description="OpenAI's; passed to the chat template as `reasoning_effort` (as vLLM does), which "
+                          "templates without it ignore")
     thinking_token_budget: int | None = Field(
         None, ge=0, le=2**31 - 1, description="with the server's --reasoning-parser: after this many tokens of "
                                               "reasoning `</think>` is forced and the model answers (vLLM extra)")

@@ -79,3 +79,29 @@ def test_vllm_keeps_the_apis_defaults(folder):
         assert chat["choices"][0]["message"]["content"] == plain  # no penalty from the folder
     with pytest.raises(ValueError):
         ServerSettings(generation_config="folder")
+
+
+def test_reasoning_effort_reaches_the_template(tiny_llama, tmp_path):
+    """OpenAI's chat `reasoning_effort` becomes the template's `reasoning_effort`, as the Responses API's
+    `reasoning.effort` does (gpt-oss-style templates read it)."""
+    folder = shutil.copytree(tiny_llama, tmp_path / "effort")
+    (folder / "chat_template.jinja").write_text(
+        "{% if reasoning_effort is defined %}effort={{ reasoning_effort }}\n{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    engine = _engine(folder)
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    with serve({"m": engine}) as url:
+        def prompt_tokens(path: str, body: dict) -> int:
+            r = httpx.post(f"{url}{path}", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            return usage.get("prompt_tokens", usage.get("input_tokens"))
+
+        plain = prompt_tokens("/v1/chat/completions", base)
+        high = prompt_tokens("/v1/chat/completions", base | {"reasoning_effort": "high"})
+        assert high == plain + len(engine.tokenizer.encode("effort=high\n", add_special_tokens=False))
+        responses = prompt_tokens("/v1/responses", {"model": "m", "input": "hi", "max_output_tokens": 1,
+                                                    "reasoning": {"effort": "high"}})
+        assert responses == high
+        r = httpx.post(f"{url}/v1/chat/completions", json=base | {"reasoning_effort": "huge"}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort"
