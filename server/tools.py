@@ -19,6 +19,7 @@ from typing import Any
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutput
+from server.call_array import scan_calls
 from server.tool_parsers import PARSERS, ToolCall, new_call_id
 
 def _parameters(tool: Any) -> dict[str, Any]:
@@ -78,10 +79,13 @@ class ToolPlan:
         if self.mode == "required":
             try:
                 items = json.loads(text)
-                calls = [ToolCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False), new_call_id()) for i in items]
-            except (ValueError, TypeError, KeyError):  # cut off by max_tokens or a stop string
+                whole = bool(items) and all(isinstance(i, dict) and {"name", "parameters"} <= set(i) for i in items)
+            except (ValueError, TypeError):  # cut off by max_tokens or a stop string
+                whole = False
+            if not whole:
                 return text, []
-            return None, calls
+            # the parameters as written (compact JSON from the grammar), as the stream sends them
+            return None, [ToolCall(c.name or "", c.arguments(text), new_call_id()) for c in scan_calls(text)]
         if self.mode == "auto":
             return PARSERS[self.parser or ""].parse(text)
         return text, []
@@ -171,14 +175,16 @@ def chat_message(tool_plan: ToolPlan, text: str, reason: str | None) -> tuple[di
 class ToolStream:
     """One streamed choice's deltas under a tool plan, fed the engine's text deltas (which already
     hold back what a stop string may still take away). Named: the text is the arguments, streamed
-    as they come. Required: one delta with every call at the end. Auto: content until a tool call
-    opens, then the calls at the end."""
+    as they come. Required: each call opens (id, name) once its name is whole, then its parameters
+    stream as argument deltas (server/call_array.py). Auto: content until a tool call opens, then
+    the calls at the end."""
 
     def __init__(self, tool_plan: ToolPlan) -> None:
         self.plan = tool_plan
         self.text = ""
         self.sent = 0  # auto: characters of `text` sent as content
         self.call_id: str | None = None  # named: the call's id once its first delta is out
+        self.streamed: list[int] = []  # required: per call opened, the characters of its arguments sent
 
     def feed(self, new_text: str, reason: str | None) -> tuple[dict[str, Any] | None, str | None]:
         """(delta or None, finish reason) for this event."""
@@ -190,6 +196,8 @@ class ToolStream:
                 call = ToolCall(self.plan.named or "", new_text, self.call_id).to_openai(0)
                 return {"tool_calls": [call]}, reason
             return ({"tool_calls": [{"index": 0, "function": {"arguments": new_text}}]} if new_text else None), reason
+        if mode == "required":
+            return self._required(reason)
         if reason is None:
             if mode != "auto":
                 return None, None
@@ -204,3 +212,24 @@ class ToolStream:
         if content and not self.sent:  # the answer came in one delta: its content had no event yet
             delta = {"content": content, **delta}
         return delta, finish_reason(self.plan, reason, True)
+
+    def _required(self, reason: str | None) -> tuple[dict[str, Any] | None, str | None]:
+        """The calls' new pieces: a call opening once its name is whole, then its arguments as they grow."""
+        pieces = []
+        for i, call in enumerate(scan_calls(self.text)):
+            if call.name is None:
+                break  # later calls wait for this one's name: indexes stay in order
+            args = call.arguments(self.text)
+            if i == len(self.streamed):
+                pieces.append(ToolCall(call.name, args, new_call_id()).to_openai(i))
+                self.streamed.append(len(args))
+            elif len(args) > self.streamed[i]:
+                pieces.append({"index": i, "function": {"arguments": args[self.streamed[i]:]}})
+                self.streamed[i] = len(args)
+        if reason is not None and not self.streamed:  # cut off before any call opened: the text is content
+            content, calls = self.plan.parse(self.text)
+            delta = {"tool_calls": [c.to_openai(i) for i, c in enumerate(calls)]} if calls else (
+                {"content": content} if content else None)
+            return delta, finish_reason(self.plan, reason, bool(calls))
+        finish = None if reason is None else finish_reason(self.plan, reason, True)
+        return ({"tool_calls": pieces} if pieces else None), finish

@@ -359,6 +359,11 @@ def test_forced_tool_calls_on_the_real_engine(base_url, client, offline, engine)
     assert r.finish_reason == "tool_calls" and len(r.message.tool_calls) == 1
     assert r.message.tool_calls[0].function.name in ("get_weather", "get_time")
     json.loads(r.message.tool_calls[0].function.arguments)
+    pieces = [d for chunk in client.chat.completions.create(tool_choice="required", parallel_tool_calls=False,
+                                                              stream=True, **fields)
+              for c in chunk.choices for d in (c.delta.tool_calls or [])]
+    assert pieces[0].function.name == r.message.tool_calls[0].function.name and pieces[0].id  # opens the call
+    assert "".join(d.function.arguments or "" for d in pieces) == r.message.tool_calls[0].function.arguments
     bad = httpx.post(f"{base_url}/v1/chat/completions", json={**fields, "tool_choice": "required",
                                                                 "response_format": {"type": "json_object"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"

@@ -241,3 +241,55 @@ def test_mistral_parser_over_http_keeps_special_tokens_for_tool_requests():
         client.chat.completions.create(tools=[WEATHER], tool_choice="required", **kwargs)  # forced: a grammar, no tag
         client.chat.completions.create(extra_body={"skip_special_tokens": False}, **kwargs)  # vLLM's field, asked
     assert [p.skip_special_tokens for p in engine.params] == [False, False, True, True, False]
+
+
+REQUIRED = ('[{"name":"get_weather","parameters":{"city":"O\\"slo}","days":[1,{"x":"]"}]}},'
+            '{"name":"get_time","parameters":{}}]')
+
+
+def _replay(text: str, size: int, reason: str = "stop") -> tuple[list[dict], str | None]:
+    """A required-mode stream of `text` in pieces of `size`: its tool-call pieces and finish reason."""
+    stream = tools.ToolStream(tools.ToolPlan("required"))
+    pieces, finish = [], None
+    chunks = [text[i : i + size] for i in range(0, len(text), size)]
+    for k, chunk in enumerate(chunks):
+        delta, finish = stream.feed(chunk, reason if k == len(chunks) - 1 else None)
+        assert k == len(chunks) - 1 or finish is None
+        pieces += (delta or {}).get("tool_calls", [])
+    return pieces, finish
+
+
+def _calls(pieces: list[dict]) -> list[tuple[str, str]]:
+    """(name, arguments) per index, from streamed pieces: the first of each names it, the rest add text."""
+    calls: dict[int, list[str]] = {}
+    for p in pieces:
+        if "id" in p:
+            assert p["index"] == len(calls) and p["type"] == "function"
+            calls[p["index"]] = [p["function"]["name"], p["function"]["arguments"]]
+        else:
+            calls[p["index"]][1] += p["function"]["arguments"]
+    return [tuple(c) for c in calls.values()]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_required_calls_stream_piecewise_and_equal_the_whole_answer(size):
+    pieces, finish = _replay(REQUIRED, size)
+    message, whole_finish = tools.chat_message(tools.ToolPlan("required"), REQUIRED, "stop")
+    assert finish == whole_finish == "tool_calls"
+    assert _calls(pieces) == [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
+    assert json.loads(_calls(pieces)[0][1]) == {"city": 'O"slo}', "days": [1, {"x": "]"}]}
+    assert _calls(pieces)[1] == ("get_time", "{}")
+    if size == 1:  # the arguments came in many pieces, each call opened before its arguments ended
+        assert sum("id" not in p for p in pieces) > 10
+
+
+def test_required_stream_edge_cases():
+    reordered = '[{"parameters":{"a":1},"name":"f"}]'  # the name after the parameters: it opens with them
+    pieces, finish = _replay(reordered, 2)
+    assert _calls(pieces) == [("f", '{"a":1}')] and finish == "tool_calls"
+    pieces, finish = _replay('[{"name":"get_wea', 3, reason="length")  # cut off before any call opened
+    assert pieces == [] and finish == "length"
+    stream = tools.ToolStream(tools.ToolPlan("required"))
+    assert stream.feed('[{"name":"get_wea', "length") == ({"content": '[{"name":"get_wea'}, "length")
+    pieces, finish = _replay('[{"name":"f","parameters":{"a":[1,', 4, reason="length")  # cut off mid-arguments
+    assert _calls(pieces) == [("f", '{"a":[1,')] and finish == "length"
