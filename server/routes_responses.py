@@ -198,12 +198,7 @@ async def _in_background(state: ServerState, name: str, response_id: str, payloa
     merged = None
     try:
         merged = await gen.open_streams(state.async_engine, name, response_id, [payload])
-        log.append(answer.builder.start())
-        async for _, out in merged:
-            events = answer.feed(out.outputs[0])
-            if out.outputs[0].finish_reason is not None:
-                events += answer.finish(out, tokenizer)
-                keep(events[-1]["response"])
+        async for events in _batches(merged, answer, tokenizer, keep):
             log.append(events)
     except KVServeError as exc:
         failed = store("failed", {"code": exc.error_type, "message": str(exc)})
@@ -228,15 +223,22 @@ def _replay(log: EventLog, starting_after: int | None) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-async def _events(merged: AsyncIterator[tuple[int, RequestOutput]], answer: _Answer, tokenizer: Any,
-                  keep: Any) -> AsyncIterator[str]:
-    for e in answer.builder.start():
-        yield sse.event(e, e["type"])
+async def _batches(merged: AsyncIterator[tuple[int, RequestOutput]], answer: _Answer, tokenizer: Any,
+                   keep: Any) -> AsyncIterator[list[dict[str, Any]]]:
+    """A streamed answer's events, a batch per engine output after the opening ones; the answer is
+    kept (stored) when it ends. Streamed to the client, or into a background response's log."""
+    yield answer.builder.start()
     async for _, out in merged:
         events = answer.feed(out.outputs[0])
         if out.outputs[0].finish_reason is not None:
             events += answer.finish(out, tokenizer)
             keep(events[-1]["response"])
+        yield events
+
+
+async def _events(merged: AsyncIterator[tuple[int, RequestOutput]], answer: _Answer, tokenizer: Any,
+                  keep: Any) -> AsyncIterator[str]:
+    async for events in _batches(merged, answer, tokenizer, keep):
         for e in events:
             yield sse.event(e, e["type"])
 
