@@ -19,7 +19,7 @@ from typing import Any
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutput
-from server.call_array import scan_calls
+from server.call_array import CallArrayReader, scan_calls
 from server.tool_parsers import PARSERS, ToolCall, new_call_id
 
 def _parameters(tool: Any) -> dict[str, Any]:
@@ -185,6 +185,7 @@ class ToolStream:
         self.sent = 0  # auto: characters of `text` sent as content
         self.call_id: str | None = None  # named: the call's id once its first delta is out
         self.streamed: list[int] = []  # required: per call opened, the characters of its arguments sent
+        self.reader = CallArrayReader()  # required: where the calls are in `text`, read once per delta
 
     def feed(self, new_text: str, reason: str | None) -> tuple[dict[str, Any] | None, str | None]:
         """(delta or None, finish reason) for this event."""
@@ -216,7 +217,7 @@ class ToolStream:
     def _required(self, reason: str | None) -> tuple[dict[str, Any] | None, str | None]:
         """The calls' new pieces: a call opening once its name is whole, then its arguments as they grow."""
         pieces = []
-        for i, call in enumerate(scan_calls(self.text)):
+        for i, call in enumerate(self.reader.read(self.text)):
             if call.name is None:
                 break  # later calls wait for this one's name: indexes stay in order
             args = call.arguments(self.text)
