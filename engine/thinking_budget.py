@@ -15,13 +15,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
-def _after(seq: Sequence[int], pattern: Sequence[int]) -> int | None:
-    """The index just past the first occurrence of `pattern` in `seq`, or None."""
+def _after(seq: Sequence[int], pattern: tuple[int, ...], start: int = 0) -> int | None:
+    """The index just past the first occurrence of `pattern` in `seq` at or after `start`, or None.
+    Run every step on a budgeted row's whole output: candidates are found by `index` (C speed)."""
     n = len(pattern)
-    for i in range(len(seq) - n + 1):
-        if list(seq[i : i + n]) == list(pattern):
+    i = start - 1
+    while True:
+        try:
+            i = seq.index(pattern[0], i + 1)
+        except ValueError:
+            return None
+        if tuple(seq[i : i + n]) == pattern:
             return i + n
-    return None
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,7 @@ class ThinkingBudget:
         start = 0 if self.opened else _after(output, self.start_ids)
         if start is None:
             return None  # no block (yet): nothing to count
-        inside = output[start:]
-        if _after(inside, self.end_ids) is not None:
+        if _after(output, self.end_ids, start) is not None:
             return None  # the block is closed
-        over = len(inside) - self.max_tokens
+        over = len(output) - start - self.max_tokens
         return self.end_ids[over] if 0 <= over < len(self.end_ids) else None
