@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
             LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
         except InvalidRequestError as err:
             parser.error(str(err))
-    from server.settings import check_parsers
+    from server.settings import check_generation_config, check_parsers
 
     try:  # the settings' own check, run before any model loads
         check_parsers(args.tool_call_parser, args.reasoning_parser, ("--tool-call-parser", "--reasoning-parser"))
@@ -341,8 +341,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     if args.allow_runtime_lora_updating and not args.enable_lora:
         parser.error("--allow-runtime-lora-updating needs --enable-lora")
-    if args.generation_config not in ("auto", "vllm"):
-        parser.error(f"--generation-config must be auto or vllm, got {args.generation_config!r}")
+    try:
+        check_generation_config(args.generation_config, "--generation-config")
+    except ValueError as err:
+        parser.error(str(err))
     for flag, given in (("--gemv-max-rows", args.gemv_max_rows), ("--enable-pdl", args.enable_pdl)):
         if given and not args.device.startswith("cuda"):
             parser.error(f"{flag} runs Triton kernels on a GPU: it needs --device cuda")

@@ -15,6 +15,12 @@ def check_parsers(tool_call_parser: str | None, reasoning_parser: str | None,
             raise ValueError(f"{name} must be one of {', '.join(known)}, got {given!r}")
 
 
+def check_generation_config(value: str, name: str = "generation_config") -> None:
+    """ValueError unless `value` is one of --generation-config's: auto (the model's) or vllm (the API's)."""
+    if value not in ("auto", "vllm"):
+        raise ValueError(f"{name} must be auto or vllm, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """What the HTTP front needs: where to listen, request limits, and how to shut down."""
@@ -44,8 +50,7 @@ class ServerSettings:
         check_parsers(self.tool_call_parser, self.reasoning_parser)
         if self.api_key == "":
             raise ValueError("api_key must not be empty (leave it unset for an open server)")
-        if self.generation_config not in ("auto", "vllm"):
-            raise ValueError(f"generation_config must be auto or vllm, got {self.generation_config!r}")
+        check_generation_config(self.generation_config)
         if self.responses_store_size < 0:
             raise ValueError(f"responses_store_size must be >= 0, got {self.responses_store_size}")
         if self.max_waiting < 1:
