@@ -245,9 +245,10 @@ class Scheduler:
                     self.finish(seq)
                     finished.append(seq)
                     break
-        for seq in out.seqs:  # the landed tokens are final now: blocks behind a sliding window can go
-            if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.free_behind_window(seq)
+        if self.block_manager.sliding_window is not None:  # no per-sequence pass for models without one
+            for seq in out.seqs:  # the landed tokens are final now: blocks behind the window can go
+                if seq.status is SequenceStatus.RUNNING:
+                    self.block_manager.free_behind_window(seq)
         return finished
 
     def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
